@@ -1,0 +1,2 @@
+pub use lmd_data as data;
+pub use lmd_model as model;
