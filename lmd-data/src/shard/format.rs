@@ -44,3 +44,8 @@ pub(crate) fn u32_at(b: &[u8], off: usize) -> u32 {
 pub(crate) fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
+
+/// XXH3-128 with seed 0, the whole-file hash recorded in manifests.
+pub fn checksum128(bytes: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}

@@ -133,7 +133,7 @@ impl Manifest {
                     path: p.clone(),
                     records: r.len(),
                     bytes: bytes.len() as u64,
-                    xxh3_128: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes)),
+                    xxh3_128: format!("{:032x}", super::format::checksum128(&bytes)),
                 };
                 let m = manifest.get_or_insert_with(|| Manifest::new(r.meta().clone()));
                 m.add(&info, r.meta())

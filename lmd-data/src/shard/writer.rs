@@ -245,16 +245,26 @@ impl ShardWriter {
         if self.block_records == 0 {
             return Ok(());
         }
-        let payload_src: &[u8] = if self.meta.byte_shuffle {
-            shuffle::shuffle(&self.block_raw, self.meta.dtype.size(), &mut self.scratch);
-            &self.scratch
+        // With byte shuffling each byte plane is its own zstd frame (concatenated): zstd's
+        // literal entropy coder then fits one table per plane instead of one for the mix.
+        let comp = if self.meta.byte_shuffle {
+            let size = self.meta.dtype.size();
+            shuffle::shuffle(&self.block_raw, size, &mut self.scratch);
+            let plane = self.scratch.len() / size;
+            let mut comp = Vec::new();
+            for p in self.scratch.chunks(plane.max(1)) {
+                let c = self
+                    .compressor
+                    .compress(p)
+                    .map_err(|e| Error::io(&self.tmp_path, "zstd compress", e))?;
+                comp.extend_from_slice(&c);
+            }
+            comp
         } else {
-            &self.block_raw
+            self.compressor
+                .compress(&self.block_raw)
+                .map_err(|e| Error::io(&self.tmp_path, "zstd compress", e))?
         };
-        let comp = self
-            .compressor
-            .compress(payload_src)
-            .map_err(|e| Error::io(&self.tmp_path, "zstd compress", e))?;
         let checksum = format::checksum(&comp);
         let entry = BlockEntry {
             offset: self.offset,
