@@ -60,7 +60,11 @@ impl DType {
     ///
     /// Panics if `src.len() != dst.len() * self.size()` (a caller bug, not bad input).
     pub fn decode_to_f32(self, src: &[u8], dst: &mut [f32]) {
-        assert_eq!(src.len(), dst.len() * self.size(), "decode_to_f32: length mismatch");
+        assert_eq!(
+            src.len(),
+            dst.len() * self.size(),
+            "decode_to_f32: length mismatch"
+        );
         match self {
             DType::F32 => {
                 for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
@@ -101,7 +105,9 @@ impl std::str::FromStr for DType {
             "f16" | "float16" | "half" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "f32" | "float32" | "float" => Ok(DType::F32),
-            other => Err(format!("unknown dtype {other:?} (expected f16, bf16 or f32)")),
+            other => Err(format!(
+                "unknown dtype {other:?} (expected f16, bf16 or f32)"
+            )),
         }
     }
 }

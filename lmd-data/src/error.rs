@@ -25,7 +25,9 @@ pub enum Error {
         expected: String,
     },
     /// The format version is one this build cannot read.
-    #[error("{path}: shard format version {version} is not supported (this build reads {supported})")]
+    #[error(
+        "{path}: shard format version {version} is not supported (this build reads {supported})"
+    )]
     UnsupportedVersion {
         path: PathBuf,
         version: u32,
@@ -77,7 +79,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn corrupt(path: impl Into<PathBuf>, what: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub(crate) fn corrupt(
+        path: impl Into<PathBuf>,
+        what: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
         Error::Corrupt {
             path: path.into(),
             what: what.into(),

@@ -2,8 +2,8 @@
 //! detection, interrupted writes, manifests. Each test works in its own temp dir.
 
 use lmd_data::shard::{
-    Field, LatentDataset, Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta, ShardReader, ShardWriter,
-    VaeIdentity, WeightFile, WriterOptions,
+    Field, LatentDataset, Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta, ShardReader,
+    ShardWriter, VaeIdentity, WeightFile, WriterOptions,
 };
 use lmd_data::{DType, Error};
 use std::path::{Path, PathBuf};
@@ -61,7 +61,13 @@ fn rounded(dtype: DType, v: &[f32]) -> Vec<f32> {
 }
 
 /// Write `n` records; returns the path and the f32 values pushed.
-fn write_shard(dir: &Path, name: &str, m: ShardMeta, n: usize, rpb: usize) -> (PathBuf, Vec<Vec<f32>>) {
+fn write_shard(
+    dir: &Path,
+    name: &str,
+    m: ShardMeta,
+    n: usize,
+    rpb: usize,
+) -> (PathBuf, Vec<Vec<f32>>) {
     let path = dir.join(name);
     let labels = m.labels;
     let elems = m.record_elems();
@@ -77,7 +83,12 @@ fn write_shard(dir: &Path, name: &str, m: ShardMeta, n: usize, rpb: usize) -> (P
     let mut all = Vec::new();
     for i in 0..n {
         let v = values(i, elems);
-        w.push_f32(&format!("sample_{i:05}"), labels.then_some(i as i64 * 3 - 7), &v).unwrap();
+        w.push_f32(
+            &format!("sample_{i:05}"),
+            labels.then_some(i as i64 * 3 - 7),
+            &v,
+        )
+        .unwrap();
         all.push(v);
     }
     let info = w.finish().unwrap();
@@ -121,7 +132,14 @@ fn roundtrip_all_dtypes_with_labels_keys_and_variants() {
         }
         assert!(r.tensor(0, 2, false, Field::Mean).is_err());
         assert!(r.tensor(0, 0, false, Field::Latent).is_err());
-        assert!(matches!(r.get(23), Err(Error::OutOfRange { index: 23, len: 23, .. })));
+        assert!(matches!(
+            r.get(23),
+            Err(Error::OutOfRange {
+                index: 23,
+                len: 23,
+                ..
+            })
+        ));
         let rep = r.verify();
         assert!(rep.is_ok(), "{:?}", rep.errors);
         // raw bytes equal what the writer would encode
@@ -165,15 +183,22 @@ fn random_access_equals_sequential() {
 fn writer_rejects_bad_records() {
     let dir = tempfile::tempdir().unwrap();
     let m = meta(DType::F16, RecordLayout::single(), true, [2, 2, 2]);
-    let mut w = ShardWriter::create(dir.path().join("bad.lmds"), m, WriterOptions::default()).unwrap();
+    let mut w =
+        ShardWriter::create(dir.path().join("bad.lmds"), m, WriterOptions::default()).unwrap();
     let e = w.push_f32("a", Some(1), &[0.0; 7]).unwrap_err().to_string();
-    assert!(e.contains("bad.lmds") && e.contains("7 values, expected 8"), "{e}");
+    assert!(
+        e.contains("bad.lmds") && e.contains("7 values, expected 8"),
+        "{e}"
+    );
     w.push_f32("a", Some(1), &[0.0; 8]).unwrap();
     let e = w.push_f32("a", Some(1), &[0.0; 8]).unwrap_err().to_string();
     assert!(e.contains("duplicate sample key \"a\""), "{e}");
     let e = w.push_f32("b", None, &[0.0; 8]).unwrap_err().to_string();
     assert!(e.contains("labels=true"), "{e}");
-    let e = w.push_raw("c", Some(2), &[0u8; 15]).unwrap_err().to_string();
+    let e = w
+        .push_raw("c", Some(2), &[0u8; 15])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("15 bytes, expected 16"), "{e}");
     assert_eq!(w.len(), 1);
     let info = w.finish().unwrap();
@@ -213,28 +238,48 @@ fn corruption_is_detected_and_named() {
     let b1_end = block_end(&bytes, b0_end);
 
     // Truncation exactly at a block boundary (after blocks 0 and 1).
-    let p = corrupt_copy(&good, dir.path(), "trunc-boundary.lmds", |b| b.truncate(b1_end));
+    let p = corrupt_copy(&good, dir.path(), "trunc-boundary.lmds", |b| {
+        b.truncate(b1_end)
+    });
     let e = ShardReader::open(&p).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::Truncated { .. }), "{msg}");
-    assert!(msg.contains("trunc-boundary.lmds") && msg.contains("ends after block 1"), "{msg}");
+    assert!(
+        msg.contains("trunc-boundary.lmds") && msg.contains("ends after block 1"),
+        "{msg}"
+    );
 
     // Truncation in the middle of block 2.
-    let p = corrupt_copy(&good, dir.path(), "trunc-mid.lmds", |b| b.truncate(b1_end + 100));
+    let p = corrupt_copy(&good, dir.path(), "trunc-mid.lmds", |b| {
+        b.truncate(b1_end + 100)
+    });
     let msg = ShardReader::open(&p).unwrap_err().to_string();
-    assert!(msg.contains("trunc-mid.lmds") && msg.contains("cut in block 2"), "{msg}");
+    assert!(
+        msg.contains("trunc-mid.lmds") && msg.contains("cut in block 2"),
+        "{msg}"
+    );
 
     // Truncation inside the index: no footer, and the scan says where.
-    let p = corrupt_copy(&good, dir.path(), "trunc-index.lmds", |b| b.truncate(index_offset + 3));
+    let p = corrupt_copy(&good, dir.path(), "trunc-index.lmds", |b| {
+        b.truncate(index_offset + 3)
+    });
     let msg = ShardReader::open(&p).unwrap_err().to_string();
-    assert!(msg.contains("truncated") && msg.contains("after block 4"), "{msg}");
+    assert!(
+        msg.contains("truncated") && msg.contains("after block 4"),
+        "{msg}"
+    );
 
     // One flipped byte in block 1's data: opens (header/index fine), the read names block 1.
-    let p = corrupt_copy(&good, dir.path(), "flip-data.lmds", |b| b[b0_end + 32 + 10] ^= 0x01);
+    let p = corrupt_copy(&good, dir.path(), "flip-data.lmds", |b| {
+        b[b0_end + 32 + 10] ^= 0x01
+    });
     let r = ShardReader::open(&p).unwrap();
     assert!(r.get(0).is_ok());
     let msg = r.get(9).unwrap_err().to_string();
-    assert!(msg.contains("flip-data.lmds") && msg.contains("block 1") && msg.contains("checksum"), "{msg}");
+    assert!(
+        msg.contains("flip-data.lmds") && msg.contains("block 1") && msg.contains("checksum"),
+        "{msg}"
+    );
     let rep = r.verify();
     assert_eq!(rep.errors.len(), 1);
     assert!(rep.errors[0].to_string().contains("block 1"));
@@ -244,26 +289,43 @@ fn corruption_is_detected_and_named() {
     assert_eq!(results.iter().filter(|x| x.is_ok()).count(), 32);
 
     // A flipped byte in block 0's payload too.
-    let p = corrupt_copy(&good, dir.path(), "flip-data0.lmds", |b| b[payload0 + 1] ^= 0x80);
-    let msg = ShardReader::open(&p).unwrap().get(0).unwrap_err().to_string();
+    let p = corrupt_copy(&good, dir.path(), "flip-data0.lmds", |b| {
+        b[payload0 + 1] ^= 0x80
+    });
+    let msg = ShardReader::open(&p)
+        .unwrap()
+        .get(0)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("block 0"), "{msg}");
 
     // A flipped byte in the index.
-    let p = corrupt_copy(&good, dir.path(), "flip-index.lmds", |b| b[index_offset + 5] ^= 0x04);
+    let p = corrupt_copy(&good, dir.path(), "flip-index.lmds", |b| {
+        b[index_offset + 5] ^= 0x04
+    });
     let msg = ShardReader::open(&p).unwrap_err().to_string();
-    assert!(msg.contains("flip-index.lmds") && msg.contains("index") && msg.contains("checksum"), "{msg}");
+    assert!(
+        msg.contains("flip-index.lmds") && msg.contains("index") && msg.contains("checksum"),
+        "{msg}"
+    );
 
     // A flipped byte in the header metadata.
     let p = corrupt_copy(&good, dir.path(), "flip-header.lmds", |b| b[30] ^= 0x20);
     let msg = ShardReader::open(&p).unwrap_err().to_string();
-    assert!(msg.contains("flip-header.lmds") && msg.contains("header") && msg.contains("checksum"), "{msg}");
+    assert!(
+        msg.contains("flip-header.lmds") && msg.contains("header") && msg.contains("checksum"),
+        "{msg}"
+    );
 
     // Bad magic, unknown version, flipped footer.
     let p = corrupt_copy(&good, dir.path(), "magic.lmds", |b| b[0] = b'X');
     assert!(matches!(ShardReader::open(&p), Err(Error::BadMagic { .. })));
     let p = corrupt_copy(&good, dir.path(), "version.lmds", |b| b[8] = 9);
     let e = ShardReader::open(&p).unwrap_err();
-    assert!(matches!(e, Error::UnsupportedVersion { version: 9, .. }), "{e}");
+    assert!(
+        matches!(e, Error::UnsupportedVersion { version: 9, .. }),
+        "{e}"
+    );
     let p = corrupt_copy(&good, dir.path(), "footer.lmds", |b| {
         let n = b.len();
         b[n - 40] ^= 1
@@ -272,8 +334,15 @@ fn corruption_is_detected_and_named() {
     assert!(msg.contains("footer"), "{msg}");
     // A block frame header that disagrees with the index.
     let p = corrupt_copy(&good, dir.path(), "blockhdr.lmds", |b| b[b0_end + 8] ^= 1);
-    let msg = ShardReader::open(&p).unwrap().get(8).unwrap_err().to_string();
-    assert!(msg.contains("block 1") && msg.contains("frame header"), "{msg}");
+    let msg = ShardReader::open(&p)
+        .unwrap()
+        .get(8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("block 1") && msg.contains("frame header"),
+        "{msg}"
+    );
 
     // Every single-byte flip anywhere in the file is caught at open, read or verify.
     for pos in (0..bytes.len()).step_by(97) {
@@ -302,7 +371,8 @@ fn dropped_writer_leaves_nothing_that_opens() {
         )
         .unwrap();
         for i in 0..9 {
-            w.push_f32(&format!("k{i}"), Some(0), &values(i, 4 * 28 * 28)).unwrap();
+            w.push_f32(&format!("k{i}"), Some(0), &values(i, 4 * 28 * 28))
+                .unwrap();
         }
         // dropped without finish()
     }
@@ -333,7 +403,8 @@ fn child_writer_helper() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut i = 0;
     while Instant::now() < deadline {
-        w.push_f32(&format!("k{i}"), Some(1), &values(i, 4 * 28 * 28)).unwrap();
+        w.push_f32(&format!("k{i}"), Some(1), &values(i, 4 * 28 * 28))
+            .unwrap();
         i += 1;
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -365,7 +436,10 @@ fn killed_writer_leaves_no_complete_shard() {
     };
     child.kill().unwrap(); // SIGKILL on unix
     child.wait().unwrap();
-    assert!(!target.exists(), "a killed writer must not leave the final name");
+    assert!(
+        !target.exists(),
+        "a killed writer must not leave the final name"
+    );
     assert!(tmp.file_name().unwrap().to_string_lossy().contains(".tmp-"));
     let e = ShardReader::open(&tmp).unwrap_err();
     assert!(matches!(e, Error::Truncated { .. }), "{e}");
@@ -375,7 +449,10 @@ fn killed_writer_leaves_no_complete_shard() {
     assert!(matches!(e, Error::Truncated { .. }), "{e}");
     std::fs::remove_file(&target).unwrap();
     let (manifest, errors) = Manifest::scan(dir.path()).unwrap();
-    assert!(manifest.is_none() && errors.is_empty(), "temporary files are not shards");
+    assert!(
+        manifest.is_none() && errors.is_empty(),
+        "temporary files are not shards"
+    );
 }
 
 #[test]
@@ -389,7 +466,8 @@ fn manifest_dataset_and_fingerprint_checks() {
         let mut w = ShardWriter::create(&path, m.clone(), WriterOptions::default()).unwrap();
         for i in 0..(5 + s) {
             let v = values(s * 100 + i, 64);
-            w.push_f32(&format!("s{s}_{i}"), Some(s as i64), &v).unwrap();
+            w.push_f32(&format!("s{s}_{i}"), Some(s as i64), &v)
+                .unwrap();
             all.push((format!("s{s}_{i}"), rounded(DType::F16, &v)));
         }
         let meta = w.meta().clone();
@@ -421,10 +499,16 @@ fn manifest_dataset_and_fingerprint_checks() {
     let meta = w.meta().clone();
     let info = w.finish().unwrap();
     let msg = manifest.add(&info, &meta).unwrap_err().to_string();
-    assert!(msg.contains("vae:") && msg.contains("shard-000009.lmds"), "{msg}");
+    assert!(
+        msg.contains("vae:") && msg.contains("shard-000009.lmds"),
+        "{msg}"
+    );
 
     // A shard replaced behind the manifest's back is refused by the dataset.
     std::fs::rename(&path, dir.path().join("shard-000001.lmds")).unwrap();
     let msg = LatentDataset::open(dir.path()).err().unwrap().to_string();
-    assert!(msg.contains("shard-000001.lmds") && msg.contains("manifest says"), "{msg}");
+    assert!(
+        msg.contains("shard-000001.lmds") && msg.contains("manifest says"),
+        "{msg}"
+    );
 }

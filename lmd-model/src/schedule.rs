@@ -13,14 +13,22 @@ pub enum MaskSchedule {
     /// MAE: the same ratio throughout.
     Constant { ratio: f64 },
     /// From `start` to `end` linearly over the first `ramp_fraction` of training, then `end`.
-    Linear { start: f64, end: f64, ramp_fraction: f64 },
+    Linear {
+        start: f64,
+        end: f64,
+        ramp_fraction: f64,
+    },
     /// Linear interpolation between `(fraction, ratio)` knots (sorted by fraction); before the
     /// first knot its ratio, after the last its ratio.
     Piecewise { points: Vec<(f64, f64)> },
     /// LMD's cosine: over the first `ramp_fraction`, with s = 0.008,
     /// `x(u) = cos(((u + s) / (1 + s)) · π/2)²`, `x /= x(0)`, `r = start + (end − start)(1 − x)`;
     /// then `end`.
-    Cosine { start: f64, end: f64, ramp_fraction: f64 },
+    Cosine {
+        start: f64,
+        end: f64,
+        ramp_fraction: f64,
+    },
 }
 
 impl Default for MaskSchedule {
@@ -51,7 +59,12 @@ impl MaskSchedule {
     /// intent its comments and the paper describe.)
     pub fn lmd_piecewise() -> Self {
         MaskSchedule::Piecewise {
-            points: vec![(0.0, 0.15), (1.0 / 6.0, 0.40), (1.0 / 3.0, 0.40), (2.0 / 3.0, 0.75)],
+            points: vec![
+                (0.0, 0.15),
+                (1.0 / 6.0, 0.40),
+                (1.0 / 3.0, 0.40),
+                (2.0 / 3.0, 0.75),
+            ],
         }
     }
 
@@ -126,7 +139,11 @@ impl MaskSchedule {
     pub fn ratio_at(&self, t: f64) -> f64 {
         match self {
             MaskSchedule::Constant { ratio } => *ratio,
-            MaskSchedule::Linear { start, end, ramp_fraction } => {
+            MaskSchedule::Linear {
+                start,
+                end,
+                ramp_fraction,
+            } => {
                 let u = (t / ramp_fraction).min(1.0);
                 start + (end - start) * u
             }
@@ -137,14 +154,26 @@ impl MaskSchedule {
                 for w in points.windows(2) {
                     let ((t0, r0), (t1, r1)) = (w[0], w[1]);
                     if t <= t1 {
-                        return if t1 > t0 { r0 + (r1 - r0) * (t - t0) / (t1 - t0) } else { r1 };
+                        return if t1 > t0 {
+                            r0 + (r1 - r0) * (t - t0) / (t1 - t0)
+                        } else {
+                            r1
+                        };
                     }
                 }
                 points[points.len() - 1].1
             }
-            MaskSchedule::Cosine { start, end, ramp_fraction } => {
+            MaskSchedule::Cosine {
+                start,
+                end,
+                ramp_fraction,
+            } => {
                 let u = (t / ramp_fraction).min(1.0);
-                let f = |u: f64| ((u + COSINE_S) / (1.0 + COSINE_S) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let f = |u: f64| {
+                    ((u + COSINE_S) / (1.0 + COSINE_S) * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 let x = (f(u) / f(0.0)).clamp(0.0, 1.0);
                 start + (end - start) * (1.0 - x)
             }
@@ -211,11 +240,19 @@ mod tests {
             let mut prev = 0.0;
             for step in 0..=1000 {
                 let r = s.ratio(step, 1000);
-                assert!((0.15 - 1e-12..=0.75 + 1e-12).contains(&r), "{} at {step}: {r}", s.name());
+                assert!(
+                    (0.15 - 1e-12..=0.75 + 1e-12).contains(&r),
+                    "{} at {step}: {r}",
+                    s.name()
+                );
                 assert!(r + 1e-12 >= prev, "{} not monotone at {step}", s.name());
                 prev = r;
             }
-            assert!((s.ratio(1000, 1000) - 0.75).abs() < 1e-12, "{} must end at 0.75", s.name());
+            assert!(
+                (s.ratio(1000, 1000) - 0.75).abs() < 1e-12,
+                "{} must end at 0.75",
+                s.name()
+            );
         }
     }
 
@@ -228,6 +265,10 @@ mod tests {
             assert_eq!(MaskSchedule::by_name(s.name()).unwrap(), s);
         }
         assert!(MaskSchedule::Constant { ratio: 1.2 }.validate().is_err());
-        assert!(MaskSchedule::Piecewise { points: vec![(0.5, 0.2), (0.1, 0.3)] }.validate().is_err());
+        assert!(MaskSchedule::Piecewise {
+            points: vec![(0.5, 0.2), (0.1, 0.3)]
+        }
+        .validate()
+        .is_err());
     }
 }

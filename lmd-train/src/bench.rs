@@ -4,7 +4,8 @@
 use crate::testvectors;
 use crate::{Error, Result};
 use lmd_data::shard::{
-    Preprocessing, RecordLayout, Scaling, ShardMeta, ShardReader, ShardWriter, VaeIdentity, WriterOptions,
+    Preprocessing, RecordLayout, Scaling, ShardMeta, ShardReader, ShardWriter, VaeIdentity,
+    WriterOptions,
 };
 use lmd_data::DType;
 use serde_json::json;
@@ -51,14 +52,20 @@ fn source_latents(shared: Option<&PathBuf>) -> Result<(Vec<Vec<f32>>, [usize; 3]
             let shape = [t.shape[1], t.shape[2], t.shape[3]];
             let n: usize = shape.iter().product();
             let lat = t.data.chunks_exact(n).map(|c| c.to_vec()).collect();
-            return Ok((lat, shape, format!("real: {} (TAESD latents of imagenette val)", p.display())));
+            return Ok((
+                lat,
+                shape,
+                format!("real: {} (TAESD latents of imagenette val)", p.display()),
+            ));
         }
     }
     // Deterministic pseudo-latents: sums of random sinusoids plus noise (an LCG, no deps).
     let shape = [4, 28, 28];
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 33) as f64 / (1u64 << 31) as f64) as f32 - 0.5
     };
     let mut lat = Vec::new();
@@ -68,7 +75,8 @@ fn source_latents(shared: Option<&PathBuf>) -> Result<(Vec<Vec<f32>>, [usize; 3]
             let (a, b, ph) = (rnd() * 0.6, rnd() * 0.6, rnd() * 6.0);
             for y in 0..28 {
                 for x in 0..28 {
-                    v[c * 784 + y * 28 + x] = 2.0 * ((a * x as f32 + b * y as f32 + ph).sin()) + 0.5 * rnd();
+                    v[c * 784 + y * 28 + x] =
+                        2.0 * ((a * x as f32 + b * y as f32 + ph).sin()) + 0.5 * rnd();
                 }
             }
         }
@@ -144,7 +152,11 @@ pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value))
         )?;
         let n = distinct * 8;
         for i in 0..n {
-            w.push_f32(&format!("k{i:08}"), Some((i % 10) as i64), &lat[i % distinct])?;
+            w.push_f32(
+                &format!("k{i:08}"),
+                Some((i % 10) as i64),
+                &lat[i % distinct],
+            )?;
         }
         let info = w.finish()?;
         let bpr = info.bytes as f64 / n as f64;
@@ -169,12 +181,18 @@ pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value))
     let n = opts.records.max(distinct);
     let t0 = Instant::now();
     for i in 0..n {
-        w.push_f32(&format!("k{i:08}"), Some((i % 10) as i64), &lat[i % distinct])?;
+        w.push_f32(
+            &format!("k{i:08}"),
+            Some((i % 10) as i64),
+            &lat[i % distinct],
+        )?;
     }
     let info = w.finish()?;
     let write_s = t0.elapsed().as_secs_f64();
-    emit(json!({"bench": "shards", "figure": "write", "dtype": "f16", "records": n,
-        "records_per_s": n as f64 / write_s, "file_bytes": info.bytes}));
+    emit(
+        json!({"bench": "shards", "figure": "write", "dtype": "f16", "records": n,
+        "records_per_s": n as f64 / write_s, "file_bytes": info.bytes}),
+    );
 
     let r = ShardReader::open(&path)?;
     let raw_bytes = (n * elems * 2) as f64;
@@ -202,9 +220,11 @@ pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value))
     }
     std::hint::black_box(sum);
     let seq_s = t0.elapsed().as_secs_f64();
-    emit(json!({"bench": "shards", "figure": "sequential_read", "dtype": "f16", "records": n,
+    emit(
+        json!({"bench": "shards", "figure": "sequential_read", "dtype": "f16", "records": n,
         "records_per_s": n as f64 / seq_s, "gb_per_s": raw_bytes / seq_s / 1e9,
-        "memcpy_gb_per_s": raw_bytes / memcpy_s / 1e9, "ratio_vs_memcpy": memcpy_s / seq_s, "threads": 1}));
+        "memcpy_gb_per_s": raw_bytes / memcpy_s / 1e9, "ratio_vs_memcpy": memcpy_s / seq_s, "threads": 1}),
+    );
 
     // Sequential records as f32 (what a loader hands on).
     let t0 = Instant::now();
@@ -215,20 +235,26 @@ pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value))
         std::hint::black_box(&rec.data);
     }
     let it_s = t0.elapsed().as_secs_f64();
-    emit(json!({"bench": "shards", "figure": "sequential_iter_f32", "dtype": "f16", "records": count,
-        "records_per_s": count as f64 / it_s, "gb_per_s_f16": raw_bytes / it_s / 1e9, "threads": 1}));
+    emit(
+        json!({"bench": "shards", "figure": "sequential_iter_f32", "dtype": "f16", "records": count,
+        "records_per_s": count as f64 / it_s, "gb_per_s_f16": raw_bytes / it_s / 1e9, "threads": 1}),
+    );
 
     // Random access: each get decompresses its block (a cache miss nearly always).
     let mut state = 12345u64;
     let t0 = Instant::now();
     for _ in 0..opts.random_gets {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let i = (state >> 33) as usize % n;
         std::hint::black_box(r.get(i)?);
     }
     let rnd_s = t0.elapsed().as_secs_f64();
-    emit(json!({"bench": "shards", "figure": "random_get", "dtype": "f16", "gets": opts.random_gets,
-        "records_per_s": opts.random_gets as f64 / rnd_s, "records_per_block": distinct, "threads": 1}));
+    emit(
+        json!({"bench": "shards", "figure": "random_get", "dtype": "f16", "gets": opts.random_gets,
+        "records_per_s": opts.random_gets as f64 / rnd_s, "records_per_block": distinct, "threads": 1}),
+    );
     drop(r);
     let _ = std::fs::remove_file(&path);
     if opts.workdir.is_none() {

@@ -68,7 +68,10 @@ fn shards_of(dir: &Path) -> Result<(Vec<PathBuf>, Option<Manifest>, Vec<Problem>
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| crate::Error::io(dir, "read directory", e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == lmd_data::shard::format::EXTENSION))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x == lmd_data::shard::format::EXTENSION)
+        })
         .collect();
     paths.sort();
     let problems = vec![Problem {
@@ -133,7 +136,10 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
                 });
             }
             if let Some(m) = &manifest {
-                let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                let file = p
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 if let Some(entry) = m.shards.iter().find(|s| s.file == file) {
                     let data = std::fs::read(p).map_err(|e| crate::Error::io(p, "read", e))?;
                     let h = format!("{:032x}", lmd_data::shard::format::checksum128(&data));
@@ -158,7 +164,11 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
             return Err(crate::Error::Invalid(format!(
                 "{}: no readable shard ({})",
                 opts.path.display(),
-                problems.iter().map(|p| format!("{}: {}", p.shard, p.error)).collect::<Vec<_>>().join("; ")
+                problems
+                    .iter()
+                    .map(|p| format!("{}: {}", p.shard, p.error))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )))
         }
     };
@@ -166,12 +176,20 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
         if m.fingerprint != meta.fingerprint() {
             problems.push(Problem {
                 shard: opts.path.join(MANIFEST_FILE).display().to_string(),
-                error: format!("fingerprint {} differs from the shards' {}", m.fingerprint, meta.fingerprint()),
+                error: format!(
+                    "fingerprint {} differs from the shards' {}",
+                    m.fingerprint,
+                    meta.fingerprint()
+                ),
             });
         }
     }
     let f32_bytes = (meta.record_elems() * 4) as f64;
-    let bpr = if records > 0 { bytes as f64 / records as f64 } else { 0.0 };
+    let bpr = if records > 0 {
+        bytes as f64 / records as f64
+    } else {
+        0.0
+    };
     Ok(InspectReport {
         path: opts.path.display().to_string(),
         kind: if is_dir { "dataset" } else { "shard" },
@@ -190,20 +208,31 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
         fingerprint: meta.fingerprint(),
         bytes,
         bytes_per_record: bpr,
-        ratio_vs_f32: if f32_bytes > 0.0 { bpr / f32_bytes } else { 0.0 },
+        ratio_vs_f32: if f32_bytes > 0.0 {
+            bpr / f32_bytes
+        } else {
+            0.0
+        },
         first_keys,
         verified: opts.verify,
         problems,
     })
 }
 
-
 impl std::fmt::Display for InspectReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let [c, h, w] = self.latent_shape;
         writeln!(f, "{} ({})", self.path, self.kind)?;
-        writeln!(f, "  records      {} in {} shard(s), {} block(s)", self.records, self.shards, self.blocks)?;
-        writeln!(f, "  latent       {c}x{h}x{w} {}, layout {}", self.dtype, self.layout)?;
+        writeln!(
+            f,
+            "  records      {} in {} shard(s), {} block(s)",
+            self.records, self.shards, self.blocks
+        )?;
+        writeln!(
+            f,
+            "  latent       {c}x{h}x{w} {}, layout {}",
+            self.dtype, self.layout
+        )?;
         match self.classes {
             Some(n) => writeln!(f, "  labels       yes, {n} distinct")?,
             None => writeln!(f, "  labels       no")?,

@@ -30,7 +30,10 @@ pub fn read_f32(path: &Path, name: &str) -> Result<F32Tensor> {
     })?;
     let raw = t.data();
     let data: Vec<f32> = match t.dtype() {
-        safetensors::Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        safetensors::Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         safetensors::Dtype::F16 => {
             let mut out = vec![0f32; raw.len() / 2];
             lmd_data::DType::F16.decode_to_f32(raw, &mut out);

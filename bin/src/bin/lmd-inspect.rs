@@ -31,7 +31,10 @@ fn main() -> ExitCode {
     match lmd_train::inspect::run(&opts) {
         Ok(report) => {
             if args.json {
-                println!("{}", serde_json::to_string(&report).expect("report serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serializes")
+                );
             } else {
                 print!("{report}");
             }

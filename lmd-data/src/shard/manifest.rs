@@ -71,7 +71,10 @@ impl Manifest {
         if m.format != MANIFEST_FORMAT || m.version != 1 {
             return Err(Error::Manifest {
                 path,
-                detail: format!("format {:?} version {} (expected {MANIFEST_FORMAT:?} 1)", m.format, m.version),
+                detail: format!(
+                    "format {:?} version {} (expected {MANIFEST_FORMAT:?} 1)",
+                    m.format, m.version
+                ),
             });
         }
         Ok(m)

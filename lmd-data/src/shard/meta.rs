@@ -164,7 +164,10 @@ impl ShardMeta {
         let mut out = Vec::new();
         if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
             for (k, va) in a {
-                if matches!(k.as_str(), "writer" | "records_per_block" | "byte_shuffle" | "zstd_level") {
+                if matches!(
+                    k.as_str(),
+                    "writer" | "records_per_block" | "byte_shuffle" | "zstd_level"
+                ) {
                     continue;
                 }
                 let vb = b.get(k).cloned().unwrap_or(serde_json::Value::Null);
@@ -227,7 +230,10 @@ pub(crate) mod tests {
         assert_eq!(l.tensor_index(1, true, Field::Mean), Some(6));
         assert_eq!(l.tensor_index(2, false, Field::Mean), None);
         assert_eq!(l.tensor_index(0, false, Field::Latent), None);
-        assert_eq!(RecordLayout::single().tensor_index(0, true, Field::Latent), None);
+        assert_eq!(
+            RecordLayout::single().tensor_index(0, true, Field::Latent),
+            None
+        );
     }
 
     #[test]

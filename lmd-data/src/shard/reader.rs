@@ -133,9 +133,15 @@ impl ShardReader {
         if data_start > b.len() {
             // Either a cut file or a corrupt length: the footer tells which.
             if b.len() >= format::FOOTER && &b[b.len() - 8..] == END_MAGIC {
-                return Err(Error::corrupt(&path, "header", format!("metadata length {meta_len} exceeds the file")));
+                return Err(Error::corrupt(
+                    &path,
+                    "header",
+                    format!("metadata length {meta_len} exceeds the file"),
+                ));
             }
-            return Err(truncated(format!("cut inside the header metadata ({meta_len} bytes)")));
+            return Err(truncated(format!(
+                "cut inside the header metadata ({meta_len} bytes)"
+            )));
         }
         let meta_bytes = &b[format::HEADER_FIXED..data_start];
         let stored = u64_at(b, 16);
@@ -172,7 +178,9 @@ impl ShardReader {
         let index_sum = u64_at(f, 16);
         let n_records = u64_at(f, 24) as usize;
         let footer_start = (b.len() - format::FOOTER) as u64;
-        if index_offset < data_start as u64 || index_offset.checked_add(index_len) != Some(footer_start) {
+        if index_offset < data_start as u64
+            || index_offset.checked_add(index_len) != Some(footer_start)
+        {
             return Err(Error::corrupt(
                 &path,
                 "footer",
@@ -189,8 +197,8 @@ impl ShardReader {
                 computed,
             });
         }
-        let index =
-            zstd::decode_all(index_comp).map_err(|e| Error::corrupt(&path, "index", format!("zstd: {e}")))?;
+        let index = zstd::decode_all(index_comp)
+            .map_err(|e| Error::corrupt(&path, "index", format!("zstd: {e}")))?;
         let bad_index = |d: String| Error::corrupt(&path, "index", d);
         if index.len() < 8 {
             return Err(bad_index("shorter than its 8-byte head".into()));
@@ -199,14 +207,20 @@ impl ShardReader {
         let flags = u32_at(&index, 4);
         let has_labels = flags & FLAG_LABELS != 0;
         if has_labels != meta.labels {
-            return Err(bad_index(format!("labels flag {has_labels} but metadata says {}", meta.labels)));
+            return Err(bad_index(format!(
+                "labels flag {has_labels} but metadata says {}",
+                meta.labels
+            )));
         }
         let need = 8usize
             .checked_add(n_blocks.saturating_mul(format::INDEX_ENTRY))
             .and_then(|v| v.checked_add(n_records.saturating_mul(if has_labels { 12 } else { 4 })))
             .ok_or_else(|| bad_index("sizes overflow".into()))?;
         if index.len() < need {
-            return Err(bad_index(format!("{} bytes, needs at least {need}", index.len())));
+            return Err(bad_index(format!(
+                "{} bytes, needs at least {need}",
+                index.len()
+            )));
         }
         let mut blocks = Vec::with_capacity(n_blocks);
         let mut pos = 8;
@@ -221,7 +235,10 @@ impl ShardReader {
                 first_record: first,
             };
             pos += format::INDEX_ENTRY;
-            if e.offset != expect_offset || e.n_records == 0 || e.n_records as usize > meta.records_per_block {
+            if e.offset != expect_offset
+                || e.n_records == 0
+                || e.n_records as usize > meta.records_per_block
+            {
                 return Err(bad_index(format!(
                     "block {k}: entry (offset {}, {} records) inconsistent (expected offset {expect_offset}, 1..={} records)",
                     e.offset, e.n_records, meta.records_per_block
@@ -251,7 +268,8 @@ impl ShardReader {
             .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
             .collect();
         pos += 4 * n_records;
-        let keys = String::from_utf8(index[pos..].to_vec()).map_err(|e| bad_index(format!("keys: {e}")))?;
+        let keys = String::from_utf8(index[pos..].to_vec())
+            .map_err(|e| bad_index(format!("keys: {e}")))?;
         let mut prev = 0u32;
         for (i, &end) in key_ends.iter().enumerate() {
             if end <= prev || end as usize > keys.len() || !keys.is_char_boundary(end as usize) {
@@ -260,7 +278,10 @@ impl ShardReader {
             prev = end;
         }
         if prev as usize != keys.len() {
-            return Err(bad_index(format!("key bytes {} but keys end at {prev}", keys.len())));
+            return Err(bad_index(format!(
+                "key bytes {} but keys end at {prev}",
+                keys.len()
+            )));
         }
         Ok(ShardReader {
             path,
@@ -305,7 +326,11 @@ impl ShardReader {
     /// The key of record `i` (no decompression).
     pub fn key(&self, i: usize) -> Result<&str> {
         self.check_index(i)?;
-        let start = if i == 0 { 0 } else { self.key_ends[i - 1] as usize };
+        let start = if i == 0 {
+            0
+        } else {
+            self.key_ends[i - 1] as usize
+        };
         Ok(&self.keys[start..self.key_ends[i] as usize])
     }
 
@@ -333,14 +358,24 @@ impl ShardReader {
 
     /// Block holding record `i` (assumes `i < len`).
     fn block_of(&self, i: usize) -> usize {
-        self.blocks.partition_point(|b| b.first_record + b.n_records as usize <= i)
+        self.blocks
+            .partition_point(|b| b.first_record + b.n_records as usize <= i)
     }
 
     /// Decompress block `k` into `out` (its records' raw little-endian bytes, unshuffled);
     /// `scratch` is reused between calls. Checks the block's frame header and checksum.
-    pub fn read_block_into(&self, k: usize, out: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<()> {
+    pub fn read_block_into(
+        &self,
+        k: usize,
+        out: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
         let e = *self.blocks.get(k).ok_or_else(|| {
-            Error::corrupt(&self.path, format!("block {k}"), format!("no such block ({} blocks)", self.blocks.len()))
+            Error::corrupt(
+                &self.path,
+                format!("block {k}"),
+                format!("no such block ({} blocks)", self.blocks.len()),
+            )
         })?;
         let what = || format!("block {k}");
         let off = e.offset as usize;
@@ -359,7 +394,8 @@ impl ShardReader {
                 format!("frame header at offset {off} disagrees with the index"),
             ));
         }
-        let payload = &b[off + format::BLOCK_HEADER..off + format::BLOCK_HEADER + e.comp_len as usize];
+        let payload =
+            &b[off + format::BLOCK_HEADER..off + format::BLOCK_HEADER + e.comp_len as usize];
         let computed = format::checksum(payload);
         if computed != e.checksum {
             return Err(Error::Checksum {
@@ -370,7 +406,11 @@ impl ShardReader {
             });
         }
         let raw_len = e.n_records as usize * self.record_bytes;
-        let target: &mut Vec<u8> = if self.meta.byte_shuffle { scratch } else { &mut *out };
+        let target: &mut Vec<u8> = if self.meta.byte_shuffle {
+            scratch
+        } else {
+            &mut *out
+        };
         target.clear();
         target.reserve(raw_len);
         let n = DECOMPRESSOR
@@ -436,10 +476,17 @@ impl ShardReader {
 
     /// One tensor of record `i` as f32 (`view`, `flipped` variant, `field`).
     pub fn tensor(&self, i: usize, view: usize, flipped: bool, field: Field) -> Result<Vec<f32>> {
-        let t = self.meta.layout.tensor_index(view, flipped, field).ok_or_else(|| Error::InvalidInput {
-            context: self.path.display().to_string(),
-            detail: format!("no tensor view={view} flipped={flipped} field={field:?} in {:?}", self.meta.layout),
-        })?;
+        let t = self
+            .meta
+            .layout
+            .tensor_index(view, flipped, field)
+            .ok_or_else(|| Error::InvalidInput {
+                context: self.path.display().to_string(),
+                detail: format!(
+                    "no tensor view={view} flipped={flipped} field={field:?} in {:?}",
+                    self.meta.layout
+                ),
+            })?;
         let rec = self.get(i)?;
         Ok(rec.tensor(t).to_vec())
     }

@@ -82,7 +82,11 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl ShardWriter {
     /// Start a shard at `path` (written under a temporary name until [`finish`](Self::finish)).
-    pub fn create(path: impl AsRef<Path>, mut meta: ShardMeta, opts: WriterOptions) -> Result<Self> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        mut meta: ShardMeta,
+        opts: WriterOptions,
+    ) -> Result<Self> {
         let final_path = path.as_ref().to_path_buf();
         let ctx = final_path.display().to_string();
         if meta.tensor_elems() == 0 || meta.layout.tensors() == 0 {
@@ -116,8 +120,8 @@ impl ShardWriter {
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, "create", e))?;
-        let compressor =
-            zstd::bulk::Compressor::new(opts.zstd_level).map_err(|e| Error::io(&tmp_path, "zstd init", e))?;
+        let compressor = zstd::bulk::Compressor::new(opts.zstd_level)
+            .map_err(|e| Error::io(&tmp_path, "zstd init", e))?;
         let mut w = ShardWriter {
             final_path,
             tmp_path,
@@ -268,7 +272,8 @@ impl ShardWriter {
         let checksum = format::checksum(&comp);
         let entry = BlockEntry {
             offset: self.offset,
-            comp_len: u32::try_from(comp.len()).map_err(|_| self.invalid("block over 4 GiB".into()))?,
+            comp_len: u32::try_from(comp.len())
+                .map_err(|_| self.invalid("block over 4 GiB".into()))?,
             n_records: self.block_records as u32,
             checksum,
         };
@@ -304,7 +309,9 @@ impl ShardWriter {
     pub fn finish(mut self) -> Result<ShardInfo> {
         self.flush_block()?;
         let n_records = self.key_ends.len();
-        let mut index = Vec::with_capacity(8 + self.blocks.len() * format::INDEX_ENTRY + n_records * 12 + self.keys.len());
+        let mut index = Vec::with_capacity(
+            8 + self.blocks.len() * format::INDEX_ENTRY + n_records * 12 + self.keys.len(),
+        );
         index.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
         index.extend_from_slice(&(if self.meta.labels { FLAG_LABELS } else { 0 }).to_le_bytes());
         for b in &self.blocks {
@@ -340,9 +347,11 @@ impl ShardWriter {
         let file = out
             .into_inner()
             .map_err(|e| Error::io(&self.tmp_path, "flush", e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp_path, "fsync", e))?;
+        file.sync_all()
+            .map_err(|e| Error::io(&self.tmp_path, "fsync", e))?;
         drop(file);
-        std::fs::rename(&self.tmp_path, &self.final_path).map_err(|e| Error::io(&self.final_path, "rename", e))?;
+        std::fs::rename(&self.tmp_path, &self.final_path)
+            .map_err(|e| Error::io(&self.final_path, "rename", e))?;
         sync_parent_dir(&self.final_path)?;
         Ok(ShardInfo {
             path: self.final_path.clone(),
@@ -373,14 +382,18 @@ pub(crate) fn sync_parent_dir(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         let f = File::open(&dir).map_err(|e| Error::io(&dir, "open directory", e))?;
-        f.sync_all().map_err(|e| Error::io(&dir, "fsync directory", e))?;
+        f.sync_all()
+            .map_err(|e| Error::io(&dir, "fsync directory", e))?;
     }
     Ok(())
 }
 
 /// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(
         "{name}.tmp-{}-{}",
         std::process::id(),
@@ -388,7 +401,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let res = (|| {
         let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, "write", e))?;
+        f.write_all(bytes)
+            .map_err(|e| Error::io(&tmp, "write", e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, "fsync", e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename", e))?;
         sync_parent_dir(path)
