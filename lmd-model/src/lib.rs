@@ -1,9 +1,12 @@
-//! lmd-model: pure compute with candle — VAEs, the latent MAE, mask-ratio schedulers.
+//! lmd-model: pure compute with candle — the latent MAE, mask-ratio schedulers (VAEs to come).
 //!
 //! It reads weights, never datasets: inputs are tensors, outputs are tensors.
 
 pub mod error;
+pub mod mae;
+pub mod nn;
 pub mod schedule;
 
 pub use error::{Error, Result};
+pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};
 pub use schedule::MaskSchedule;

@@ -1,0 +1,587 @@
+//! `LatentMae`: MAE (He et al. 2022, facebookresearch/mae `models_mae.py`) on VAE latents.
+//!
+//! Parameter names mirror the official state dict (`patch_embed.proj`, `cls_token`, `blocks.N.*`,
+//! `norm`, `decoder_embed`, `mask_token`, `decoder_blocks.N.*`, `decoder_norm`, `decoder_pred`),
+//! so checkpoints move both ways. Positional embeddings are the fixed 2D sin-cos tables (with a
+//! zero cls slot), computed, not learned; they are written into saved checkpoints as MAE does.
+//!
+//! Shapes: input latents `[B, C, H, W]`; `L = (H/p)(W/p)` tokens; patch vectors of `p·p·C`
+//! values ordered (p, q, c) as MAE's `patchify`.
+
+use crate::nn::{layer_norm, linear, softmax_last_dim, LayerNorm};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+/// Model configuration (MAE's constructor arguments).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaeConfig {
+    pub in_chans: usize,
+    /// Latent height and width.
+    pub img_size: [usize; 2],
+    pub patch_size: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub decoder_embed_dim: usize,
+    pub decoder_depth: usize,
+    pub decoder_num_heads: usize,
+    pub mlp_ratio: f64,
+    pub norm_pix_loss: bool,
+    /// LayerNorm epsilon: 1e-6 in MAE's model factories (`mae_vit_base_patch16_dec512d8b`, ...,
+    /// `partial(nn.LayerNorm, eps=1e-6)`), 1e-5 when `MaskedAutoencoderViT` is built directly
+    /// (its default `nn.LayerNorm`).
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+}
+
+fn default_norm_eps() -> f64 {
+    1e-6
+}
+
+impl MaeConfig {
+    fn with(embed: usize, depth: usize, heads: usize, dec: usize, dec_depth: usize, dec_heads: usize, patch: usize) -> Self {
+        MaeConfig {
+            in_chans: 4,
+            img_size: [28, 28],
+            patch_size: patch,
+            embed_dim: embed,
+            depth,
+            num_heads: heads,
+            decoder_embed_dim: dec,
+            decoder_depth: dec_depth,
+            decoder_num_heads: dec_heads,
+            mlp_ratio: 4.0,
+            norm_pix_loss: true,
+            norm_eps: 1e-6,
+        }
+    }
+
+    /// ViT-Ti encoder (192 x 12, 3 heads), decoder 128 x 4, patch 2 on 4x28x28 (196 tokens).
+    pub fn tiny() -> Self {
+        Self::with(192, 12, 3, 128, 4, 4, 2)
+    }
+
+    /// ViT-S encoder (384 x 12, 6 heads), decoder 256 x 4, patch 2.
+    pub fn small() -> Self {
+        Self::with(384, 12, 6, 256, 4, 8, 2)
+    }
+
+    /// ViT-B encoder (768 x 12, 12 heads), MAE's decoder 512 x 8, patch 2.
+    pub fn base() -> Self {
+        Self::with(768, 12, 12, 512, 8, 16, 2)
+    }
+
+    /// ViT-L encoder (1024 x 24, 16 heads), decoder 512 x 8, patch 2.
+    pub fn large() -> Self {
+        Self::with(1024, 24, 16, 512, 8, 16, 2)
+    }
+
+    /// LMD's model: ViT-B on 4x28x28 latents, patch 4 (49 tokens), decoder 512 x 8.
+    pub fn base_patch4() -> Self {
+        Self::with(768, 12, 12, 512, 8, 16, 4)
+    }
+
+    /// A preset by name: tiny, small, base, large, base_patch4.
+    pub fn preset(name: &str) -> Option<Self> {
+        Some(match name {
+            "tiny" => Self::tiny(),
+            "small" => Self::small(),
+            "base" => Self::base(),
+            "large" => Self::large(),
+            "base_patch4" => Self::base_patch4(),
+            _ => return None,
+        })
+    }
+
+    /// From the official MAE constructor arguments as JSON (`img_size` int or [h, w],
+    /// `patch_size`, `in_chans`, `embed_dim`, `depth`, `num_heads`, `decoder_*`, `mlp_ratio`,
+    /// `norm_pix_loss`, optional `norm_eps`), as stored in the metadata of our reference files.
+    pub fn from_mae_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or(format!("config lacks {k}"));
+        let img_size = match v.get("img_size") {
+            Some(serde_json::Value::Array(a)) if a.len() == 2 => [
+                a[0].as_u64().ok_or("img_size")? as usize,
+                a[1].as_u64().ok_or("img_size")? as usize,
+            ],
+            _ => [get("img_size")?; 2],
+        };
+        let cfg = MaeConfig {
+            in_chans: get("in_chans")?,
+            img_size,
+            patch_size: get("patch_size")?,
+            embed_dim: get("embed_dim")?,
+            depth: get("depth")?,
+            num_heads: get("num_heads")?,
+            decoder_embed_dim: get("decoder_embed_dim")?,
+            decoder_depth: get("decoder_depth")?,
+            decoder_num_heads: get("decoder_num_heads")?,
+            mlp_ratio: v.get("mlp_ratio").and_then(|x| x.as_f64()).unwrap_or(4.0),
+            norm_pix_loss: v.get("norm_pix_loss").and_then(|x| x.as_bool()).unwrap_or(false),
+            // The constructor's default norm_layer is nn.LayerNorm (eps 1e-5) unless stated.
+            norm_eps: v.get("norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Patches along (height, width).
+    pub fn grid(&self) -> (usize, usize) {
+        (self.img_size[0] / self.patch_size, self.img_size[1] / self.patch_size)
+    }
+
+    /// Number of patch tokens L.
+    pub fn num_patches(&self) -> usize {
+        let (h, w) = self.grid();
+        h * w
+    }
+
+    /// Values per patch vector (p·p·C).
+    pub fn patch_dim(&self) -> usize {
+        self.patch_size * self.patch_size * self.in_chans
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let p = self.patch_size;
+        if p == 0 || self.img_size[0] % p != 0 || self.img_size[1] % p != 0 {
+            return Err(format!("img_size {:?} not divisible by patch_size {p}", self.img_size));
+        }
+        if self.embed_dim % self.num_heads != 0 || self.decoder_embed_dim % self.decoder_num_heads != 0 {
+            return Err("embedding widths must be divisible by their head counts".into());
+        }
+        if self.embed_dim % 4 != 0 || self.decoder_embed_dim % 4 != 0 {
+            return Err("2D sin-cos positional embeddings need widths divisible by 4".into());
+        }
+        Ok(())
+    }
+}
+
+/// MAE's `get_2d_sincos_pos_embed(dim, grid, cls_token=True)`: `[1 + gh·gw, dim]`, row 0 zero.
+/// For token (i, j) (row i, column j) the first half encodes j, the second half i.
+pub fn sincos_pos_embed(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let quarter = half / 2;
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let mut out = vec![0f32; (1 + gh * gw) * dim];
+    for i in 0..gh {
+        for j in 0..gw {
+            let row = &mut out[(1 + i * gw + j) * dim..(2 + i * gw + j) * dim];
+            for (h, pos) in [(0usize, j as f64), (half, i as f64)] {
+                for (k, om) in omega.iter().enumerate() {
+                    row[h + k] = (pos * om).sin() as f32;
+                    row[h + quarter + k] = (pos * om).cos() as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// timm's `Attention` (qkv bias, no qk norm).
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Attention {
+            qkv: linear(dim, 3 * dim, vb.pp("qkv"))?,
+            proj: linear(dim, dim, vb.pp("proj"))?,
+            heads,
+            scale: 1.0 / ((dim / heads) as f64).sqrt(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let hd = c / self.heads;
+        // [B, N, 3C] -> [3, B, H, N, hd]
+        let qkv = self.qkv.forward(x)?.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.i(0)?.contiguous()? * self.scale)?;
+        let k = qkv.i(1)?.contiguous()?;
+        let v = qkv.i(2)?.contiguous()?;
+        let attn = softmax_last_dim(&q.matmul(&k.t()?)?)?; // [B, H, N, N]
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?; // [B, N, C]
+        self.proj.forward(&out)
+    }
+}
+
+/// A pre-norm transformer block (timm `Block`): `x + attn(norm1(x))`, `x + mlp(norm2(x))`.
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Block {
+    fn new(dim: usize, heads: usize, mlp_ratio: f64, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let hidden = (dim as f64 * mlp_ratio) as usize;
+        Ok(Block {
+            norm1: LayerNorm::new(dim, eps, vb.pp("norm1"))?,
+            attn: Attention::new(dim, heads, vb.pp("attn"))?,
+            norm2: LayerNorm::new(dim, eps, vb.pp("norm2"))?,
+            fc1: linear(dim, hidden, vb.pp("mlp.fc1"))?,
+            fc2: linear(hidden, dim, vb.pp("mlp.fc2"))?,
+        })
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let h = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        x + h
+    }
+}
+
+/// Which tokens a forward pass kept, as MAE's `random_masking` returns them.
+#[derive(Debug, Clone)]
+pub struct Masking {
+    /// `[B, L]` f32: 0 kept, 1 masked.
+    pub mask: Tensor,
+    /// Per sample, the kept token ids (ascending noise order).
+    pub ids_keep: Vec<Vec<u32>>,
+    /// Per sample, `argsort(ids_shuffle)`.
+    pub ids_restore: Vec<Vec<u32>>,
+}
+
+/// Output of a full forward pass.
+#[derive(Debug, Clone)]
+pub struct MaeOutput {
+    /// Scalar loss (MSE over masked patches).
+    pub loss: Tensor,
+    /// `[B, L, p·p·C]` predicted patch vectors.
+    pub pred: Tensor,
+    /// `[B, 1 + keep, D]` encoder output (cls first).
+    pub latent: Tensor,
+    pub masking: Masking,
+}
+
+/// Global pooling for the encoder-only forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// The normalised cls token.
+    Cls,
+    /// Mean of the patch tokens, then a LayerNorm (MAE fine-tuning's `global_pool`, `fc_norm`).
+    Mean,
+}
+
+/// The latent masked autoencoder.
+#[derive(Debug, Clone)]
+pub struct LatentMae {
+    cfg: MaeConfig,
+    patch_w: Tensor, // [D, C·p·p] (conv weight flattened as (c, i, j))
+    patch_b: Tensor, // [D]
+    cls_token: Tensor,
+    pos_embed: Tensor, // [1, 1+L, D]
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    decoder_embed: Linear,
+    mask_token: Tensor,
+    decoder_pos_embed: Tensor,
+    decoder_blocks: Vec<Block>,
+    decoder_norm: LayerNorm,
+    decoder_pred: Linear,
+}
+
+impl LatentMae {
+    /// Build the model, taking (or, with a `VarMap`-backed builder, creating) its parameters.
+    pub fn new(cfg: &MaeConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let (c, p, d, dd) = (cfg.in_chans, cfg.patch_size, cfg.embed_dim, cfg.decoder_embed_dim);
+        let bound = (6.0 / (c * p * p + d) as f64).sqrt();
+        let pw = vb.get_with_hints(
+            (d, c, p, p),
+            "patch_embed.proj.weight",
+            candle_nn::Init::Uniform { lo: -bound, up: bound },
+        )?;
+        let patch_w = pw.reshape((d, c * p * p))?;
+        let patch_b = vb.get_with_hints(d, "patch_embed.proj.bias", candle_nn::Init::Const(0.0))?;
+        let tok = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let cls_token = vb.get_with_hints((1, 1, d), "cls_token", tok)?;
+        let mask_token = vb.get_with_hints((1, 1, dd), "mask_token", tok)?;
+        let (gh, gw) = cfg.grid();
+        let dev = vb.device();
+        let l1 = 1 + gh * gw;
+        let pos_embed = Tensor::from_vec(sincos_pos_embed(d, gh, gw), (1, l1, d), dev)?.to_dtype(vb.dtype())?;
+        let decoder_pos_embed =
+            Tensor::from_vec(sincos_pos_embed(dd, gh, gw), (1, l1, dd), dev)?.to_dtype(vb.dtype())?;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(d, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let decoder_blocks = (0..cfg.decoder_depth)
+            .map(|i| Block::new(dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps, vb.pp(format!("decoder_blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LatentMae {
+            cfg: cfg.clone(),
+            patch_w,
+            patch_b,
+            cls_token,
+            pos_embed,
+            blocks,
+            norm: LayerNorm::new(d, cfg.norm_eps, vb.pp("norm"))?,
+            decoder_embed: linear(d, dd, vb.pp("decoder_embed"))?,
+            mask_token,
+            decoder_pos_embed,
+            decoder_blocks,
+            decoder_norm: LayerNorm::new(dd, cfg.norm_eps, vb.pp("decoder_norm"))?,
+            decoder_pred: linear(dd, cfg.patch_dim(), vb.pp("decoder_pred"))?,
+        })
+    }
+
+    /// A freshly initialised model (MAE's init) in `varmap`, reproducible from `seed`.
+    pub fn init(cfg: &MaeConfig, varmap: &VarMap, seed: u64, dev: &Device) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, dev);
+        let model = Self::new(cfg, vb)?;
+        reinit_seeded(cfg, varmap, seed)?;
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &MaeConfig {
+        &self.cfg
+    }
+
+    /// The fixed positional tables, named as in MAE's state dict (for saving checkpoints).
+    pub fn buffers(&self) -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("pos_embed", self.pos_embed.clone()),
+            ("decoder_pos_embed", self.decoder_pos_embed.clone()),
+        ]
+    }
+
+    /// `[B, C, H, W]` -> `[B, L, p·p·C]`, ordered (p, q, c) as MAE's `patchify`.
+    pub fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, _, _) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = self.cfg.grid();
+        x.reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 3, 5, 1))? // n h w p q c
+            .reshape((b, gh * gw, p * p * c))
+    }
+
+    /// Inverse of [`patchify`](Self::patchify).
+    pub fn unpatchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, _) = x.dims3()?;
+        let (p, c) = (self.cfg.patch_size, self.cfg.in_chans);
+        let (gh, gw) = self.cfg.grid();
+        x.reshape((b, gh, gw, p, p, c))?
+            .permute((0, 5, 1, 3, 2, 4))? // n c h p w q
+            .reshape((b, c, gh * p, gw * p))
+    }
+
+    /// Patch embedding (conv p×p stride p as a matmul): `[B, C, H, W]` -> `[B, L, D]`.
+    fn patch_embed(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, _, _) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = self.cfg.grid();
+        let cols = x
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))? // n h w c p q
+            .reshape((b * gh * gw, c * p * p))?;
+        cols.matmul(&self.patch_w.t()?)?
+            .broadcast_add(&self.patch_b)?
+            .reshape((b, gh * gw, self.cfg.embed_dim))
+    }
+
+    /// MAE's `random_masking` from given noise `[B, L]`: keep the `int(L(1-r))` smallest.
+    pub fn masking_from_noise(&self, noise: &Tensor, mask_ratio: f64) -> Result<Masking> {
+        let noise: Vec<Vec<f32>> = noise.to_dtype(DType::F32)?.to_vec2()?;
+        let l = self.cfg.num_patches();
+        let keep = ((l as f64) * (1.0 - mask_ratio)) as usize;
+        let mut ids_keep = Vec::with_capacity(noise.len());
+        let mut ids_restore = Vec::with_capacity(noise.len());
+        let mut mask = Vec::with_capacity(noise.len() * l);
+        for row in &noise {
+            if row.len() != l {
+                candle_core::bail!("noise has {} columns, the model has {l} patches", row.len());
+            }
+            let mut shuffle: Vec<u32> = (0..l as u32).collect();
+            // stable sort: ties keep index order, as torch.argsort on distinct floats
+            shuffle.sort_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]));
+            let mut restore = vec![0u32; l];
+            for (pos, &id) in shuffle.iter().enumerate() {
+                restore[id as usize] = pos as u32;
+            }
+            mask.extend(restore.iter().map(|&r| if (r as usize) < keep { 0f32 } else { 1f32 }));
+            ids_keep.push(shuffle[..keep].to_vec());
+            ids_restore.push(restore);
+        }
+        let mask = Tensor::from_vec(mask, (noise.len(), l), self.pos_embed.device())?;
+        Ok(Masking {
+            mask,
+            ids_keep,
+            ids_restore,
+        })
+    }
+
+    /// Seeded uniform noise `[B, L]` (the same stream for the same seed).
+    pub fn noise(&self, batch: usize, seed: u64) -> Result<Tensor> {
+        let l = self.cfg.num_patches();
+        let mut rng = SplitMix(seed);
+        let v: Vec<f32> = (0..batch * l).map(|_| rng.uniform() as f32).collect();
+        Tensor::from_vec(v, (batch, l), self.pos_embed.device())
+    }
+
+    /// Gather rows per sample: `x [B, N, D]`, `ids[b]` -> `[B, ids.len(), D]`.
+    fn gather_rows(x: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let k = ids.first().map(|v| v.len()).unwrap_or(0);
+        let flat: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(bi, row)| row.iter().map(move |&i| bi as u32 * n as u32 + i))
+            .collect();
+        let idx = Tensor::from_vec(flat, b * k, x.device())?;
+        x.reshape((b * n, d))?.index_select(&idx, 0)?.reshape((b, k, d))
+    }
+
+    /// Encoder on the kept tokens: `[B, 1 + keep, D]` (after the final norm).
+    pub fn forward_encoder(&self, x: &Tensor, masking: &Masking) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let x = self.patch_embed(x)?.broadcast_add(&self.pos_embed.i((.., 1..))?)?;
+        let x = Self::gather_rows(&x, &masking.ids_keep)?;
+        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((b, 1, self.cfg.embed_dim))?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?;
+        for blk in &self.blocks {
+            x = blk.forward(&x)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Decoder: `[B, 1 + keep, D]` -> `[B, L, p·p·C]`.
+    pub fn forward_decoder(&self, latent: &Tensor, masking: &Masking) -> Result<Tensor> {
+        let x = self.decoder_embed.forward(latent)?;
+        let (b, n1, dd) = x.dims3()?;
+        let l = self.cfg.num_patches();
+        let masked = l + 1 - n1;
+        let mask_tokens = self.mask_token.broadcast_as((b, masked, dd))?;
+        let x_ = Tensor::cat(&[&x.i((.., 1..))?, &mask_tokens], 1)?; // [B, L, Dd] in shuffled order
+        let x_ = Self::gather_rows(&x_, &masking.ids_restore)?; // unshuffle
+        let mut x = Tensor::cat(&[&x.i((.., ..1))?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
+        for blk in &self.decoder_blocks {
+            x = blk.forward(&x)?;
+        }
+        let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
+        x.i((.., 1..))
+    }
+
+    /// MSE over masked patches (per-patch normalised target when `norm_pix_loss`).
+    pub fn forward_loss(&self, x: &Tensor, pred: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mut target = self.patchify(x)?;
+        if self.cfg.norm_pix_loss {
+            let n = target.dim(D::Minus1)? as f64;
+            let mean = target.mean_keepdim(D::Minus1)?;
+            let centred = target.broadcast_sub(&mean)?;
+            let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / (n - 1.0))?; // unbiased, as torch.var
+            target = centred.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+        }
+        let per_patch = (pred - target)?.sqr()?.mean(D::Minus1)?; // [B, L]
+        (per_patch * mask)?.sum_all()? / mask.sum_all()?.to_scalar::<f32>()? as f64
+    }
+
+    /// Full forward with explicit noise (MAE's `forward(imgs, mask_ratio)` with injected noise).
+    pub fn forward_with_noise(&self, x: &Tensor, noise: &Tensor, mask_ratio: f64) -> Result<MaeOutput> {
+        let masking = self.masking_from_noise(noise, mask_ratio)?;
+        let latent = self.forward_encoder(x, &masking)?;
+        let pred = self.forward_decoder(&latent, &masking)?;
+        let loss = self.forward_loss(x, &pred, &masking.mask)?;
+        Ok(MaeOutput {
+            loss,
+            pred,
+            latent,
+            masking,
+        })
+    }
+
+    /// Full forward with noise drawn from `seed`.
+    pub fn forward(&self, x: &Tensor, mask_ratio: f64, seed: u64) -> Result<MaeOutput> {
+        let noise = self.noise(x.dim(0)?, seed)?;
+        self.forward_with_noise(x, &noise, mask_ratio)
+    }
+
+    /// Encoder-only features for downstream use: `[B, D]`. `Pool::Cls` takes the normalised cls
+    /// token; `Pool::Mean` averages the patch tokens before the final norm and applies
+    /// `fc_norm` (weight, bias) — MAE fine-tuning's `global_pool`.
+    pub fn forward_features(&self, x: &Tensor, pool: Pool, fc_norm: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let x = self.patch_embed(x)?.broadcast_add(&self.pos_embed.i((.., 1..))?)?;
+        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((b, 1, self.cfg.embed_dim))?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?;
+        for blk in &self.blocks {
+            x = blk.forward(&x)?;
+        }
+        match pool {
+            Pool::Cls => self.norm.forward(&x)?.i((.., 0)),
+            Pool::Mean => {
+                let pooled = x.i((.., 1..))?.mean(1)?;
+                match fc_norm {
+                    Some((w, bias)) => layer_norm(&pooled, w, bias, self.cfg.norm_eps),
+                    None => self.norm.forward(&pooled),
+                }
+            }
+        }
+    }
+}
+
+/// Deterministic SplitMix64 stream (no global RNG state, so inits are reproducible).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// MAE's `initialize_weights`, from `seed`: xavier_uniform for Linear weights and the patch
+/// projection (as a Linear), normal(0.02) for cls/mask tokens, LayerNorm 1/0, biases 0.
+/// Variables are visited in name order, so the result does not depend on hash order.
+pub fn reinit_seeded(cfg: &MaeConfig, varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = SplitMix(seed);
+    let _ = cfg;
+    for name in names {
+        let var = &data[name];
+        let shape = var.shape().clone();
+        let n = shape.elem_count();
+        let dims = shape.dims();
+        let vals: Vec<f32> = if name.ends_with("cls_token") || name.ends_with("mask_token") {
+            (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if name.ends_with(".weight") && dims.len() == 1 {
+            vec![1.0; n] // LayerNorm
+        } else if name.ends_with(".weight") {
+            let fan_out = dims[0];
+            let fan_in = n / fan_out;
+            let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+            (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+        } else {
+            continue;
+        };
+        let t = Tensor::from_vec(vals, shape, var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Differentiable building blocks for training with candle 0.11.
+//!
+//! candle-nn's fused `layer_norm`, `softmax_last_dim` (and the `LayerNorm` module on contiguous
+//! input with a bias) record no backward: gradients silently vanish. These forms are built from
+//! primitive ops that all have a backward; `tests` checks them against finite differences.
+
+use candle_core::{Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// LayerNorm over the last dimension, `eps` inside the square root (PyTorch semantics, biased variance).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Load `weight` and `bias` of size `dim` (init 1 and 0).
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
+            eps,
+        })
+    }
+}
+
+impl candle_core::Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Differentiable LayerNorm over the last dimension.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Differentiable softmax over the last dimension (the max shift is detached: it cancels).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Linear layer `y = x W^T + b` with PyTorch's weight layout `[out, in]`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+    let bound = (6.0 / (in_dim + out_dim) as f64).sqrt(); // xavier_uniform, as MAE
+    let w = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let b = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(candle_nn::Linear::new(w, Some(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Central finite differences of `sum(f(x) * probe)` against autograd.
+    fn check_grad(f: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize], seed: u64) {
+        let dev = Device::Cpu;
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let mut rnd = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        };
+        let xs: Vec<f64> = (0..n).map(|_| rnd() * 2.0).collect();
+        let probe: Vec<f64> = (0..n * 8).map(|_| rnd()).collect();
+        let x = Var::from_vec(xs.clone(), shape, &dev).unwrap();
+        let y = f(x.as_tensor()).unwrap();
+        let p = Tensor::from_vec(probe[..y.elem_count()].to_vec(), y.shape(), &dev).unwrap();
+        let loss = (y * &p).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<f64> = grads.get(x.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
+        let eval = |v: &[f64]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), shape, &dev).unwrap();
+            (f(&t).unwrap() * &p).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let h = 1e-5;
+        for i in 0..n {
+            let mut a = xs.clone();
+            a[i] += h;
+            let mut b = xs.clone();
+            b[i] -= h;
+            let fd = (eval(&a) - eval(&b)) / (2.0 * h);
+            assert!((fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()), "element {i}: fd {fd} vs autograd {}", g[i]);
+        }
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[1.5f64, -0.5, 2.0, 0.7, 1.1], &dev).unwrap();
+        let b = Tensor::new(&[0.1f64, 0.2, -0.3, 0.0, 0.5], &dev).unwrap();
+        check_grad(|x| layer_norm(x, &w, &b, 1e-6), &[3, 5], 1);
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() {
+        check_grad(softmax_last_dim, &[2, 3, 6], 2);
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1.0f64, 2.0, 3.0], [-1.0, 0.0, 100.0]], &dev).unwrap();
+        let s: Vec<Vec<f64>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&x).unwrap().to_vec2::<f64>().unwrap();
+        for (a, b) in s.iter().flatten().zip(want.iter().flatten()) {
+            assert!((a - b).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn gelu_erf_gradient_matches_finite_differences() {
+        check_grad(|x| x.gelu_erf(), &[4, 5], 3);
+    }
+
+    #[test]
+    fn attention_gradient_matches_finite_differences() {
+        // q k^T / sqrt(d), softmax, @ v, with q = k = v = x
+        check_grad(
+            |x| {
+                let a = (x.matmul(&x.t()?)? * 0.5)?;
+                softmax_last_dim(&a)?.matmul(x)
+            },
+            &[2, 4, 3],
+            4,
+        );
+    }
+
+    #[test]
+    fn layer_norm_matches_candle_forward() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4, 7), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
+        let ours = layer_norm(&x, &w, &b, 1e-6).unwrap();
+        let theirs = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
+        let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{d}");
+        let _ = DType::F32;
+    }
+}

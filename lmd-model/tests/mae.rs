@@ -1,0 +1,148 @@
+//! LatentMae against the official PyTorch MAE (`parity_*`, over every `mae_*` vector pair in
+//! `$LMD_SHARED/testvectors`), plus shape, determinism and gradient-coverage tests that need no data.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lmd_model::mae::sincos_pos_embed;
+use lmd_model::{LatentMae, MaeConfig, Pool};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn shared() -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os("LMD_SHARED")?);
+    p.is_dir().then_some(p)
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn metadata(path: &std::path::Path) -> HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    m.metadata().clone().unwrap_or_default()
+}
+
+#[test]
+fn parity_mae_all_vector_files() {
+    let Some(dir) = shared() else {
+        eprintln!("skipping: LMD_SHARED not set");
+        return;
+    };
+    let dev = Device::Cpu;
+    let mut n = 0;
+    let mut entries: Vec<_> = std::fs::read_dir(dir.join("testvectors")).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for wpath in entries {
+        let name = wpath.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_prefix("mae_").and_then(|s| s.strip_suffix(".weights.safetensors")) else {
+            continue;
+        };
+        let vpath = wpath.with_file_name(format!("mae_{stem}.vectors.safetensors"));
+        let cfg_json: serde_json::Value = serde_json::from_str(&metadata(&wpath)["config"]).unwrap();
+        let cfg = MaeConfig::from_mae_json(&cfg_json).unwrap();
+        let weights = candle_core::safetensors::load(&wpath, &dev).unwrap();
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+        let model = LatentMae::new(&cfg, vb).unwrap();
+        // our fixed sin-cos tables equal the checkpoint's buffers
+        for (bname, t) in model.buffers() {
+            let d = max_abs(&t, &weights[bname]);
+            assert!(d < 1e-6, "{name}: {bname} differs by {d}");
+        }
+        let v = candle_core::safetensors::load(&vpath, &dev).unwrap();
+        let ratio = v["mask_ratio"].to_scalar::<f32>().unwrap() as f64;
+        let out = model.forward_with_noise(&v["x"], &v["noise"], ratio).unwrap();
+        assert_eq!(
+            out.masking.mask.to_vec2::<f32>().unwrap(),
+            v["mask"].to_vec2::<f32>().unwrap(),
+            "{name}: mask"
+        );
+        let dl = max_abs(&out.latent, &v["latent"]);
+        let dp = max_abs(&out.pred, &v["pred"]);
+        let loss = out.loss.to_scalar::<f32>().unwrap();
+        let want = v["loss"].to_scalar::<f32>().unwrap();
+        eprintln!("{name}: latent {dl:.2e}, pred {dp:.2e}, loss {loss} vs {want}");
+        assert!(dl < 1e-4, "{name}: latent max abs diff {dl}");
+        assert!(dp < 1e-4, "{name}: pred max abs diff {dp}");
+        assert!(((loss - want) / want).abs() < 1e-5, "{name}: loss {loss} vs {want}");
+        n += 1;
+    }
+    assert!(n > 0, "no mae_*.weights.safetensors in {}", dir.display());
+}
+
+fn tiny_cfg() -> MaeConfig {
+    MaeConfig {
+        in_chans: 4,
+        img_size: [8, 8],
+        patch_size: 2,
+        embed_dim: 16,
+        depth: 2,
+        num_heads: 2,
+        decoder_embed_dim: 8,
+        decoder_depth: 1,
+        decoder_num_heads: 2,
+        mlp_ratio: 2.0,
+        norm_pix_loss: true,
+        norm_eps: 1e-6,
+    }
+}
+
+#[test]
+fn seeded_model_shapes_and_determinism() {
+    let dev = Device::Cpu;
+    let cfg = tiny_cfg();
+    let run = |seed| {
+        let vm = VarMap::new();
+        let m = LatentMae::init(&cfg, &vm, seed, &dev).unwrap();
+        let x = (Tensor::arange(0f32, 768.0, &dev).unwrap() * 0.37)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((3, 4, 8, 8))
+            .unwrap();
+        let out = m.forward(&x, 0.75, 7).unwrap();
+        assert_eq!(out.pred.dims(), &[3, 16, 16]);
+        assert_eq!(out.latent.dims(), &[3, 1 + 4, 16]);
+        assert_eq!(out.masking.mask.sum_all().unwrap().to_scalar::<f32>().unwrap(), 36.0);
+        let f = m.forward_features(&x, Pool::Cls, None).unwrap();
+        assert_eq!(f.dims(), &[3, 16]);
+        let g = m.forward_features(&x, Pool::Mean, None).unwrap();
+        assert_eq!(g.dims(), &[3, 16]);
+        // patchify / unpatchify round trip
+        let back = m.unpatchify(&m.patchify(&x).unwrap()).unwrap();
+        assert_eq!(max_abs(&back, &x), 0.0);
+        out.loss.to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn sincos_matches_mae_definition() {
+    // MAE: row 0 zeros; token (i, j): first half from j, second half from i; sin then cos.
+    let t = sincos_pos_embed(8, 2, 3);
+    assert!(t[..8].iter().all(|&v| v == 0.0));
+    let tok = |i: usize, j: usize| &t[(1 + i * 3 + j) * 8..(2 + i * 3 + j) * 8];
+    let r = tok(1, 2);
+    assert!((r[0] - 2f32.sin()).abs() < 1e-6 && (r[2] - 2f32.cos()).abs() < 1e-6);
+    assert!((r[4] - 1f32.sin()).abs() < 1e-6 && (r[6] - 1f32.cos()).abs() < 1e-6);
+    assert!((r[1] - (2.0f32 * 0.01).sin()).abs() < 1e-6); // omega_1 = 1/10000^(1/2)
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    let dev = Device::Cpu;
+    let cfg = tiny_cfg();
+    let vm = VarMap::new();
+    let m = LatentMae::init(&cfg, &vm, 3, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    let out = m.forward(&x, 0.5, 11).unwrap();
+    let grads = out.loss.backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    assert!(data.len() > 20);
+    for (name, var) in data.iter() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(n > 0.0 && n.is_finite(), "{name}: gradient norm {n}");
+    }
+}
