@@ -10,3 +10,6 @@ pub mod schedule;
 pub use error::{Error, Result};
 pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};
 pub use schedule::MaskSchedule;
+
+/// candle, re-exported so that callers use the same version.
+pub use candle_core as candle;

@@ -40,7 +40,15 @@ fn default_norm_eps() -> f64 {
 }
 
 impl MaeConfig {
-    fn with(embed: usize, depth: usize, heads: usize, dec: usize, dec_depth: usize, dec_heads: usize, patch: usize) -> Self {
+    fn with(
+        embed: usize,
+        depth: usize,
+        heads: usize,
+        dec: usize,
+        dec_depth: usize,
+        dec_heads: usize,
+        patch: usize,
+    ) -> Self {
         MaeConfig {
             in_chans: 4,
             img_size: [28, 28],
@@ -98,7 +106,12 @@ impl MaeConfig {
     /// `patch_size`, `in_chans`, `embed_dim`, `depth`, `num_heads`, `decoder_*`, `mlp_ratio`,
     /// `norm_pix_loss`, optional `norm_eps`), as stored in the metadata of our reference files.
     pub fn from_mae_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
-        let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or(format!("config lacks {k}"));
+        let get = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or(format!("config lacks {k}"))
+        };
         let img_size = match v.get("img_size") {
             Some(serde_json::Value::Array(a)) if a.len() == 2 => [
                 a[0].as_u64().ok_or("img_size")? as usize,
@@ -117,7 +130,10 @@ impl MaeConfig {
             decoder_depth: get("decoder_depth")?,
             decoder_num_heads: get("decoder_num_heads")?,
             mlp_ratio: v.get("mlp_ratio").and_then(|x| x.as_f64()).unwrap_or(4.0),
-            norm_pix_loss: v.get("norm_pix_loss").and_then(|x| x.as_bool()).unwrap_or(false),
+            norm_pix_loss: v
+                .get("norm_pix_loss")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
             // The constructor's default norm_layer is nn.LayerNorm (eps 1e-5) unless stated.
             norm_eps: v.get("norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
         };
@@ -127,7 +143,10 @@ impl MaeConfig {
 
     /// Patches along (height, width).
     pub fn grid(&self) -> (usize, usize) {
-        (self.img_size[0] / self.patch_size, self.img_size[1] / self.patch_size)
+        (
+            self.img_size[0] / self.patch_size,
+            self.img_size[1] / self.patch_size,
+        )
     }
 
     /// Number of patch tokens L.
@@ -144,9 +163,14 @@ impl MaeConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let p = self.patch_size;
         if p == 0 || self.img_size[0] % p != 0 || self.img_size[1] % p != 0 {
-            return Err(format!("img_size {:?} not divisible by patch_size {p}", self.img_size));
+            return Err(format!(
+                "img_size {:?} not divisible by patch_size {p}",
+                self.img_size
+            ));
         }
-        if self.embed_dim % self.num_heads != 0 || self.decoder_embed_dim % self.decoder_num_heads != 0 {
+        if self.embed_dim % self.num_heads != 0
+            || self.decoder_embed_dim % self.decoder_num_heads != 0
+        {
             return Err("embedding widths must be divisible by their head counts".into());
         }
         if self.embed_dim % 4 != 0 || self.decoder_embed_dim % 4 != 0 {
@@ -161,7 +185,9 @@ impl MaeConfig {
 pub fn sincos_pos_embed(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
     let half = dim / 2;
     let quarter = half / 2;
-    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
     let mut out = vec![0f32; (1 + gh * gw) * dim];
     for i in 0..gh {
         for j in 0..gw {
@@ -200,7 +226,11 @@ impl Attention {
         let (b, n, c) = x.dims3()?;
         let hd = c / self.heads;
         // [B, N, 3C] -> [3, B, H, N, hd]
-        let qkv = self.qkv.forward(x)?.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, n, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
         let q = (qkv.i(0)?.contiguous()? * self.scale)?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
@@ -236,7 +266,9 @@ impl Block {
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let h = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
         x + h
     }
 }
@@ -296,29 +328,57 @@ impl LatentMae {
     /// Build the model, taking (or, with a `VarMap`-backed builder, creating) its parameters.
     pub fn new(cfg: &MaeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        let (c, p, d, dd) = (cfg.in_chans, cfg.patch_size, cfg.embed_dim, cfg.decoder_embed_dim);
+        let (c, p, d, dd) = (
+            cfg.in_chans,
+            cfg.patch_size,
+            cfg.embed_dim,
+            cfg.decoder_embed_dim,
+        );
         let bound = (6.0 / (c * p * p + d) as f64).sqrt();
         let pw = vb.get_with_hints(
             (d, c, p, p),
             "patch_embed.proj.weight",
-            candle_nn::Init::Uniform { lo: -bound, up: bound },
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
         )?;
         let patch_w = pw.reshape((d, c * p * p))?;
         let patch_b = vb.get_with_hints(d, "patch_embed.proj.bias", candle_nn::Init::Const(0.0))?;
-        let tok = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let tok = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", tok)?;
         let mask_token = vb.get_with_hints((1, 1, dd), "mask_token", tok)?;
         let (gh, gw) = cfg.grid();
         let dev = vb.device();
         let l1 = 1 + gh * gw;
-        let pos_embed = Tensor::from_vec(sincos_pos_embed(d, gh, gw), (1, l1, d), dev)?.to_dtype(vb.dtype())?;
-        let decoder_pos_embed =
-            Tensor::from_vec(sincos_pos_embed(dd, gh, gw), (1, l1, dd), dev)?.to_dtype(vb.dtype())?;
+        let pos_embed =
+            Tensor::from_vec(sincos_pos_embed(d, gh, gw), (1, l1, d), dev)?.to_dtype(vb.dtype())?;
+        let decoder_pos_embed = Tensor::from_vec(sincos_pos_embed(dd, gh, gw), (1, l1, dd), dev)?
+            .to_dtype(vb.dtype())?;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(d, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, vb.pp(format!("blocks.{i}"))))
+            .map(|i| {
+                Block::new(
+                    d,
+                    cfg.num_heads,
+                    cfg.mlp_ratio,
+                    cfg.norm_eps,
+                    vb.pp(format!("blocks.{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let decoder_blocks = (0..cfg.decoder_depth)
-            .map(|i| Block::new(dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps, vb.pp(format!("decoder_blocks.{i}"))))
+            .map(|i| {
+                Block::new(
+                    dd,
+                    cfg.decoder_num_heads,
+                    cfg.mlp_ratio,
+                    cfg.norm_eps,
+                    vb.pp(format!("decoder_blocks.{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(LatentMae {
             cfg: cfg.clone(),
@@ -343,6 +403,84 @@ impl LatentMae {
         let model = Self::new(cfg, vb)?;
         reinit_seeded(cfg, varmap, seed)?;
         Ok(model)
+    }
+
+    /// Load a checkpoint with MAE's parameter names (ours, or an official MAE/LMD state dict
+    /// converted to safetensors) into a fresh, trainable `VarMap`. Every parameter must be in
+    /// the file with the right shape; extra tensors (optimizer state, a classifier head) are
+    /// ignored. The stored positional tables are checked against the computed ones.
+    pub fn load(
+        cfg: &MaeConfig,
+        path: &std::path::Path,
+        dev: &Device,
+    ) -> crate::Result<(Self, VarMap)> {
+        let werr = |detail: String| crate::Error::Weights {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let tensors = candle_core::safetensors::load(path, dev)
+            .map_err(|e| werr(format!("cannot read: {e}")))?;
+        let varmap = VarMap::new();
+        let model = Self::init(cfg, &varmap, 0, dev)?;
+        {
+            let data = varmap.data().lock().expect("varmap lock");
+            let mut missing = Vec::new();
+            for (name, var) in data.iter() {
+                match tensors.get(name) {
+                    None => missing.push(format!("{name} {:?}", var.shape().dims())),
+                    Some(t) if t.shape() != var.shape() => {
+                        return Err(werr(format!(
+                            "tensor {name}: shape {:?}, the model ({cfg:?}) expects {:?}",
+                            t.shape().dims(),
+                            var.shape().dims()
+                        )))
+                    }
+                    Some(t) => var.set(&t.to_dtype(var.dtype())?)?,
+                }
+            }
+            if !missing.is_empty() {
+                missing.sort();
+                return Err(werr(format!("missing tensors: {}", missing.join(", "))));
+            }
+        }
+        for (name, buf) in model.buffers() {
+            if let Some(t) = tensors.get(name) {
+                let d = (t.to_dtype(DType::F32)? - buf)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                if d > 1e-4 {
+                    return Err(werr(format!(
+                        "{name} differs from the fixed 2D sin-cos table by {d}"
+                    )));
+                }
+            }
+        }
+        Ok((model, varmap))
+    }
+
+    /// Save parameters (from `varmap`) and the positional tables with MAE's names, atomically.
+    pub fn save(&self, varmap: &VarMap, path: &std::path::Path) -> crate::Result<()> {
+        let mut map: std::collections::HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        for (name, t) in self.buffers() {
+            map.insert(name.to_string(), t);
+        }
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        candle_core::safetensors::save(&map, &tmp).map_err(|e| crate::Error::Weights {
+            path: tmp.clone(),
+            detail: format!("cannot write: {e}"),
+        })?;
+        std::fs::rename(&tmp, path).map_err(|e| crate::Error::Weights {
+            path: path.to_path_buf(),
+            detail: format!("rename: {e}"),
+        })
     }
 
     pub fn config(&self) -> &MaeConfig {
@@ -410,7 +548,11 @@ impl LatentMae {
             for (pos, &id) in shuffle.iter().enumerate() {
                 restore[id as usize] = pos as u32;
             }
-            mask.extend(restore.iter().map(|&r| if (r as usize) < keep { 0f32 } else { 1f32 }));
+            mask.extend(
+                restore
+                    .iter()
+                    .map(|&r| if (r as usize) < keep { 0f32 } else { 1f32 }),
+            );
             ids_keep.push(shuffle[..keep].to_vec());
             ids_restore.push(restore);
         }
@@ -440,15 +582,23 @@ impl LatentMae {
             .flat_map(|(bi, row)| row.iter().map(move |&i| bi as u32 * n as u32 + i))
             .collect();
         let idx = Tensor::from_vec(flat, b * k, x.device())?;
-        x.reshape((b * n, d))?.index_select(&idx, 0)?.reshape((b, k, d))
+        x.reshape((b * n, d))?
+            .index_select(&idx, 0)?
+            .reshape((b, k, d))
     }
 
     /// Encoder on the kept tokens: `[B, 1 + keep, D]` (after the final norm).
     pub fn forward_encoder(&self, x: &Tensor, masking: &Masking) -> Result<Tensor> {
         let b = x.dim(0)?;
-        let x = self.patch_embed(x)?.broadcast_add(&self.pos_embed.i((.., 1..))?)?;
+        let x = self
+            .patch_embed(x)?
+            .broadcast_add(&self.pos_embed.i((.., 1..))?)?;
         let x = Self::gather_rows(&x, &masking.ids_keep)?;
-        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((b, 1, self.cfg.embed_dim))?;
+        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((
+            b,
+            1,
+            self.cfg.embed_dim,
+        ))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?;
         for blk in &self.blocks {
             x = blk.forward(&x)?;
@@ -465,7 +615,8 @@ impl LatentMae {
         let mask_tokens = self.mask_token.broadcast_as((b, masked, dd))?;
         let x_ = Tensor::cat(&[&x.i((.., 1..))?, &mask_tokens], 1)?; // [B, L, Dd] in shuffled order
         let x_ = Self::gather_rows(&x_, &masking.ids_restore)?; // unshuffle
-        let mut x = Tensor::cat(&[&x.i((.., ..1))?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
+        let mut x =
+            Tensor::cat(&[&x.i((.., ..1))?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
         for blk in &self.decoder_blocks {
             x = blk.forward(&x)?;
         }
@@ -488,7 +639,12 @@ impl LatentMae {
     }
 
     /// Full forward with explicit noise (MAE's `forward(imgs, mask_ratio)` with injected noise).
-    pub fn forward_with_noise(&self, x: &Tensor, noise: &Tensor, mask_ratio: f64) -> Result<MaeOutput> {
+    pub fn forward_with_noise(
+        &self,
+        x: &Tensor,
+        noise: &Tensor,
+        mask_ratio: f64,
+    ) -> Result<MaeOutput> {
         let masking = self.masking_from_noise(noise, mask_ratio)?;
         let latent = self.forward_encoder(x, &masking)?;
         let pred = self.forward_decoder(&latent, &masking)?;
@@ -510,10 +666,21 @@ impl LatentMae {
     /// Encoder-only features for downstream use: `[B, D]`. `Pool::Cls` takes the normalised cls
     /// token; `Pool::Mean` averages the patch tokens before the final norm and applies
     /// `fc_norm` (weight, bias) — MAE fine-tuning's `global_pool`.
-    pub fn forward_features(&self, x: &Tensor, pool: Pool, fc_norm: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    pub fn forward_features(
+        &self,
+        x: &Tensor,
+        pool: Pool,
+        fc_norm: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let b = x.dim(0)?;
-        let x = self.patch_embed(x)?.broadcast_add(&self.pos_embed.i((.., 1..))?)?;
-        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((b, 1, self.cfg.embed_dim))?;
+        let x = self
+            .patch_embed(x)?
+            .broadcast_add(&self.pos_embed.i((.., 1..))?)?;
+        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((
+            b,
+            1,
+            self.cfg.embed_dim,
+        ))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?;
         for blk in &self.blocks {
             x = blk.forward(&x)?;
@@ -576,7 +743,9 @@ pub fn reinit_seeded(cfg: &MaeConfig, varmap: &VarMap, seed: u64) -> Result<()> 
             let fan_out = dims[0];
             let fan_in = n / fan_out;
             let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
-            (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+            (0..n)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                .collect()
         } else {
             continue;
         };

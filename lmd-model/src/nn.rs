@@ -74,7 +74,9 @@ mod tests {
         let n: usize = shape.iter().product();
         let mut s = seed;
         let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         };
         let xs: Vec<f64> = (0..n).map(|_| rnd() * 2.0).collect();
@@ -84,10 +86,21 @@ mod tests {
         let p = Tensor::from_vec(probe[..y.elem_count()].to_vec(), y.shape(), &dev).unwrap();
         let loss = (y * &p).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        let g: Vec<f64> = grads.get(x.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f64> = grads
+            .get(x.as_tensor())
+            .expect("gradient reaches the input")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let eval = |v: &[f64]| -> f64 {
             let t = Tensor::from_vec(v.to_vec(), shape, &dev).unwrap();
-            (f(&t).unwrap() * &p).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (f(&t).unwrap() * &p)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let h = 1e-5;
         for i in 0..n {
@@ -96,7 +109,11 @@ mod tests {
             let mut b = xs.clone();
             b[i] -= h;
             let fd = (eval(&a) - eval(&b)) / (2.0 * h);
-            assert!((fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()), "element {i}: fd {fd} vs autograd {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "element {i}: fd {fd} vs autograd {}",
+                g[i]
+            );
         }
     }
 
@@ -114,7 +131,10 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[1.0f64, 2.0, 3.0], [-1.0, 0.0, 100.0]], &dev).unwrap();
         let s: Vec<Vec<f64>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
-        let want = candle_nn::ops::softmax_last_dim(&x).unwrap().to_vec2::<f64>().unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&x)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
         for (a, b) in s.iter().flatten().zip(want.iter().flatten()) {
             assert!((a - b).abs() < 1e-12);
         }
@@ -146,7 +166,14 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
         let ours = layer_norm(&x, &w, &b, 1e-6).unwrap();
         let theirs = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
-        let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-5, "{d}");
         let _ = DType::F32;
     }

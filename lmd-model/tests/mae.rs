@@ -14,7 +14,16 @@ fn shared() -> Option<PathBuf> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn metadata(path: &std::path::Path) -> HashMap<String, String> {
@@ -31,15 +40,22 @@ fn parity_mae_all_vector_files() {
     };
     let dev = Device::Cpu;
     let mut n = 0;
-    let mut entries: Vec<_> = std::fs::read_dir(dir.join("testvectors")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir.join("testvectors"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     for wpath in entries {
         let name = wpath.file_name().unwrap().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_prefix("mae_").and_then(|s| s.strip_suffix(".weights.safetensors")) else {
+        let Some(stem) = name
+            .strip_prefix("mae_")
+            .and_then(|s| s.strip_suffix(".weights.safetensors"))
+        else {
             continue;
         };
         let vpath = wpath.with_file_name(format!("mae_{stem}.vectors.safetensors"));
-        let cfg_json: serde_json::Value = serde_json::from_str(&metadata(&wpath)["config"]).unwrap();
+        let cfg_json: serde_json::Value =
+            serde_json::from_str(&metadata(&wpath)["config"]).unwrap();
         let cfg = MaeConfig::from_mae_json(&cfg_json).unwrap();
         let weights = candle_core::safetensors::load(&wpath, &dev).unwrap();
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
@@ -51,7 +67,9 @@ fn parity_mae_all_vector_files() {
         }
         let v = candle_core::safetensors::load(&vpath, &dev).unwrap();
         let ratio = v["mask_ratio"].to_scalar::<f32>().unwrap() as f64;
-        let out = model.forward_with_noise(&v["x"], &v["noise"], ratio).unwrap();
+        let out = model
+            .forward_with_noise(&v["x"], &v["noise"], ratio)
+            .unwrap();
         assert_eq!(
             out.masking.mask.to_vec2::<f32>().unwrap(),
             v["mask"].to_vec2::<f32>().unwrap(),
@@ -64,7 +82,10 @@ fn parity_mae_all_vector_files() {
         eprintln!("{name}: latent {dl:.2e}, pred {dp:.2e}, loss {loss} vs {want}");
         assert!(dl < 1e-4, "{name}: latent max abs diff {dl}");
         assert!(dp < 1e-4, "{name}: pred max abs diff {dp}");
-        assert!(((loss - want) / want).abs() < 1e-5, "{name}: loss {loss} vs {want}");
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{name}: loss {loss} vs {want}"
+        );
         n += 1;
     }
     assert!(n > 0, "no mae_*.weights.safetensors in {}", dir.display());
@@ -103,7 +124,15 @@ fn seeded_model_shapes_and_determinism() {
         let out = m.forward(&x, 0.75, 7).unwrap();
         assert_eq!(out.pred.dims(), &[3, 16, 16]);
         assert_eq!(out.latent.dims(), &[3, 1 + 4, 16]);
-        assert_eq!(out.masking.mask.sum_all().unwrap().to_scalar::<f32>().unwrap(), 36.0);
+        assert_eq!(
+            out.masking
+                .mask
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            36.0
+        );
         let f = m.forward_features(&x, Pool::Cls, None).unwrap();
         assert_eq!(f.dims(), &[3, 16]);
         let g = m.forward_features(&x, Pool::Mean, None).unwrap();
@@ -141,8 +170,75 @@ fn every_parameter_gets_a_gradient() {
     let data = vm.data().lock().unwrap();
     assert!(data.len() > 20);
     for (name, var) in data.iter() {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
-        let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(n > 0.0 && n.is_finite(), "{name}: gradient norm {n}");
+    }
+}
+
+#[test]
+fn save_then_load_gives_the_same_model() {
+    let dev = Device::Cpu;
+    let cfg = tiny_cfg();
+    let vm = VarMap::new();
+    let m = LatentMae::init(&cfg, &vm, 5, &dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mae.safetensors");
+    m.save(&vm, &path).unwrap();
+    let names: Vec<String> = {
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.names().into_iter().map(|s| s.to_string()).collect()
+    };
+    for n in [
+        "patch_embed.proj.weight",
+        "cls_token",
+        "pos_embed",
+        "blocks.1.attn.qkv.bias",
+        "decoder_pred.weight",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+    }
+    let (m2, _vm2) = LatentMae::load(&cfg, &path, &dev).unwrap();
+    let x = (Tensor::arange(0f32, 512.0, &dev).unwrap() * 0.11)
+        .unwrap()
+        .cos()
+        .unwrap()
+        .reshape((2, 4, 8, 8))
+        .unwrap();
+    let a = m.forward(&x, 0.6, 3).unwrap();
+    let b = m2.forward(&x, 0.6, 3).unwrap();
+    assert_eq!(max_abs(&a.pred, &b.pred), 0.0);
+    // a config that does not fit the file is refused, naming tensor and shapes
+    let mut wrong = cfg.clone();
+    wrong.embed_dim = 32;
+    let e = LatentMae::load(&wrong, &path, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("mae.safetensors") && e.contains("expects"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_presets_in_configs_dir_match_code() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    for name in ["tiny", "small", "base", "large", "base_patch4"] {
+        let path = dir.join(format!("mae-{}.toml", name.replace('_', "-")));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        let cfg: MaeConfig = v["model"].clone().try_into().unwrap();
+        assert_eq!(cfg, MaeConfig::preset(name).unwrap(), "{}", path.display());
     }
 }

@@ -262,3 +262,78 @@ pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value))
     }
     Ok(())
 }
+
+/// Options of `lmd-bench train-step`.
+#[derive(Debug, Clone)]
+pub struct TrainStepOptions {
+    /// Model preset (default `tiny`: ViT-Ti, patch 2 on 4x28x28, decoder 128 x 4).
+    pub preset: String,
+    pub batch: usize,
+    /// Mask ratios to measure, one JSON line each.
+    pub ratios: Vec<f64>,
+    /// Timed steps per ratio (after one warm-up step).
+    pub steps: usize,
+}
+
+impl Default for TrainStepOptions {
+    fn default() -> Self {
+        TrainStepOptions {
+            preset: "tiny".into(),
+            batch: 64,
+            ratios: vec![0.75, 0.15],
+            steps: 3,
+        }
+    }
+}
+
+/// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
+pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+    use candle_nn::Optimizer;
+    use lmd_model::candle::{Device, Tensor};
+    let cfg = lmd_model::MaeConfig::preset(&opts.preset)
+        .ok_or_else(|| Error::Invalid(format!("unknown preset {:?}", opts.preset)))?;
+    let dev = Device::Cpu;
+    let vm = candle_nn::VarMap::new();
+    let model = lmd_model::LatentMae::init(&cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
+    let mut opt = candle_nn::AdamW::new(
+        vm.all_vars(),
+        candle_nn::ParamsAdamW {
+            lr: 1.5e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        },
+    )
+    .map_err(lmd_model::Error::from)?;
+    let [h, w] = cfg.img_size;
+    let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
+        .map_err(lmd_model::Error::from)?;
+    let threads = lmd_model::candle::utils::get_num_threads();
+    for &ratio in &opts.ratios {
+        let mut step = |seed: u64| -> Result<f32> {
+            let out = model
+                .forward(&x, ratio, seed)
+                .map_err(lmd_model::Error::from)?;
+            opt.backward_step(&out.loss)
+                .map_err(lmd_model::Error::from)?;
+            Ok(out
+                .loss
+                .to_scalar::<f32>()
+                .map_err(lmd_model::Error::from)?)
+        };
+        step(0)?; // warm-up
+        let t0 = Instant::now();
+        let mut loss = 0.0;
+        for s in 0..opts.steps {
+            loss = step(1 + s as u64)?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        emit(json!({
+            "bench": "train-step", "preset": opts.preset, "mask_ratio": ratio, "batch": opts.batch,
+            "tokens": cfg.num_patches(), "steps": opts.steps, "samples_per_s": (opts.steps * opts.batch) as f64 / secs,
+            "s_per_step": secs / opts.steps as f64, "loss": loss, "threads": threads,
+        }));
+    }
+    Ok(())
+}
