@@ -162,18 +162,20 @@ impl MaeConfig {
 
     pub fn validate(&self) -> std::result::Result<(), String> {
         let p = self.patch_size;
-        if p == 0 || self.img_size[0] % p != 0 || self.img_size[1] % p != 0 {
+        if p == 0 || !self.img_size[0].is_multiple_of(p) || !self.img_size[1].is_multiple_of(p) {
             return Err(format!(
                 "img_size {:?} not divisible by patch_size {p}",
                 self.img_size
             ));
         }
-        if self.embed_dim % self.num_heads != 0
-            || self.decoder_embed_dim % self.decoder_num_heads != 0
+        if !self.embed_dim.is_multiple_of(self.num_heads)
+            || !self
+                .decoder_embed_dim
+                .is_multiple_of(self.decoder_num_heads)
         {
             return Err("embedding widths must be divisible by their head counts".into());
         }
-        if self.embed_dim % 4 != 0 || self.decoder_embed_dim % 4 != 0 {
+        if !self.embed_dim.is_multiple_of(4) || !self.decoder_embed_dim.is_multiple_of(4) {
             return Err("2D sin-cos positional embeddings need widths divisible by 4".into());
         }
         Ok(())
