@@ -56,6 +56,7 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    lmd_bin::init_allocator();
     let args = Args::parse();
     match args.cmd {
         Cmd::Shards {
