@@ -3,6 +3,7 @@
 //! It reads weights, never datasets: inputs are tensors, outputs are tensors.
 
 pub mod error;
+pub mod fused;
 pub mod mae;
 pub mod nn;
 pub mod schedule;

@@ -8,9 +8,9 @@
 //! Shapes: input latents `[B, C, H, W]`; `L = (H/p)(W/p)` tokens; patch vectors of `p·p·C`
 //! values ordered (p, q, c) as MAE's `patchify`.
 
-use crate::nn::{layer_norm, linear, softmax_last_dim, LayerNorm};
+use crate::nn::{layer_norm, linear, softmax_last_dim, LayerNorm, Linear};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 /// Model configuration (MAE's constructor arguments).

@@ -32,8 +32,13 @@ impl candle_core::Module for LayerNorm {
     }
 }
 
-/// Differentiable LayerNorm over the last dimension.
+/// Differentiable LayerNorm over the last dimension (fused kernel on CPU, see [`crate::fused`]).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::fused::layer_norm(x, w, b, eps)
+}
+
+/// LayerNorm from primitive ops (every op has a backward): the reference form.
+pub fn layer_norm_composite(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -41,15 +46,42 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     xn.broadcast_mul(w)?.broadcast_add(b)
 }
 
-/// Differentiable softmax over the last dimension (the max shift is detached: it cancels).
+/// Differentiable softmax over the last dimension (fused kernel on CPU, see [`crate::fused`]).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    crate::fused::softmax_last_dim(x)
+}
+
+/// Softmax from primitive ops (the max shift is detached: it cancels): the reference form.
+pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&m)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Linear layer `y = x W^T + b` with PyTorch's weight layout `[out, in]`.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+/// Linear layer `y = x W^T + b`, PyTorch's weight layout `[out, in]`. Leading dims are folded
+/// into one gemm (so the weight gradient needs no reduction over a broadcast batch dim) and the
+/// bias is added by [`crate::fused::bias_add`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (inp, out) = (dims[dims.len() - 1], self.weight.dim(0)?);
+        let rows = x.elem_count() / inp;
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = crate::fused::bias_add(&y, &self.bias)?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-empty") = out;
+        y.reshape(shape)
+    }
+}
+
+/// A [`Linear`] with MAE's init (xavier_uniform weight, zero bias).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let bound = (6.0 / (in_dim + out_dim) as f64).sqrt(); // xavier_uniform, as MAE
     let w = vb.get_with_hints(
         (out_dim, in_dim),
@@ -60,7 +92,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn
         },
     )?;
     let b = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(candle_nn::Linear::new(w, Some(b)))
+    Ok(Linear { weight: w, bias: b })
 }
 
 #[cfg(test)]
@@ -123,11 +155,38 @@ mod tests {
         let w = Tensor::new(&[1.5f64, -0.5, 2.0, 0.7, 1.1], &dev).unwrap();
         let b = Tensor::new(&[0.1f64, 0.2, -0.3, 0.0, 0.5], &dev).unwrap();
         check_grad(|x| layer_norm(x, &w, &b, 1e-6), &[3, 5], 1);
+        check_grad(|x| layer_norm_composite(x, &w, &b, 1e-6), &[3, 5], 1);
+        // gradients reach the affine parameters too
+        check_grad(
+            |w| {
+                layer_norm(
+                    &Tensor::new(&[[0.3f64, -1.0, 2.0], [1.0, 0.5, -0.5]], &dev).unwrap(),
+                    w,
+                    &b.narrow(0, 0, 3).unwrap(),
+                    1e-6,
+                )
+            },
+            &[3],
+            5,
+        );
+        check_grad(
+            |b| {
+                layer_norm(
+                    &Tensor::new(&[[0.3f64, -1.0, 2.0], [1.0, 0.5, -0.5]], &dev).unwrap(),
+                    &w.narrow(0, 0, 3).unwrap(),
+                    b,
+                    1e-6,
+                )
+            },
+            &[3],
+            6,
+        );
     }
 
     #[test]
     fn softmax_gradient_matches_finite_differences() {
         check_grad(softmax_last_dim, &[2, 3, 6], 2);
+        check_grad(softmax_composite, &[2, 3, 6], 2);
         let dev = Device::Cpu;
         let x = Tensor::new(&[[1.0f64, 2.0, 3.0], [-1.0, 0.0, 100.0]], &dev).unwrap();
         let s: Vec<Vec<f64>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
@@ -155,6 +214,81 @@ mod tests {
             },
             &[2, 4, 3],
             4,
+        );
+    }
+
+    #[test]
+    fn linear_and_bias_gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[0.5f64, -1.0, 0.25], [2.0, 0.1, -0.3]], &dev).unwrap();
+        let b = Tensor::new(&[0.1f64, -0.2], &dev).unwrap();
+        let lin = Linear {
+            weight: w.clone(),
+            bias: b.clone(),
+        };
+        check_grad(|x| candle_core::Module::forward(&lin, x), &[2, 4, 3], 7);
+        check_grad(
+            |w| {
+                candle_core::Module::forward(
+                    &Linear {
+                        weight: w.clone(),
+                        bias: b.clone(),
+                    },
+                    &Tensor::new(&[[[1.0f64, 2.0, -1.0], [0.5, 0.0, 3.0]]], &dev).unwrap(),
+                )
+            },
+            &[2, 3],
+            8,
+        );
+        check_grad(
+            |b| {
+                crate::fused::bias_add(
+                    &Tensor::new(&[[1.0f64, 2.0], [0.5, -3.0], [0.0, 1.0]], &dev).unwrap(),
+                    b,
+                )
+            },
+            &[2],
+            9,
+        );
+    }
+
+    #[test]
+    fn fused_and_composite_forms_agree_in_f32() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (3, 5, 7), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
+        let d = |a: Tensor, b: Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            d(
+                layer_norm(&x, &w, &b, 1e-6).unwrap(),
+                layer_norm_composite(&x, &w, &b, 1e-6).unwrap()
+            ) < 1e-5
+        );
+        assert!(
+            d(
+                softmax_last_dim(&x).unwrap(),
+                softmax_composite(&x).unwrap()
+            ) < 1e-6
+        );
+        // a non-contiguous input goes through too
+        let xt = x.transpose(1, 2).unwrap();
+        assert!(
+            d(
+                softmax_last_dim(&xt).unwrap(),
+                softmax_composite(&xt).unwrap()
+            ) < 1e-6
         );
     }
 

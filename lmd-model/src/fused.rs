@@ -1,0 +1,373 @@
+//! Fused CPU kernels with a backward, for the hot spots of training on CPU.
+//!
+//! Composite candle graphs spend most of a CPU step outside matmul: one pass over memory per
+//! elementwise op, and gradient sums over leading (non-contiguous) dimensions for every bias and
+//! LayerNorm affine. These ops do the forward in one pass per row, and compute parameter
+//! gradients as `ones[1, rows] @ g[rows, D]` (a gemm) instead of a strided reduction.
+//!
+//! Each op falls back to the differentiable composite form (`crate::nn`) off the CPU, and the
+//! tests compare both forms and check gradients against finite differences.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+
+fn rows_of(t: &Tensor) -> Result<(usize, usize)> {
+    let d = t.dim(D::Minus1)?;
+    Ok((t.elem_count() / d.max(1), d))
+}
+
+/// Sum over all leading dims as a gemm: `g [.., D]` -> `[D]`.
+fn sum_rows(g: &Tensor) -> Result<Tensor> {
+    let (r, d) = rows_of(g)?;
+    let ones = Tensor::ones((1, r), g.dtype(), g.device())?;
+    ones.matmul(&g.reshape((r, d))?)?.reshape(d)
+}
+
+macro_rules! slice_of {
+    ($s:expr, $l:expr, $t:ty, $variant:ident) => {{
+        let CpuStorage::$variant(v) = $s else {
+            candle_core::bail!("fused op: unexpected dtype")
+        };
+        match $l.contiguous_offsets() {
+            Some((a, b)) => &v[a..b] as &[$t],
+            None => candle_core::bail!("fused op: input not contiguous"),
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bias add: x [.., D] + b [D]
+
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "lmd-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let x = slice_of!(s1, l1, $t, $v);
+                let b = slice_of!(s2, l2, $t, $v);
+                let mut out = x.to_vec();
+                for row in out.chunks_exact_mut(b.len()) {
+                    for (o, bb) in row.iter_mut().zip(b) {
+                        *o += *bb;
+                    }
+                }
+                Ok((CpuStorage::$v(out), l1.shape().clone()))
+            }};
+        }
+        match s1 {
+            CpuStorage::F32(_) => go!(f32, F32),
+            CpuStorage::F64(_) => go!(f64, F64),
+            _ => candle_core::bail!("lmd-bias-add: only f32 and f64 are supported"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.clone()), Some(sum_rows(g)?)))
+    }
+}
+
+/// `x + b` with `b` broadcast over the last dimension.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu_float(x) {
+        x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+    } else {
+        x.broadcast_add(b)
+    }
+}
+
+fn cpu_float(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Run `f(row_in.., row_out)` over rows in parallel (rayon), for each dtype.
+macro_rules! rows_par {
+    ($out:expr, $d:expr, $body:expr) => {{
+        use rayon::prelude::*;
+        $out.par_chunks_mut($d).enumerate().for_each($body);
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last dim: (x, w, b) -> (x - mean) / sqrt(var + eps) * w + b
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "lmd-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let x = slice_of!(s1, l1, $t, $v);
+                let w = slice_of!(s2, l2, $t, $v);
+                let b = slice_of!(s3, l3, $t, $v);
+                let d = w.len();
+                let eps = self.eps;
+                let mut out = vec![0 as $t; x.len()];
+                rows_par!(out, d, |(r, o): (usize, &mut [$t])| {
+                    let xr = &x[r * d..(r + 1) * d];
+                    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    let (mean, rstd) = (mean as $t, rstd as $t);
+                    for i in 0..d {
+                        o[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                    }
+                });
+                Ok((CpuStorage::$v(out), l1.shape().clone()))
+            }};
+        }
+        match s1 {
+            CpuStorage::F32(_) => go!(f32, F32),
+            CpuStorage::F64(_) => go!(f64, F64),
+            _ => candle_core::bail!("lmd-layer-norm: only f32 and f64 are supported"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let xn = x.apply_op1_no_bwd(&LnNormalize { eps: self.eps })?;
+        let gx = x.apply_op3_no_bwd(w, &g, &LnGradX { eps: self.eps })?;
+        let gw = sum_rows(&(&g * &xn)?)?;
+        let gb = sum_rows(&g)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps)` per row (no affine), for the backward.
+struct LnNormalize {
+    eps: f64,
+}
+
+impl CustomOp1 for LnNormalize {
+    fn name(&self) -> &'static str {
+        "lmd-ln-normalize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.dims().last().copied().unwrap_or(1);
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let x = slice_of!(s, l, $t, $v);
+                let eps = self.eps;
+                let mut out = vec![0 as $t; x.len()];
+                rows_par!(out, d, |(r, o): (usize, &mut [$t])| {
+                    let xr = &x[r * d..(r + 1) * d];
+                    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                    let rstd = (1.0 / (var + eps).sqrt()) as $t;
+                    let mean = mean as $t;
+                    for i in 0..d {
+                        o[i] = (xr[i] - mean) * rstd;
+                    }
+                });
+                Ok((CpuStorage::$v(out), l.shape().clone()))
+            }};
+        }
+        match s {
+            CpuStorage::F32(_) => go!(f32, F32),
+            CpuStorage::F64(_) => go!(f64, F64),
+            _ => candle_core::bail!("lmd-ln-normalize: only f32 and f64 are supported"),
+        }
+    }
+}
+
+/// The LayerNorm input gradient, one pass per row:
+/// `rstd * (gxn - mean(gxn) - xn * mean(gxn * xn))` with `gxn = g * w`.
+struct LnGradX {
+    eps: f64,
+}
+
+impl CustomOp3 for LnGradX {
+    fn name(&self) -> &'static str {
+        "lmd-ln-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let x = slice_of!(s1, l1, $t, $v);
+                let w = slice_of!(s2, l2, $t, $v);
+                let g = slice_of!(s3, l3, $t, $v);
+                let d = w.len();
+                let eps = self.eps;
+                let mut out = vec![0 as $t; x.len()];
+                rows_par!(out, d, |(r, o): (usize, &mut [$t])| {
+                    let xr = &x[r * d..(r + 1) * d];
+                    let gr = &g[r * d..(r + 1) * d];
+                    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    let (mut s1, mut s2) = (0f64, 0f64);
+                    for i in 0..d {
+                        let gxn = (gr[i] * w[i]) as f64;
+                        let xn = (xr[i] as f64 - mean) * rstd;
+                        s1 += gxn;
+                        s2 += gxn * xn;
+                    }
+                    let (m1, m2) = (s1 / d as f64, s2 / d as f64);
+                    for i in 0..d {
+                        let gxn = (gr[i] * w[i]) as f64;
+                        let xn = (xr[i] as f64 - mean) * rstd;
+                        o[i] = (rstd * (gxn - m1 - xn * m2)) as $t;
+                    }
+                });
+                Ok((CpuStorage::$v(out), l1.shape().clone()))
+            }};
+        }
+        match s1 {
+            CpuStorage::F32(_) => go!(f32, F32),
+            CpuStorage::F64(_) => go!(f64, F64),
+            _ => candle_core::bail!("lmd-ln-grad-x: only f32 and f64 are supported"),
+        }
+    }
+}
+
+/// LayerNorm over the last dimension with a backward (fused on CPU).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_float(x) {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
+    } else {
+        crate::nn::layer_norm_composite(x, w, b, eps)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax over the last dim
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "lmd-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.dims().last().copied().unwrap_or(1);
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let x = slice_of!(s, l, $t, $v);
+                let mut out = vec![0 as $t; x.len()];
+                rows_par!(out, d, |(r, o): (usize, &mut [$t])| {
+                    let xr = &x[r * d..(r + 1) * d];
+                    let m = xr.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
+                    let mut sum = 0 as $t;
+                    for i in 0..d {
+                        let e = (xr[i] - m).exp();
+                        o[i] = e;
+                        sum += e;
+                    }
+                    let inv = 1.0 / sum;
+                    for v in o.iter_mut() {
+                        *v *= inv;
+                    }
+                });
+                Ok((CpuStorage::$v(out), l.shape().clone()))
+            }};
+        }
+        match s {
+            CpuStorage::F32(_) => go!(f32, F32),
+            CpuStorage::F64(_) => go!(f64, F64),
+            _ => candle_core::bail!("lmd-softmax: only f32 and f64 are supported"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// `y * (g - sum(g * y))` per row.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "lmd-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1);
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let y = slice_of!(s1, l1, $t, $v);
+                let g = slice_of!(s2, l2, $t, $v);
+                let mut out = vec![0 as $t; y.len()];
+                rows_par!(out, d, |(r, o): (usize, &mut [$t])| {
+                    let yr = &y[r * d..(r + 1) * d];
+                    let gr = &g[r * d..(r + 1) * d];
+                    let dot: $t = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    for i in 0..d {
+                        o[i] = yr[i] * (gr[i] - dot);
+                    }
+                });
+                Ok((CpuStorage::$v(out), l1.shape().clone()))
+            }};
+        }
+        match s1 {
+            CpuStorage::F32(_) => go!(f32, F32),
+            CpuStorage::F64(_) => go!(f64, F64),
+            _ => candle_core::bail!("lmd-softmax-grad: only f32 and f64 are supported"),
+        }
+    }
+}
+
+/// Softmax over the last dimension with a backward (fused on CPU).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if cpu_float(x) {
+        x.contiguous()?.apply_op1(SoftmaxOp)
+    } else {
+        crate::nn::softmax_composite(x)
+    }
+}
