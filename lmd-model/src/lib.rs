@@ -7,6 +7,7 @@ pub mod fused;
 pub mod mae;
 pub mod nn;
 pub mod schedule;
+pub mod vae;
 
 pub use error::{Error, Result};
 pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};

@@ -1,0 +1,133 @@
+//! VAEs: TAESD (tiny, CPU default) and Stable Diffusion's AutoencoderKL, behind one interface.
+//!
+//! [`Vae`] is what precompute and previews use: `encode` a batch of images (in the VAE's
+//! [`InputRange`]) to latents already multiplied by the scaling factor (and the posterior
+//! mean/logvar where the VAE has them), `decode` scaled latents back to images in [0, 1], and a
+//! stable [`VaeId`] (name + sha256 of each weight file) for shard metadata and cache fingerprints.
+
+pub mod kl;
+pub mod taesd;
+
+use crate::{Error, Result};
+use candle_core::Tensor;
+use std::path::Path;
+
+pub use kl::{AutoencoderKl, KlConfig};
+pub use taesd::Taesd;
+
+/// The pixel range a VAE's encoder expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputRange {
+    /// RGB in [0, 1] (TAESD).
+    ZeroOne,
+    /// RGB in [-1, 1] (SD's AutoencoderKL).
+    MinusOneOne,
+}
+
+impl InputRange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputRange::ZeroOne => "[0,1]",
+            InputRange::MinusOneOne => "[-1,1]",
+        }
+    }
+
+    /// Map images in [0, 1] to this range.
+    pub fn from_unit(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            InputRange::ZeroOne => x.clone(),
+            InputRange::MinusOneOne => x.affine(2.0, -1.0)?,
+        })
+    }
+}
+
+/// A weight file and its sha256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightHash {
+    pub file: String,
+    pub sha256: String,
+}
+
+/// What identifies a VAE's latents: its name and the hashes of its weight files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaeId {
+    pub name: String,
+    pub weights: Vec<WeightHash>,
+}
+
+/// Result of encoding a batch.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `[B, C, h, w]` latents, scaled (the mean for KL VAEs; sample with [`Encoded::sample`]).
+    pub latent: Tensor,
+    /// Scaled posterior mean and (unscaled) log-variance, for KL VAEs.
+    pub mean_logvar: Option<(Tensor, Tensor)>,
+}
+
+/// One interface over the VAEs.
+pub trait Vae: Send + Sync {
+    /// Encode images `[B, 3, H, W]` given in [`Vae::input_range`].
+    fn encode(&self, x: &Tensor) -> Result<Encoded>;
+    /// Decode scaled latents to images `[B, 3, H, W]` in [0, 1] (clamped).
+    fn decode(&self, z: &Tensor) -> Result<Tensor>;
+    fn input_range(&self) -> InputRange;
+    /// The factor `encode` has applied to latents (and `decode` divides by).
+    fn scaling_factor(&self) -> f64;
+    fn latent_channels(&self) -> usize;
+    /// Spatial downsampling factor (8 for both).
+    fn downsample(&self) -> usize {
+        8
+    }
+    fn id(&self) -> &VaeId;
+}
+
+/// sha256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| weights_err(path, format!("cannot open: {e}")))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| weights_err(path, format!("read: {e}")))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub(crate) fn weights_err(path: &Path, detail: String) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        detail,
+    }
+}
+
+/// Load a safetensors file as f32 tensors, naming the file in any error.
+pub(crate) fn load_tensors(
+    path: &Path,
+    dev: &candle_core::Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(weights_err(path, "file not found".into()));
+    }
+    let t = candle_core::safetensors::load(path, dev)
+        .map_err(|e| weights_err(path, format!("cannot read: {e}")))?;
+    t.into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(candle_core::DType::F32)?)))
+        .collect()
+}
+
+/// Wrap a candle error from building a model out of `path` (a missing tensor or a shape
+/// mismatch): the message names the file, the tensor and the expected shape.
+pub(crate) fn build_err(path: &Path, e: candle_core::Error) -> Error {
+    weights_err(path, format!("does not fit the model: {e}"))
+}
+
+/// Open a VAE by name from a weights directory: `taesd` (`taesd_encoder.safetensors`,
+/// `taesd_decoder.safetensors`) or `sd-vae` (a diffusers `vae/` folder: `config.json`,
+/// `diffusion_pytorch_model.safetensors`).
+pub fn load_vae(name: &str, dir: &Path, dev: &candle_core::Device) -> Result<Box<dyn Vae>> {
+    match name {
+        "taesd" => Ok(Box::new(Taesd::load(dir, dev)?)),
+        "sd-vae" | "sdvae" | "autoencoder-kl" => Ok(Box::new(AutoencoderKl::load_dir(dir, dev)?)),
+        other => Err(Error::Config(format!(
+            "unknown VAE {other:?} (expected taesd or sd-vae)"
+        ))),
+    }
+}
