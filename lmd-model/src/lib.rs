@@ -2,6 +2,7 @@
 //!
 //! It reads weights, never datasets: inputs are tensors, outputs are tensors.
 
+pub mod conv;
 pub mod error;
 pub mod fused;
 pub mod mae;

@@ -337,3 +337,44 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     }
     Ok(())
 }
+
+/// Options of `lmd-bench vae`.
+#[derive(Debug, Clone)]
+pub struct VaeBenchOptions {
+    /// `taesd` or `sd-vae`.
+    pub vae: String,
+    pub weights: PathBuf,
+    pub batch: usize,
+    pub size: usize,
+    /// Minimum seconds to time each direction (after one warm-up batch).
+    pub seconds: f64,
+}
+
+/// Run `lmd-bench vae`: encode and decode throughput on random images, one JSON line.
+pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+    use lmd_model::candle::{Device, Tensor};
+    let dev = Device::Cpu;
+    let vae = lmd_model::vae::load_vae(&opts.vae, &opts.weights, &dev)?;
+    let m = |e: lmd_model::candle::Error| Error::Model(e.into());
+    let x = Tensor::rand(0f32, 1.0, (opts.batch, 3, opts.size, opts.size), &dev).map_err(m)?;
+    let x = vae.input_range().from_unit(&x)?;
+    let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        let t0 = Instant::now();
+        let mut n = 0usize;
+        while n == 0 || t0.elapsed().as_secs_f64() < opts.seconds {
+            f()?;
+            n += 1;
+        }
+        Ok((n * opts.batch) as f64 / t0.elapsed().as_secs_f64())
+    };
+    let z = vae.encode(&x)?.latent;
+    let enc = timed(&|| vae.encode(&x).map(|_| ()).map_err(Error::from))?;
+    let dec = timed(&|| vae.decode(&z).map(|_| ()).map_err(Error::from))?;
+    emit(json!({
+        "bench": "vae", "vae": opts.vae, "batch": opts.batch, "size": opts.size,
+        "encode_images_per_s": enc, "decode_images_per_s": dec,
+        "threads": lmd_model::candle::utils::get_num_threads(),
+    }));
+    Ok(())
+}

@@ -36,6 +36,22 @@ enum Cmd {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
+    /// VAE encode and decode throughput (images/s) on random images, one JSON line.
+    Vae {
+        /// taesd or sd-vae.
+        #[arg(long, default_value = "taesd")]
+        vae: String,
+        /// Weights directory (TAESD: taesd_{encoder,decoder}.safetensors; sd-vae: a diffusers vae/ folder).
+        #[arg(long)]
+        vae_weights: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// Minimum seconds timed per direction.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// LatentMae training steps (forward, backward, AdamW) in samples/s, one line per mask ratio.
     ///
     /// Default: ViT-Ti (192 wide, depth 12, 3 heads), patch 2 on 4x28x28 (196 tokens), decoder
@@ -72,6 +88,22 @@ fn main() -> anyhow::Result<()> {
                 workdir,
             };
             lmd_train::bench::shards(&opts, |v| println!("{v}"))?;
+        }
+        Cmd::Vae {
+            vae,
+            vae_weights,
+            batch,
+            size,
+            seconds,
+        } => {
+            let opts = lmd_train::bench::VaeBenchOptions {
+                vae,
+                weights: vae_weights,
+                batch,
+                size,
+                seconds,
+            };
+            lmd_train::bench::vae(&opts, |v| println!("{v}"))?;
         }
         Cmd::TrainStep {
             preset,

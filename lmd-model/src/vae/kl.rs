@@ -7,11 +7,12 @@
 //! GroupNorm eps 1e-6. Images in [-1, 1].
 
 use super::{
-    build_err, load_tensors, sha256_file, weights_err, Encoded, InputRange, Vae, VaeId, WeightHash,
+    build_err, load_tensors, sha256_file, weights_err, Conv, Encoded, InputRange, Vae, VaeId,
+    WeightHash,
 };
 use crate::Result;
 use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
 use std::path::Path;
 
 /// The diffusers `config.json` fields the model uses.
@@ -72,26 +73,16 @@ fn conv(
     stride: usize,
     padding: usize,
     vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d(
-        cin,
-        cout,
-        k,
-        Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        },
-        vb,
-    )
+) -> candle_core::Result<Conv> {
+    Conv::new(cin, cout, k, stride, padding, true, vb)
 }
 
 struct Resnet {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    conv2: Conv,
+    shortcut: Option<Conv>,
 }
 
 impl Resnet {
@@ -195,11 +186,11 @@ impl Module for Mid {
 }
 
 struct Encoder {
-    conv_in: Conv2d,
-    down: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    conv_in: Conv,
+    down: Vec<(Vec<Resnet>, Option<Conv>)>,
     mid: Mid,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -260,11 +251,11 @@ impl Module for Encoder {
 }
 
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid: Mid,
-    up: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    up: Vec<(Vec<Resnet>, Option<Conv>)>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Decoder {
@@ -324,8 +315,8 @@ pub struct AutoencoderKl {
     cfg: KlConfig,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Option<Conv2d>,
-    post_quant_conv: Option<Conv2d>,
+    quant_conv: Option<Conv>,
+    post_quant_conv: Option<Conv>,
     id: VaeId,
 }
 

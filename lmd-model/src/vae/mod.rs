@@ -119,6 +119,58 @@ pub(crate) fn build_err(path: &Path, e: candle_core::Error) -> Error {
     weights_err(path, format!("does not fit the model: {e}"))
 }
 
+/// A convolution layer: 3x3 stride-1 padding-1 ones run on [`crate::conv::conv3x3`]; others
+/// on candle's `conv2d`. Weights `[Cout, Cin, k, k]` and optional bias, PyTorch names.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    pub(crate) fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        vb: candle_nn::VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        Ok(Conv {
+            weight: vb.get_with_hints((cout, cin, k, k), "weight", init)?,
+            bias: if bias {
+                Some(vb.get_with_hints(cout, "bias", init)?)
+            } else {
+                None
+            },
+            stride,
+            padding,
+        })
+    }
+}
+
+impl candle_core::Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let k = self.weight.dim(2)?;
+        if k == 3 && self.stride == 1 && self.padding == 1 {
+            return crate::conv::conv3x3(x, &self.weight, self.bias.as_ref());
+        }
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
 /// Open a VAE by name from a weights directory: `taesd` (`taesd_encoder.safetensors`,
 /// `taesd_decoder.safetensors`) or `sd-vae` (a diffusers `vae/` folder: `config.json`,
 /// `diffusion_pytorch_model.safetensors`).

@@ -5,10 +5,12 @@
 //! ReLU, Blocks with 2x nearest upsampling + conv (no bias), conv 64->3. A Block is
 //! `relu(conv(relu(conv(relu(conv(x))))) + x)`. RGB in [0, 1]; latents already scaled (factor 1).
 
-use super::{build_err, load_tensors, sha256_file, Encoded, InputRange, Vae, VaeId, WeightHash};
+use super::{
+    build_err, load_tensors, sha256_file, Conv, Encoded, InputRange, Vae, VaeId, WeightHash,
+};
 use crate::Result;
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 use std::path::Path;
 
 const C: usize = 64;
@@ -19,24 +21,15 @@ fn conv(
     stride: usize,
     bias: bool,
     vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        stride,
-        ..Default::default()
-    };
-    if bias {
-        candle_nn::conv2d(cin, cout, 3, cfg, vb)
-    } else {
-        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)
-    }
+) -> candle_core::Result<Conv> {
+    Conv::new(cin, cout, 3, stride, 1, bias, vb)
 }
 
 #[derive(Debug, Clone)]
 struct Block {
-    c0: Conv2d,
-    c2: Conv2d,
-    c4: Conv2d,
+    c0: Conv,
+    c2: Conv,
+    c4: Conv,
 }
 
 impl Block {
@@ -58,8 +51,8 @@ impl Module for Block {
 }
 
 enum Layer {
-    Conv(Conv2d),
-    ConvRelu(Conv2d),
+    Conv(Conv),
+    ConvRelu(Conv),
     Block(Block),
     Upsample,
 }
