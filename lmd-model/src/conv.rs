@@ -99,24 +99,13 @@ fn conv_image(
                     let (t0, rest) = tr.split_at_mut(wp);
                     let (t1, rest) = rest.split_at_mut(wp);
                     let (t2, t3) = rest.split_at_mut(wp);
-                    for x in 0..wp {
-                        t0[x] = d0[x] - d2[x];
-                        t1[x] = d1[x] + d2[x];
-                        t2[x] = d2[x] - d1[x];
-                        t3[x] = d1[x] - d3[x];
-                    }
+                    simd::in_rows([d0, d1, d2, d3], [t0, t1, t2, t3]);
                     for i in 0..4 {
                         let ti = &tr[i * wp..(i + 1) * wp];
                         let base = |j: usize| ((i * 4 + j) * cin + c) * max_t + r * tw;
-                        let (b0, b1, b2, b3) = (base(0), base(1), base(2), base(3));
-                        for tx in 0..tw {
-                            let x0 = 2 * tx;
-                            let (a0, a1, a2, a3) = (ti[x0], ti[x0 + 1], ti[x0 + 2], ti[x0 + 3]);
-                            v[b0 + tx] = a0 - a2;
-                            v[b1 + tx] = a1 + a2;
-                            v[b2 + tx] = a2 - a1;
-                            v[b3 + tx] = a1 - a3;
-                        }
+                        let [o0, o1, o2, o3] =
+                            four_slices(v, [base(0), base(1), base(2), base(3)], tw);
+                        simd::in_cols(ti, o0, o1, o2, o3);
                     }
                 }
             }
@@ -158,12 +147,8 @@ fn conv_image(
                         &m[(k * cout + co) * max_t + r * tw..(k * cout + co) * max_t + (r + 1) * tw]
                     };
                     for j in 0..4 {
-                        let (m0, m1, m2, m3) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
                         let (s0, s1) = sbuf[j * 2 * tw..(j + 1) * 2 * tw].split_at_mut(tw);
-                        for tx in 0..tw {
-                            s0[tx] = m0[tx] + m1[tx] + m2[tx];
-                            s1[tx] = m1[tx] - m2[tx] - m3[tx];
-                        }
+                        simd::out_rows([mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j)], s0, s1);
                     }
                     let bias = b[co];
                     for i in 0..2 {
@@ -174,10 +159,7 @@ fn conv_image(
                         let (q0, q1, q2, q3) = (sj(0), sj(1), sj(2), sj(3));
                         let orow = &mut oc[(y + i) * w..(y + i + 1) * w];
                         let full = w / 2;
-                        for tx in 0..full {
-                            orow[2 * tx] = q0[tx] + q1[tx] + q2[tx] + bias;
-                            orow[2 * tx + 1] = q1[tx] - q2[tx] - q3[tx] + bias;
-                        }
+                        simd::out_cols([q0, q1, q2, q3], &mut orow[..2 * full], bias);
                         if w % 2 == 1 {
                             orow[w - 1] = q0[full] + q1[full] + q2[full] + bias;
                         }
@@ -185,6 +167,82 @@ fn conv_image(
                 }
             }
             ty0 += rows;
+        }
+    });
+}
+
+/// Four disjoint mutable windows of `len` at increasing offsets of `v`.
+fn four_slices(v: &mut [f32], at: [usize; 4], len: usize) -> [&mut [f32]; 4] {
+    let (a, rest) = v[at[0]..].split_at_mut(at[1] - at[0]);
+    let (b, rest) = rest.split_at_mut(at[2] - at[1]);
+    let (c, d) = rest.split_at_mut(at[3] - at[2]);
+    [&mut a[..len], &mut b[..len], &mut c[..len], &mut d[..len]]
+}
+
+/// The Winograd transforms' inner loops, compiled twice: baseline, and with AVX2+FMA for CPUs
+/// that have it (picked at run time).
+mod simd {
+    macro_rules! dispatch {
+        ($name:ident, $avx:ident, ($($a:ident: $t:ty),*), $body:block) => {
+            #[inline(always)]
+            fn $avx($($a: $t),*) $body
+            pub fn $name($($a: $t),*) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                        #[target_feature(enable = "avx2,fma")]
+                        unsafe fn go($($a: $t),*) { $avx($($a),*) }
+                        // SAFETY: the CPU supports the features `go` was compiled for.
+                        return unsafe { go($($a),*) };
+                    }
+                }
+                $avx($($a),*)
+            }
+        };
+    }
+
+    dispatch!(in_rows, in_rows_impl, (d: [&[f32]; 4], t: [&mut [f32]; 4]), {
+        let [t0, t1, t2, t3] = t;
+        let n = t0.len();
+        let (d0, d1, d2, d3) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n]);
+        let (t1, t2, t3) = (&mut t1[..n], &mut t2[..n], &mut t3[..n]);
+        for x in 0..n {
+            t0[x] = d0[x] - d2[x];
+            t1[x] = d1[x] + d2[x];
+            t2[x] = d2[x] - d1[x];
+            t3[x] = d1[x] - d3[x];
+        }
+    });
+
+    dispatch!(in_cols, in_cols_impl, (ti: &[f32], o0: &mut [f32], o1: &mut [f32], o2: &mut [f32], o3: &mut [f32]), {
+        let n = o0.len();
+        let (o1, o2, o3) = (&mut o1[..n], &mut o2[..n], &mut o3[..n]);
+        let ti = &ti[..2 * n + 2];
+        for tx in 0..n {
+            let (a0, a1, a2, a3) = (ti[2 * tx], ti[2 * tx + 1], ti[2 * tx + 2], ti[2 * tx + 3]);
+            o0[tx] = a0 - a2;
+            o1[tx] = a1 + a2;
+            o2[tx] = a2 - a1;
+            o3[tx] = a1 - a3;
+        }
+    });
+
+    dispatch!(out_rows, out_rows_impl, (m: [&[f32]; 4], s0: &mut [f32], s1: &mut [f32]), {
+        let n = s0.len();
+        let s1 = &mut s1[..n];
+        let (m0, m1, m2, m3) = (&m[0][..n], &m[1][..n], &m[2][..n], &m[3][..n]);
+        for tx in 0..n {
+            s0[tx] = m0[tx] + m1[tx] + m2[tx];
+            s1[tx] = m1[tx] - m2[tx] - m3[tx];
+        }
+    });
+
+    dispatch!(out_cols, out_cols_impl, (q: [&[f32]; 4], orow: &mut [f32], bias: f32), {
+        let n = orow.len() / 2;
+        let (q0, q1, q2, q3) = (&q[0][..n], &q[1][..n], &q[2][..n], &q[3][..n]);
+        for (tx, o) in orow.chunks_exact_mut(2).enumerate() {
+            o[0] = q0[tx] + q1[tx] + q2[tx] + bias;
+            o[1] = q1[tx] - q2[tx] - q3[tx] + bias;
         }
     });
 }
