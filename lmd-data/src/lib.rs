@@ -6,9 +6,13 @@
 //! Rules: every fallible call returns [`Error`], whose message names the file (and block, record
 //! or key) it is about; nothing here panics on bad input.
 
+pub mod decode;
 pub mod dtype;
 pub mod error;
+pub mod pipeline;
 pub mod shard;
+pub mod source;
+pub mod transform;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -1,0 +1,327 @@
+//! The ingestion pipeline: sources -> decode/transform workers -> ordered batches.
+//!
+//! ```text
+//! reader thread ──raw (cap RAW_PER_WORKER × workers)──> N decode workers
+//!        │                                                   │
+//!        └────────────── done (cap DONE_PER_WORKER × workers) ┴──> batcher ──batches (cap)──> consumer
+//! ```
+//! Rules:
+//! - **Bounded everywhere**: every channel (async-channel, used from plain threads with its
+//!   blocking API; consumers may also `.recv().await`) has a named capacity, so a slow consumer
+//!   stalls the batcher, then the workers, then the reader: memory stays bounded (backpressure).
+//! - **Order**: the reader numbers every event; the batcher re-orders by number, so batches,
+//!   skips and shard failures come out in input order whatever the worker timing (runs are
+//!   reproducible; precompute can resume by position).
+//! - **Bad input never stops a run**: an undecodable sample becomes a [`Skip`] inside the next
+//!   batch; an unreadable shard becomes one [`PipelineItem::ShardFailed`] after its earlier samples,
+//!   and the other shards go on. A panic in a worker is caught and reported as a skip of that
+//!   sample ("worker panicked: ..."), never a hang.
+//! - **Shutdown**: dropping the [`Pipeline`] (or its receiver) closes the channels; each stage
+//!   sees its send fail and returns; `Drop` joins every thread. [`Pipeline::cancel`] stops the
+//!   reader early.
+
+use crate::decode::{decode_rgb8, DEFAULT_MAX_PIXELS};
+use crate::source::{InputSpec, Labels, RawSample, ShardFailure, Skip, SourceEvent};
+use crate::transform::{prepare, TransformConfig};
+use async_channel::{bounded, Receiver};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Raw samples queued per decode worker.
+pub const RAW_PER_WORKER: usize = 8;
+/// Finished samples queued per decode worker (also bounds the re-order window).
+pub const DONE_PER_WORKER: usize = 8;
+/// Default number of ready batches queued for the consumer.
+pub const DEFAULT_BATCH_QUEUE: usize = 4;
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub transform: TransformConfig,
+    pub batch_size: usize,
+    /// Decode/transform threads (default: one per core).
+    pub workers: usize,
+    pub max_pixels: u64,
+    pub labels: Labels,
+    /// Ready batches queued for the consumer.
+    pub batch_queue: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            transform: TransformConfig::default(),
+            batch_size: 32,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            max_pixels: DEFAULT_MAX_PIXELS,
+            labels: Labels::Required,
+            batch_queue: DEFAULT_BATCH_QUEUE,
+        }
+    }
+}
+
+/// One decoded, transformed image.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub key: String,
+    pub label: Option<i64>,
+    pub source: String,
+    pub offset: u64,
+    /// All variants, CHW f32 in [0, 1] each (see [`TransformConfig::values_per_image`]).
+    pub pixels: Vec<f32>,
+}
+
+/// Consecutive prepared images, plus the skips that came between them.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub items: Vec<Prepared>,
+    pub skipped: Vec<Skip>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// What the consumer receives.
+#[derive(Debug, Clone)]
+pub enum PipelineItem {
+    Batch(Batch),
+    /// A shard could not be read (from an offset on); its earlier samples were delivered.
+    ShardFailed(ShardFailure),
+    /// An input could not be opened at all (a missing file, a bad label file).
+    InputFailed(String),
+}
+
+enum Outcome {
+    Ready(Prepared),
+    Skipped(Skip),
+    ShardFailed(ShardFailure),
+    InputFailed(String),
+}
+
+/// A running pipeline; iterate it (blocking) or use [`Pipeline::receiver`] from async code.
+pub struct Pipeline {
+    rx: Receiver<PipelineItem>,
+    cancel: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Start reading `inputs` in order.
+    pub fn start(inputs: Vec<InputSpec>, cfg: PipelineConfig) -> Pipeline {
+        let workers = cfg.workers.max(1);
+        let (raw_tx, raw_rx) = bounded::<(u64, RawSample)>(RAW_PER_WORKER * workers);
+        let (done_tx, done_rx) = bounded::<(u64, Outcome)>(DONE_PER_WORKER * workers);
+        let (out_tx, out_rx) = bounded::<PipelineItem>(cfg.batch_queue.max(1));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+
+        // Reader: numbers events; samples go to the workers, everything else straight to the batcher.
+        {
+            let done_tx = done_tx.clone();
+            let cancel = cancel.clone();
+            let labels = cfg.labels;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("lmd-reader".into())
+                    .spawn(move || {
+                        let mut seq = 0u64;
+                        for input in &inputs {
+                            let mut on_event = |ev: SourceEvent| -> bool {
+                                if cancel.load(Ordering::Relaxed) {
+                                    return false;
+                                }
+                                let s = seq;
+                                seq += 1;
+                                match ev {
+                                    SourceEvent::Sample(x) => raw_tx.send_blocking((s, x)).is_ok(),
+                                    SourceEvent::Skip(k) => {
+                                        done_tx.send_blocking((s, Outcome::Skipped(k))).is_ok()
+                                    }
+                                    SourceEvent::ShardFailed(f) => {
+                                        done_tx.send_blocking((s, Outcome::ShardFailed(f))).is_ok()
+                                    }
+                                }
+                            };
+                            if let Err(e) = input.read(labels, &mut on_event) {
+                                let s = seq;
+                                seq += 1;
+                                if done_tx
+                                    .send_blocking((s, Outcome::InputFailed(e.to_string())))
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            if cancel.load(Ordering::Relaxed) {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("spawn reader"),
+            );
+        }
+
+        for w in 0..workers {
+            let raw_rx = raw_rx.clone();
+            let done_tx = done_tx.clone();
+            let tcfg = cfg.transform.clone();
+            let max_pixels = cfg.max_pixels;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("lmd-decode-{w}"))
+                    .spawn(move || {
+                        let mut resizer = fast_image_resize::Resizer::new();
+                        while let Ok((seq, s)) = raw_rx.recv_blocking() {
+                            let out =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    decode_rgb8(&s.image, max_pixels)
+                                        .and_then(|img| prepare(&img, &s.key, &tcfg, &mut resizer))
+                                }));
+                            let reason = match out {
+                                Ok(Ok(pixels)) => {
+                                    let p = Prepared {
+                                        key: s.key,
+                                        label: s.label,
+                                        source: s.source,
+                                        offset: s.offset,
+                                        pixels,
+                                    };
+                                    if done_tx.send_blocking((seq, Outcome::Ready(p))).is_err() {
+                                        return;
+                                    }
+                                    continue;
+                                }
+                                Ok(Err(reason)) => reason,
+                                Err(panic) => {
+                                    let msg = panic
+                                        .downcast_ref::<String>()
+                                        .cloned()
+                                        .or_else(|| {
+                                            panic.downcast_ref::<&str>().map(|s| s.to_string())
+                                        })
+                                        .unwrap_or_default();
+                                    resizer = fast_image_resize::Resizer::new();
+                                    format!("worker panicked: {msg}")
+                                }
+                            };
+                            let skip = Skip {
+                                source: s.source,
+                                key: s.key,
+                                offset: s.offset,
+                                reason,
+                            };
+                            if done_tx
+                                .send_blocking((seq, Outcome::Skipped(skip)))
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("spawn worker"),
+            );
+        }
+        drop(done_tx);
+        drop(raw_rx);
+
+        let batch_size = cfg.batch_size.max(1);
+        threads.push(
+            std::thread::Builder::new()
+                .name("lmd-batcher".into())
+                .spawn(move || {
+                    let mut pending = std::collections::BTreeMap::new();
+                    let mut next = 0u64;
+                    let mut batch = Batch::default();
+                    while let Ok((seq, o)) = done_rx.recv_blocking() {
+                        pending.insert(seq, o);
+                        while let Some(o) = pending.remove(&next) {
+                            next += 1;
+                            let flush_then = |batch: &mut Batch, item: PipelineItem| -> bool {
+                                if !batch.items.is_empty() || !batch.skipped.is_empty() {
+                                    if out_tx
+                                        .send_blocking(PipelineItem::Batch(std::mem::take(batch)))
+                                        .is_err()
+                                    {
+                                        return false;
+                                    }
+                                }
+                                out_tx.send_blocking(item).is_ok()
+                            };
+                            let ok = match o {
+                                Outcome::Ready(p) => {
+                                    batch.items.push(p);
+                                    if batch.items.len() == batch_size {
+                                        out_tx
+                                            .send_blocking(PipelineItem::Batch(std::mem::take(
+                                                &mut batch,
+                                            )))
+                                            .is_ok()
+                                    } else {
+                                        true
+                                    }
+                                }
+                                Outcome::Skipped(s) => {
+                                    batch.skipped.push(s);
+                                    true
+                                }
+                                Outcome::ShardFailed(f) => {
+                                    flush_then(&mut batch, PipelineItem::ShardFailed(f))
+                                }
+                                Outcome::InputFailed(e) => {
+                                    flush_then(&mut batch, PipelineItem::InputFailed(e))
+                                }
+                            };
+                            if !ok {
+                                return;
+                            }
+                        }
+                    }
+                    if !batch.items.is_empty() || !batch.skipped.is_empty() {
+                        let _ = out_tx.send_blocking(PipelineItem::Batch(batch));
+                    }
+                })
+                .expect("spawn batcher"),
+        );
+        Pipeline {
+            rx: out_rx,
+            cancel,
+            threads,
+        }
+    }
+
+    /// The consumer end (for async use: `receiver().recv().await`).
+    pub fn receiver(&self) -> &Receiver<PipelineItem> {
+        &self.rx
+    }
+
+    /// Stop reading new samples (what is in flight still arrives).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Iterator for Pipeline {
+    type Item = PipelineItem;
+    fn next(&mut self) -> Option<PipelineItem> {
+        self.rx.recv_blocking().ok()
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.cancel();
+        self.rx.close();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

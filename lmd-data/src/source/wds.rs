@@ -1,0 +1,217 @@
+//! WebDataset tar shards: a sample is the run of adjacent members sharing a key (the member path
+//! up to the first dot of its basename); the image is the `.jpg/.jpeg/.png/.webp` member, the
+//! label the `.cls` (decimal text) or `.json` (a number, or an object with `label`/`cls`) member.
+
+use super::{Labels, RawSample, ShardFailure, Skip, SourceEvent, IMAGE_EXTS};
+use std::io::Read;
+use std::path::Path;
+
+/// Split a member path into (key, extension): the key is the path up to the first dot of the
+/// basename (`dir.with.dots/a.b.jpg` -> (`dir.with.dots/a`, `b.jpg`)).
+pub fn key_and_ext(path: &str) -> (String, String) {
+    let (dir, base) = match path.rfind('/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => ("", path),
+    };
+    match base.find('.') {
+        Some(d) => (
+            format!("{dir}{}", &base[..d]),
+            base[d + 1..].to_ascii_lowercase(),
+        ),
+        None => (path.to_string(), String::new()),
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    key: String,
+    offset: u64,
+    image: Option<(String, Vec<u8>)>,
+    cls: Option<Vec<u8>>,
+    json: Option<Vec<u8>>,
+    not_regular: bool,
+}
+
+fn parse_label(p: &Pending) -> std::result::Result<Option<i64>, String> {
+    if let Some(c) = &p.cls {
+        let t = String::from_utf8_lossy(c);
+        return t.trim().parse::<i64>().map(Some).map_err(|_| {
+            format!(
+                ".cls is not an integer: {:?}",
+                t.chars().take(20).collect::<String>()
+            )
+        });
+    }
+    if let Some(j) = &p.json {
+        let v: serde_json::Value =
+            serde_json::from_slice(j).map_err(|e| format!(".json is not JSON: {e}"))?;
+        let n = v.as_i64().or_else(|| {
+            ["label", "cls", "class"]
+                .iter()
+                .find_map(|k| v.get(k).and_then(|x| x.as_i64()))
+        });
+        return Ok(n);
+    }
+    Ok(None)
+}
+
+fn finish(p: Pending, source: &str, labels: Labels) -> SourceEvent {
+    let skip = |reason: String| {
+        SourceEvent::Skip(Skip {
+            source: source.to_string(),
+            key: p.key.clone(),
+            offset: p.offset,
+            reason,
+        })
+    };
+    let Some((ext, image)) = &p.image else {
+        return skip(if p.not_regular {
+            "not a regular file (link or special member)".into()
+        } else {
+            "sample has no image member".into()
+        });
+    };
+    if image.is_empty() {
+        return skip("empty image member".into());
+    }
+    let label = match parse_label(&p) {
+        Ok(l) => l,
+        Err(e) => return skip(e),
+    };
+    if label.is_none() && labels == Labels::Required {
+        return skip("no .cls member (a labeled dataset needs one)".into());
+    }
+    SourceEvent::Sample(RawSample {
+        key: p.key.clone(),
+        label,
+        image: image.clone(),
+        ext: ext.clone(),
+        source: source.to_string(),
+        offset: p.offset,
+    })
+}
+
+/// Stream one WebDataset shard. Returns `false` if `f` asked to stop.
+pub fn read_webdataset_shard(
+    path: &Path,
+    labels: Labels,
+    f: &mut dyn FnMut(SourceEvent) -> bool,
+) -> bool {
+    let source = path.display().to_string();
+    let fail = |offset: Option<u64>, message: String| {
+        SourceEvent::ShardFailed(ShardFailure {
+            source: source.clone(),
+            offset,
+            message,
+        })
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(x) => x,
+        Err(e) => return f(fail(None, format!("cannot open: {e}"))),
+    };
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut ar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
+    let entries = match ar.entries() {
+        Ok(e) => e,
+        Err(e) => return f(fail(Some(0), format!("not a tar file: {e}"))),
+    };
+    let mut cur: Option<Pending> = None;
+    let mut last_end = 0u64;
+    let mut members = 0usize;
+    for entry in entries {
+        let mut e = match entry {
+            Ok(e) => e,
+            Err(err) => {
+                // Samples completed before the damage are delivered first.
+                if let Some(p) = cur.take() {
+                    if !f(finish(p, &source, labels)) {
+                        return false;
+                    }
+                }
+                let what = if members == 0 {
+                    "not a tar file"
+                } else {
+                    "corrupt or truncated tar"
+                };
+                return f(fail(Some(last_end), format!("{what}: {err}")));
+            }
+        };
+        members += 1;
+        let offset = e.raw_header_position();
+        let etype = e.header().entry_type();
+        if etype.is_dir() {
+            continue;
+        }
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let (key, ext) = key_and_ext(&name);
+        if cur.as_ref().is_some_and(|p| p.key != key) {
+            let p = cur.take().expect("checked");
+            if !f(finish(p, &source, labels)) {
+                return false;
+            }
+        }
+        let p = cur.get_or_insert_with(|| Pending {
+            key: key.clone(),
+            offset,
+            ..Default::default()
+        });
+        if !etype.is_file() {
+            p.not_regular = true;
+            continue;
+        }
+        let mut buf = Vec::with_capacity(e.size() as usize);
+        let read = e.read_to_end(&mut buf);
+        if read.is_err() || buf.len() as u64 != e.size() {
+            // The sample being read is incomplete: it is part of the shard failure.
+            let why = match read {
+                Err(err) => err.to_string(),
+                Ok(n) => format!("{n} of {} bytes", e.size()),
+            };
+            return f(fail(
+                Some(offset),
+                format!("truncated tar: member {name:?} cut short ({why})"),
+            ));
+        }
+        last_end = e.raw_file_position() + e.size().div_ceil(512) * 512;
+        let last = ext.rsplit('.').next().unwrap_or("");
+        if IMAGE_EXTS.contains(&last) {
+            if p.image.is_none() {
+                p.image = Some((last.to_string(), buf));
+            }
+        } else if ext == "cls" {
+            p.cls = Some(buf);
+        } else if ext == "json" {
+            p.json = Some(buf);
+        }
+    }
+    if let Some(p) = cur.take() {
+        if !f(finish(p, &source, labels)) {
+            return false;
+        }
+    }
+    // A complete tar ends with two zero blocks; a file that stops right after a member was cut
+    // at a member boundary.
+    if members > 0 && file_len.saturating_sub(last_end) < 1024 {
+        return f(fail(
+            Some(last_end),
+            "truncated tar: no end-of-archive blocks after the last member".into(),
+        ));
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_split_at_first_dot_of_basename() {
+        assert_eq!(
+            key_and_ext("a/b.c/d.e.JPG"),
+            ("a/b.c/d".into(), "e.jpg".into())
+        );
+        assert_eq!(key_and_ext("n01_1.jpg"), ("n01_1".into(), "jpg".into()));
+        assert_eq!(key_and_ext("../../x.cls"), ("../../x".into(), "cls".into()));
+        assert_eq!(key_and_ext("noext"), ("noext".into(), "".into()));
+    }
+}

@@ -1,0 +1,394 @@
+//! Pixels to VAE input: torchvision's `Resize(S)` (shorter side to S, long side
+//! `int(S·long/short)`) + `CenterCrop(S)` (offsets `round((len−S)/2)`, half to even), or
+//! `RandomResizedCrop(S, scale, ratio)` views seeded from (key, view), each optionally followed
+//! by its horizontal flip. Resampling is `fast_image_resize`'s convolution (antialiased, like
+//! Pillow), computed directly on the crop box, which equals resizing the whole image and then
+//! cropping. Output: CHW f32 in [0, 1].
+
+use crate::decode::Rgb8;
+use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use serde::{Deserialize, Serialize};
+
+/// How each view is cut from the image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum CropMode {
+    /// Resize(S) + CenterCrop(S): one view.
+    Center,
+    /// RandomResizedCrop(S, scale, ratio) with the RNG seeded from (key, view index).
+    RandomResized {
+        scale: (f64, f64),
+        ratio: (f64, f64),
+    },
+}
+
+impl CropMode {
+    pub fn rrc_default() -> Self {
+        CropMode::RandomResized {
+            scale: (0.2, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            CropMode::Center => "center",
+            CropMode::RandomResized { .. } => "random-resized-crop",
+        }
+    }
+}
+
+/// Resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filter {
+    Bilinear,
+    Bicubic,
+    Lanczos3,
+    Nearest,
+}
+
+impl Filter {
+    pub fn name(self) -> &'static str {
+        match self {
+            Filter::Bilinear => "bilinear-antialias",
+            Filter::Bicubic => "bicubic-antialias",
+            Filter::Lanczos3 => "lanczos3",
+            Filter::Nearest => "nearest",
+        }
+    }
+
+    fn alg(self) -> ResizeAlg {
+        match self {
+            Filter::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
+            Filter::Bicubic => ResizeAlg::Convolution(FilterType::CatmullRom),
+            Filter::Lanczos3 => ResizeAlg::Convolution(FilterType::Lanczos3),
+            Filter::Nearest => ResizeAlg::Nearest,
+        }
+    }
+}
+
+impl std::str::FromStr for Filter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "bilinear" | "bilinear-antialias" => Filter::Bilinear,
+            "bicubic" | "bicubic-antialias" => Filter::Bicubic,
+            "lanczos3" | "lanczos" => Filter::Lanczos3,
+            "nearest" => Filter::Nearest,
+            o => {
+                return Err(format!(
+                    "unknown filter {o:?} (bilinear, bicubic, lanczos3, nearest)"
+                ))
+            }
+        })
+    }
+}
+
+/// What the transform makes of each image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransformConfig {
+    /// Output side S.
+    pub size: u32,
+    pub crop: CropMode,
+    /// Views per image (1 for `Center`).
+    pub views: usize,
+    /// Also emit each view mirrored.
+    pub flip: bool,
+    pub filter: Filter,
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        TransformConfig {
+            size: 224,
+            crop: CropMode::Center,
+            views: 1,
+            flip: false,
+            filter: Filter::Bilinear,
+        }
+    }
+}
+
+impl TransformConfig {
+    /// Variants (views × flips) per image.
+    pub fn variants(&self) -> usize {
+        self.views * if self.flip { 2 } else { 1 }
+    }
+
+    /// f32 values per image (all variants, CHW each).
+    pub fn values_per_image(&self) -> usize {
+        self.variants() * 3 * (self.size as usize).pow(2)
+    }
+}
+
+/// A crop box in source pixels (fractional).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropBox {
+    pub left: f64,
+    pub top: f64,
+    pub width: f64,
+    pub height: f64,
+}
+
+/// torchvision `Resize(S)` + `CenterCrop(S)` expressed as a source box.
+pub fn center_box(w: u32, h: u32, s: u32) -> CropBox {
+    let (w, h, s) = (w as f64, h as f64, s as f64);
+    let (rw, rh) = if w <= h {
+        (s, (s * h / w).floor())
+    } else {
+        ((s * w / h).floor(), s)
+    };
+    let left = ((rw - s) / 2.0).round_ties_even();
+    let top = ((rh - s) / 2.0).round_ties_even();
+    let (sx, sy) = (w / rw, h / rh);
+    CropBox {
+        left: left * sx,
+        top: top * sy,
+        width: s * sx,
+        height: s * sy,
+    }
+}
+
+/// SplitMix64 stream seeded from a key and a view index (reruns give the same crops).
+pub struct KeyRng(u64);
+
+impl KeyRng {
+    pub fn new(key: &str, view: usize) -> Self {
+        KeyRng(xxhash_rust::xxh3::xxh3_64_with_seed(
+            key.as_bytes(),
+            view as u64 + 1,
+        ))
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self, a: f64, b: f64) -> f64 {
+        a + (b - a) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// torchvision `RandomResizedCrop.get_params` (10 tries, then a ratio-clamped center crop).
+pub fn random_resized_box(
+    w: u32,
+    h: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut KeyRng,
+) -> CropBox {
+    let (wf, hf) = (w as f64, h as f64);
+    let area = wf * hf;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.uniform(scale.0, scale.1);
+        let aspect = rng.uniform(lr0, lr1).exp();
+        let cw = (target * aspect).sqrt().round();
+        let ch = (target / aspect).sqrt().round();
+        if cw > 0.0 && cw <= wf && ch > 0.0 && ch <= hf {
+            let top = rng.below((hf - ch) as u64 + 1) as f64;
+            let left = rng.below((wf - cw) as u64 + 1) as f64;
+            return CropBox {
+                left,
+                top,
+                width: cw,
+                height: ch,
+            };
+        }
+    }
+    let in_ratio = wf / hf;
+    let (cw, ch) = if in_ratio < ratio.0 {
+        (wf, (wf / ratio.0).round())
+    } else if in_ratio > ratio.1 {
+        ((hf * ratio.1).round(), hf)
+    } else {
+        (wf, hf)
+    };
+    CropBox {
+        left: ((wf - cw) / 2.0).floor(),
+        top: ((hf - ch) / 2.0).floor(),
+        width: cw,
+        height: ch,
+    }
+}
+
+/// Resample `bx` of `img` to `s`×`s` RGB8 (HWC).
+pub fn resize_box(
+    img: &Rgb8,
+    bx: CropBox,
+    s: u32,
+    filter: Filter,
+    resizer: &mut Resizer,
+) -> Result<Vec<u8>, String> {
+    let src = Image::from_vec_u8(img.width, img.height, img.data.clone(), PixelType::U8x3)
+        .map_err(|e| format!("resize: {e}"))?;
+    let mut dst = Image::new(s, s, PixelType::U8x3);
+    let opts = ResizeOptions::new()
+        .resize_alg(filter.alg())
+        .crop(bx.left, bx.top, bx.width, bx.height);
+    resizer
+        .resize(&src, &mut dst, &opts)
+        .map_err(|e| format!("resize: {e}"))?;
+    Ok(dst.into_vec())
+}
+
+/// HWC u8 -> CHW f32 in [0, 1], appended to `out`; mirrored horizontally when `flip`.
+pub fn hwc_to_chw(hwc: &[u8], s: usize, flip: bool, out: &mut Vec<f32>) {
+    let start = out.len();
+    out.resize(start + 3 * s * s, 0.0);
+    let o = &mut out[start..];
+    let (r, rest) = o.split_at_mut(s * s);
+    let (g, b) = rest.split_at_mut(s * s);
+    for y in 0..s {
+        for x in 0..s {
+            let sx = if flip { s - 1 - x } else { x };
+            let p = &hwc[(y * s + sx) * 3..(y * s + sx) * 3 + 3];
+            let i = y * s + x;
+            r[i] = p[0] as f32 / 255.0;
+            g[i] = p[1] as f32 / 255.0;
+            b[i] = p[2] as f32 / 255.0;
+        }
+    }
+}
+
+/// All variants of one image, CHW f32 each, in layout order (view, then flip).
+pub fn prepare(
+    img: &Rgb8,
+    key: &str,
+    cfg: &TransformConfig,
+    resizer: &mut Resizer,
+) -> Result<Vec<f32>, String> {
+    let s = cfg.size;
+    let mut out = Vec::with_capacity(cfg.values_per_image());
+    for view in 0..cfg.views {
+        let bx = match cfg.crop {
+            CropMode::Center => center_box(img.width, img.height, s),
+            CropMode::RandomResized { scale, ratio } => random_resized_box(
+                img.width,
+                img.height,
+                scale,
+                ratio,
+                &mut KeyRng::new(key, view),
+            ),
+        };
+        let hwc = resize_box(img, bx, s, cfg.filter, resizer)?;
+        hwc_to_chw(&hwc, s as usize, false, &mut out);
+        if cfg.flip {
+            hwc_to_chw(&hwc, s as usize, true, &mut out);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn center_box_matches_torchvision_arithmetic() {
+        // 500x375 landscape: resized to 298x224 (int(224*500/375) = 298), crop left round(37) = 37
+        let b = center_box(500, 375, 224);
+        let sx = 500.0 / 298.0;
+        assert!((b.left - 37.0 * sx).abs() < 1e-9 && b.top == 0.0);
+        assert!((b.width - 224.0 * sx).abs() < 1e-9 && (b.height - 375.0).abs() < 1e-9);
+        // square: identity box
+        assert_eq!(
+            center_box(224, 224, 224),
+            CropBox {
+                left: 0.0,
+                top: 0.0,
+                width: 224.0,
+                height: 224.0
+            }
+        );
+        // (225 - 224) / 2 = 0.5 rounds to even: 0
+        assert_eq!(center_box(224, 225, 224).top, 0.0);
+    }
+
+    #[test]
+    fn rrc_is_seeded_and_in_bounds() {
+        for k in 0..200 {
+            let key = format!("k{k}");
+            let a = random_resized_box(
+                640,
+                480,
+                (0.2, 1.0),
+                (0.75, 4.0 / 3.0),
+                &mut KeyRng::new(&key, 1),
+            );
+            let b = random_resized_box(
+                640,
+                480,
+                (0.2, 1.0),
+                (0.75, 4.0 / 3.0),
+                &mut KeyRng::new(&key, 1),
+            );
+            assert_eq!(a, b);
+            assert!(
+                a.left >= 0.0
+                    && a.top >= 0.0
+                    && a.left + a.width <= 640.0
+                    && a.top + a.height <= 480.0
+            );
+            assert!(a.width * a.height >= 0.19 * 640.0 * 480.0);
+        }
+        let a = random_resized_box(
+            640,
+            480,
+            (0.2, 1.0),
+            (0.75, 4.0 / 3.0),
+            &mut KeyRng::new("x", 0),
+        );
+        let b = random_resized_box(
+            640,
+            480,
+            (0.2, 1.0),
+            (0.75, 4.0 / 3.0),
+            &mut KeyRng::new("x", 1),
+        );
+        assert_ne!(a, b);
+        // 50:1 falls back to a ratio-clamped center crop when no try fits
+        let c = random_resized_box(
+            500,
+            10,
+            (0.9, 1.0),
+            (0.75, 4.0 / 3.0),
+            &mut KeyRng::new("y", 0),
+        );
+        assert!(c.width <= 14.0 && c.height == 10.0);
+    }
+
+    #[test]
+    fn prepare_makes_views_and_flips() {
+        let img = Rgb8 {
+            width: 40,
+            height: 30,
+            data: (0..40 * 30 * 3).map(|i| (i % 251) as u8).collect(),
+        };
+        let cfg = TransformConfig {
+            size: 16,
+            crop: CropMode::rrc_default(),
+            views: 2,
+            flip: true,
+            filter: Filter::Bilinear,
+        };
+        let mut r = Resizer::new();
+        let v = prepare(&img, "key", &cfg, &mut r).unwrap();
+        assert_eq!(v.len(), cfg.values_per_image());
+        let t = 3 * 16 * 16;
+        // variant 1 is variant 0 mirrored
+        for y in 0..16 {
+            for x in 0..16 {
+                assert_eq!(v[y * 16 + x], v[t + y * 16 + 15 - x]);
+            }
+        }
+        assert!(v.iter().all(|x| (0.0..=1.0).contains(x)));
+        assert_eq!(v, prepare(&img, "key", &cfg, &mut r).unwrap());
+    }
+}

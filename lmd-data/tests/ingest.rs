@@ -1,0 +1,472 @@
+//! Ingestion over real data (`$LMD_SHARED/data`) and over small shards the tests make.
+
+use lmd_data::decode::decode_rgb8;
+use lmd_data::pipeline::{Pipeline, PipelineConfig, PipelineItem, Prepared};
+use lmd_data::source::{InputSpec, Labels, Skip, SourceEvent};
+use lmd_data::transform::TransformConfig;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn shared() -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os("LMD_SHARED")?);
+    p.is_dir().then_some(p)
+}
+
+struct Collected {
+    items: Vec<Prepared>,
+    skipped: Vec<Skip>,
+    failures: Vec<String>,
+    order: Vec<String>,
+}
+
+fn run(inputs: Vec<InputSpec>, cfg: PipelineConfig) -> Collected {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut c = Collected {
+        items: vec![],
+        skipped: vec![],
+        failures: vec![],
+        order: vec![],
+    };
+    for item in Pipeline::start(inputs, cfg) {
+        assert!(Instant::now() < deadline, "pipeline took over 300 s");
+        match item {
+            PipelineItem::Batch(b) => {
+                for s in &b.skipped {
+                    c.order.push(format!("skip:{}", s.key));
+                }
+                c.skipped.extend(b.skipped);
+                for p in &b.items {
+                    c.order.push(p.key.clone());
+                }
+                c.items.extend(b.items);
+            }
+            PipelineItem::ShardFailed(f) => {
+                c.order.push(format!("fail:{}", f.source));
+                c.failures.push(f.to_string())
+            }
+            PipelineItem::InputFailed(e) => c.failures.push(e),
+        }
+    }
+    c
+}
+
+fn small_cfg(size: u32) -> PipelineConfig {
+    PipelineConfig {
+        transform: TransformConfig {
+            size,
+            ..Default::default()
+        },
+        batch_size: 4,
+        workers: 2,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------- shards made by the tests
+
+fn png_bytes(w: u32, h: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+fn add(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, name, data).unwrap();
+}
+
+fn make_shard(dir: &Path, name: &str, n: usize, bad_at: Option<usize>) -> PathBuf {
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..n {
+        let key = format!("{name}_{i:03}");
+        if Some(i) == bad_at {
+            add(&mut b, &format!("{key}.jpg"), b"definitely not a jpeg");
+        } else {
+            add(
+                &mut b,
+                &format!("{key}.png"),
+                &png_bytes(20 + i as u32, 12, i as u8),
+            );
+        }
+        add(
+            &mut b,
+            &format!("{key}.cls"),
+            format!("{}", i % 3).as_bytes(),
+        );
+    }
+    let p = dir.join(format!("{name}.tar"));
+    std::fs::write(&p, b.into_inner().unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn made_shards_come_out_in_order_with_skips_and_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_shard(dir.path(), "a", 11, Some(4));
+    let t = make_shard(dir.path(), "t", 6, None);
+    // cut t in the middle of its 4th sample's image
+    let bytes = std::fs::read(&t).unwrap();
+    let at = bytes.windows(9).position(|w| w == b"t_003.png").unwrap();
+    std::fs::write(&t, &bytes[..at + 512 + 40]).unwrap();
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(&junk, vec![b'x'; 3000]).unwrap();
+    let c = make_shard(dir.path(), "c", 5, None);
+    let spec = InputSpec::WebDataset {
+        shards: vec![a, t, junk, c],
+    };
+    let out = run(vec![spec], small_cfg(8));
+    let keys: Vec<&str> = out.items.iter().map(|p| p.key.as_str()).collect();
+    let mut want: Vec<String> = (0..11)
+        .filter(|&i| i != 4)
+        .map(|i| format!("a_{i:03}"))
+        .collect();
+    want.extend((0..3).map(|i| format!("t_{i:03}")));
+    want.extend((0..5).map(|i| format!("c_{i:03}")));
+    assert_eq!(keys, want);
+    assert_eq!(out.skipped.len(), 1, "{:?}", out.skipped);
+    assert_eq!(out.skipped[0].key, "a_004");
+    assert!(
+        out.skipped[0].reason.contains("not an image"),
+        "{:?}",
+        out.skipped[0]
+    );
+    assert_eq!(out.failures.len(), 2, "{:?}", out.failures);
+    assert!(
+        out.failures[0].contains("t.tar") && out.failures[0].contains("at byte"),
+        "{}",
+        out.failures[0]
+    );
+    assert!(
+        out.failures[1].contains("junk.tar") && out.failures[1].contains("not a tar"),
+        "{}",
+        out.failures[1]
+    );
+    // the failure of t comes right after t's last good sample, junk's after it, then c
+    let pos = |s: &str| out.order.iter().position(|x| x == s).unwrap();
+    assert!(pos("t_002") < pos(&format!("fail:{}", dir.path().join("t.tar").display())));
+    assert!(pos(&format!("fail:{}", dir.path().join("junk.tar").display())) < pos("c_000"));
+    assert_eq!(out.items[0].label, Some(0));
+    assert_eq!(out.items[0].pixels.len(), 3 * 8 * 8);
+    // the same run again gives identical pixels (deterministic)
+    let again = run(
+        vec![InputSpec::WebDataset {
+            shards: vec![dir.path().join("a.tar")],
+        }],
+        small_cfg(8),
+    );
+    assert_eq!(again.items[3].pixels, out.items[3].pixels);
+}
+
+#[test]
+fn dropping_a_pipeline_mid_stream_does_not_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_shard(dir.path(), "big", 200, None);
+    let t0 = Instant::now();
+    let mut p = Pipeline::start(
+        vec![InputSpec::WebDataset { shards: vec![a] }],
+        small_cfg(8),
+    );
+    let first = p.next();
+    assert!(matches!(first, Some(PipelineItem::Batch(_))));
+    drop(p);
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+// ---------------------------------------------------------------- real data
+
+fn expected() -> serde_json::Value {
+    let p = shared().unwrap().join("data/corrupt/EXPECTED.json");
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn corrupt_set_behaves_as_expected_json_says() {
+    let Some(sh) = shared() else {
+        eprintln!("skipping: LMD_SHARED not set");
+        return;
+    };
+    let dir = sh.join("data/corrupt");
+    let shards = vec![
+        dir.join("corrupt-000000.tar"),
+        dir.join("truncated-000001.tar"),
+        dir.join("not-a-tar-000002.tar"),
+    ];
+    let out = run(vec![InputSpec::WebDataset { shards }], small_cfg(32));
+    let exp = expected();
+    let verdicts = exp["corrupt-000000.tar"].as_object().unwrap();
+    let got: HashMap<&str, &Prepared> = out
+        .items
+        .iter()
+        .filter(|p| p.source.ends_with("corrupt-000000.tar"))
+        .map(|p| (p.key.as_str(), p))
+        .collect();
+    let skipped: HashMap<&str, &Skip> = out
+        .skipped
+        .iter()
+        .filter(|s| s.source.ends_with("corrupt-000000.tar"))
+        .map(|s| (s.key.as_str(), s))
+        .collect();
+    for (key, verdict) in verdicts {
+        let v = verdict.as_str().unwrap();
+        let (delivered, skip) = (got.get(key.as_str()), skipped.get(key.as_str()));
+        eprintln!(
+            "{key}: {v} -> delivered {} skip {:?}",
+            delivered.is_some(),
+            skip.map(|s| &s.reason)
+        );
+        if v.starts_with("ok or skip") {
+            assert!(
+                delivered.is_some() || skip.is_some(),
+                "{key}: neither delivered nor skipped"
+            );
+        } else if v.starts_with("ok") {
+            let p =
+                delivered.unwrap_or_else(|| panic!("{key} ({v}) was not delivered: {:?}", skip));
+            assert_eq!(p.pixels.len(), 3 * 32 * 32);
+            assert!(p.label.is_some());
+        } else if v.starts_with("skip") {
+            let s = skip.unwrap_or_else(|| panic!("{key} ({v}) was not skipped"));
+            assert!(delivered.is_none());
+            assert!(s.source.ends_with("corrupt-000000.tar"));
+            let want = match key.as_str() {
+                "bad_truncated_jpeg" => "truncated",
+                "bad_random_bytes" | "bad_text_as_jpg" => "not an image",
+                "bad_empty_file" => "empty image member",
+                "bad_png_bomb" => "pixel limit",
+                "bad_missing_label" => "no .cls",
+                "bad_label_not_int" => "not an integer",
+                "bad_no_image" => "no image member",
+                "bad_symlink" => "not a regular file",
+                other => panic!("unexpected skip verdict for {other}"),
+            };
+            assert!(
+                s.reason.contains(want),
+                "{key}: reason {:?} lacks {want:?}",
+                s.reason
+            );
+        } else {
+            panic!("unknown verdict {v}");
+        }
+    }
+    // every skip has a byte offset inside the shard, distinct per sample
+    let offs: std::collections::HashSet<u64> = out
+        .skipped
+        .iter()
+        .filter(|s| s.source.ends_with("corrupt-000000.tar"))
+        .map(|s| s.offset)
+        .collect();
+    assert_eq!(
+        offs.len(),
+        out.skipped
+            .iter()
+            .filter(|s| s.source.ends_with("corrupt-000000.tar"))
+            .count()
+    );
+    // truncated: a clear error naming the shard and the byte offset; earlier samples delivered
+    let tf: Vec<&String> = out
+        .failures
+        .iter()
+        .filter(|f| f.contains("truncated-000001.tar"))
+        .collect();
+    assert_eq!(tf.len(), 1, "{:?}", out.failures);
+    assert!(tf[0].contains("at byte"), "{}", tf[0]);
+    assert!(out
+        .items
+        .iter()
+        .any(|p| p.source.ends_with("truncated-000001.tar")));
+    // not a tar: a clear error naming the shard
+    let nf: Vec<&String> = out
+        .failures
+        .iter()
+        .filter(|f| f.contains("not-a-tar-000002.tar"))
+        .collect();
+    assert_eq!(nf.len(), 1);
+    assert!(nf[0].contains("not a tar"), "{}", nf[0]);
+}
+
+#[test]
+fn imagenette_counts_labels_and_keys() {
+    let Some(sh) = shared() else {
+        eprintln!("skipping: LMD_SHARED not set");
+        return;
+    };
+    let pat = format!(
+        "{}/data/imagenette/imagenette-train-{{000000..000005}}.tar",
+        sh.display()
+    );
+    let spec = InputSpec::detect(&pat, None, None).unwrap();
+    assert!(matches!(&spec, InputSpec::WebDataset { shards } if shards.len() == 6));
+    // source level (no decode): counts and labels
+    let mut n = 0;
+    let mut per_class = [0usize; 10];
+    spec.read(Labels::Required, &mut |ev| {
+        match ev {
+            SourceEvent::Sample(s) => {
+                n += 1;
+                per_class[s.label.unwrap() as usize] += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(n, 3000);
+    assert_eq!(per_class, [300; 10]);
+    // decoded: the val shards
+    let pat = format!("{}/data/imagenette/imagenette-val-*.tar", sh.display());
+    let out = run(
+        vec![InputSpec::detect(&pat, None, None).unwrap()],
+        small_cfg(64),
+    );
+    assert_eq!(out.items.len(), 1000);
+    assert!(out.skipped.is_empty() && out.failures.is_empty());
+    let keys: std::collections::HashSet<&str> = out.items.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys.len(), 1000);
+}
+
+#[test]
+fn ilsvrc_train_val_and_image_folder() {
+    let Some(sh) = shared() else {
+        eprintln!("skipping: LMD_SHARED not set");
+        return;
+    };
+    let d = sh.join("data/imagenet-samples");
+    let synsets = d.join("LOC_synset_mapping.txt");
+    let ids = lmd_data::source::read_synsets(&synsets).unwrap();
+    assert_eq!(ids.len(), 1000);
+    // train: tar of per-class tars, detected automatically
+    let spec = InputSpec::detect(
+        d.join("ILSVRC-sample_img_train.tar").to_str().unwrap(),
+        Some(&synsets),
+        None,
+    )
+    .unwrap();
+    assert!(matches!(spec, InputSpec::IlsvrcTrain { .. }));
+    let out = run(vec![spec], small_cfg(32));
+    assert_eq!(
+        out.items.len(),
+        300,
+        "skipped {:?} failures {:?}",
+        out.skipped,
+        out.failures
+    );
+    for p in &out.items {
+        let wnid = p.key.split('_').next().unwrap();
+        assert_eq!(ids[p.label.unwrap() as usize], wnid, "{}", p.key);
+    }
+    // without the mapping: index among the sorted ids in the tar
+    let spec = InputSpec::IlsvrcTrain {
+        tar: d.join("ILSVRC-sample_img_train.tar"),
+        synsets: None,
+    };
+    let mut labels = Vec::new();
+    spec.read(Labels::Required, &mut |ev| {
+        if let SourceEvent::Sample(s) = ev {
+            labels.push(s.label.unwrap());
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(labels.len(), 300);
+    assert_eq!(*labels.iter().max().unwrap(), 299);
+    // val: flat tar + LOC_val_solution.csv
+    let sol = d.join("LOC_val_solution.csv");
+    let spec = InputSpec::detect(
+        d.join("ILSVRC-sample_img_val.tar").to_str().unwrap(),
+        Some(&synsets),
+        Some(&sol),
+    )
+    .unwrap();
+    let out = run(vec![spec], small_cfg(32));
+    assert_eq!(out.items.len(), 134);
+    let csv = std::fs::read_to_string(&sol).unwrap();
+    let truth: HashMap<String, String> = csv
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(','))
+        .map(|(a, b)| {
+            (
+                a.to_string(),
+                b.split_whitespace().next().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut classes = std::collections::BTreeSet::new();
+    for p in &out.items {
+        assert_eq!(ids[p.label.unwrap() as usize], truth[&p.key]);
+        classes.insert(p.label.unwrap());
+    }
+    assert_eq!(classes.len(), 10);
+    // ImageFolder built from the val tar: root/<wnid>/<key>.JPEG
+    let root = tempfile::tempdir().unwrap();
+    let mut ar =
+        tar::Archive::new(std::fs::File::open(d.join("ILSVRC-sample_img_val.tar")).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let stem = name.trim_end_matches(".JPEG");
+        let cls = root.path().join(&truth[stem]);
+        std::fs::create_dir_all(&cls).unwrap();
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut buf).unwrap();
+        std::fs::write(cls.join(&name), buf).unwrap();
+    }
+    let spec = InputSpec::detect(root.path().to_str().unwrap(), None, None).unwrap();
+    assert!(matches!(spec, InputSpec::ImageFolder { .. }));
+    let out = run(vec![spec], small_cfg(32));
+    assert_eq!(out.items.len(), 134);
+    let sorted: Vec<&String> = classes.iter().map(|&l| &ids[l as usize]).collect();
+    for p in &out.items {
+        let wnid = p.key.split('/').next().unwrap();
+        assert_eq!(sorted[p.label.unwrap() as usize], wnid);
+    }
+}
+
+#[test]
+fn decoded_pixels_match_pillow() {
+    let Some(sh) = shared() else {
+        eprintln!("skipping: LMD_SHARED not set");
+        return;
+    };
+    let tv = sh.join("testvectors/taesd_imagenette_val16.safetensors");
+    let bytes = std::fs::read(&tv).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let keys: Vec<String> =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["keys"]).unwrap();
+    let images = st.tensor("images").unwrap();
+    let want = images.data();
+    let mut found = HashMap::new();
+    let shard = sh.join("data/imagenette/imagenette-val-000000.tar");
+    lmd_data::source::read_webdataset_shard(&shard, Labels::Required, &mut |ev| {
+        if let SourceEvent::Sample(s) = ev {
+            let key = format!("{}.{}", s.key, s.ext);
+            if keys.contains(&key) {
+                found.insert(key, s.image);
+            }
+        }
+        true
+    });
+    assert_eq!(found.len(), 16);
+    let (mut max, mut sum, mut n) = (0u8, 0u64, 0u64);
+    for (i, k) in keys.iter().enumerate() {
+        let img = decode_rgb8(&found[k], u64::MAX).unwrap();
+        assert_eq!((img.width, img.height), (224, 224));
+        let w = &want[i * 224 * 224 * 3..(i + 1) * 224 * 224 * 3];
+        for (a, b) in img.data.iter().zip(w) {
+            let d = a.abs_diff(*b);
+            max = max.max(d);
+            sum += d as u64;
+            n += 1;
+        }
+    }
+    let mean = sum as f64 / n as f64;
+    eprintln!("decode vs Pillow: max abs diff {max}, mean abs diff {mean:.4}");
+    assert!(max <= 8 && mean < 1.0, "max {max}, mean {mean}");
+}
