@@ -246,13 +246,12 @@ impl Pipeline {
                         while let Some(o) = pending.remove(&next) {
                             next += 1;
                             let flush_then = |batch: &mut Batch, item: PipelineItem| -> bool {
-                                if !batch.items.is_empty() || !batch.skipped.is_empty() {
-                                    if out_tx
+                                if (!batch.items.is_empty() || !batch.skipped.is_empty())
+                                    && out_tx
                                         .send_blocking(PipelineItem::Batch(std::mem::take(batch)))
                                         .is_err()
-                                    {
-                                        return false;
-                                    }
+                                {
+                                    return false;
                                 }
                                 out_tx.send_blocking(item).is_ok()
                             };
