@@ -6,7 +6,8 @@
 //! cropping. Output: CHW f32 in [0, 1].
 
 use crate::decode::Rgb8;
-use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions};
+pub use fast_image_resize::Resizer;
 use serde::{Deserialize, Serialize};
 
 /// How each view is cut from the image.
@@ -142,11 +143,13 @@ pub fn center_box(w: u32, h: u32, s: u32) -> CropBox {
     let left = ((rw - s) / 2.0).round_ties_even();
     let top = ((rh - s) / 2.0).round_ties_even();
     let (sx, sy) = (w / rw, h / rh);
+    let (left, top) = (left * sx, top * sy);
+    // s·(w/rw) can exceed the image by a rounding error: clamp to the image.
     CropBox {
-        left: left * sx,
-        top: top * sy,
-        width: s * sx,
-        height: s * sy,
+        left,
+        top,
+        width: (s * sx).min(w - left),
+        height: (s * sy).min(h - top),
     }
 }
 
@@ -309,6 +312,17 @@ mod tests {
         );
         // (225 - 224) / 2 = 0.5 rounds to even: 0
         assert_eq!(center_box(224, 225, 224).top, 0.0);
+    }
+
+    #[test]
+    fn center_box_stays_inside_every_image() {
+        for w in 1..700u32 {
+            for h in [1u32, 5, 223, 224, 225, 239, 450, 478, 485, w] {
+                let b = center_box(w, h, 224);
+                assert!(b.left >= 0.0 && b.top >= 0.0, "{w}x{h}");
+                assert!(b.left + b.width <= w as f64 && b.top + b.height <= h as f64, "{w}x{h}: {b:?}");
+            }
+        }
     }
 
     #[test]

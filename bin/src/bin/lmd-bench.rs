@@ -52,6 +52,23 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Image decode + Resize(S) + CenterCrop(S) to CHW f32, images/s (one line per thread count).
+    Decode {
+        /// Shard pattern (`train-{000000..000009}.tar`, globs), ILSVRC tar or ImageFolder dir.
+        #[arg(long)]
+        input: String,
+        /// Thread counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2])]
+        threads: Vec<usize>,
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        /// Passes over the images per measurement.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Also run this `pillow_decode.py` anchor on the same input (needs python3 + pillow + numpy).
+        #[arg(long)]
+        pillow_anchor: Option<PathBuf>,
+    },
     /// LatentMae training steps (forward, backward, AdamW) in samples/s, one line per mask ratio.
     ///
     /// Default: ViT-Ti (192 wide, depth 12, 3 heads), patch 2 on 4x28x28 (196 tokens), decoder
@@ -104,6 +121,22 @@ fn main() -> anyhow::Result<()> {
                 seconds,
             };
             lmd_train::bench::vae(&opts, |v| println!("{v}"))?;
+        }
+        Cmd::Decode {
+            input,
+            threads,
+            size,
+            repeat,
+            pillow_anchor,
+        } => {
+            let opts = lmd_train::bench::DecodeBenchOptions {
+                input,
+                threads,
+                size,
+                repeat,
+                pillow_anchor,
+            };
+            lmd_train::bench::decode(&opts, |v| println!("{v}"))?;
         }
         Cmd::TrainStep {
             preset,
