@@ -10,7 +10,8 @@ fn main() {
         if let SourceEvent::Sample(s) = ev {
             let res = lmd_data::decode::decode_rgb8(&s.image, u64::MAX).and_then(|img| {
                 let d = (img.width, img.height);
-                lmd_data::transform::prepare(&img, &s.key, &cfg, &mut r).map_err(|e| format!("{e} {d:?}"))
+                lmd_data::transform::prepare(&img, &s.key, &cfg, &mut r)
+                    .map_err(|e| format!("{e} {d:?}"))
             });
             if let Err(e) = res {
                 println!("{} {}", s.key, e);

@@ -6,8 +6,11 @@
 //! cropping. Output: CHW f32 in [0, 1].
 
 use crate::decode::Rgb8;
-use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions};
 pub use fast_image_resize::Resizer;
+use fast_image_resize::{
+    images::{Image, ImageRef},
+    FilterType, PixelType, ResizeAlg, ResizeOptions,
+};
 use serde::{Deserialize, Serialize};
 
 /// How each view is cut from the image.
@@ -229,7 +232,7 @@ pub fn resize_box(
     filter: Filter,
     resizer: &mut Resizer,
 ) -> Result<Vec<u8>, String> {
-    let src = Image::from_vec_u8(img.width, img.height, img.data.clone(), PixelType::U8x3)
+    let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
         .map_err(|e| format!("resize: {e}"))?;
     let mut dst = Image::new(s, s, PixelType::U8x3);
     let opts = ResizeOptions::new()
@@ -320,7 +323,10 @@ mod tests {
             for h in [1u32, 5, 223, 224, 225, 239, 450, 478, 485, w] {
                 let b = center_box(w, h, 224);
                 assert!(b.left >= 0.0 && b.top >= 0.0, "{w}x{h}");
-                assert!(b.left + b.width <= w as f64 && b.top + b.height <= h as f64, "{w}x{h}: {b:?}");
+                assert!(
+                    b.left + b.width <= w as f64 && b.top + b.height <= h as f64,
+                    "{w}x{h}: {b:?}"
+                );
             }
         }
     }

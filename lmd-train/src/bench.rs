@@ -431,8 +431,11 @@ pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)
                     let mut resizer = lmd_data::transform::Resizer::new();
                     for _ in 0..opts.repeat.max(1) {
                         for (key, bytes) in images.iter().skip(w).step_by(t) {
-                            let ok = lmd_data::decode::decode_rgb8(bytes, lmd_data::decode::DEFAULT_MAX_PIXELS)
-                                .and_then(|img| prepare(&img, key, cfg, &mut resizer));
+                            let ok = lmd_data::decode::decode_rgb8(
+                                bytes,
+                                lmd_data::decode::DEFAULT_MAX_PIXELS,
+                            )
+                            .and_then(|img| prepare(&img, key, cfg, &mut resizer));
                             match ok {
                                 Ok(v) => {
                                     std::hint::black_box(v);
