@@ -46,6 +46,12 @@ pub struct PipelineConfig {
     pub labels: Labels,
     /// Ready batches queued for the consumer.
     pub batch_queue: usize,
+    /// Input events before this position are read but dropped (resuming a job).
+    pub start_seq: u64,
+    /// `(n, i)`: keep only events whose position `p` has `p % n == i` (one of `n` workers).
+    pub split: (u64, u64),
+    /// Stop after this many input events (0: no limit).
+    pub limit: u64,
 }
 
 impl Default for PipelineConfig {
@@ -59,6 +65,9 @@ impl Default for PipelineConfig {
             max_pixels: DEFAULT_MAX_PIXELS,
             labels: Labels::Required,
             batch_queue: DEFAULT_BATCH_QUEUE,
+            start_seq: 0,
+            split: (1, 0),
+            limit: 0,
         }
     }
 }
@@ -66,6 +75,8 @@ impl Default for PipelineConfig {
 /// One decoded, transformed image.
 #[derive(Debug, Clone)]
 pub struct Prepared {
+    /// Position of this sample among all input events (see [`PipelineConfig::start_seq`]).
+    pub seq: u64,
     pub key: String,
     pub label: Option<i64>,
     pub source: String,
@@ -74,11 +85,12 @@ pub struct Prepared {
     pub pixels: Vec<f32>,
 }
 
-/// Consecutive prepared images, plus the skips that came between them.
+/// Consecutive prepared images, plus the skips among them (each with its input position, so a
+/// consumer can interleave them exactly).
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub items: Vec<Prepared>,
-    pub skipped: Vec<Skip>,
+    pub skipped: Vec<(u64, Skip)>,
 }
 
 impl Batch {
@@ -102,7 +114,7 @@ pub enum PipelineItem {
 
 enum Outcome {
     Ready(Prepared),
-    Skipped(Skip),
+    Skipped(u64, Skip),
     ShardFailed(ShardFailure),
     InputFailed(String),
 }
@@ -118,7 +130,10 @@ impl Pipeline {
     /// Start reading `inputs` in order.
     pub fn start(inputs: Vec<InputSpec>, cfg: PipelineConfig) -> Pipeline {
         let workers = cfg.workers.max(1);
-        let (raw_tx, raw_rx) = bounded::<(u64, RawSample)>(RAW_PER_WORKER * workers);
+        // Jobs carry (order, input position): `order` numbers what the reader passes on,
+        // contiguously, for the batcher's re-ordering; the position is the event's index in the
+        // whole input, reported to the consumer (resume points, worker split).
+        let (raw_tx, raw_rx) = bounded::<(u64, u64, RawSample)>(RAW_PER_WORKER * workers);
         let (done_tx, done_rx) = bounded::<(u64, Outcome)>(DONE_PER_WORKER * workers);
         let (out_tx, out_rx) = bounded::<PipelineItem>(cfg.batch_queue.max(1));
         let cancel = Arc::new(AtomicBool::new(false));
@@ -129,11 +144,14 @@ impl Pipeline {
             let done_tx = done_tx.clone();
             let cancel = cancel.clone();
             let labels = cfg.labels;
+            let (start_seq, limit) = (cfg.start_seq, cfg.limit);
+            let (nsplit, isplit) = (cfg.split.0.max(1), cfg.split.1);
             threads.push(
                 std::thread::Builder::new()
                     .name("lmd-reader".into())
                     .spawn(move || {
                         let mut seq = 0u64;
+                        let mut order = 0u64;
                         for input in &inputs {
                             let mut on_event = |ev: SourceEvent| -> bool {
                                 if cancel.load(Ordering::Relaxed) {
@@ -141,21 +159,31 @@ impl Pipeline {
                                 }
                                 let s = seq;
                                 seq += 1;
+                                if limit > 0 && s >= limit {
+                                    return false;
+                                }
+                                if s < start_seq || s % nsplit != isplit {
+                                    return true;
+                                }
+                                let o = order;
+                                order += 1;
                                 match ev {
-                                    SourceEvent::Sample(x) => raw_tx.send_blocking((s, x)).is_ok(),
+                                    SourceEvent::Sample(x) => {
+                                        raw_tx.send_blocking((o, s, x)).is_ok()
+                                    }
                                     SourceEvent::Skip(k) => {
-                                        done_tx.send_blocking((s, Outcome::Skipped(k))).is_ok()
+                                        done_tx.send_blocking((o, Outcome::Skipped(s, k))).is_ok()
                                     }
                                     SourceEvent::ShardFailed(f) => {
-                                        done_tx.send_blocking((s, Outcome::ShardFailed(f))).is_ok()
+                                        done_tx.send_blocking((o, Outcome::ShardFailed(f))).is_ok()
                                     }
                                 }
                             };
                             if let Err(e) = input.read(labels, &mut on_event) {
-                                let s = seq;
-                                seq += 1;
+                                let o = order;
+                                order += 1;
                                 if done_tx
-                                    .send_blocking((s, Outcome::InputFailed(e.to_string())))
+                                    .send_blocking((o, Outcome::InputFailed(e.to_string())))
                                     .is_err()
                                 {
                                     return;
@@ -180,7 +208,7 @@ impl Pipeline {
                     .name(format!("lmd-decode-{w}"))
                     .spawn(move || {
                         let mut resizer = fast_image_resize::Resizer::new();
-                        while let Ok((seq, s)) = raw_rx.recv_blocking() {
+                        while let Ok((order, seq, s)) = raw_rx.recv_blocking() {
                             let out =
                                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                                     decode_rgb8(&s.image, max_pixels)
@@ -189,13 +217,14 @@ impl Pipeline {
                             let reason = match out {
                                 Ok(Ok(pixels)) => {
                                     let p = Prepared {
+                                        seq,
                                         key: s.key,
                                         label: s.label,
                                         source: s.source,
                                         offset: s.offset,
                                         pixels,
                                     };
-                                    if done_tx.send_blocking((seq, Outcome::Ready(p))).is_err() {
+                                    if done_tx.send_blocking((order, Outcome::Ready(p))).is_err() {
                                         return;
                                     }
                                     continue;
@@ -220,7 +249,7 @@ impl Pipeline {
                                 reason,
                             };
                             if done_tx
-                                .send_blocking((seq, Outcome::Skipped(skip)))
+                                .send_blocking((order, Outcome::Skipped(seq, skip)))
                                 .is_err()
                             {
                                 return;
@@ -268,8 +297,8 @@ impl Pipeline {
                                         true
                                     }
                                 }
-                                Outcome::Skipped(s) => {
-                                    batch.skipped.push(s);
+                                Outcome::Skipped(pos, s) => {
+                                    batch.skipped.push((pos, s));
                                     true
                                 }
                                 Outcome::ShardFailed(f) => {
