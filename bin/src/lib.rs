@@ -1,5 +1,11 @@
 //! Process setup shared by the lmd programs (the programs themselves live in `src/bin/`).
 
+// Tensor programs allocate and free large buffers at a high rate: mimalloc (told by
+// `init_allocator` to keep freed memory) reuses them instead of returning them to the OS and
+// faulting fresh zeroed pages in on every op. Every lmd program links this crate.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// mimalloc's `mi_option_purge_delay` (position in `mi_option_e`, mimalloc v3 `mimalloc.h`).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 

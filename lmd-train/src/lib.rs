@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod error;
 pub mod inspect;
+pub mod precompute;
 pub mod testvectors;
 
 pub use error::{Error, Result};

@@ -3,11 +3,6 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-// Tensor programs allocate and free large buffers at a high rate: mimalloc reuses them instead
-// of returning them to the OS and faulting fresh zeroed pages in on every op.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Benchmarks printing one JSON line per figure, baselines measured in the same run.
 #[derive(Parser, Debug)]
 #[command(name = "lmd-bench", version)]
