@@ -1,1 +1,341 @@
+//! `lmd-precompute` end to end on the shared imagenette and corrupt shards with TAESD:
+//! round trip against a direct encode, SIGKILL + resume, the skip report, worker splits,
+//! refusing to mix configurations. Skipped (with a message) without `LMD_SHARED`.
 
+use lmd_train::data::shard::{LatentDataset, ShardReader};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn shared() -> Option<PathBuf> {
+    let s = lmd_train::testvectors::shared_dir();
+    if s.is_none() {
+        eprintln!("skipping: LMD_SHARED not set");
+    }
+    s
+}
+
+fn base_args(sh: &Path, out: &Path, input: &str) -> Vec<String> {
+    vec![
+        "--input".into(),
+        input.into(),
+        "--output".into(),
+        out.display().to_string(),
+        "--vae-weights".into(),
+        sh.join("weights/taesd").display().to_string(),
+        "--size".into(),
+        "64".into(),
+        "--batch-size".into(),
+        "8".into(),
+        "--records-per-shard".into(),
+        "16".into(),
+        "--no-progress".into(),
+    ]
+}
+
+fn precompute(args: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lmd-precompute"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "lmd-precompute failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn all_records(dir: &Path) -> BTreeMap<String, (Option<i64>, Vec<f32>)> {
+    let ds = LatentDataset::open(dir).unwrap();
+    let mut m = BTreeMap::new();
+    for i in 0..ds.len() {
+        let r = ds.get(i).unwrap();
+        assert!(
+            m.insert(r.key.clone(), (r.label, r.data)).is_none(),
+            "duplicate key {}",
+            r.key
+        );
+    }
+    m
+}
+
+#[test]
+fn precompute_roundtrip_matches_a_direct_taesd_encode() {
+    let Some(sh) = shared() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let shard = sh.join("data/imagenette/imagenette-val-000000.tar");
+    let mut args = base_args(&sh, dir.path(), shard.to_str().unwrap());
+    args.extend(["--limit".into(), "40".into()]);
+    ok(&precompute(&args));
+    let ds = LatentDataset::open(dir.path()).unwrap();
+    assert_eq!(ds.len(), 40);
+    assert_eq!(ds.shards().len(), 3); // 16 + 16 + 8
+    let meta = ds.meta();
+    assert_eq!(meta.latent_shape, [4, 8, 8]);
+    assert_eq!(meta.preprocessing.size, 64);
+    let enc_sha =
+        lmd_train::model::vae::sha256_file(&sh.join("weights/taesd/taesd_encoder.safetensors"))
+            .unwrap();
+    assert!(meta.vae.weights.iter().any(|w| w.sha256 == enc_sha));
+
+    // The same samples, decoded and encoded directly.
+    use lmd_train::data::source::{Labels, SourceEvent};
+    let mut samples = Vec::new();
+    lmd_train::data::source::read_webdataset_shard(&shard, Labels::Required, &mut |ev| {
+        if let SourceEvent::Sample(s) = ev {
+            samples.push(s);
+        }
+        samples.len() < 40
+    });
+    let dev = lmd_train::model::candle::Device::Cpu;
+    let vae = lmd_train::model::vae::Taesd::load(&sh.join("weights/taesd"), &dev).unwrap();
+    let tcfg = lmd_train::data::transform::TransformConfig {
+        size: 64,
+        ..Default::default()
+    };
+    let mut resizer = lmd_train::data::transform::Resizer::new();
+    let mut max_err = 0f32;
+    for (i, s) in samples.iter().enumerate() {
+        let r = ds.get(i).unwrap();
+        assert_eq!(r.key, s.key);
+        assert_eq!(r.label, s.label);
+        let img = lmd_train::data::decode::decode_rgb8(&s.image, u64::MAX).unwrap();
+        let px = lmd_train::data::transform::prepare(&img, &s.key, &tcfg, &mut resizer).unwrap();
+        let x = lmd_train::model::candle::Tensor::from_vec(px, (1, 3, 64, 64), &dev).unwrap();
+        let z: Vec<f32> = vae
+            .encode_raw(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in z.iter().zip(&r.data) {
+            // f16 storage: relative 2^-11, plus a little for batch-vs-single float order
+            let tol = 1e-3 + a.abs() * 1.5e-3;
+            assert!((a - b).abs() <= tol, "{}: {a} vs {b}", s.key);
+            max_err = max_err.max((a - b).abs());
+        }
+    }
+    eprintln!("max |direct - stored| = {max_err}");
+    // Python reads the shards too.
+    let py = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/lmd_shard.py"))
+        .arg(dir.path().join("shard-000000.lmds"))
+        .output();
+    match py {
+        Ok(o) if o.status.success() => {
+            let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(j["records"], 16);
+        }
+        _ if std::env::var("LMD_REQUIRE_PYTHON").as_deref() == Ok("1") => {
+            panic!("python reader failed")
+        }
+        _ => eprintln!("python reader not available"),
+    }
+    // A rerun of a finished job does nothing and changes nothing.
+    let before = std::fs::read(dir.path().join("shard-000001.lmds")).unwrap();
+    ok(&precompute(&args));
+    assert_eq!(
+        std::fs::read(dir.path().join("shard-000001.lmds")).unwrap(),
+        before
+    );
+    // Another configuration into the same output is refused, naming the difference.
+    let mut other = args.clone();
+    other.extend(["--dtype".into(), "f32".into()]);
+    let out = precompute(&other);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to mix") && err.contains("dtype"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigkilled_precompute_resumes_to_identical_shards() {
+    let Some(sh) = shared() else { return };
+    let input = format!(
+        "{}/data/imagenette/imagenette-val-00000{{0..1}}.tar",
+        sh.display()
+    );
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let mut args_a = base_args(&sh, a.path(), &input);
+    args_a.extend(["--limit".into(), "112".into()]);
+    ok(&precompute(&args_a));
+    let mut args_b = base_args(&sh, b.path(), &input);
+    args_b.extend([
+        "--limit".into(),
+        "112".into(),
+        "--decode-threads".into(),
+        "1".into(),
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmd-precompute"))
+        .args(&args_b)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !b.path().join("shard-000001.lmds").exists() {
+        assert!(Instant::now() < deadline, "no second shard after 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        state["done"], false,
+        "the run finished before it was killed: the test proves nothing"
+    );
+    ok(&precompute(&args_b));
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".lmds"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a.path()), names(b.path()));
+    assert_eq!(names(a.path()).len(), 7);
+    for n in names(a.path()) {
+        assert_eq!(
+            std::fs::read(a.path().join(&n)).unwrap(),
+            std::fs::read(b.path().join(&n)).unwrap(),
+            "{n} differs after resume"
+        );
+    }
+    // no temporaries left, no duplicate or missing keys
+    assert!(std::fs::read_dir(b.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp-")));
+    assert_eq!(all_records(b.path()).len(), 112);
+}
+
+#[test]
+fn corrupt_set_goes_through_with_a_complete_report() {
+    let Some(sh) = shared() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = format!("{}/data/corrupt/*.tar", sh.display());
+    ok(&precompute(&base_args(&sh, dir.path(), &input)));
+    let report = std::fs::read_to_string(dir.path().join("skipped.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = report
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sh.join("data/corrupt/EXPECTED.json")).unwrap())
+            .unwrap();
+    let recs = all_records(dir.path());
+    for (key, verdict) in expected["corrupt-000000.tar"].as_object().unwrap() {
+        let v = verdict.as_str().unwrap();
+        let skipped = lines.iter().any(|l| {
+            l["kind"] == "skip"
+                && l["key"] == key.as_str()
+                && l["source"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("corrupt-000000.tar")
+        });
+        if v.starts_with("ok or skip") {
+            assert!(recs.contains_key(key) || skipped, "{key}");
+        } else if v.starts_with("ok") {
+            assert!(
+                recs.contains_key(key),
+                "{key} ({v}) missing from the shards"
+            );
+        } else {
+            assert!(
+                skipped && !recs.contains_key(key),
+                "{key} ({v}) not reported as skipped"
+            );
+        }
+    }
+    for l in &lines {
+        if l["kind"] == "skip" {
+            assert!(l["offset"].is_u64() && l["reason"].is_string() && l["source"].is_string());
+        }
+    }
+    let failed: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["kind"] == "shard-failed")
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed.iter().any(|l| l["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("truncated-000001.tar")
+        && l["offset"].is_u64()));
+    assert!(failed.iter().any(|l| l["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("not-a-tar-000002.tar")));
+    // samples of the truncated shard before the cut are in
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["written"].as_u64().unwrap() as usize, recs.len());
+}
+
+#[test]
+fn two_workers_are_disjoint_and_their_union_is_one_run() {
+    let Some(sh) = shared() else { return };
+    let input = format!("{}/data/imagenette/imagenette-val-000001.tar", sh.display());
+    let one = tempfile::tempdir().unwrap();
+    let mut args = base_args(&sh, one.path(), &input);
+    args.extend(["--limit".into(), "30".into()]);
+    ok(&precompute(&args));
+    let whole = all_records(one.path());
+    let two = tempfile::tempdir().unwrap();
+    let mut parts = Vec::new();
+    for i in 0..2 {
+        let mut a = base_args(&sh, two.path(), &input);
+        a.extend(
+            [
+                "--limit",
+                "30",
+                "--num-workers",
+                "2",
+                "--worker-index",
+                &i.to_string(),
+            ]
+            .map(String::from),
+        );
+        ok(&precompute(&a));
+        parts.push(all_records(
+            &two.path().join(format!("worker-{i:03}-of-002")),
+        ));
+    }
+    assert!(
+        parts[0].keys().all(|k| !parts[1].contains_key(k)),
+        "workers overlap"
+    );
+    let mut union = parts[0].clone();
+    union.extend(parts[1].clone());
+    assert_eq!(union.len(), whole.len());
+    for (k, (label, data)) in &whole {
+        let (l2, d2) = &union[k];
+        assert_eq!(label, l2);
+        let diff = data
+            .iter()
+            .zip(d2)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 2e-3, "{k}: {diff}");
+    }
+    // training can open both workers' outputs as one dataset
+    let ds = LatentDataset::open_many(&[
+        two.path().join("worker-000-of-002"),
+        two.path().join("worker-001-of-002"),
+    ])
+    .unwrap();
+    assert_eq!(ds.len(), whole.len());
+    let _ = ShardReader::open(two.path().join("worker-000-of-002/shard-000000.lmds")).unwrap();
+}

@@ -19,8 +19,8 @@
 use crate::{Error, Result};
 use lmd_data::pipeline::{Pipeline, PipelineConfig, PipelineItem, Prepared};
 use lmd_data::shard::{
-    writer::write_atomic, Field, Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta, ShardWriter, VaeIdentity,
-    WeightFile, WriterOptions,
+    writer::write_atomic, Field, Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta,
+    ShardWriter, VaeIdentity, WeightFile, WriterOptions,
 };
 use lmd_data::source::{InputSpec, Labels, ShardFailure, Skip};
 use lmd_data::transform::{CropMode, Filter, TransformConfig};
@@ -96,7 +96,9 @@ impl Default for PrecomputeConfig {
             dtype: DType::F16,
             records_per_shard: 5000,
             batch_size: 16,
-            decode_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            decode_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             device: "cpu".into(),
             num_workers: 1,
             worker_index: 0,
@@ -111,7 +113,11 @@ impl PrecomputeConfig {
     /// minus `SLURM_ARRAY_TASK_MIN`) or a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`; the
     /// count must then be given).
     pub fn worker_from_env() -> (Option<usize>, Option<usize>) {
-        let get = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+        let get = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
         let count = get("SLURM_ARRAY_TASK_COUNT");
         let index = match (get("SLURM_ARRAY_TASK_ID"), get("SLURM_ARRAY_TASK_MIN")) {
             (Some(id), min) => Some(id - min.unwrap_or(0)),
@@ -124,10 +130,16 @@ impl PrecomputeConfig {
         let crop = match self.crop.as_str() {
             "center" => CropMode::Center,
             "random-resized-crop" | "rrc" => CropMode::rrc_default(),
-            o => return Err(Error::Invalid(format!("crop {o:?}: expected center or random-resized-crop"))),
+            o => {
+                return Err(Error::Invalid(format!(
+                    "crop {o:?}: expected center or random-resized-crop"
+                )))
+            }
         };
         if crop == CropMode::Center && self.views != 1 {
-            return Err(Error::Invalid("--views > 1 needs --crop random-resized-crop".into()));
+            return Err(Error::Invalid(
+                "--views > 1 needs --crop random-resized-crop".into(),
+            ));
         }
         Ok(TransformConfig {
             size: self.size,
@@ -141,8 +153,10 @@ impl PrecomputeConfig {
     /// The directory this worker writes.
     pub fn worker_dir(&self) -> PathBuf {
         if self.num_workers > 1 {
-            self.output
-                .join(format!("worker-{:03}-of-{:03}", self.worker_index, self.num_workers))
+            self.output.join(format!(
+                "worker-{:03}-of-{:03}",
+                self.worker_index, self.num_workers
+            ))
         } else {
             self.output.clone()
         }
@@ -248,10 +262,19 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
     let dev = match cfg.device.as_str() {
         "cpu" => Device::Cpu,
         d if d.starts_with("cuda") => {
-            let n = d.strip_prefix("cuda:").and_then(|x| x.parse().ok()).unwrap_or(0);
-            Device::new_cuda(n).map_err(|e| Error::Invalid(format!("--device {d}: {e} (build with CUDA support)")))?
+            let n = d
+                .strip_prefix("cuda:")
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
+            Device::new_cuda(n).map_err(|e| {
+                Error::Invalid(format!("--device {d}: {e} (build with CUDA support)"))
+            })?
         }
-        d => return Err(Error::Invalid(format!("--device {d}: expected cpu or cuda:N"))),
+        d => {
+            return Err(Error::Invalid(format!(
+                "--device {d}: expected cpu or cuda:N"
+            )))
+        }
     };
     let vae = lmd_model::vae::load_vae(&cfg.vae, &cfg.vae_weights, &dev)?;
     let is_kl = vae.id().name != "taesd";
@@ -322,7 +345,12 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
                 .expect("object")
                 .iter()
                 .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: {v} -> {}", b.get(k.as_str()).cloned().unwrap_or_default()))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {v} -> {}",
+                        b.get(k.as_str()).cloned().unwrap_or_default()
+                    )
+                })
                 .collect();
             return Err(Error::Invalid(format!(
                 "{} holds the output of another configuration; refusing to mix ({}). Use another --output or remove it.",
@@ -351,13 +379,34 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
     manifest.shards.truncate(state.shards);
     let report_path = dir.join("skipped.jsonl");
     let mut report: Vec<ReportLine> = match std::fs::read_to_string(&report_path) {
-        Ok(t) => t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect(),
+        Ok(t) => t
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
         Err(_) => Vec::new(),
     };
     let resumed_records = state.records;
+    // Keys already stored (a key seen twice, e.g. the same image in two shards, is stored once
+    // and the repeat reported as a skip).
+    let mut seen = std::collections::HashSet::new();
+    for e in &manifest.shards {
+        let r = lmd_data::shard::ShardReader::open(dir.join(&e.file))?;
+        for i in 0..r.len() {
+            seen.insert(r.key(i)?.to_string());
+        }
+    }
     let t_start = Instant::now();
     if state.done {
-        return finish_summary(&dir, &manifest, &report, 0, t_start, 0.0, 0.0, resumed_records);
+        return finish_summary(
+            &dir,
+            &manifest,
+            &report,
+            0,
+            t_start,
+            0.0,
+            0.0,
+            resumed_records,
+        );
     }
 
     let inputs = cfg
@@ -369,7 +418,11 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
         transform: tcfg.clone(),
         batch_size: cfg.batch_size.max(1),
         workers: cfg.decode_threads.max(1),
-        labels: if cfg.require_labels { Labels::Required } else { Labels::Optional },
+        labels: if cfg.require_labels {
+            Labels::Required
+        } else {
+            Labels::Optional
+        },
         start_seq: state.next_seq,
         split: (cfg.num_workers as u64, cfg.worker_index as u64),
         limit: cfg.limit,
@@ -413,7 +466,15 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
                     Vec::new()
                 } else {
                     let t0 = Instant::now();
-                    let out = encode_batch(vae.as_ref(), &b.items, &tcfg, &dev, &layout, rec_elems, variants)?;
+                    let out = encode_batch(
+                        vae.as_ref(),
+                        &b.items,
+                        &tcfg,
+                        &dev,
+                        &layout,
+                        rec_elems,
+                        variants,
+                    )?;
                     vae_s += t0.elapsed().as_secs_f64();
                     out
                 };
@@ -423,6 +484,15 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
                         let (_, sk) = skips.next().expect("peeked");
                         shard_skips.push(skip_line(sk));
                     }
+                    if !seen.insert(p.key.clone()) {
+                        shard_skips.push(ReportLine::Skip {
+                            source: p.source.clone(),
+                            key: p.key.clone(),
+                            offset: p.offset,
+                            reason: "duplicate key: already stored from an earlier sample".into(),
+                        });
+                        continue;
+                    }
                     let w = match writer.as_mut() {
                         Some(w) => w,
                         None => writer.insert(ShardWriter::create(
@@ -431,26 +501,49 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
                             WriterOptions::default(),
                         )?),
                     };
-                    w.push_f32(&p.key, if cfg.require_labels { p.label } else { None }, &data)?;
+                    w.push_f32(
+                        &p.key,
+                        if cfg.require_labels { p.label } else { None },
+                        &data,
+                    )?;
                     written += 1;
                     last_seq = p.seq;
                     if w.len() >= cfg.records_per_shard.max(1) {
                         let w = writer.take().expect("just used");
-                        commit(w, last_seq, &mut shard_skips, &mut report, &mut manifest, &mut state)?;
+                        commit(
+                            w,
+                            last_seq,
+                            &mut shard_skips,
+                            &mut report,
+                            &mut manifest,
+                            &mut state,
+                        )?;
                     }
                 }
                 for (_, sk) in skips {
                     shard_skips.push(skip_line(sk));
                 }
-                progress(written, b.items.last().map(|p| p.key.as_str()).unwrap_or(""));
+                progress(
+                    written,
+                    b.items.last().map(|p| p.key.as_str()).unwrap_or(""),
+                );
             }
             PipelineItem::ShardFailed(f) => shard_skips.push(failure_line(f)),
-            PipelineItem::InputFailed(m) => shard_skips.push(ReportLine::InputFailed { message: m }),
+            PipelineItem::InputFailed(m) => {
+                shard_skips.push(ReportLine::InputFailed { message: m })
+            }
         }
         t_wait = Instant::now();
     }
     if let Some(w) = writer.take() {
-        commit(w, last_seq, &mut shard_skips, &mut report, &mut manifest, &mut state)?;
+        commit(
+            w,
+            last_seq,
+            &mut shard_skips,
+            &mut report,
+            &mut manifest,
+            &mut state,
+        )?;
     }
     report.append(&mut shard_skips);
     write_report(&report_path, &report)?;
@@ -460,8 +553,21 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
     state.done = true;
     write_json(&state_path, &state)?;
     let wall = t_start.elapsed().as_secs_f64();
-    let vae_ips = if vae_s > 0.0 { written as f64 * variants as f64 / vae_s } else { 0.0 };
-    finish_summary(&dir, &manifest, &report, written, t_start, vae_ips, wait_s / wall.max(1e-9), resumed_records)
+    let vae_ips = if vae_s > 0.0 {
+        written as f64 * variants as f64 / vae_s
+    } else {
+        0.0
+    };
+    finish_summary(
+        &dir,
+        &manifest,
+        &report,
+        written,
+        t_start,
+        vae_ips,
+        wait_s / wall.max(1e-9),
+        resumed_records,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -495,7 +601,11 @@ fn finish_summary(
         failed_shards: failed,
         shards: manifest.shards.len(),
         bytes: manifest.bytes,
-        bytes_per_image: if manifest.records > 0 { manifest.bytes as f64 / manifest.records as f64 } else { 0.0 },
+        bytes_per_image: if manifest.records > 0 {
+            manifest.bytes as f64 / manifest.records as f64
+        } else {
+            0.0
+        },
         wall_s: wall,
         images_per_s: written as f64 / wall.max(1e-9),
         vae_images_per_s: vae_ips,
@@ -553,7 +663,9 @@ fn encode_batch(
     let x = Tensor::from_vec(flat, (items.len() * variants, 3, s, s), dev).map_err(m)?;
     let x = vae.input_range().from_unit(&x)?;
     let enc = vae.encode(&x)?;
-    let to_rows = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(m) };
+    let to_rows = |t: &Tensor| -> Result<Vec<f32>> {
+        t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(m)
+    };
     let per_tensor = rec_elems / layout.tensors();
     let mut field_data = Vec::new();
     for f in &layout.fields {

@@ -95,8 +95,10 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let mut cfg = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            toml::from_str::<PrecomputeConfig>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            let text =
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            toml::from_str::<PrecomputeConfig>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
         }
         None => PrecomputeConfig::default(),
     };
@@ -113,7 +115,19 @@ fn main() -> anyhow::Result<()> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { cfg.$f = v.into(); } )* };
     }
-    set!(output, vae, vae_weights, size, crop, views, filter, records_per_shard, batch_size, decode_threads, device);
+    set!(
+        output,
+        vae,
+        vae_weights,
+        size,
+        crop,
+        views,
+        filter,
+        records_per_shard,
+        batch_size,
+        decode_threads,
+        device
+    );
     set!(num_workers, worker_index, limit);
     if a.synsets.is_some() {
         cfg.synsets = a.synsets.clone();
@@ -142,8 +156,10 @@ fn main() -> anyhow::Result<()> {
     } else {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {pos} images ({per_sec}) {msg}")
-                .expect("template"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} {pos} images ({per_sec}) {msg}",
+            )
+            .expect("template"),
         );
         b
     };
