@@ -339,3 +339,20 @@ fn two_workers_are_disjoint_and_their_union_is_one_run() {
     assert_eq!(ds.len(), whole.len());
     let _ = ShardReader::open(two.path().join("worker-000-of-002/shard-000000.lmds")).unwrap();
 }
+
+#[test]
+fn precompute_presets_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("precompute-") && name.ends_with(".toml") {
+            let cfg: lmd_train::precompute::PrecomputeConfig =
+                toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!cfg.inputs.is_empty(), "{name}");
+            n += 1;
+        }
+    }
+    assert!(n >= 3);
+}
