@@ -349,7 +349,8 @@ fn precompute_presets_parse() {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with("precompute-") && name.ends_with(".toml") {
             let cfg: lmd_train::precompute::PrecomputeConfig =
-                toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+                toml::from_str(&std::fs::read_to_string(&p).unwrap())
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!cfg.inputs.is_empty(), "{name}");
             n += 1;
         }

@@ -244,8 +244,9 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     Ok(())
 }
 
-/// Progress callback: (records written, inputs seen so far).
-pub type Progress<'a> = &'a mut dyn FnMut(usize, &str);
+/// Progress callback: (records written in this run, expected total for this run if known,
+/// last key).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, Option<u64>, &str);
 
 /// Run a precompute job.
 pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
@@ -414,6 +415,13 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
         .iter()
         .map(|i| InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    // Expected samples for this run (progress bar ETA), from headers only.
+    let total = inputs
+        .iter()
+        .map(|i| i.count_samples())
+        .sum::<Option<u64>>()
+        .map(|n| if cfg.limit > 0 { n.min(cfg.limit) } else { n })
+        .map(|n| n.saturating_sub(state.next_seq) / cfg.num_workers as u64);
     let pcfg = PipelineConfig {
         transform: tcfg.clone(),
         batch_size: cfg.batch_size.max(1),

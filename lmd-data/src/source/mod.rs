@@ -128,6 +128,49 @@ impl InputSpec {
         }
     }
 
+    /// The number of samples, counted from tar headers (seeking past the data) or directory
+    /// listings, for progress bars; `None` where that would need reading the data (the ILSVRC
+    /// train tar's class tars).
+    pub fn count_samples(&self) -> Option<u64> {
+        let tar_members = |path: &Path, keys: bool| -> Option<u64> {
+            let f = std::fs::File::open(path).ok()?;
+            let mut ar = tar::Archive::new(std::io::BufReader::new(f));
+            let mut n = 0u64;
+            let mut last = String::new();
+            for e in ar.entries_with_seek().ok()? {
+                let Ok(e) = e else { break };
+                if !e.header().entry_type().is_file() {
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+                if keys {
+                    let (key, _) = key_and_ext(&name);
+                    if key != last {
+                        n += 1;
+                        last = key;
+                    }
+                } else if let Some((_, ext)) = name.rsplit_once('.') {
+                    n += u64::from(IMAGE_EXTS.contains(&ext.to_ascii_lowercase().as_str()));
+                }
+            }
+            Some(n)
+        };
+        match self {
+            InputSpec::WebDataset { shards } => shards.iter().map(|s| tar_members(s, true)).sum(),
+            InputSpec::IlsvrcVal { tar, .. } => tar_members(tar, false),
+            InputSpec::IlsvrcTrain { .. } => None,
+            InputSpec::ImageFolder { root } => {
+                let mut n = 0u64;
+                for class in std::fs::read_dir(root).ok()?.filter_map(|e| e.ok()) {
+                    if class.file_type().ok()?.is_dir() {
+                        n += std::fs::read_dir(class.path()).ok()?.count() as u64;
+                    }
+                }
+                Some(n)
+            }
+        }
+    }
+
     /// The files this input reads (for splitting work and fingerprints).
     pub fn files(&self) -> Vec<PathBuf> {
         match self {
