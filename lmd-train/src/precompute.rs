@@ -533,6 +533,7 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
                 }
                 progress(
                     written,
+                    total,
                     b.items.last().map(|p| p.key.as_str()).unwrap_or(""),
                 );
             }
