@@ -154,16 +154,21 @@ fn main() -> anyhow::Result<()> {
     let bar = if a.no_progress {
         indicatif::ProgressBar::hidden()
     } else {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {elapsed_precise} {pos} images ({per_sec}) {msg}",
-            )
-            .expect("template"),
-        );
-        b
+        indicatif::ProgressBar::new_spinner()
     };
-    let mut progress = |n: usize, key: &str| {
+    let mut styled = false;
+    let mut progress = |n: usize, total: Option<u64>, key: &str| {
+        if !styled {
+            styled = true;
+            let style = match total {
+                Some(t) => {
+                    bar.set_length(t);
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} images {per_sec} ETA {eta} {msg}"
+                }
+                None => "{spinner} {elapsed_precise} {pos} images {per_sec} {msg}",
+            };
+            bar.set_style(indicatif::ProgressStyle::with_template(style).expect("template"));
+        }
         bar.set_position(n as u64);
         bar.set_message(key.to_string());
     };
