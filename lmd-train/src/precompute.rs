@@ -57,7 +57,8 @@ pub struct PrecomputeConfig {
     pub output: PathBuf,
     /// `taesd` or `sd-vae`.
     pub vae: String,
-    pub vae_weights: PathBuf,
+    /// A directory, or `hf:OWNER/REPO[/SUBFOLDER]`; none: the VAE's default hub repository.
+    pub vae_weights: Option<PathBuf>,
     pub size: u32,
     /// `center` or `random-resized-crop`.
     pub crop: String,
@@ -86,7 +87,7 @@ impl Default for PrecomputeConfig {
             val_labels: None,
             output: PathBuf::from("latents"),
             vae: "taesd".into(),
-            vae_weights: PathBuf::from("weights/taesd"),
+            vae_weights: None,
             size: 224,
             crop: "center".into(),
             views: 1,
@@ -277,7 +278,13 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
             )))
         }
     };
-    let vae = lmd_model::vae::load_vae(&cfg.vae, &cfg.vae_weights, &dev)?;
+    let weights = cfg.vae_weights.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "hf:{}",
+            lmd_model::vae::hub::default_repo(&cfg.vae)
+        ))
+    });
+    let vae = lmd_model::vae::load_vae(&cfg.vae, &weights, &dev)?;
     let is_kl = vae.id().name != "taesd";
     let fields = match (cfg.store, is_kl) {
         (Store::Latent, _) => vec![Field::Latent],

@@ -37,7 +37,9 @@ struct Args {
     /// VAE: taesd (CPU default) or sd-vae (a diffusers AutoencoderKL).
     #[arg(long)]
     vae: Option<String>,
-    /// Directory of the VAE weights (taesd_{encoder,decoder}.safetensors, or a diffusers vae/ folder).
+    /// VAE weights: a directory (taesd_{encoder,decoder}.safetensors, or a diffusers vae/ folder
+    /// with config.json), or hf:OWNER/REPO[/SUBFOLDER]. Default: hf:madebyollin/taesd for taesd,
+    /// hf:stabilityai/sd-vae-ft-mse for sd-vae (needs internet once; cached by hf-hub).
     #[arg(long)]
     vae_weights: Option<PathBuf>,
     /// Image side in pixels (latents are size/8).

@@ -5,6 +5,7 @@
 //! mean/logvar where the VAE has them), `decode` scaled latents back to images in [0, 1], and a
 //! stable [`VaeId`] (name + sha256 of each weight file) for shard metadata and cache fingerprints.
 
+pub mod hub;
 pub mod kl;
 pub mod taesd;
 
@@ -173,8 +174,16 @@ impl candle_core::Module for Conv {
 
 /// Open a VAE by name from a weights directory: `taesd` (`taesd_encoder.safetensors`,
 /// `taesd_decoder.safetensors`) or `sd-vae` (a diffusers `vae/` folder: `config.json`,
-/// `diffusion_pytorch_model.safetensors`).
+/// `diffusion_pytorch_model.safetensors`). A path that does not exist but reads `OWNER/REPO`
+/// (or `hf:OWNER/REPO[/SUBFOLDER]`) is fetched from the Hugging Face hub (see [`hub`]).
 pub fn load_vae(name: &str, dir: &Path, dev: &candle_core::Device) -> Result<Box<dyn Vae>> {
+    let resolved;
+    let dir = if dir.is_dir() {
+        dir
+    } else {
+        resolved = hub::resolve_weights(name, &dir.to_string_lossy())?;
+        resolved.as_path()
+    };
     match name {
         "taesd" => Ok(Box::new(Taesd::load(dir, dev)?)),
         "sd-vae" | "sdvae" | "autoencoder-kl" => Ok(Box::new(AutoencoderKl::load_dir(dir, dev)?)),
