@@ -261,6 +261,12 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
         )));
     }
     let tcfg = cfg.transform()?;
+    // Inputs first: a typo in a path should not wait for (or download) the VAE.
+    let inputs = cfg
+        .inputs
+        .iter()
+        .map(|i| InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let dev = match cfg.device.as_str() {
         "cpu" => Device::Cpu,
         d if d.starts_with("cuda") => {
@@ -417,11 +423,6 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
         );
     }
 
-    let inputs = cfg
-        .inputs
-        .iter()
-        .map(|i| InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
     // Expected samples for this run (progress bar ETA), from headers only.
     let total = inputs
         .iter()
