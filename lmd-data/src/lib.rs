@@ -9,6 +9,7 @@
 pub mod decode;
 pub mod dtype;
 pub mod error;
+pub mod loader;
 pub mod pipeline;
 pub mod shard;
 pub mod source;

@@ -318,6 +318,25 @@ impl ShardReader {
         self.blocks.len()
     }
 
+    /// `(first record, record count)` of every block, in order.
+    pub fn block_ranges(&self) -> Vec<(usize, usize)> {
+        self.blocks
+            .iter()
+            .map(|b| (b.first_record, b.n_records as usize))
+            .collect()
+    }
+
+    /// Block index of record `i`.
+    pub fn block_of_record(&self, i: usize) -> Result<usize> {
+        self.check_index(i)?;
+        Ok(self.block_of(i))
+    }
+
+    /// Decompressed records of block `k` (raw stored bytes), through the one-block cache.
+    pub fn block_bytes(&self, k: usize) -> Result<Arc<Vec<u8>>> {
+        self.cached_block(k)
+    }
+
     /// Size of the file in bytes.
     pub fn file_bytes(&self) -> u64 {
         self.map.len() as u64

@@ -1,0 +1,343 @@
+//! The latent loader: batches of latents from one or more shard sets, for training.
+//!
+//! - **Order**: each epoch, a permutation from `(seed, epoch)`: the blocks of all shards are
+//!   shuffled, their records concatenated, and the sequence shuffled again within consecutive
+//!   windows of `window` records. Trade-off: a window spans `window / records_per_block`
+//!   blocks, so a batch touches few blocks (cheap reads, each block decompressed once per batch)
+//!   while records still mix across the whole dataset at block granularity. `window` ≥ the
+//!   dataset size gives a full uniform shuffle.
+//! - **Ranks**: the global sequence is cut into batches; rank `r` of `w` takes batches
+//!   `r, r+w, ...`, and every rank gets the same number (`floor(N / (w·B))`; the rest of the
+//!   epoch is dropped), so data-parallel steps stay in lock-step.
+//! - **Variants**: records with several views/flips give one per sample per epoch, picked from
+//!   `(seed, epoch, record)`; `mean`+`logvar` records are sampled `mean + exp(logvar/2)·ε`,
+//!   `ε` from `(seed, epoch, record)` too, so a resumed epoch sees the same numbers.
+//! - **Scaling**: applied once here when the shards say it was not applied at write time.
+//! - **Prefetch**: a background thread prepares up to `prefetch` batches ahead (bounded
+//!   channel); dropping the iterator stops and joins it.
+//! - **Resume**: [`LoaderState`] (epoch, batches consumed) is exported after each batch and
+//!   restored with [`LatentLoader::set_state`]; the next batch is the one an uninterrupted run
+//!   would have produced.
+
+use crate::shard::{Field, LatentDataset};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Loader settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Records shuffled together after the block shuffle.
+    pub window: usize,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Batches prepared ahead by the background thread.
+    pub prefetch: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 64,
+            seed: 0,
+            shuffle: true,
+            window: 8192,
+            rank: 0,
+            world_size: 1,
+            prefetch: 4,
+        }
+    }
+}
+
+/// Where the loader is: exported into checkpoints, restored on resume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderState {
+    pub epoch: u64,
+    /// Batches of this epoch already handed out (on this rank).
+    pub batch: u64,
+}
+
+/// One batch: `data` is `[B, C, H, W]` f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatentBatch {
+    pub epoch: u64,
+    /// Index of this batch within the epoch (on this rank).
+    pub index: u64,
+    pub keys: Vec<String>,
+    pub labels: Vec<Option<i64>>,
+    pub data: Vec<f32>,
+    pub shape: [usize; 4],
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(a: u64, b: u64, c: u64) -> Self {
+        let mut bytes = [0u8; 24];
+        bytes[..8].copy_from_slice(&a.to_le_bytes());
+        bytes[8..16].copy_from_slice(&b.to_le_bytes());
+        bytes[16..].copy_from_slice(&c.to_le_bytes());
+        Rng(xxhash_rust::xxh3::xxh3_64(&bytes))
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+    fn normal(&mut self) -> f32 {
+        let u1 = ((self.next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+}
+
+/// Batches of latents over a [`LatentDataset`].
+pub struct LatentLoader {
+    ds: Arc<LatentDataset>,
+    cfg: LoaderConfig,
+    state: LoaderState,
+}
+
+impl LatentLoader {
+    pub fn new(ds: Arc<LatentDataset>, cfg: LoaderConfig) -> Result<Self> {
+        if cfg.batch_size == 0 || cfg.world_size == 0 || cfg.rank >= cfg.world_size {
+            return Err(Error::InvalidInput {
+                context: "LatentLoader".into(),
+                detail: format!(
+                    "batch_size {} / rank {} of world_size {} is invalid",
+                    cfg.batch_size, cfg.rank, cfg.world_size
+                ),
+            });
+        }
+        if ds.len() < cfg.batch_size * cfg.world_size {
+            return Err(Error::InvalidInput {
+                context: "LatentLoader".into(),
+                detail: format!(
+                    "{} records cannot fill one batch of {} on each of {} ranks",
+                    ds.len(),
+                    cfg.batch_size,
+                    cfg.world_size
+                ),
+            });
+        }
+        Ok(LatentLoader {
+            ds,
+            cfg,
+            state: LoaderState::default(),
+        })
+    }
+
+    pub fn dataset(&self) -> &LatentDataset {
+        &self.ds
+    }
+
+    pub fn state(&self) -> LoaderState {
+        self.state
+    }
+
+    pub fn set_state(&mut self, s: LoaderState) {
+        self.state = s;
+    }
+
+    /// Batches per epoch on each rank.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.ds.len() / (self.cfg.batch_size * self.cfg.world_size)
+    }
+
+    /// The global record order of `epoch` (all ranks).
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        if !self.cfg.shuffle {
+            return (0..self.ds.len()).collect();
+        }
+        let mut units: Vec<(usize, usize)> = Vec::new(); // (global first record, count)
+        let mut base = 0;
+        for s in self.ds.shards() {
+            for (first, n) in s.block_ranges() {
+                units.push((base + first, n));
+            }
+            base += s.len();
+        }
+        let mut rng = Rng::new(self.cfg.seed, epoch, 0x5eed);
+        rng.shuffle(&mut units);
+        let mut order: Vec<usize> = units.iter().flat_map(|&(f, n)| f..f + n).collect();
+        for w in order.chunks_mut(self.cfg.window.max(1)) {
+            rng.shuffle(w);
+        }
+        order
+    }
+
+    /// This rank's record indices for batch `b` of `epoch`.
+    fn batch_indices(&self, order: &[usize], b: u64) -> Vec<usize> {
+        let g = b as usize * self.cfg.world_size + self.cfg.rank;
+        order[g * self.cfg.batch_size..(g + 1) * self.cfg.batch_size].to_vec()
+    }
+
+    /// Build one batch from record indices (each needed block decompressed once).
+    pub fn make_batch(&self, epoch: u64, index: u64, idx: &[usize]) -> Result<LatentBatch> {
+        make_batch(&self.ds, self.cfg.seed, epoch, index, idx)
+    }
+
+    /// The rest of the current epoch, prefetched in the background; advances the state as
+    /// batches are taken. At the end of the epoch the state moves to the next epoch.
+    pub fn epoch(&mut self) -> EpochIter<'_> {
+        if self.state.batch as usize >= self.batches_per_epoch() {
+            self.state = LoaderState {
+                epoch: self.state.epoch + 1,
+                batch: 0,
+            };
+        }
+        let epoch = self.state.epoch;
+        let order = self.epoch_order(epoch);
+        let plan: Vec<(u64, Vec<usize>)> = (self.state.batch..self.batches_per_epoch() as u64)
+            .map(|b| (b, self.batch_indices(&order, b)))
+            .collect();
+        let (tx, rx) = async_channel::bounded(self.cfg.prefetch.max(1));
+        let ds = self.ds.clone();
+        let seed = self.cfg.seed;
+        let worker = std::thread::Builder::new()
+            .name("lmd-loader".into())
+            .spawn(move || {
+                for (b, idx) in plan {
+                    if tx
+                        .send_blocking(make_batch(&ds, seed, epoch, b, &idx))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn loader");
+        EpochIter {
+            loader: self,
+            rx,
+            worker: Some(worker),
+        }
+    }
+}
+
+fn make_batch(
+    ds: &LatentDataset,
+    seed: u64,
+    epoch: u64,
+    index: u64,
+    idx: &[usize],
+) -> Result<LatentBatch> {
+    let meta = ds.meta();
+    let [c, h, w] = meta.latent_shape;
+    let te = c * h * w;
+    let layout = &meta.layout;
+    let scale = if meta.scaling.applied {
+        1.0
+    } else {
+        meta.scaling.factor as f32
+    };
+    let posterior = layout.fields.contains(&Field::Mean) && layout.fields.contains(&Field::Logvar);
+    let mut data = vec![0f32; idx.len() * te];
+    let mut keys = vec![String::new(); idx.len()];
+    let mut labels = vec![None; idx.len()];
+    // Group by (shard, block) so each block is decompressed once.
+    let mut loc: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(idx.len());
+    for (pos, &i) in idx.iter().enumerate() {
+        let (s, r) = ds.locate(i)?;
+        loc.push((s, ds.shards()[s].block_of_record(r)?, r, pos));
+    }
+    loc.sort_unstable();
+    let rec_bytes = meta.record_bytes();
+    let esz = meta.dtype.size();
+    let mut tmp = vec![0f32; te];
+    let mut cur: Option<((usize, usize), Arc<Vec<u8>>, usize)> = None;
+    for &(s, blk, r, pos) in &loc {
+        let shard = &ds.shards()[s];
+        if cur.as_ref().map(|c| c.0) != Some((s, blk)) {
+            let first = shard.block_ranges()[blk].0;
+            cur = Some(((s, blk), shard.block_bytes(blk)?, first));
+        }
+        let (_, bytes, first) = cur.as_ref().expect("set above");
+        let rec = &bytes[(r - first) * rec_bytes..(r - first + 1) * rec_bytes];
+        let gi = idx[pos] as u64;
+        let mut rng = Rng::new(seed, epoch, gi.wrapping_add(1 << 40));
+        let variant = rng.below(layout.variants());
+        let tensor = |field: Field, out: &mut [f32]| -> Result<()> {
+            let t = layout
+                .tensor_index(
+                    variant / if layout.flip { 2 } else { 1 },
+                    layout.flip && variant % 2 == 1,
+                    field,
+                )
+                .ok_or_else(|| Error::InvalidInput {
+                    context: "LatentLoader".into(),
+                    detail: format!("records have no {field:?}"),
+                })?;
+            meta.dtype
+                .decode_to_f32(&rec[t * te * esz..(t + 1) * te * esz], out);
+            Ok(())
+        };
+        let out = &mut data[pos * te..(pos + 1) * te];
+        if posterior {
+            tensor(Field::Mean, out)?;
+            tensor(Field::Logvar, &mut tmp)?;
+            for (o, lv) in out.iter_mut().zip(&tmp) {
+                *o += (0.5 * lv).exp() * rng.normal();
+            }
+        } else {
+            let field = layout.fields[0];
+            tensor(field, out)?;
+        }
+        if scale != 1.0 {
+            out.iter_mut().for_each(|v| *v *= scale);
+        }
+        keys[pos] = shard.key(r)?.to_string();
+        labels[pos] = shard.label(r)?;
+    }
+    Ok(LatentBatch {
+        epoch,
+        index,
+        keys,
+        labels,
+        data,
+        shape: [idx.len(), c, h, w],
+    })
+}
+
+/// The remaining batches of one epoch (see [`LatentLoader::epoch`]).
+pub struct EpochIter<'a> {
+    loader: &'a mut LatentLoader,
+    rx: async_channel::Receiver<Result<LatentBatch>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Iterator for EpochIter<'_> {
+    type Item = Result<LatentBatch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let b = self.rx.recv_blocking().ok()?;
+        if let Ok(batch) = &b {
+            self.loader.state = LoaderState {
+                epoch: batch.epoch,
+                batch: batch.index + 1,
+            };
+        }
+        Some(b)
+    }
+}
+
+impl Drop for EpochIter<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
