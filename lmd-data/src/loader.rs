@@ -258,7 +258,9 @@ fn make_batch(
     let rec_bytes = meta.record_bytes();
     let esz = meta.dtype.size();
     let mut tmp = vec![0f32; te];
-    let mut cur: Option<((usize, usize), Arc<Vec<u8>>, usize)> = None;
+    // ((shard, block), decompressed block, first record of the block)
+    type Cached = ((usize, usize), Arc<Vec<u8>>, usize);
+    let mut cur: Option<Cached> = None;
     for &(s, blk, r, pos) in &loc {
         let shard = &ds.shards()[s];
         if cur.as_ref().map(|c| c.0) != Some((s, blk)) {
