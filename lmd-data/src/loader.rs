@@ -321,6 +321,13 @@ pub struct EpochIter<'a> {
     worker: Option<std::thread::JoinHandle<()>>,
 }
 
+impl EpochIter<'_> {
+    /// The loader state after the batches taken so far.
+    pub fn state(&self) -> LoaderState {
+        self.loader.state
+    }
+}
+
 impl Iterator for EpochIter<'_> {
     type Item = Result<LatentBatch>;
     fn next(&mut self) -> Option<Self::Item> {

@@ -16,3 +16,4 @@ pub use schedule::MaskSchedule;
 
 /// candle, re-exported so that callers use the same version.
 pub use candle_core as candle;
+pub use candle_nn;

@@ -7,8 +7,10 @@
 pub mod bench;
 pub mod error;
 pub mod inspect;
+pub mod optim;
 pub mod precompute;
 pub mod testvectors;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use lmd_data as data;

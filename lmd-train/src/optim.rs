@@ -1,0 +1,270 @@
+//! AdamW with per-parameter weight decay and checkpointable state, plus global grad-norm
+//! clipping (candle-nn's `AdamW` keeps its moments private and has no clipping).
+//!
+//! Update (PyTorch `torch.optim.AdamW`): `p -= lr·wd·p`; `m = β1·m + (1−β1)·g`;
+//! `v = β2·v + (1−β2)·g²`; `p -= lr · (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + eps)`.
+
+use crate::{Error, Result};
+use lmd_model::candle::{backprop::GradStore, DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        }
+    }
+}
+
+struct Param {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW over named variables.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    params: Vec<Param>,
+    step: u64,
+}
+
+/// MAE's rule: no weight decay for biases, norms (1-D tensors) and the cls/mask tokens.
+pub fn decays(name: &str, var: &Var) -> bool {
+    !(var.rank() <= 1 || name.ends_with(".bias") || name.ends_with("token"))
+}
+
+impl AdamW {
+    /// Parameters sorted by name (a stable order for state files).
+    pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let mut vars = vars;
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let m = |e: lmd_model::candle::Error| Error::Model(e.into());
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let z = var.zeros_like().map_err(m)?;
+                Ok(Param {
+                    decay: decays(&name, &var),
+                    m: z.clone(),
+                    v: z,
+                    name,
+                    var,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW {
+            cfg,
+            params,
+            step: 0,
+        })
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Names of the parameters with weight decay.
+    pub fn decayed(&self) -> Vec<&str> {
+        self.params
+            .iter()
+            .filter(|p| p.decay)
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+
+    /// Global L2 norm of the gradients; scales them down to `max_norm` when above it
+    /// (`max_norm <= 0`: no clipping). Returns the norm before clipping.
+    pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+        let m = |e: lmd_model::candle::Error| Error::Model(e.into());
+        let mut sq = 0f64;
+        for p in &self.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                sq += g
+                    .sqr()
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.to_dtype(DType::F64))
+                    .and_then(|t| t.to_scalar::<f64>())
+                    .map_err(m)?;
+            }
+        }
+        let norm = sq.sqrt();
+        if max_norm > 0.0 && norm > max_norm {
+            let s = max_norm / (norm + 1e-6);
+            for p in &self.params {
+                if let Some(g) = grads.remove(p.var.as_tensor()) {
+                    grads.insert(p.var.as_tensor(), (g * s).map_err(m)?);
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    /// One update with learning rate `lr`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let m = |e: lmd_model::candle::Error| Error::Model(e.into());
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        for p in &mut self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let mut theta = p.var.as_tensor().clone();
+            if p.decay && self.cfg.weight_decay > 0.0 {
+                theta = (theta * (1.0 - lr * self.cfg.weight_decay)).map_err(m)?;
+            }
+            p.m = ((&p.m * b1).map_err(m)? + (g * (1.0 - b1)).map_err(m)?).map_err(m)?;
+            p.v = ((&p.v * b2).map_err(m)? + (g.sqr().map_err(m)? * (1.0 - b2)).map_err(m)?)
+                .map_err(m)?;
+            let mhat = (&p.m / c1).map_err(m)?;
+            let denom = ((&p.v / c2).map_err(m)?.sqrt().map_err(m)? + self.cfg.eps).map_err(m)?;
+            let upd = (mhat / denom).map_err(m)?;
+            let next = (theta - (upd * lr).map_err(m)?).map_err(m)?;
+            p.var.set(&next).map_err(m)?;
+        }
+        Ok(())
+    }
+
+    /// Save moments and step (`NAME.m`, `NAME.v`, `step`) as safetensors.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for p in &self.params {
+            map.insert(format!("{}.m", p.name), p.m.clone());
+            map.insert(format!("{}.v", p.name), p.v.clone());
+        }
+        let dev = self
+            .params
+            .first()
+            .map(|p| p.m.device().clone())
+            .unwrap_or(lmd_model::candle::Device::Cpu);
+        map.insert(
+            "step".into(),
+            Tensor::new(&[self.step as f64], &dev).map_err(|e| Error::Model(e.into()))?,
+        );
+        lmd_model::candle::safetensors::save(&map, path).map_err(|e| Error::Tensors {
+            path: path.to_path_buf(),
+            detail: format!("cannot write optimizer state: {e}"),
+        })
+    }
+
+    /// Restore what [`AdamW::save`] wrote; every parameter must be present with its shape.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let dev = self
+            .params
+            .first()
+            .map(|p| p.m.device().clone())
+            .unwrap_or(lmd_model::candle::Device::Cpu);
+        let t = lmd_model::candle::safetensors::load(path, &dev).map_err(|e| Error::Tensors {
+            path: path.to_path_buf(),
+            detail: format!("cannot read optimizer state: {e}"),
+        })?;
+        for p in &mut self.params {
+            for (suffix, slot) in [("m", &mut p.m), ("v", &mut p.v)] {
+                let k = format!("{}.{suffix}", p.name);
+                let x = t.get(&k).ok_or_else(|| Error::Tensors {
+                    path: path.to_path_buf(),
+                    detail: format!("missing {k}"),
+                })?;
+                if x.shape() != slot.shape() {
+                    return Err(Error::Tensors {
+                        path: path.to_path_buf(),
+                        detail: format!("{k}: shape {:?}, expected {:?}", x.dims(), slot.dims()),
+                    });
+                }
+                *slot = x.clone();
+            }
+        }
+        let step = t.get("step").ok_or_else(|| Error::Tensors {
+            path: path.to_path_buf(),
+            detail: "missing step".into(),
+        })?;
+        self.step = step.to_vec1::<f64>().map_err(|e| Error::Model(e.into()))?[0] as u64;
+        Ok(())
+    }
+}
+
+/// MAE's `lr_sched.adjust_learning_rate`: linear warmup, then half-cosine to `min_lr`
+/// (by fractional epoch; here by step).
+pub fn lr_at(step: u64, total: u64, warmup: u64, lr: f64, min_lr: f64) -> f64 {
+    if step < warmup {
+        lr * step as f64 / warmup.max(1) as f64
+    } else {
+        let p = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+        min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmd_model::candle::Device;
+
+    #[test]
+    fn adamw_matches_the_reference_update_and_round_trips_state() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[1.0f32, -2.0], [0.5, 3.0]], &dev).unwrap();
+        let b = Var::new(&[0.1f32, 0.2], &dev).unwrap();
+        let mut opt = AdamW::new(
+            vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(opt.decayed(), vec!["l.weight"]);
+        let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap()
+            + b.as_tensor().sum_all().unwrap())
+        .unwrap();
+        let mut g = loss.backward().unwrap();
+        let norm = opt.clip_grad_norm(&mut g, 0.0).unwrap();
+        // grads: 2w = [2,-4,1,6], b: [1,1] -> norm sqrt(4+16+1+36+2)
+        assert!((norm - 59f64.sqrt()).abs() < 1e-5);
+        opt.step(&g, 0.1).unwrap();
+        // first step: m̂ = g, v̂ = g², update = g/(|g|+eps) = sign(g)
+        let wv: Vec<Vec<f32>> = w.as_tensor().to_vec2().unwrap();
+        let expect =
+            |p: f32, decay: bool| p * if decay { 1.0 - 0.1 * 0.05 } else { 1.0 } - 0.1 * p.signum();
+        assert!((wv[0][0] - expect(1.0, true)).abs() < 1e-6);
+        assert!((wv[0][1] - expect(-2.0, true)).abs() < 1e-6);
+        let bv: Vec<f32> = b.as_tensor().to_vec1().unwrap();
+        assert!((bv[0] - (0.1 - 0.1)).abs() < 1e-6);
+        // clipping scales to max_norm
+        let mut g2 = loss.backward().unwrap();
+        opt.clip_grad_norm(&mut g2, 1.0).unwrap();
+        assert!((opt.clip_grad_norm(&mut g2, 0.0).unwrap() - 1.0).abs() < 1e-4);
+        // state round trip
+        let dir = tempfile::tempdir().unwrap();
+        opt.save(&dir.path().join("opt.safetensors")).unwrap();
+        let mut o2 = AdamW::new(
+            vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        o2.load(&dir.path().join("opt.safetensors")).unwrap();
+        assert_eq!(o2.steps_taken(), 1);
+    }
+
+    #[test]
+    fn lr_schedule_warms_up_then_decays() {
+        assert_eq!(lr_at(0, 100, 10, 1.0, 0.0), 0.0);
+        assert!((lr_at(5, 100, 10, 1.0, 0.0) - 0.5).abs() < 1e-12);
+        assert!((lr_at(10, 100, 10, 1.0, 0.1) - 1.0).abs() < 1e-12);
+        assert!((lr_at(55, 100, 10, 1.0, 0.0) - 0.5).abs() < 1e-12);
+        assert!((lr_at(100, 100, 10, 1.0, 0.1) - 0.1).abs() < 1e-12);
+    }
+}

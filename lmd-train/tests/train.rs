@@ -1,0 +1,151 @@
+//! The trainer on latent shards the test makes: metrics, checkpoints, exact resume.
+
+use lmd_train::data::shard::{
+    Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta, ShardWriter, VaeIdentity,
+    WriterOptions,
+};
+use lmd_train::data::DType;
+use lmd_train::model::{MaeConfig, MaskSchedule};
+use lmd_train::train::{run, Metrics, TrainConfig};
+use std::path::Path;
+
+fn make_data(dir: &Path, n: usize) {
+    let meta = ShardMeta {
+        latent_shape: [4, 8, 8],
+        dtype: DType::F16,
+        layout: RecordLayout::single(),
+        labels: true,
+        vae: VaeIdentity {
+            name: "test".into(),
+            weights: vec![],
+        },
+        preprocessing: Preprocessing {
+            size: 64,
+            resize: "shorter-side".into(),
+            crop: "center".into(),
+            filter: "bilinear-antialias".into(),
+            views: 1,
+            flip: false,
+            input_range: "[0,1]".into(),
+        },
+        scaling: Scaling {
+            factor: 1.0,
+            applied: true,
+        },
+        writer: "tests".into(),
+        records_per_block: 0,
+        byte_shuffle: true,
+        zstd_level: 3,
+    };
+    let mut man = Manifest::new(meta.clone());
+    let path = dir.join("shard-000000.lmds");
+    let mut w = ShardWriter::create(&path, meta, WriterOptions::default()).unwrap();
+    for i in 0..n {
+        let v: Vec<f32> = (0..256)
+            .map(|j| {
+                let (c, y, x) = (j / 64, (j / 8) % 8, j % 8);
+                ((x as f32 * 0.7 + i as f32).sin() + (y as f32 * 0.5 * (c + 1) as f32).cos()) * 0.8
+            })
+            .collect();
+        w.push_f32(&format!("s{i}"), Some((i % 10) as i64), &v)
+            .unwrap();
+    }
+    let wm = w.meta().clone();
+    man.add(&w.finish().unwrap(), &wm).unwrap();
+    man.save(dir).unwrap();
+}
+
+fn cfg(data: &Path, out: &Path) -> TrainConfig {
+    TrainConfig {
+        model: Some(MaeConfig {
+            in_chans: 4,
+            img_size: [8, 8],
+            patch_size: 2,
+            embed_dim: 32,
+            depth: 2,
+            num_heads: 2,
+            decoder_embed_dim: 16,
+            decoder_depth: 1,
+            decoder_num_heads: 2,
+            mlp_ratio: 2.0,
+            norm_pix_loss: true,
+            norm_eps: 1e-6,
+        }),
+        schedule: MaskSchedule::lmd_cosine(),
+        data: vec![data.to_path_buf()],
+        out: out.to_path_buf(),
+        steps: 10,
+        batch_size: 16,
+        blr: 0.05,
+        warmup_steps: 2,
+        window: 32,
+        checkpoint_every: 4,
+        log_every: 1,
+        ..Default::default()
+    }
+}
+
+fn metrics(out: &Path) -> Vec<Metrics> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn training_logs_checkpoints_and_resumes_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    make_data(data.path(), 80); // 5 batches per epoch: the run crosses epochs
+    let a = tempfile::tempdir().unwrap();
+    let s = run(&cfg(data.path(), a.path()), false, &mut |_| {}).unwrap();
+    assert_eq!(s.last_step, 10);
+    let ma = metrics(a.path());
+    assert_eq!(ma.len(), 10);
+    assert_eq!(
+        ma.iter().map(|m| m.step).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert!(ma
+        .iter()
+        .all(|m| m.loss.is_finite() && m.samples_per_s > 0.0 && m.grad_norm > 0.0));
+    assert_eq!(ma[9].epoch, 1);
+    // the mask ratio follows the cosine schedule, the lr warms up
+    assert!((ma[0].mask_ratio - 0.15).abs() < 1e-9 && ma[9].mask_ratio > ma[3].mask_ratio);
+    assert!(ma[0].lr == 0.0 && ma[1].lr > 0.0);
+    assert_eq!(
+        std::fs::read_to_string(a.path().join("checkpoints/latest")).unwrap(),
+        "step-00000010"
+    );
+    assert!(a
+        .path()
+        .join("checkpoints/step-00000004/model.safetensors")
+        .exists());
+    // learning happens: the loss at the end is below the start
+    let first: f64 = ma[..3].iter().map(|m| m.loss).sum::<f64>();
+    let last: f64 = ma[7..].iter().map(|m| m.loss).sum::<f64>();
+    assert!(last < first, "{first} -> {last}");
+
+    // Stopped after step 6 (checkpoint at 6), resumed: the same numbers.
+    let b = tempfile::tempdir().unwrap();
+    let mut c = cfg(data.path(), b.path());
+    c.stop_after = Some(6);
+    run(&c, false, &mut |_| {}).unwrap();
+    assert_eq!(metrics(b.path()).len(), 6);
+    c.stop_after = None;
+    let s = run(&c, true, &mut |_| {}).unwrap();
+    assert_eq!(s.first_step, 6);
+    let mb = metrics(b.path());
+    assert_eq!(mb.len(), 10);
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(
+            (x.step, x.loss, x.mask_ratio, x.lr, x.grad_norm),
+            (y.step, y.loss, y.mask_ratio, y.lr, y.grad_norm)
+        );
+    }
+    // resuming with another configuration is refused
+    let mut d = cfg(data.path(), b.path());
+    d.blr = 0.01;
+    let e = run(&d, true, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("another configuration"), "{e}");
+}
