@@ -278,7 +278,7 @@ pub fn run(
             step += 1;
             n_int += cfg.batch_size;
             last_loss = loss;
-            if step % cfg.log_every.max(1) == 0 || step == stop {
+            if step.is_multiple_of(cfg.log_every.max(1)) || step == stop {
                 let dt = t_int.elapsed().as_secs_f64();
                 let line = Metrics {
                     step,
@@ -299,7 +299,7 @@ pub fn run(
                 on_log(&line);
                 (t_int, wait, n_int) = (Instant::now(), 0.0, 0);
             }
-            if step % cfg.checkpoint_every.max(1) == 0 || step == stop {
+            if step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop {
                 checkpoint(cfg, &model, &varmap, &opt, step, it.state())?;
             }
         }
