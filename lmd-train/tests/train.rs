@@ -149,3 +149,16 @@ fn training_logs_checkpoints_and_resumes_exactly() {
     let e = run(&d, true, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("another configuration"), "{e}");
 }
+
+#[test]
+fn pretrain_presets_parse() {
+    for name in ["pretrain-tiny.toml", "pretrain-lmd-base.toml"] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name);
+        let c: TrainConfig = toml::from_str(&std::fs::read_to_string(&p).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        c.model_config().unwrap();
+        c.schedule.validate().unwrap();
+    }
+}

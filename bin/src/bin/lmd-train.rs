@@ -1,0 +1,119 @@
+//! lmd-train: masked latent pretraining over latent shards.
+
+use clap::Parser;
+use lmd_train::train::TrainConfig;
+use std::path::PathBuf;
+
+/// Pretrain a latent MAE on latent shards, with a progressive mask-ratio schedule.
+///
+/// Settings: defaults, then --config FILE (TOML; configs/pretrain-tiny.toml,
+/// configs/pretrain-lmd-base.toml), then these flags. The run directory gets config.json,
+/// metrics.jsonl (step, epoch, loss, mask_ratio, lr, grad_norm, samples_per_s,
+/// data_wait_fraction) and checkpoints/ (weights with the official MAE names, optimizer state,
+/// loader position). Stop it any time; --resume continues exactly where the last checkpoint was.
+#[derive(Parser, Debug)]
+#[command(name = "lmd-train", version)]
+struct Args {
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Latent dataset directories (lmd-precompute outputs; worker-* subdirectories are found).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Run directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Total optimizer steps (the schedules span them).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Or: total epochs over the data (converted to steps).
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// Mask-ratio schedule: constant (MAE 0.75), linear, piecewise, cosine.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Model preset: tiny, small, base, large, base_patch4.
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    lmd_bin::init_allocator();
+    let a = Args::parse();
+    let mut cfg = match &a.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            toml::from_str::<TrainConfig>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    if !a.data.is_empty() {
+        cfg.data = a.data.clone();
+    }
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { cfg.$f = v; } )* };
+    }
+    set!(
+        out,
+        steps,
+        checkpoint_every,
+        log_every,
+        preset,
+        batch_size,
+        seed
+    );
+    if let Some(s) = &a.schedule {
+        cfg.schedule = lmd_train::model::MaskSchedule::by_name(s).ok_or_else(|| {
+            anyhow::anyhow!("unknown schedule {s:?} (constant, linear, piecewise, cosine)")
+        })?;
+    }
+    if let Some(e) = a.epochs {
+        let n = lmd_train::train::open_data(&cfg.data)?.len() as u64;
+        cfg.steps = e * (n / cfg.batch_size as u64).max(1);
+    }
+    let bar = if a.no_progress {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(cfg.steps)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} ETA {eta} {msg}",
+        )
+        .expect("template"),
+    );
+    let mut on_log = |m: &lmd_train::train::Metrics| {
+        bar.set_position(m.step);
+        bar.set_message(format!(
+            "loss {:.4} mask {:.3} lr {:.2e} {:.1} samples/s",
+            m.loss, m.mask_ratio, m.lr, m.samples_per_s
+        ));
+    };
+    let s = lmd_train::train::run(&cfg, a.resume, &mut on_log)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "lmd-train: steps {}..{} in {:.1} s, final loss {:.4}; run directory {}",
+        s.first_step,
+        s.last_step,
+        s.wall_s,
+        s.final_loss,
+        s.out.display()
+    );
+    Ok(())
+}
