@@ -523,3 +523,27 @@ fn decoded_pixels_match_pillow() {
     eprintln!("decode vs Pillow: max abs diff {max}, mean abs diff {mean:.4}");
     assert!(max <= 8 && mean < 1.0, "max {max}, mean {mean}");
 }
+
+#[test]
+fn explicit_kinds_override_detection() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_shard(dir.path(), "k", 3, None);
+    let p = a.to_str().unwrap();
+    assert!(matches!(
+        InputSpec::with_kind(p, "wds", None, None).unwrap(),
+        InputSpec::WebDataset { .. }
+    ));
+    assert!(matches!(
+        InputSpec::with_kind(p, "ilsvrc-train", None, None).unwrap(),
+        InputSpec::IlsvrcTrain { .. }
+    ));
+    let e = InputSpec::with_kind(p, "ilsvrc-val", None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--val-labels"), "{e}");
+    let e = InputSpec::with_kind(p, "folder", None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("directory"), "{e}");
+    assert!(InputSpec::with_kind(p, "zip", None, None).is_err());
+}

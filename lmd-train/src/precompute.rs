@@ -50,6 +50,8 @@ pub enum Store {
 pub struct PrecomputeConfig {
     /// Inputs: shard patterns, ILSVRC tars, ImageFolder directories.
     pub inputs: Vec<String>,
+    /// Input kind for all inputs (`wds`, `ilsvrc-train`, `ilsvrc-val`, `folder`); none: detected.
+    pub kind: Option<String>,
     /// `LOC_synset_mapping.txt` for ILSVRC inputs.
     pub synsets: Option<PathBuf>,
     /// `LOC_val_solution.csv`: makes a flat tar an ILSVRC val input.
@@ -83,6 +85,7 @@ impl Default for PrecomputeConfig {
     fn default() -> Self {
         PrecomputeConfig {
             inputs: vec![],
+            kind: None,
             synsets: None,
             val_labels: None,
             output: PathBuf::from("latents"),
@@ -265,7 +268,12 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
     let inputs = cfg
         .inputs
         .iter()
-        .map(|i| InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()))
+        .map(|i| match &cfg.kind {
+            Some(k) => {
+                InputSpec::with_kind(i, k, cfg.synsets.as_deref(), cfg.val_labels.as_deref())
+            }
+            None => InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()),
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let dev = match cfg.device.as_str() {
         "cpu" => Device::Cpu,

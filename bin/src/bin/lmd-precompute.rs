@@ -22,6 +22,9 @@ struct Args {
     /// tar (tar of per-class tars), an ILSVRC val tar (with --val-labels), or an ImageFolder dir.
     #[arg(long, num_args = 1..)]
     input: Vec<String>,
+    /// Input kind, when detection guesses wrong: wds, ilsvrc-train, ilsvrc-val, folder.
+    #[arg(long, value_parser = ["wds", "ilsvrc-train", "ilsvrc-val", "folder"])]
+    kind: Option<String>,
     /// Output directory.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -131,6 +134,9 @@ fn main() -> anyhow::Result<()> {
         device
     );
     set!(num_workers, worker_index, limit);
+    if a.kind.is_some() {
+        cfg.kind = a.kind.clone();
+    }
     if a.synsets.is_some() {
         cfg.synsets = a.synsets.clone();
     }

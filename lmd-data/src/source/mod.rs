@@ -182,6 +182,62 @@ impl InputSpec {
         }
     }
 
+    /// An input of an explicit kind: `wds` (WebDataset pattern), `ilsvrc-train`, `ilsvrc-val`
+    /// (needs `val_labels`) or `folder`.
+    pub fn with_kind(
+        path: &str,
+        kind: &str,
+        synsets: Option<&Path>,
+        val_labels: Option<&Path>,
+    ) -> Result<InputSpec> {
+        let bad = |detail: String| Error::InvalidInput {
+            context: path.to_string(),
+            detail,
+        };
+        let single = || -> Result<PathBuf> {
+            let v = expand_pattern(path)?;
+            if v.len() != 1 {
+                return Err(bad(format!(
+                    "--kind {kind} takes one tar, the pattern gives {}",
+                    v.len()
+                )));
+            }
+            Ok(v[0].clone())
+        };
+        Ok(match kind {
+            "wds" | "webdataset" => InputSpec::WebDataset {
+                shards: expand_pattern(path)?,
+            },
+            "ilsvrc-train" => InputSpec::IlsvrcTrain {
+                tar: single()?,
+                synsets: synsets.map(Path::to_path_buf),
+            },
+            "ilsvrc-val" => InputSpec::IlsvrcVal {
+                tar: single()?,
+                solution: val_labels
+                    .ok_or_else(|| {
+                        bad("--kind ilsvrc-val needs --val-labels LOC_val_solution.csv".into())
+                    })?
+                    .to_path_buf(),
+                synsets: synsets.map(Path::to_path_buf),
+            },
+            "folder" | "imagefolder" => {
+                let p = Path::new(path);
+                if !p.is_dir() {
+                    return Err(bad("--kind folder needs a directory".into()));
+                }
+                InputSpec::ImageFolder {
+                    root: p.to_path_buf(),
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown kind {other:?} (wds, ilsvrc-train, ilsvrc-val, folder)"
+                )))
+            }
+        })
+    }
+
     /// Guess the kind of `path` (a pattern, a tar or a directory). `val_labels` makes a flat
     /// tar an ILSVRC val tar.
     pub fn detect(
