@@ -357,6 +357,7 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
 
     let dir = cfg.worker_dir();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
+    remove_stale_temporaries(&dir)?;
     // Refuse to mix with an earlier run of another config.
     let cfg_path = dir.join("precompute.json");
     if let Some(old) = read_json::<PrecomputeConfig>(&cfg_path)? {
@@ -639,6 +640,32 @@ fn finish_summary(
     };
     write_json(&dir.join("summary.json"), &s)?;
     Ok(s)
+}
+
+/// Delete `NAME.tmp-PID-N` files left in `dir` by writers that were killed (their process is
+/// gone). They never open as shards, but would pile up over restarts.
+fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+    let me = std::process::id();
+    for e in std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, "read directory", e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((_, rest)) = name.rsplit_once(".tmp-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = match pid {
+            Some(p) if p == me => true,
+            Some(p) => Path::new(&format!("/proc/{p}")).exists(),
+            None => continue,
+        };
+        if !alive {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|err| Error::io(&p, "remove stale temporary", err))?;
+        }
+    }
+    Ok(())
 }
 
 fn skip_line(s: Skip) -> ReportLine {
