@@ -17,6 +17,18 @@ pub fn init_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// The settings a program starts from: `Default`, or the TOML file given with `--config`
+/// (errors name the file).
+pub fn load_config<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<T> {
+    let Some(p) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    toml::from_str::<T>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

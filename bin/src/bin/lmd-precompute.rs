@@ -98,15 +98,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
-    let mut cfg = match &a.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            toml::from_str::<PrecomputeConfig>(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
-        }
-        None => PrecomputeConfig::default(),
-    };
+    let mut cfg: PrecomputeConfig = lmd_bin::load_config(a.config.as_deref())?;
     let (env_n, env_i) = PrecomputeConfig::worker_from_env();
     if let Some(n) = env_n {
         cfg.num_workers = n;

@@ -54,15 +54,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
-    let mut cfg = match &a.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            toml::from_str::<TrainConfig>(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
-        }
-        None => TrainConfig::default(),
-    };
+    let mut cfg: TrainConfig = lmd_bin::load_config(a.config.as_deref())?;
     if !a.data.is_empty() {
         cfg.data = a.data.clone();
     }
