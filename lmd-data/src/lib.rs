@@ -13,6 +13,7 @@ pub mod loader;
 pub mod pipeline;
 pub mod shard;
 pub mod source;
+pub mod synthetic;
 pub mod transform;
 
 pub use dtype::DType;

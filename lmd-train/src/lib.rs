@@ -9,6 +9,7 @@ pub mod error;
 pub mod inspect;
 pub mod optim;
 pub mod precompute;
+pub mod report;
 pub mod testvectors;
 pub mod train;
 

@@ -9,7 +9,11 @@
 //! `checkpoints/step-NNNNNNNN/{model,optimizer}.safetensors + state.json` and
 //! `checkpoints/latest` (the name of the newest complete one). A checkpoint is written into a
 //! temporary directory and renamed into place, then `latest` is replaced atomically, so a crash
-//! never leaves a half checkpoint named as complete. `--resume` restores weights, optimizer
+//! never leaves a half checkpoint named as complete; the newest `keep_checkpoints` are kept and
+//! temporaries of a killed run are removed on the next start. At each checkpoint,
+//! `previews/step-NNNNNNNN.png` (input | masked | prediction | prediction + visible, decoded
+//! through the VAE when `vae_weights` is set) and `curves.svg` (loss, mask ratio, lr) are
+//! written (see [`crate::report`]). `--resume` restores weights, optimizer
 //! moments, step and loader position: the loss sequence continues as if never stopped.
 
 use crate::optim::{lr_at, AdamW, AdamWConfig};
@@ -52,6 +56,14 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Stop (after checkpointing) once this step is reached, without changing the schedule.
     pub stop_after: Option<u64>,
+    /// Checkpoints kept (the newest ones; 0 keeps all).
+    pub keep_checkpoints: usize,
+    /// Samples in each reconstruction preview (0: no previews). Previews and the curve plot
+    /// are written at every checkpoint and at the end.
+    pub preview_samples: usize,
+    /// VAE weights for decoded previews: a directory or `hf:OWNER/REPO` (the VAE named in the
+    /// shards' metadata). Without it, previews show latent channels 0-2 in false colour.
+    pub vae_weights: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -74,6 +86,9 @@ impl Default for TrainConfig {
             checkpoint_every: 200,
             log_every: 10,
             stop_after: None,
+            keep_checkpoints: 3,
+            preview_samples: 4,
+            vae_weights: None,
         }
     }
 }
@@ -108,6 +123,17 @@ struct CkptState {
     loader: LoaderState,
     config: TrainConfig,
 }
+
+/// Settings that may change between a run and its resumption (they do not change the numbers).
+const RUN_ONLY_KEYS: [&str; 7] = [
+    "stop_after",
+    "checkpoint_every",
+    "log_every",
+    "out",
+    "keep_checkpoints",
+    "preview_samples",
+    "vae_weights",
+];
 
 /// Open data directories: a dataset dir (with `index.json`) or a precompute output whose
 /// `worker-*` subdirectories are datasets.
@@ -194,6 +220,8 @@ pub fn run(
             ..Default::default()
         },
     )?;
+    let preview = Preview::new(cfg, &loader, &dev)?;
+    remove_stale_temporaries(&cfg.out.join("checkpoints"));
     let mut step = 0u64;
     if resume {
         if let Some(ck) = latest_checkpoint(&cfg.out) {
@@ -208,7 +236,7 @@ pub fn run(
             );
             for v in [&mut a, &mut b] {
                 let o = v.as_object_mut().expect("object");
-                for k in ["stop_after", "checkpoint_every", "log_every", "out"] {
+                for k in RUN_ONLY_KEYS {
                     o.remove(k);
                 }
             }
@@ -301,6 +329,7 @@ pub fn run(
             }
             if step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop {
                 checkpoint(cfg, &model, &varmap, &opt, step, it.state())?;
+                preview.write(cfg, &model, step)?;
             }
         }
     }
@@ -341,5 +370,81 @@ fn checkpoint(
     let _ = std::fs::remove_dir_all(&fin);
     std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, "rename", e))?;
     write_atomic(&dir.join("latest"), name.as_bytes())?;
+    if cfg.keep_checkpoints > 0 {
+        let mut old: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, "read directory", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("step-") && !n.contains(".tmp"))
+            })
+            .collect();
+        old.sort();
+        let n = old.len().saturating_sub(cfg.keep_checkpoints);
+        for p in &old[..n] {
+            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, "remove old checkpoint", e))?;
+        }
+    }
     Ok(())
+}
+
+/// Remove checkpoint directories a killed run left half-written (`*.tmp-PID`).
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains(".tmp-"))
+        {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+}
+
+/// The fixed samples previews show, and the VAE that decodes them.
+struct Preview {
+    x: Option<Tensor>,
+    vae: Option<Box<dyn lmd_model::vae::Vae>>,
+}
+
+impl Preview {
+    fn new(cfg: &TrainConfig, loader: &LatentLoader, dev: &Device) -> Result<Self> {
+        let n = cfg.preview_samples.min(loader.dataset().len());
+        if n == 0 {
+            return Ok(Preview { x: None, vae: None });
+        }
+        let b = loader.make_batch(0, 0, &(0..n).collect::<Vec<_>>())?;
+        let x =
+            Tensor::from_vec(b.data, b.shape.to_vec(), dev).map_err(|e| Error::Model(e.into()))?;
+        let vae = match &cfg.vae_weights {
+            None => None,
+            Some(w) => {
+                let name = &loader.dataset().meta().vae.name;
+                Some(lmd_model::vae::load_vae(name, Path::new(w), dev)?)
+            }
+        };
+        Ok(Preview { x: Some(x), vae })
+    }
+
+    /// `previews/step-N.png` and `curves.svg`.
+    fn write(&self, cfg: &TrainConfig, model: &LatentMae, step: u64) -> Result<()> {
+        if let Some(x) = &self.x {
+            let ratio = cfg.schedule.ratio(step as usize, cfg.steps as usize);
+            let r = crate::report::reconstruct(model, x, ratio, cfg.seed ^ 0x7072_6576)?;
+            let img = crate::report::reconstruction_grid(&r, self.vae.as_deref())?;
+            let dir = cfg.out.join("previews");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;
+            crate::report::save_png(&img, &dir.join(format!("step-{step:08}.png")))?;
+        }
+        crate::report::plot_curves(
+            &cfg.out.join("metrics.jsonl"),
+            &format!("lmd-train {}", cfg.out.display()),
+            &cfg.out.join("curves.svg"),
+        )
+    }
 }

@@ -9,8 +9,10 @@ use std::path::PathBuf;
 /// Settings: defaults, then --config FILE (TOML; configs/pretrain-tiny.toml,
 /// configs/pretrain-lmd-base.toml), then these flags. The run directory gets config.json,
 /// metrics.jsonl (step, epoch, loss, mask_ratio, lr, grad_norm, samples_per_s,
-/// data_wait_fraction) and checkpoints/ (weights with the official MAE names, optimizer state,
-/// loader position). Stop it any time; --resume continues exactly where the last checkpoint was.
+/// data_wait_fraction), checkpoints/ (weights with the official MAE names, optimizer state,
+/// loader position), previews/step-N.png (input | masked | prediction | prediction + visible)
+/// and curves.svg (loss, mask ratio, lr), both refreshed at every checkpoint. Stop it any
+/// time; --resume continues exactly where the last checkpoint was.
 #[derive(Parser, Debug)]
 #[command(name = "lmd-train", version)]
 struct Args {
@@ -43,6 +45,13 @@ struct Args {
     batch_size: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// VAE weights (directory or hf:OWNER/REPO) to decode the reconstruction previews to
+    /// pixels; without it previews show latent channels in false colour.
+    #[arg(long)]
+    vae_weights: Option<String>,
+    /// Checkpoints kept, newest first (0: all).
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -68,8 +77,12 @@ fn main() -> anyhow::Result<()> {
         log_every,
         preset,
         batch_size,
-        seed
+        seed,
+        keep_checkpoints
     );
+    if a.vae_weights.is_some() {
+        cfg.vae_weights = a.vae_weights.clone();
+    }
     if let Some(s) = &a.schedule {
         cfg.schedule = lmd_train::model::MaskSchedule::by_name(s).ok_or_else(|| {
             anyhow::anyhow!("unknown schedule {s:?} (constant, linear, piecewise, cosine)")

@@ -1,0 +1,304 @@
+//! What a run leaves to look at: reconstruction previews (PNG) and training curves (SVG).
+//!
+//! - [`reconstruction_grid`]: one row per sample, four panels: the input, the input with the
+//!   masked patches greyed out, the model's prediction of every patch, and the prediction
+//!   with the visible patches pasted back (MAE's visualisation). With a VAE the panels are
+//!   decoded to pixels; without one the latent's first three channels are shown as false colour
+//!   (normalised per sample, upscaled 8x with nearest neighbour) so a preview always exists.
+//!   With `norm_pix_loss` the prediction is un-normalised with each target patch's own mean and
+//!   variance, as MAE's visualisation does.
+//! - [`plot_curves`]: loss, mask ratio and learning rate against the step, from `metrics.jsonl`
+//!   lines, as an SVG with three stacked panels (`plotters`, SVG backend: no font files needed).
+
+use crate::train::Metrics;
+use crate::{Error, Result};
+use lmd_model::candle::{DType, Tensor, D};
+use lmd_model::vae::Vae;
+use lmd_model::LatentMae;
+use std::path::Path;
+
+const GAP: u32 = 4;
+
+fn m(e: lmd_model::candle::Error) -> Error {
+    Error::Model(e.into())
+}
+
+/// The four panels as `[N, C, H, W]` latents plus the `[N, 1, H, W]` mask (1 = masked).
+pub struct Reconstruction {
+    pub input: Tensor,
+    pub prediction: Tensor,
+    pub pasted: Tensor,
+    pub mask: Tensor,
+    pub loss: f64,
+}
+
+/// Run the model on `x` `[N, C, H, W]` at `ratio` with masking noise from `seed`.
+pub fn reconstruct(model: &LatentMae, x: &Tensor, ratio: f64, seed: u64) -> Result<Reconstruction> {
+    let cfg = model.config().clone();
+    let out = model.forward(x, ratio, seed).map_err(m)?;
+    let mut pred = out.pred.detach();
+    if cfg.norm_pix_loss {
+        let target = model.patchify(x).map_err(m)?;
+        let n = target.dim(D::Minus1).map_err(m)? as f64;
+        let mean = target.mean_keepdim(D::Minus1).map_err(m)?;
+        let var = (target
+            .broadcast_sub(&mean)
+            .and_then(|c| c.sqr())
+            .and_then(|c| c.sum_keepdim(D::Minus1))
+            .map_err(m)?
+            / (n - 1.0))
+            .map_err(m)?;
+        let std = (var + 1e-6).and_then(|v| v.sqrt()).map_err(m)?;
+        pred = pred
+            .broadcast_mul(&std)
+            .and_then(|p| p.broadcast_add(&mean))
+            .map_err(m)?;
+    }
+    let prediction = model.unpatchify(&pred).map_err(m)?;
+    let (b, l) = out.masking.mask.dims2().map_err(m)?;
+    let pdim = cfg.patch_dim();
+    let mask_patches = out
+        .masking
+        .mask
+        .reshape((b, l, 1))
+        .and_then(|t| t.broadcast_as((b, l, pdim)))
+        .and_then(|t| t.contiguous())
+        .map_err(m)?;
+    let mask_full = model.unpatchify(&mask_patches).map_err(m)?; // [N, C, H, W]
+    let pasted = (x.broadcast_mul(&(1.0 - &mask_full).map_err(m)?))
+        .and_then(|v| v + prediction.broadcast_mul(&mask_full)?)
+        .map_err(m)?;
+    let mask = mask_full.narrow(1, 0, 1).map_err(m)?;
+    Ok(Reconstruction {
+        input: x.clone(),
+        prediction,
+        pasted,
+        mask,
+        loss: out.loss.to_scalar::<f32>().map_err(m)? as f64,
+    })
+}
+
+/// `[N, C, h, w]` latents -> `[N, 3, 8h, 8w]` RGB in [0, 1]: VAE decode, or false colour
+/// normalised with the per-sample, per-channel range of `reference`.
+fn to_rgb(z: &Tensor, reference: &Tensor, vae: Option<&dyn Vae>) -> Result<Vec<Vec<f32>>> {
+    let (n, c, h, w) = z.dims4().map_err(m)?;
+    if let Some(v) = vae {
+        let img = v.decode(z)?;
+        let (_, _, ih, iw) = img.dims4().map_err(m)?;
+        let flat: Vec<f32> = img
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(m)?;
+        let per = 3 * ih * iw;
+        return Ok(flat.chunks(per).map(|s| s.to_vec()).collect());
+    }
+    let zs: Vec<f32> = z.flatten_all().and_then(|t| t.to_vec1()).map_err(m)?;
+    let rs: Vec<f32> = reference
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(m)?;
+    let (oh, ow) = (h * 8, w * 8);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut img = vec![0f32; 3 * oh * ow];
+        for ch in 0..3 {
+            let src = ch.min(c - 1);
+            let base = (i * c + src) * h * w;
+            let r = &rs[base..base + h * w];
+            let (lo, hi) = r
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let span = (hi - lo).max(1e-6);
+            for y in 0..oh {
+                for x in 0..ow {
+                    let v = (zs[base + (y / 8) * w + x / 8] - lo) / span;
+                    img[(ch * oh + y) * ow + x] = v.clamp(0.0, 1.0);
+                }
+            }
+        }
+        out.push(img);
+    }
+    Ok(out)
+}
+
+/// The preview image of [`reconstruct`]'s output: rows = samples; columns = input | masked |
+/// prediction | prediction with the visible patches.
+pub fn reconstruction_grid(r: &Reconstruction, vae: Option<&dyn Vae>) -> Result<image::RgbImage> {
+    let (n, _, h, w) = r.input.dims4().map_err(m)?;
+    let input = to_rgb(&r.input, &r.input, vae)?;
+    let pred = to_rgb(&r.prediction, &r.input, vae)?;
+    let pasted = to_rgb(&r.pasted, &r.input, vae)?;
+    let mask: Vec<f32> = r.mask.flatten_all().and_then(|t| t.to_vec1()).map_err(m)?;
+    let px = input[0].len() / 3;
+    let scale = ((px / (h * w)) as f64).sqrt().round() as usize; // pixels per latent cell
+    let (ih, iw) = (h * scale, w * scale);
+    let (cols, rows) = (4u32, n as u32);
+    let (cw, chh) = (iw as u32, ih as u32);
+    let mut img = image::RgbImage::from_pixel(
+        cols * cw + (cols + 1) * GAP,
+        rows * chh + (rows + 1) * GAP,
+        image::Rgb([255, 255, 255]),
+    );
+    for i in 0..n {
+        let masked: Vec<f32> = (0..3 * ih * iw)
+            .map(|j| {
+                let (y, x) = ((j / iw) % ih, j % iw);
+                if mask[i * h * w + (y / scale) * w + x / scale] > 0.5 {
+                    0.5
+                } else {
+                    input[i][j]
+                }
+            })
+            .collect();
+        for (col, panel) in [&input[i], &masked, &pred[i], &pasted[i]]
+            .into_iter()
+            .enumerate()
+        {
+            let (ox, oy) = (GAP + col as u32 * (cw + GAP), GAP + i as u32 * (chh + GAP));
+            for y in 0..ih {
+                for x in 0..iw {
+                    let px = |ch: usize| {
+                        (panel[(ch * ih + y) * iw + x].clamp(0.0, 1.0) * 255.0).round() as u8
+                    };
+                    img.put_pixel(
+                        ox + x as u32,
+                        oy + y as u32,
+                        image::Rgb([px(0), px(1), px(2)]),
+                    );
+                }
+            }
+        }
+    }
+    Ok(img)
+}
+
+/// Write an image as PNG through a temporary file and a rename.
+pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Invalid(format!("{}: PNG encoding: {e}", path.display())))?;
+    lmd_data::shard::writer::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// Loss, mask ratio and lr against the step as an SVG document (three stacked panels).
+pub fn curves_svg(title: &str, lines: &[Metrics]) -> Result<String> {
+    use plotters::prelude::*;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 720)).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| Error::Invalid(format!("plot: {e}"));
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let root = root
+            .titled(title, ("sans-serif", 20))
+            .map_err(|e| err(&e))?;
+        let panels = root.split_evenly((3, 1));
+        let x_max = lines.iter().map(|l| l.step).max().unwrap_or(1).max(1) as f64;
+        let series: [(&str, Box<dyn Fn(&Metrics) -> f64>, RGBColor); 3] = [
+            ("loss", Box::new(|l: &Metrics| l.loss), RED),
+            ("mask ratio", Box::new(|l: &Metrics| l.mask_ratio), BLUE),
+            ("learning rate", Box::new(|l: &Metrics| l.lr), GREEN),
+        ];
+        for (area, (name, f, colour)) in panels.iter().zip(series) {
+            let pts: Vec<(f64, f64)> = lines
+                .iter()
+                .map(|l| (l.step as f64, f(l)))
+                .filter(|p| p.1.is_finite())
+                .collect();
+            let (lo, hi) = pts
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            let (lo, hi) = if pts.is_empty() {
+                (0.0, 1.0)
+            } else if hi - lo < 1e-12 {
+                (lo - 0.5 * lo.abs().max(1e-3), hi + 0.5 * hi.abs().max(1e-3))
+            } else {
+                (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+            };
+            let mut chart = ChartBuilder::on(area)
+                .margin(8)
+                .x_label_area_size(30)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0f64..x_max, lo..hi)
+                .map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(name)
+                .draw()
+                .map_err(|e| err(&e))?;
+            chart
+                .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
+/// Read `metrics.jsonl` lines (ignoring any that do not parse, e.g. a torn last line).
+pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// [`curves_svg`] of `metrics.jsonl`, written atomically to `out`.
+pub fn plot_curves(metrics_jsonl: &Path, title: &str, out: &Path) -> Result<()> {
+    let lines = read_metrics(metrics_jsonl)?;
+    let svg = curves_svg(title, &lines)?;
+    lmd_data::shard::writer::write_atomic(out, svg.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(step: u64, loss: f64) -> Metrics {
+        Metrics {
+            step,
+            epoch: 0,
+            loss,
+            mask_ratio: 0.15 + step as f64 * 0.01,
+            lr: 1e-4,
+            grad_norm: 1.0,
+            samples_per_s: 10.0,
+            data_wait_fraction: 0.0,
+        }
+    }
+
+    #[test]
+    fn curves_svg_has_three_panels_and_all_points() {
+        let lines: Vec<Metrics> = (1..=20).map(|s| line(s, 1.0 / s as f64)).collect();
+        let svg = curves_svg("run", &lines).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..50]);
+        for label in ["loss", "mask ratio", "learning rate", "step", "run"] {
+            assert!(svg.contains(label), "missing {label}");
+        }
+        // one polyline per panel with all 20 points (grid lines are 2-point polylines)
+        let series = svg
+            .split("<polyline")
+            .skip(1)
+            .filter(|p| {
+                let pts = p
+                    .split("points=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap();
+                pts.split_whitespace().count() == 20
+            })
+            .count();
+        assert_eq!(series, 3);
+        // a constant series (the lr here) and an empty run still plot
+        assert!(curves_svg("empty", &[]).unwrap().contains("<svg"));
+    }
+}
