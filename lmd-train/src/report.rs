@@ -198,10 +198,10 @@ pub fn curves_svg(title: &str, lines: &[Metrics]) -> Result<String> {
             .map_err(|e| err(&e))?;
         let panels = root.split_evenly((3, 1));
         let x_max = lines.iter().map(|l| l.step).max().unwrap_or(1).max(1) as f64;
-        let series: [(&str, Box<dyn Fn(&Metrics) -> f64>, RGBColor); 3] = [
-            ("loss", Box::new(|l: &Metrics| l.loss), RED),
-            ("mask ratio", Box::new(|l: &Metrics| l.mask_ratio), BLUE),
-            ("learning rate", Box::new(|l: &Metrics| l.lr), GREEN),
+        let series: [(&str, fn(&Metrics) -> f64, RGBColor); 3] = [
+            ("loss", |l| l.loss, RED),
+            ("mask ratio", |l| l.mask_ratio, BLUE),
+            ("learning rate", |l| l.lr, GREEN),
         ];
         for (area, (name, f, colour)) in panels.iter().zip(series) {
             let pts: Vec<(f64, f64)> = lines
