@@ -198,7 +198,8 @@ pub fn curves_svg(title: &str, lines: &[Metrics]) -> Result<String> {
             .map_err(|e| err(&e))?;
         let panels = root.split_evenly((3, 1));
         let x_max = lines.iter().map(|l| l.step).max().unwrap_or(1).max(1) as f64;
-        let series: [(&str, fn(&Metrics) -> f64, RGBColor); 3] = [
+        type Series = (&'static str, fn(&Metrics) -> f64, RGBColor);
+        let series: [Series; 3] = [
             ("loss", |l| l.loss, RED),
             ("mask ratio", |l| l.mask_ratio, BLUE),
             ("learning rate", |l| l.lr, GREEN),
