@@ -2,6 +2,7 @@
 //!
 //! It reads weights, never datasets: inputs are tensors, outputs are tensors.
 
+pub mod classifier;
 pub mod conv;
 pub mod error;
 pub mod fused;
@@ -10,6 +11,7 @@ pub mod nn;
 pub mod schedule;
 pub mod vae;
 
+pub use classifier::{ClassifierConfig, VitClassifier};
 pub use error::{Error, Result};
 pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};
 pub use schedule::MaskSchedule;

@@ -205,6 +205,38 @@ pub fn sincos_pos_embed(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
     out
 }
 
+/// Patch embedding (conv p×p stride p as a matmul): `[B, C, H, W]` -> `[B, L, D]`, with the
+/// conv weight flattened to `w [D, C·p·p]` and bias `b [D]`.
+pub(crate) fn patch_embed(cfg: &MaeConfig, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
+    let p = cfg.patch_size;
+    let (gh, gw) = cfg.grid();
+    let cols = x
+        .reshape((n, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))? // n h w c p q
+        .reshape((n * gh * gw, c * p * p))?;
+    cols.matmul(&w.t()?)?
+        .broadcast_add(b)?
+        .reshape((n, gh * gw, cfg.embed_dim))
+}
+
+/// The patch projection as MAE creates it (xavier_uniform over the flattened conv weight):
+/// returns the flattened weight `[D, C·p·p]` and the bias.
+pub(crate) fn patch_embed_params(cfg: &MaeConfig, vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
+    let (c, p, d) = (cfg.in_chans, cfg.patch_size, cfg.embed_dim);
+    let bound = (6.0 / (c * p * p + d) as f64).sqrt();
+    let pw = vb.get_with_hints(
+        (d, c, p, p),
+        "patch_embed.proj.weight",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let pb = vb.get_with_hints(d, "patch_embed.proj.bias", candle_nn::Init::Const(0.0))?;
+    Ok((pw.reshape((d, c * p * p))?, pb))
+}
+
 /// timm's `Attention` (qkv bias, no qk norm).
 #[derive(Debug, Clone)]
 struct Attention {
@@ -244,7 +276,7 @@ impl Attention {
 
 /// A pre-norm transformer block (timm `Block`): `x + attn(norm1(x))`, `x + mlp(norm2(x))`.
 #[derive(Debug, Clone)]
-struct Block {
+pub(crate) struct Block {
     norm1: LayerNorm,
     attn: Attention,
     norm2: LayerNorm,
@@ -253,7 +285,13 @@ struct Block {
 }
 
 impl Block {
-    fn new(dim: usize, heads: usize, mlp_ratio: f64, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        dim: usize,
+        heads: usize,
+        mlp_ratio: f64,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let hidden = (dim as f64 * mlp_ratio) as usize;
         Ok(Block {
             norm1: LayerNorm::new(dim, eps, vb.pp("norm1"))?,
@@ -271,6 +309,41 @@ impl Module for Block {
         let h = self
             .fc2
             .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        x + h
+    }
+}
+
+impl Block {
+    /// Forward with stochastic depth (timm's `DropPath`): each residual branch is kept per
+    /// sample with probability `1 - rate` (scaled by `1 / (1 - rate)`), masks drawn from `rng`.
+    pub(crate) fn forward_drop_path(
+        &self,
+        x: &Tensor,
+        rate: f64,
+        rng: &mut SplitMix,
+    ) -> Result<Tensor> {
+        if rate <= 0.0 {
+            return self.forward(x);
+        }
+        let b = x.dim(0)?;
+        let mut keep = || -> Result<Tensor> {
+            let v: Vec<f32> = (0..b)
+                .map(|_| {
+                    if rng.uniform() < 1.0 - rate {
+                        (1.0 / (1.0 - rate)) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Tensor::from_vec(v, (b, 1, 1), x.device())?.to_dtype(x.dtype())
+        };
+        let a = self.attn.forward(&self.norm1.forward(x)?)?;
+        let x = (x + a.broadcast_mul(&keep()?)?)?;
+        let h = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let h = h.broadcast_mul(&keep()?)?;
         x + h
     }
 }
@@ -330,23 +403,8 @@ impl LatentMae {
     /// Build the model, taking (or, with a `VarMap`-backed builder, creating) its parameters.
     pub fn new(cfg: &MaeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        let (c, p, d, dd) = (
-            cfg.in_chans,
-            cfg.patch_size,
-            cfg.embed_dim,
-            cfg.decoder_embed_dim,
-        );
-        let bound = (6.0 / (c * p * p + d) as f64).sqrt();
-        let pw = vb.get_with_hints(
-            (d, c, p, p),
-            "patch_embed.proj.weight",
-            candle_nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        let patch_w = pw.reshape((d, c * p * p))?;
-        let patch_b = vb.get_with_hints(d, "patch_embed.proj.bias", candle_nn::Init::Const(0.0))?;
+        let (d, dd) = (cfg.embed_dim, cfg.decoder_embed_dim);
+        let (patch_w, patch_b) = patch_embed_params(cfg, &vb)?;
         let tok = candle_nn::Init::Randn {
             mean: 0.0,
             stdev: 0.02,
@@ -519,16 +577,7 @@ impl LatentMae {
 
     /// Patch embedding (conv p×p stride p as a matmul): `[B, C, H, W]` -> `[B, L, D]`.
     fn patch_embed(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, _, _) = x.dims4()?;
-        let p = self.cfg.patch_size;
-        let (gh, gw) = self.cfg.grid();
-        let cols = x
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))? // n h w c p q
-            .reshape((b * gh * gw, c * p * p))?;
-        cols.matmul(&self.patch_w.t()?)?
-            .broadcast_add(&self.patch_b)?
-            .reshape((b, gh * gw, self.cfg.embed_dim))
+        patch_embed(&self.cfg, x, &self.patch_w, &self.patch_b)
     }
 
     /// MAE's `random_masking` from given noise `[B, L]`: keep the `int(L(1-r))` smallest.
@@ -701,20 +750,20 @@ impl LatentMae {
 }
 
 /// Deterministic SplitMix64 stream (no global RNG state, so inits are reproducible).
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
-    fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         let u1 = self.uniform().max(1e-300);
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

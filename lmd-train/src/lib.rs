@@ -6,9 +6,11 @@
 
 pub mod bench;
 pub mod error;
+pub mod finetune;
 pub mod inspect;
 pub mod optim;
 pub mod precompute;
+pub mod quickstart;
 pub mod report;
 pub mod testvectors;
 pub mod train;

@@ -33,6 +33,8 @@ struct Param {
     name: String,
     var: Var,
     decay: bool,
+    /// Multiplies the learning rate (layer-wise decay in fine-tuning; 1 otherwise).
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -61,6 +63,7 @@ impl AdamW {
                 let z = var.zeros_like().map_err(m)?;
                 Ok(Param {
                     decay: decays(&name, &var),
+                    lr_scale: 1.0,
                     m: z.clone(),
                     v: z,
                     name,
@@ -73,6 +76,13 @@ impl AdamW {
             params,
             step: 0,
         })
+    }
+
+    /// Set each parameter's learning-rate multiplier from its name.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = scale(&p.name);
+        }
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -126,6 +136,7 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            let lr = lr * p.lr_scale;
             let mut theta = p.var.as_tensor().clone();
             if p.decay && self.cfg.weight_decay > 0.0 {
                 theta = (theta * (1.0 - lr * self.cfg.weight_decay)).map_err(m)?;
@@ -200,6 +211,23 @@ impl AdamW {
     }
 }
 
+/// MAE's layer-wise lr decay (`lr_decay.param_groups_lrd`): the patch embedding and tokens are
+/// layer 0, `blocks.i` layer `i + 1`, everything else (norms, head) layer `depth + 1`; the lr
+/// multiplier is `decay^(depth + 1 - layer)`.
+pub fn layer_decay_scale(name: &str, depth: usize, decay: f64) -> f64 {
+    let layer = if name.starts_with("patch_embed") || name == "cls_token" || name == "pos_embed" {
+        0
+    } else if let Some(rest) = name.strip_prefix("blocks.") {
+        rest.split('.')
+            .next()
+            .and_then(|i| i.parse::<usize>().ok())
+            .map_or(depth + 1, |i| i + 1)
+    } else {
+        depth + 1
+    };
+    decay.powi((depth + 1 - layer) as i32)
+}
+
 /// MAE's `lr_sched.adjust_learning_rate`: linear warmup, then half-cosine to `min_lr`
 /// (by fractional epoch; here by step).
 pub fn lr_at(step: u64, total: u64, warmup: u64, lr: f64, min_lr: f64) -> f64 {
@@ -257,6 +285,20 @@ mod tests {
         .unwrap();
         o2.load(&dir.path().join("opt.safetensors")).unwrap();
         assert_eq!(o2.steps_taken(), 1);
+    }
+
+    #[test]
+    fn layer_decay_follows_mae() {
+        assert_eq!(layer_decay_scale("head.weight", 12, 0.75), 1.0);
+        assert_eq!(layer_decay_scale("fc_norm.bias", 12, 0.75), 1.0);
+        assert!((layer_decay_scale("blocks.11.attn.qkv.weight", 12, 0.75) - 0.75).abs() < 1e-12);
+        assert!(
+            (layer_decay_scale("blocks.0.norm1.weight", 12, 0.5) - 0.5f64.powi(12)).abs() < 1e-15
+        );
+        assert!((layer_decay_scale("cls_token", 12, 0.5) - 0.5f64.powi(13)).abs() < 1e-15);
+        assert!(
+            (layer_decay_scale("patch_embed.proj.weight", 2, 0.75) - 0.75f64.powi(3)).abs() < 1e-12
+        );
     }
 
     #[test]

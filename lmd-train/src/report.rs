@@ -185,31 +185,29 @@ pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loss, mask ratio and lr against the step as an SVG document (three stacked panels).
-pub fn curves_svg(title: &str, lines: &[Metrics]) -> Result<String> {
+/// One panel of a curve plot: a y label and `(x, y)` points.
+pub type Panel = (String, Vec<(f64, f64)>);
+
+/// Stacked line panels sharing an x axis (`x_desc`), as an SVG document.
+pub fn panels_svg(title: &str, x_desc: &str, panels: &[Panel]) -> Result<String> {
     use plotters::prelude::*;
+    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (900, 720)).into_drawing_area();
+        let height = 240 * panels.len().max(1) as u32;
+        let root = SVGBackend::with_string(&mut svg, (900, height)).into_drawing_area();
         let err = |e: &dyn std::fmt::Display| Error::Invalid(format!("plot: {e}"));
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let root = root
             .titled(title, ("sans-serif", 20))
             .map_err(|e| err(&e))?;
-        let panels = root.split_evenly((3, 1));
-        let x_max = lines.iter().map(|l| l.step).max().unwrap_or(1).max(1) as f64;
-        type Series = (&'static str, fn(&Metrics) -> f64, RGBColor);
-        let series: [Series; 3] = [
-            ("loss", |l| l.loss, RED),
-            ("mask ratio", |l| l.mask_ratio, BLUE),
-            ("learning rate", |l| l.lr, GREEN),
-        ];
-        for (area, (name, f, colour)) in panels.iter().zip(series) {
-            let pts: Vec<(f64, f64)> = lines
-                .iter()
-                .map(|l| (l.step as f64, f(l)))
-                .filter(|p| p.1.is_finite())
-                .collect();
+        let areas = root.split_evenly((panels.len().max(1), 1));
+        let x_max = panels
+            .iter()
+            .flat_map(|p| p.1.iter().map(|q| q.0))
+            .fold(1f64, f64::max);
+        for (i, (area, (name, pts))) in areas.iter().zip(panels).enumerate() {
+            let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
             let (lo, hi) = pts
                 .iter()
                 .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
@@ -228,17 +226,39 @@ pub fn curves_svg(title: &str, lines: &[Metrics]) -> Result<String> {
                 .map_err(|e| err(&e))?;
             chart
                 .configure_mesh()
-                .x_desc("step")
-                .y_desc(name)
+                .x_desc(x_desc)
+                .y_desc(name.as_str())
                 .draw()
                 .map_err(|e| err(&e))?;
+            let colour = colours[i % colours.len()];
             chart
-                .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+                .draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))
                 .map_err(|e| err(&e))?;
+            if pts.len() <= 50 {
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                    .map_err(|e| err(&e))?;
+            }
         }
         root.present().map_err(|e| err(&e))?;
     }
     Ok(svg)
+}
+
+/// Loss, mask ratio and lr against the step as an SVG document (three stacked panels).
+pub fn curves_svg(title: &str, lines: &[Metrics]) -> Result<String> {
+    let series = |f: fn(&Metrics) -> f64| -> Vec<(f64, f64)> {
+        lines.iter().map(|l| (l.step as f64, f(l))).collect()
+    };
+    panels_svg(
+        title,
+        "step",
+        &[
+            ("loss".into(), series(|l| l.loss)),
+            ("mask ratio".into(), series(|l| l.mask_ratio)),
+            ("learning rate".into(), series(|l| l.lr)),
+        ],
+    )
 }
 
 /// Read `metrics.jsonl` lines (ignoring any that do not parse, e.g. a torn last line).
@@ -283,7 +303,9 @@ mod tests {
         for label in ["loss", "mask ratio", "learning rate", "step", "run"] {
             assert!(svg.contains(label), "missing {label}");
         }
-        // one polyline per panel with all 20 points (grid lines are 2-point polylines)
+        // one polyline per panel with all 20 points (grid lines are 2-point polylines), and
+        // markers for short series
+        assert_eq!(svg.matches("<circle").count(), 60);
         let series = svg
             .split("<polyline")
             .skip(1)

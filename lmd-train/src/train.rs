@@ -171,7 +171,8 @@ pub struct TrainSummary {
     pub wall_s: f64,
 }
 
-fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+/// The newest complete checkpoint directory of a run, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(out.join("checkpoints/latest")).ok()?;
     let p = out.join("checkpoints").join(name.trim());
     p.is_dir().then_some(p)

@@ -1,0 +1,44 @@
+//! lmd-eval: top-1/top-5 of a saved classifier on labelled latent shards.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+/// Evaluate a fine-tuned classifier (lmd-finetune's best/ or checkpoints/last/) on latent shards.
+///
+/// Prints a summary; with --json one line: {"top1", "top5", "loss", "records",
+/// "latents_per_s", ...}.
+#[derive(Parser, Debug)]
+#[command(name = "lmd-eval", version)]
+struct Args {
+    /// model.safetensors (or its directory) with classifier.json beside it.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Labelled latent dataset directories.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// One JSON line instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    lmd_bin::init_allocator();
+    let a = Args::parse();
+    let r = lmd_train::finetune::eval_checkpoint(&a.checkpoint, &a.data, a.batch_size)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  over {} records ({:.0} latents/s)",
+            a.checkpoint.display(),
+            100.0 * r.top1,
+            100.0 * r.top5,
+            r.loss,
+            r.records,
+            r.latents_per_s
+        );
+    }
+    Ok(())
+}

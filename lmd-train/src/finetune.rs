@@ -1,0 +1,693 @@
+//! `lmd-finetune` and `lmd-eval`: classification on labelled latent shards with a pretrained
+//! latent-MAE encoder (MAE's `main_finetune.py` / `main_linprobe.py`, on latents).
+//!
+//! - **Full fine-tuning**: [`VitClassifier`] (global pooling + `fc_norm` by default), AdamW
+//!   (0.9, 0.999) with MAE's layer-wise lr decay, weight decay except norms/biases/tokens, label
+//!   smoothing, stochastic depth (masks seeded by `(seed, step)`), per-step warmup then
+//!   half-cosine lr (`lr = blr · batch / 256`). Not built: mixup/cutmix and RandAugment (pixel
+//!   augmentations have no latent counterpart here beyond the stored views/flips).
+//! - **Linear probing** (`linear_probe`): the encoder is frozen (only `head.1` is optimised, no
+//!   weight decay), features are normalised by their mean/variance over the training set (MAE's
+//!   `BatchNorm1d(affine=False)` head, computed once since the encoder does not change).
+//! - **Evaluation** each epoch on the val shards: top-1, top-5 (when more than 5 classes), loss,
+//!   over every val record. The best epoch's weights are kept.
+//!
+//! Run directory: `config.json`, `metrics.jsonl` (train steps), `eval.jsonl` (one line per
+//! epoch), `curves.svg` (loss, lr, val top-1), `checkpoints/last/` (weights, optimizer, state:
+//! `--resume` continues from the last finished epoch) and `best/` (`model.safetensors`,
+//! `classifier.json`, `eval.json`), which `lmd-eval` reads.
+
+use crate::optim::{layer_decay_scale, lr_at, AdamW, AdamWConfig};
+use crate::train::open_data;
+use crate::{Error, Result};
+use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
+use lmd_data::shard::writer::write_atomic;
+use lmd_data::shard::LatentDataset;
+use lmd_model::candle::{DType, Device, Tensor, D};
+use lmd_model::candle_nn::VarMap;
+use lmd_model::{ClassifierConfig, MaeConfig, VitClassifier};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn m(e: lmd_model::candle::Error) -> Error {
+    Error::Model(e.into())
+}
+
+/// Fine-tuning configuration (TOML presets in `configs/finetune-*.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// Encoder preset (tiny, small, base, large, base_patch4), unless `model` is given.
+    pub preset: String,
+    pub model: Option<MaeConfig>,
+    /// Pretrained MAE weights (an `lmd-train` checkpoint's `model.safetensors`, or an official
+    /// MAE/LMD checkpoint converted to safetensors). None: train from scratch.
+    pub pretrained: Option<PathBuf>,
+    pub data: Vec<PathBuf>,
+    pub val_data: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub epochs: u64,
+    pub batch_size: usize,
+    /// Base learning rate: lr = blr · batch_size / 256.
+    pub blr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub layer_decay: f64,
+    pub optimizer: AdamWConfig,
+    pub label_smoothing: f64,
+    pub drop_path: f64,
+    /// Global average pooling + fc_norm (MAE fine-tuning) or the cls token. None: global
+    /// pooling for fine-tuning, the cls token for linear probing (MAE's defaults).
+    pub global_pool: Option<bool>,
+    pub linear_probe: bool,
+    /// Classes (None: the largest training label + 1).
+    pub num_classes: Option<usize>,
+    /// Max global grad norm (0: none, MAE's fine-tuning default).
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub window: usize,
+    pub log_every: u64,
+    pub eval_batch_size: usize,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            preset: "tiny".into(),
+            model: None,
+            pretrained: None,
+            data: vec![],
+            val_data: vec![],
+            out: PathBuf::from("runs/finetune"),
+            epochs: 10,
+            batch_size: 64,
+            blr: 1e-3,
+            min_lr: 1e-6,
+            warmup_epochs: 1.0,
+            layer_decay: 0.75,
+            optimizer: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.05,
+            },
+            label_smoothing: 0.1,
+            drop_path: 0.1,
+            global_pool: None,
+            linear_probe: false,
+            num_classes: None,
+            grad_clip: 0.0,
+            seed: 0,
+            window: 8192,
+            log_every: 10,
+            eval_batch_size: 256,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// The linear-probing defaults (MAE's `main_linprobe.py`, with AdamW instead of LARS).
+    pub fn linear_probe() -> Self {
+        FinetuneConfig {
+            linear_probe: true,
+            blr: 0.05,
+            min_lr: 0.0,
+            layer_decay: 1.0,
+            label_smoothing: 0.0,
+            drop_path: 0.0,
+            optimizer: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            ..Default::default()
+        }
+    }
+
+    pub fn encoder_config(&self) -> Result<MaeConfig> {
+        match &self.model {
+            Some(m) => Ok(m.clone()),
+            None => MaeConfig::preset(&self.preset)
+                .ok_or_else(|| Error::Invalid(format!("unknown model preset {:?}", self.preset))),
+        }
+    }
+}
+
+/// One line of `eval.jsonl` (and what `lmd-eval --json` prints, plus `latents_per_s`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub epoch: u64,
+    pub step: u64,
+    pub top1: f64,
+    /// Top-5 accuracy (equal to 1 when there are 5 classes or fewer).
+    pub top5: f64,
+    /// Cross-entropy without label smoothing.
+    pub loss: f64,
+    pub records: usize,
+    pub latents_per_s: f64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples_per_s: f64,
+    pub data_wait_fraction: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    /// Epochs finished.
+    epochs_done: u64,
+    step: u64,
+    best: Option<EvalResult>,
+    config: FinetuneConfig,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneSummary {
+    pub out: PathBuf,
+    pub best: Option<EvalResult>,
+    pub last: Option<EvalResult>,
+    pub wall_s: f64,
+}
+
+/// Labels of every record, in dataset order (errors name the shard when one is missing).
+fn labels_of(ds: &LatentDataset, what: &str) -> Result<Vec<i64>> {
+    if !ds.meta().labels {
+        return Err(Error::Invalid(format!(
+            "the {what} shards carry no labels (precompute with labels to fine-tune)"
+        )));
+    }
+    let mut v = Vec::with_capacity(ds.len());
+    for s in ds.shards() {
+        let l = s
+            .labels()
+            .ok_or_else(|| Error::Invalid(format!("{}: no labels", s.path().display())))?;
+        v.extend_from_slice(l);
+    }
+    Ok(v)
+}
+
+/// Cross-entropy of `logits [B, K]` against `labels [B]` (u32) with label smoothing `eps`:
+/// `(1 − eps)·NLL + eps·mean_k(−log p_k)` (timm's `LabelSmoothingCrossEntropy`).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Result<Tensor> {
+    let logp = lmd_model::candle_nn::ops::log_softmax(logits, D::Minus1).map_err(m)?;
+    let nll = logp
+        .gather(&labels.unsqueeze(1).map_err(m)?, 1)
+        .and_then(|t| t.mean_all())
+        .and_then(|t| t.neg())
+        .map_err(m)?;
+    if eps <= 0.0 {
+        return Ok(nll);
+    }
+    let smooth = logp.mean_all().and_then(|t| t.neg()).map_err(m)?;
+    ((nll * (1.0 - eps)).map_err(m)? + (smooth * eps).map_err(m)?).map_err(m)
+}
+
+/// Top-1 / top-5 hits and summed cross-entropy of `logits [B, K]` against `labels`.
+fn score(logits: &Tensor, labels: &[i64]) -> Result<(usize, usize, f64)> {
+    let logp = lmd_model::candle_nn::ops::log_softmax(logits, D::Minus1)
+        .and_then(|t| t.to_vec2::<f32>())
+        .map_err(m)?;
+    let (mut t1, mut t5, mut loss) = (0, 0, 0f64);
+    for (row, &y) in logp.iter().zip(labels) {
+        let y = y as usize;
+        let better = row.iter().filter(|&&v| v > row[y]).count();
+        t1 += (better == 0) as usize;
+        t5 += (better < 5) as usize;
+        loss -= row[y] as f64;
+    }
+    Ok((t1, t5, loss))
+}
+
+/// Evaluate a classifier on every record of `ds`, in order, in batches of `batch`.
+pub fn evaluate(clf: &VitClassifier, ds: &Arc<LatentDataset>, batch: usize) -> Result<EvalResult> {
+    let labels = labels_of(ds, "evaluation")?;
+    let k = clf.config().num_classes;
+    if let Some(bad) = labels.iter().find(|&&l| l < 0 || l as usize >= k) {
+        return Err(Error::Invalid(format!(
+            "evaluation label {bad} is outside the classifier's {k} classes"
+        )));
+    }
+    let loader = LatentLoader::new(
+        ds.clone(),
+        LoaderConfig {
+            batch_size: 1,
+            shuffle: false,
+            ..Default::default()
+        },
+    )?;
+    let t0 = Instant::now();
+    let dev = Device::Cpu;
+    let (mut t1, mut t5, mut loss) = (0usize, 0usize, 0f64);
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for (bi, chunk) in idx.chunks(batch.max(1)).enumerate() {
+        let b = loader.make_batch(0, bi as u64, chunk)?;
+        let x = Tensor::from_vec(b.data, b.shape.to_vec(), &dev).map_err(m)?;
+        let logits = clf.forward_t(&x, None).map_err(m)?;
+        let (a, c, l) = score(&logits, &labels[chunk[0]..chunk[0] + chunk.len()])?;
+        (t1, t5, loss) = (t1 + a, t5 + c, loss + l);
+    }
+    let n = ds.len().max(1) as f64;
+    Ok(EvalResult {
+        epoch: 0,
+        step: 0,
+        top1: t1 as f64 / n,
+        top5: t5 as f64 / n,
+        loss: loss / n,
+        records: ds.len(),
+        latents_per_s: ds.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+/// Read a saved classifier: `path` is a `model.safetensors` (or the directory holding it) with
+/// `classifier.json` beside it.
+pub fn load_classifier(path: &Path) -> Result<VitClassifier> {
+    let file = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let cj = file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("classifier.json");
+    let cfg: ClassifierConfig = serde_json::from_slice(
+        &std::fs::read(&cj).map_err(|e| Error::io(&cj, "read (saved beside the weights)", e))?,
+    )
+    .map_err(|e| Error::Invalid(format!("{}: {e}", cj.display())))?;
+    Ok(VitClassifier::load(&cfg, &file, &Device::Cpu)?.0)
+}
+
+/// `lmd-eval`: evaluate a saved classifier on latent shards.
+pub fn eval_checkpoint(checkpoint: &Path, data: &[PathBuf], batch: usize) -> Result<EvalResult> {
+    let clf = load_classifier(checkpoint)?;
+    let ds = Arc::new(open_data(data)?);
+    let [c, h, w] = ds.meta().latent_shape;
+    let e = &clf.config().encoder;
+    if [c, h, w] != [e.in_chans, e.img_size[0], e.img_size[1]] {
+        return Err(Error::Invalid(format!(
+            "the data has latents {c}x{h}x{w}; the classifier expects {}x{}x{}",
+            e.in_chans, e.img_size[0], e.img_size[1]
+        )));
+    }
+    evaluate(&clf, &ds, batch)
+}
+
+fn save_dir(
+    dir: &Path,
+    clf: &VitClassifier,
+    varmap: &VarMap,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
+    clf.save(varmap, &tmp.join("model.safetensors"))?;
+    write_atomic(
+        &tmp.join("classifier.json"),
+        &serde_json::to_vec_pretty(clf.config()).expect("serializes"),
+    )?;
+    for (name, bytes) in extra {
+        write_atomic(&tmp.join(name), bytes)?;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, "rename", e))
+}
+
+/// Fine-tune (or linear-probe). `on_log` sees every logged step, `on_eval` every evaluation.
+pub fn run(
+    cfg: &FinetuneConfig,
+    resume: bool,
+    on_log: &mut dyn FnMut(&StepMetrics),
+    on_eval: &mut dyn FnMut(&EvalResult),
+) -> Result<FinetuneSummary> {
+    let t0 = Instant::now();
+    let enc = cfg.encoder_config()?;
+    enc.validate().map_err(Error::Invalid)?;
+    let ds = Arc::new(open_data(&cfg.data)?);
+    if cfg.val_data.is_empty() {
+        return Err(Error::Invalid("no validation data (--val-data)".into()));
+    }
+    let val = Arc::new(open_data(&cfg.val_data)?);
+    for (d, what) in [(&ds, "training"), (&val, "validation")] {
+        let [c, h, w] = d.meta().latent_shape;
+        if [c, h, w] != [enc.in_chans, enc.img_size[0], enc.img_size[1]] {
+            return Err(Error::Invalid(format!(
+                "the {what} data has latents {c}x{h}x{w}; the model expects {}x{}x{}",
+                enc.in_chans, enc.img_size[0], enc.img_size[1]
+            )));
+        }
+    }
+    let train_labels = labels_of(&ds, "training")?;
+    let num_classes = match cfg.num_classes {
+        Some(k) => k,
+        None => train_labels.iter().copied().max().unwrap_or(0).max(1) as usize + 1,
+    };
+    if let Some(bad) = train_labels
+        .iter()
+        .find(|&&l| l < 0 || l as usize >= num_classes)
+    {
+        return Err(Error::Invalid(format!(
+            "training label {bad} is outside 0..{num_classes}"
+        )));
+    }
+    let ccfg = ClassifierConfig {
+        encoder: enc.clone(),
+        num_classes,
+        global_pool: cfg.global_pool.unwrap_or(!cfg.linear_probe),
+        drop_path: if cfg.linear_probe { 0.0 } else { cfg.drop_path },
+        linear_probe: cfg.linear_probe,
+    };
+    std::fs::create_dir_all(cfg.out.join("checkpoints"))
+        .map_err(|e| Error::io(&cfg.out, "create", e))?;
+    write_atomic(
+        &cfg.out.join("config.json"),
+        &serde_json::to_vec_pretty(cfg).expect("serializes"),
+    )?;
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
+    let clf = VitClassifier::init(&ccfg, &varmap, cfg.seed, head_std, &dev).map_err(m)?;
+    if let Some(p) = &cfg.pretrained {
+        clf.load_pretrained(&varmap, p)?;
+    } else if cfg.linear_probe {
+        return Err(Error::Invalid(
+            "linear probing needs --pretrained (a frozen random encoder is not a result)".into(),
+        ));
+    }
+    // linear probing trains head.1 only (MAE freezes everything else, fc_norm included)
+    let named: Vec<(String, lmd_model::candle::Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .filter(|(k, _)| !cfg.linear_probe || k.starts_with("head.1."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = AdamW::new(named, cfg.optimizer)?;
+    let depth = enc.depth;
+    let ld = cfg.layer_decay;
+    opt.set_lr_scales(|n| layer_decay_scale(n, depth, ld));
+    let mut loader = LatentLoader::new(
+        ds.clone(),
+        LoaderConfig {
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            window: cfg.window,
+            ..Default::default()
+        },
+    )?;
+    let bpe = loader.batches_per_epoch() as u64;
+    let total = cfg.epochs * bpe;
+    let warmup = (cfg.warmup_epochs * bpe as f64).round() as u64;
+    let lr_peak = cfg.blr * cfg.batch_size as f64 / 256.0;
+
+    let last_dir = cfg.out.join("checkpoints/last");
+    let best_dir = cfg.out.join("best");
+    let mut state = State {
+        epochs_done: 0,
+        step: 0,
+        best: None,
+        config: cfg.clone(),
+    };
+    if resume && last_dir.join("state.json").exists() {
+        let sp = last_dir.join("state.json");
+        let st: State =
+            serde_json::from_slice(&std::fs::read(&sp).map_err(|e| Error::io(&sp, "read", e))?)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", sp.display())))?;
+        let strip = |c: &FinetuneConfig| {
+            let mut v = serde_json::to_value(c).expect("v");
+            let o = v.as_object_mut().expect("object");
+            for k in ["out", "log_every", "eval_batch_size", "pretrained"] {
+                o.remove(k);
+            }
+            v
+        };
+        if strip(&st.config) != strip(cfg) {
+            return Err(Error::Invalid(format!(
+                "{}: the checkpoint was made with another configuration; resume with the same one",
+                sp.display()
+            )));
+        }
+        let mut vm = varmap.clone();
+        vm.load(last_dir.join("model.safetensors")).map_err(m)?;
+        opt.load(&last_dir.join("optimizer.safetensors"))?;
+        loader.set_state(LoaderState {
+            epoch: st.epochs_done,
+            batch: 0,
+        });
+        state = st;
+    }
+    if cfg.linear_probe && state.epochs_done == 0 {
+        set_feature_stats(&clf, &varmap, &loader)?;
+    }
+    // logs: keep what precedes the resume point
+    let mpath = cfg.out.join("metrics.jsonl");
+    let epath = cfg.out.join("eval.jsonl");
+    let keep = |path: &Path, upto: u64| -> Result<std::fs::File> {
+        let kept: Vec<String> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= upto)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(path, kept.concat().as_bytes())?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "open", e))
+    };
+    let mut mfile = keep(&mpath, state.step)?;
+    let mut efile = keep(&epath, state.step)?;
+    let mut last_eval = None;
+    let mut step = state.step;
+    for epoch in state.epochs_done..cfg.epochs {
+        let (mut t_int, mut wait, mut n_int) = (Instant::now(), 0f64, 0usize);
+        let mut it = loader.epoch();
+        loop {
+            let tw = Instant::now();
+            let Some(batch) = it.next() else { break };
+            wait += tw.elapsed().as_secs_f64();
+            let batch = batch?;
+            let x = Tensor::from_vec(batch.data, batch.shape.to_vec(), &dev).map_err(m)?;
+            let y: Vec<u32> = batch
+                .labels
+                .iter()
+                .map(|l| {
+                    l.map(|v| v as u32)
+                        .ok_or_else(|| Error::Invalid("a record without a label".into()))
+                })
+                .collect::<Result<_>>()?;
+            let y = Tensor::from_vec(y, batch.shape[0], &dev).map_err(m)?;
+            let logits = if cfg.linear_probe {
+                let f = clf.features(&x, None).map_err(m)?.detach();
+                clf.head(&f).map_err(m)?
+            } else {
+                let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
+                clf.forward_t(&x, Some(seed)).map_err(m)?
+            };
+            let loss_t = cross_entropy(&logits, &y, cfg.label_smoothing)?;
+            let loss = loss_t.to_scalar::<f32>().map_err(m)? as f64;
+            if !loss.is_finite() {
+                return Err(Error::Invalid(format!("loss is {loss} at step {step}")));
+            }
+            let mut grads = loss_t.backward().map_err(m)?;
+            let norm = opt.clip_grad_norm(&mut grads, cfg.grad_clip)?;
+            let lr = lr_at(step, total, warmup, lr_peak, cfg.min_lr);
+            opt.step(&grads, lr)?;
+            step += 1;
+            n_int += cfg.batch_size;
+            if step.is_multiple_of(cfg.log_every.max(1)) {
+                let dt = t_int.elapsed().as_secs_f64().max(1e-9);
+                let line = StepMetrics {
+                    step,
+                    epoch,
+                    loss,
+                    lr,
+                    grad_norm: norm,
+                    samples_per_s: n_int as f64 / dt,
+                    data_wait_fraction: wait / dt,
+                };
+                writeln!(
+                    mfile,
+                    "{}",
+                    serde_json::to_string(&line).expect("serializes")
+                )
+                .map_err(|e| Error::io(&mpath, "write", e))?;
+                on_log(&line);
+                (t_int, wait, n_int) = (Instant::now(), 0.0, 0);
+            }
+        }
+        drop(it);
+        let mut ev = evaluate(&clf, &val, cfg.eval_batch_size)?;
+        (ev.epoch, ev.step) = (epoch + 1, step);
+        writeln!(efile, "{}", serde_json::to_string(&ev).expect("serializes"))
+            .map_err(|e| Error::io(&epath, "write", e))?;
+        on_eval(&ev);
+        if state.best.as_ref().is_none_or(|b| ev.top1 > b.top1) {
+            save_dir(
+                &best_dir,
+                &clf,
+                &varmap,
+                &[(
+                    "eval.json",
+                    serde_json::to_vec_pretty(&ev).expect("serializes"),
+                )],
+            )?;
+            state.best = Some(ev.clone());
+        }
+        state.epochs_done = epoch + 1;
+        state.step = step;
+        let tmp_opt = cfg.out.join("checkpoints/optimizer.safetensors.tmp");
+        opt.save(&tmp_opt)?;
+        save_dir(
+            &last_dir,
+            &clf,
+            &varmap,
+            &[
+                (
+                    "state.json",
+                    serde_json::to_vec_pretty(&state).expect("serializes"),
+                ),
+                (
+                    "optimizer.safetensors",
+                    std::fs::read(&tmp_opt).map_err(|e| Error::io(&tmp_opt, "read", e))?,
+                ),
+            ],
+        )?;
+        let _ = std::fs::remove_file(&tmp_opt);
+        plot(cfg)?;
+        last_eval = Some(ev);
+    }
+    Ok(FinetuneSummary {
+        out: cfg.out.clone(),
+        best: state.best,
+        last: last_eval,
+        wall_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Linear probing: the frozen encoder's feature mean and variance over one pass of the
+/// training data, stored as `head.0.running_mean` / `running_var`.
+fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, loader: &LatentLoader) -> Result<()> {
+    let ds = loader.dataset();
+    let d = clf.config().encoder.embed_dim;
+    let (mut s1, mut s2) = (vec![0f64; d], vec![0f64; d]);
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for (bi, chunk) in idx.chunks(256).enumerate() {
+        let b = loader.make_batch(0, bi as u64, chunk)?;
+        let x = Tensor::from_vec(b.data, b.shape.to_vec(), &Device::Cpu).map_err(m)?;
+        let f: Vec<Vec<f32>> = clf
+            .features(&x, None)
+            .and_then(|t| t.to_vec2())
+            .map_err(m)?;
+        for row in f {
+            for (j, v) in row.into_iter().enumerate() {
+                s1[j] += v as f64;
+                s2[j] += (v as f64) * (v as f64);
+            }
+        }
+    }
+    let n = ds.len().max(1) as f64;
+    let mean: Vec<f32> = s1.iter().map(|s| (s / n) as f32).collect();
+    let var: Vec<f32> = s1
+        .iter()
+        .zip(&s2)
+        .map(|(a, b)| ((b / n) - (a / n).powi(2)).max(0.0) as f32)
+        .collect();
+    let data = varmap.data().lock().expect("varmap");
+    let dev = Device::Cpu;
+    data["head.0.running_mean"]
+        .set(&Tensor::from_vec(mean, d, &dev).map_err(m)?)
+        .map_err(m)?;
+    data["head.0.running_var"]
+        .set(
+            &Tensor::from_vec(var, d, &dev)
+                .map_err(m)?
+                .to_dtype(DType::F32)
+                .map_err(m)?,
+        )
+        .map_err(m)?;
+    Ok(())
+}
+
+/// `curves.svg`: train loss, lr, val top-1 against the step.
+fn plot(cfg: &FinetuneConfig) -> Result<()> {
+    let read = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let pts = |v: &[serde_json::Value], k: &str| -> Vec<(f64, f64)> {
+        v.iter()
+            .filter_map(|x| Some((x.get("step")?.as_f64()?, x.get(k)?.as_f64()?)))
+            .collect()
+    };
+    let train = read(&cfg.out.join("metrics.jsonl"));
+    let eval = read(&cfg.out.join("eval.jsonl"));
+    let title = format!(
+        "lmd-finetune{} {}",
+        if cfg.linear_probe {
+            " (linear probe)"
+        } else {
+            ""
+        },
+        cfg.out.display()
+    );
+    let svg = crate::report::panels_svg(
+        &title,
+        "step",
+        &[
+            ("train loss".into(), pts(&train, "loss")),
+            ("learning rate".into(), pts(&train, "lr")),
+            ("val top-1".into(), pts(&eval, "top1")),
+        ],
+    )?;
+    write_atomic(&cfg.out.join("curves.svg"), svg.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_entropy_with_smoothing_matches_the_formula() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[2.0f32, 0.0, -1.0], [0.5, 0.5, 3.0]], &dev).unwrap();
+        let y = Tensor::new(&[0u32, 1], &dev).unwrap();
+        let lp = |r: [f64; 3], k: usize| {
+            let z: f64 = r.iter().map(|v| v.exp()).sum();
+            r[k] - z.ln()
+        };
+        let rows = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]];
+        let nll = -(lp(rows[0], 0) + lp(rows[1], 1)) / 2.0;
+        let smooth = -(0..3).map(|k| lp(rows[0], k) + lp(rows[1], k)).sum::<f64>() / 6.0;
+        let got = cross_entropy(&logits, &y, 0.1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!((got - (0.9 * nll + 0.1 * smooth)).abs() < 1e-5, "{got}");
+        let (t1, t5, l) = score(&logits, &[0, 1]).unwrap();
+        assert_eq!((t1, t5), (1, 2));
+        assert!((l / 2.0 - nll).abs() < 1e-5);
+    }
+}
