@@ -26,6 +26,9 @@ pub struct SyntheticSpec {
     pub dtype: DType,
     /// Standard deviation of the white noise (the class signal has amplitude about 1).
     pub noise: f32,
+    /// Index of the first record: a validation set is the same spec (same classes) with an
+    /// offset past the training records.
+    pub first_index: usize,
 }
 
 impl Default for SyntheticSpec {
@@ -38,6 +41,7 @@ impl Default for SyntheticSpec {
             records_per_shard: 256,
             dtype: DType::F16,
             noise: 0.3,
+            first_index: 0,
         }
     }
 }
@@ -93,8 +97,8 @@ fn pattern(rng: &mut SplitMix, [c, h, w]: [usize; 3]) -> Vec<f32> {
     v
 }
 
-/// Write `spec.records` records into `dir` (shards `shard-NNNNNN.lmds` + `index.json`); labels
-/// cycle through the classes (`i % classes`), keys are `syn-NNNNNNNN`.
+/// Write `spec.records` records into `dir` (shards `shard-NNNNNN.lmds` + `index.json`); record
+/// `i` (counting from `first_index`) has label `i % classes` and key `syn-NNNNNNNN`.
 pub fn write_dataset(dir: &Path, spec: &SyntheticSpec) -> Result<Manifest> {
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, "create", e))?;
     let [c, h, w] = spec.latent_shape;
@@ -135,6 +139,7 @@ pub fn write_dataset(dir: &Path, spec: &SyntheticSpec) -> Result<Manifest> {
         let path = dir.join(format!("shard-{s:06}.lmds"));
         let mut wr = ShardWriter::create(&path, meta.clone(), WriterOptions::default())?;
         for i in start..(start + per).min(spec.records) {
+            let i = i + spec.first_index;
             let k = i % classes.len();
             let mut r = SplitMix(spec.seed.wrapping_mul(31).wrapping_add(i as u64 + 1));
             let amp = 0.7 + 0.6 * r.uniform();
