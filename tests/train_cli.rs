@@ -1,0 +1,128 @@
+//! `lmd-train` as a process: SIGKILLed between checkpoints and resumed, it reproduces the
+//! uninterrupted run's loss sequence exactly; stale temporaries of the killed run are removed;
+//! old checkpoints are pruned. Synthetic latents, no `LMD_SHARED` needed.
+
+use lmd_train::data::synthetic::{write_dataset, SyntheticSpec};
+use lmd_train::train::Metrics;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = r#"
+steps = 240
+batch_size = 32
+blr = 1.5e-3
+warmup_steps = 10
+checkpoint_every = 80
+log_every = 1
+window = 256
+keep_checkpoints = 2
+preview_samples = 2
+[model]
+in_chans = 4
+img_size = [8, 8]
+patch_size = 2
+embed_dim = 64
+depth = 2
+num_heads = 2
+decoder_embed_dim = 32
+decoder_depth = 1
+decoder_num_heads = 2
+mlp_ratio = 4.0
+norm_pix_loss = true
+"#;
+
+fn metrics(out: &Path) -> Vec<Metrics> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn train(cfg: &Path, data: &Path, out: &Path, resume: bool) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lmd-train"));
+    c.args(["--config".as_ref(), cfg.as_os_str()])
+        .args(["--data".as_ref(), data.as_os_str()])
+        .args(["--out".as_ref(), out.as_os_str()])
+        .arg("--no-progress")
+        .env("RAYON_NUM_THREADS", "2")
+        .env("CANDLE_NUM_THREADS", "2");
+    if resume {
+        c.arg("--resume");
+    }
+    c
+}
+
+fn latest(out: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(out.join("checkpoints/latest")).ok()?;
+    s.trim().strip_prefix("step-")?.parse().ok()
+}
+
+#[test]
+fn sigkilled_training_resumes_to_the_uninterrupted_loss_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(
+        &data,
+        &SyntheticSpec {
+            records: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+
+    // the uninterrupted run
+    let a = tmp.path().join("a");
+    let st = train(&cfg, &data, &a, false).status().unwrap();
+    assert!(st.success());
+    let ma = metrics(&a);
+    assert_eq!(ma.len(), 240);
+    let mut kept: Vec<String> = std::fs::read_dir(a.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["latest", "step-00000160", "step-00000240"]);
+    assert!(a.join("previews/step-00000080.png").exists() && a.join("curves.svg").exists());
+
+    // killed between checkpoints 80 and 160 (or 160 and 240), after some unsaved steps
+    let b = tmp.path().join("b");
+    let mut child = train(&cfg, &data, &b, false).spawn().unwrap();
+    let t0 = Instant::now();
+    let killed_at = loop {
+        let done = metrics(&b).last().map_or(0, |m| m.step);
+        if let Some(c) = latest(&b) {
+            if done >= c + 7 && done % 80 != 0 {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                break (c, metrics(&b).last().map_or(0, |m| m.step));
+            }
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it was killed");
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint within 300 s");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let (ckpt, logged) = killed_at;
+    assert!(logged > ckpt && logged < 240, "killed at {logged}, checkpoint {ckpt}");
+    // a half-written checkpoint of the killed process
+    let stale = b.join("checkpoints/step-00000999.tmp-4242");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"half").unwrap();
+
+    let st = train(&cfg, &data, &b, true).status().unwrap();
+    assert!(st.success());
+    assert!(!stale.exists(), "stale temporary checkpoint left behind");
+    let mb = metrics(&b);
+    assert_eq!(mb.len(), 240, "steps lost or duplicated");
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(
+            (x.step, x.epoch, x.loss, x.mask_ratio, x.lr, x.grad_norm),
+            (y.step, y.epoch, y.loss, y.mask_ratio, y.lr, y.grad_norm),
+            "step {} differs after resuming from {ckpt} (killed at {logged})",
+            x.step
+        );
+    }
+}
