@@ -101,12 +101,21 @@ fn sigkilled_training_resumes_to_the_uninterrupted_loss_sequence() {
                 break (c, metrics(&b).last().map_or(0, |m| m.step));
             }
         }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it was killed");
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint within 300 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint within 300 s"
+        );
         std::thread::sleep(Duration::from_millis(2));
     };
     let (ckpt, logged) = killed_at;
-    assert!(logged > ckpt && logged < 240, "killed at {logged}, checkpoint {ckpt}");
+    assert!(
+        logged > ckpt && logged < 240,
+        "killed at {logged}, checkpoint {ckpt}"
+    );
     // a half-written checkpoint of the killed process
     let stale = b.join("checkpoints/step-00000999.tmp-4242");
     std::fs::create_dir_all(&stale).unwrap();

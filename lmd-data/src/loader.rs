@@ -14,7 +14,9 @@
 //!   `ε` from `(seed, epoch, record)` too, so a resumed epoch sees the same numbers.
 //! - **Scaling**: applied once here when the shards say it was not applied at write time.
 //! - **Prefetch**: a background thread prepares up to `prefetch` batches ahead (bounded
-//!   channel); dropping the iterator stops and joins it.
+//!   channel); dropping the iterator stops and joins it. It keeps each decompressed block
+//!   from its first to its last use in the epoch (known from the epoch's plan), so a block is
+//!   decompressed once per epoch and memory stays near the blocks one window spans.
 //! - **Resume**: [`LoaderState`] (epoch, batches consumed) is exported after each batch and
 //!   restored with [`LatentLoader::set_state`]; the next batch is the one an uninterrupted run
 //!   would have produced.
@@ -210,11 +212,10 @@ impl LatentLoader {
         let worker = std::thread::Builder::new()
             .name("lmd-loader".into())
             .spawn(move || {
+                let mut cache = BlockCache::new(&ds, &plan);
                 for (b, idx) in plan {
-                    if tx
-                        .send_blocking(make_batch(&ds, seed, epoch, b, &idx))
-                        .is_err()
-                    {
+                    let batch = make_batch_cached(&ds, seed, epoch, b, &idx, &mut cache);
+                    if tx.send_blocking(batch).is_err() {
                         return;
                     }
                 }
@@ -228,12 +229,86 @@ impl LatentLoader {
     }
 }
 
+/// Decompressed blocks kept from their first to their last use within an epoch, so each block
+/// is decompressed once per epoch while memory stays bounded by the blocks a shuffle window
+/// spans (the order is block-shuffled, then shuffled within windows).
+struct BlockCache {
+    /// (shard, block) -> index of the last batch that needs it.
+    last_use: std::collections::HashMap<(usize, usize), u64>,
+    live: std::collections::HashMap<(usize, usize), Arc<Vec<u8>>>,
+}
+
+impl BlockCache {
+    fn new(ds: &LatentDataset, plan: &[(u64, Vec<usize>)]) -> Self {
+        let mut last_use = std::collections::HashMap::new();
+        for (b, idx) in plan {
+            for &i in idx {
+                if let Ok((s, r)) = ds.locate(i) {
+                    if let Ok(k) = ds.shards()[s].block_of_record(r) {
+                        last_use.insert((s, k), *b);
+                    }
+                }
+            }
+        }
+        BlockCache {
+            last_use,
+            live: std::collections::HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, ds: &LatentDataset, key: (usize, usize)) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self.live.get(&key) {
+            return Ok(b.clone());
+        }
+        let b = ds.shards()[key.0].block_bytes(key.1)?;
+        if self.last_use.contains_key(&key) {
+            self.live.insert(key, b.clone());
+        }
+        Ok(b)
+    }
+
+    /// Forget the blocks no batch after `batch` needs.
+    fn release(&mut self, batch: u64) {
+        let last = &self.last_use;
+        self.live
+            .retain(|k, _| last.get(k).is_some_and(|&l| l > batch));
+    }
+}
+
+fn make_batch_cached(
+    ds: &LatentDataset,
+    seed: u64,
+    epoch: u64,
+    index: u64,
+    idx: &[usize],
+    cache: &mut BlockCache,
+) -> Result<LatentBatch> {
+    let b = build_batch(ds, seed, epoch, index, idx, &mut |key| cache.get(ds, key));
+    cache.release(index);
+    b
+}
+
 fn make_batch(
     ds: &LatentDataset,
     seed: u64,
     epoch: u64,
     index: u64,
     idx: &[usize],
+) -> Result<LatentBatch> {
+    build_batch(ds, seed, epoch, index, idx, &mut |(s, k)| {
+        ds.shards()[s].block_bytes(k)
+    })
+}
+
+type BlockFetch<'a> = dyn FnMut((usize, usize)) -> Result<Arc<Vec<u8>>> + 'a;
+
+fn build_batch(
+    ds: &LatentDataset,
+    seed: u64,
+    epoch: u64,
+    index: u64,
+    idx: &[usize],
+    fetch: &mut BlockFetch<'_>,
 ) -> Result<LatentBatch> {
     let meta = ds.meta();
     let [c, h, w] = meta.latent_shape;
@@ -265,7 +340,7 @@ fn make_batch(
         let shard = &ds.shards()[s];
         if cur.as_ref().map(|c| c.0) != Some((s, blk)) {
             let first = shard.block_ranges()[blk].0;
-            cur = Some(((s, blk), shard.block_bytes(blk)?, first));
+            cur = Some(((s, blk), fetch((s, blk))?, first));
         }
         let (_, bytes, first) = cur.as_ref().expect("set above");
         let rec = &bytes[(r - first) * rec_bytes..(r - first + 1) * rec_bytes];

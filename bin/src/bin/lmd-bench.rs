@@ -64,6 +64,31 @@ enum Cmd {
         #[arg(long)]
         pillow_anchor: Option<PathBuf>,
     },
+    /// The latent loader alone (batches/s, GB/s) against a sequential decode of the same shards,
+    /// and (with --train-steps) beside the trainer's consumption and data-wait fraction.
+    Loader {
+        /// Latent dataset directories (default: a synthetic 4x28x28 f16 dataset).
+        #[arg(long, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// Records of the synthetic dataset.
+        #[arg(long, default_value_t = 4096)]
+        records: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Shuffle window (records).
+        #[arg(long, default_value_t = 8192)]
+        window: usize,
+        /// Minimum seconds timed for the loader.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Train this many steps on the same data and report the trainer's consumption and its
+        /// data-wait fraction (0: skip).
+        #[arg(long, default_value_t = 0)]
+        train_steps: u64,
+        /// Model preset for --train-steps.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+    },
     /// LatentMae training steps (forward, backward, AdamW) in samples/s, one line per mask ratio.
     ///
     /// Default: ViT-Ti (192 wide, depth 12, 3 heads), patch 2 on 4x28x28 (196 tokens), decoder
@@ -132,6 +157,26 @@ fn main() -> anyhow::Result<()> {
                 pillow_anchor,
             };
             lmd_train::bench::decode(&opts, |v| println!("{v}"))?;
+        }
+        Cmd::Loader {
+            data,
+            records,
+            batch,
+            window,
+            seconds,
+            train_steps,
+            preset,
+        } => {
+            let opts = lmd_train::bench::LoaderBenchOptions {
+                data,
+                records,
+                batch,
+                window,
+                seconds,
+                train_steps,
+                preset,
+            };
+            lmd_train::bench::loader(&opts, |v| println!("{v}"))?;
         }
         Cmd::TrainStep {
             preset,
