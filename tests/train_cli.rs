@@ -95,7 +95,7 @@ fn sigkilled_training_resumes_to_the_uninterrupted_loss_sequence() {
     let killed_at = loop {
         let done = metrics(&b).last().map_or(0, |m| m.step);
         if let Some(c) = latest(&b) {
-            if done >= c + 7 && done % 80 != 0 {
+            if done >= c + 7 && !done.is_multiple_of(80) {
                 child.kill().unwrap(); // SIGKILL
                 child.wait().unwrap();
                 break (c, metrics(&b).last().map_or(0, |m| m.step));

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod experiment;
 pub mod finetune;
 pub mod inspect;
 pub mod optim;

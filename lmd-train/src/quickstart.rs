@@ -205,19 +205,24 @@ fn defaults(cfg: &QuickstartConfig) -> Result<(Vec<String>, Vec<String>, String)
     Ok((train, val, vae))
 }
 
-/// Run the quickstart; `log` gets one line per stage event.
-pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<QuickstartReport> {
-    let t0 = Instant::now();
+/// The latents a quickstart or experiment works on.
+#[derive(Debug, Clone)]
+pub struct Latents {
+    pub train: PathBuf,
+    pub val: PathBuf,
+    pub train_records: usize,
+    pub val_records: usize,
+    /// VAE weights (for decoded previews when the latents are TAESD's).
+    pub vae_weights: String,
+    pub seconds: f64,
+}
+
+/// Stage 1: precompute the train and val inputs into `out/latents/{train,val}` (resumable), or
+/// take the given latents.
+pub fn prepare_latents(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Latents> {
+    let tp = Instant::now();
     let (train_in, val_in, vae) = defaults(cfg)?;
     let out = &cfg.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, "create", e))?;
-    lmd_data::shard::writer::write_atomic(
-        &out.join("quickstart-config.json"),
-        &serde_json::to_vec_pretty(cfg).expect("serializes"),
-    )?;
-
-    // 1. precompute
-    let tp = Instant::now();
     let mut counts = [0usize; 2];
     let given = cfg.train_latents.clone().zip(cfg.val_latents.clone());
     for (i, (name, inputs, limit)) in [
@@ -266,21 +271,48 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
             counts[i], s.skipped, s.images_per_s
         ));
     }
-    let precompute_s = tp.elapsed().as_secs_f64();
-    let (train_dir, val_dir) =
-        given.unwrap_or((out.join("latents/train"), out.join("latents/val")));
+    let (train, val) = given.unwrap_or((out.join("latents/train"), out.join("latents/val")));
+    Ok(Latents {
+        train,
+        val,
+        train_records: counts[0],
+        val_records: counts[1],
+        vae_weights: vae,
+        seconds: tp.elapsed().as_secs_f64(),
+    })
+}
 
-    // 2. pretrain
+/// What stages 2-4 gave.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageResults {
+    pub schedule: String,
+    pub pretrain_s: f64,
+    pub pretrain_first_loss: f64,
+    pub pretrain_final_loss: f64,
+    pub finetune_s: f64,
+    pub finetune: Option<EvalResult>,
+    pub linprobe_s: f64,
+    pub linprobe: Option<EvalResult>,
+}
+
+/// Stages 2-4 into `dir`: pretrain (`dir/pretrain`) with `cfg.schedule`, then fine-tune
+/// (`dir/finetune`) and linear-probe (`dir/linprobe`) its encoder. All resumable.
+pub fn pretrain_and_evaluate(
+    cfg: &QuickstartConfig,
+    lat: &Latents,
+    dir: &std::path::Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<StageResults> {
     let tp = Instant::now();
-    let mut tc = cfg.pretrain_config(train_dir.clone(), out.join("pretrain"));
+    let mut tc = cfg.pretrain_config(lat.train.clone(), dir.join("pretrain"));
     // previews decode through the VAE the latents came from (TAESD here)
-    let data_vae = crate::train::open_data(std::slice::from_ref(&train_dir))?
+    let data_vae = crate::train::open_data(std::slice::from_ref(&lat.train))?
         .meta()
         .vae
         .name
         .clone();
     if data_vae == "taesd" {
-        tc.vae_weights = Some(vae.clone());
+        tc.vae_weights = Some(lat.vae_weights.clone());
     }
     log(&format!(
         "[2/4] pretrain: {} steps, {} mask schedule, batch {}",
@@ -288,11 +320,7 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
         tc.schedule.name(),
         tc.batch_size
     ));
-    let mut first_loss = f64::NAN;
     crate::train::run(&tc, true, &mut |m| {
-        if first_loss.is_nan() {
-            first_loss = m.loss;
-        }
         if m.step.is_multiple_of(100) {
             log(&format!(
                 "      step {} loss {:.4} mask ratio {:.3} ({:.0} samples/s)",
@@ -301,14 +329,12 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
         }
     })?;
     let lines = crate::report::read_metrics(&tc.out.join("metrics.jsonl"))?;
-    let pretrain_first_loss = lines.first().map_or(first_loss, |l| l.loss);
+    let pretrain_first_loss = lines.first().map_or(f64::NAN, |l| l.loss);
     let pretrain_final_loss = lines.last().map_or(f64::NAN, |l| l.loss);
     let pretrain_s = tp.elapsed().as_secs_f64();
     let ckpt = crate::train::latest_checkpoint(&tc.out)
         .ok_or_else(|| Error::Invalid(format!("{}: no checkpoint", tc.out.display())))?
         .join("model.safetensors");
-
-    // 3. fine-tune and linear probe
     let mut results = [None, None];
     let mut secs = [0f64; 2];
     for (i, (name, lp)) in [("finetune", false), ("linprobe", true)]
@@ -317,10 +343,10 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
     {
         let tf = Instant::now();
         let fc = cfg.finetune_config(
-            train_dir.clone(),
-            val_dir.clone(),
+            lat.train.clone(),
+            lat.val.clone(),
             Some(ckpt.clone()),
-            out.join(name),
+            dir.join(name),
             lp,
         );
         log(&format!(
@@ -345,11 +371,8 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
         secs[i] = tf.elapsed().as_secs_f64();
     }
     let [finetune, linprobe] = results;
-    let report = QuickstartReport {
-        out: out.clone(),
-        train_records: counts[0],
-        val_records: counts[1],
-        precompute_s,
+    Ok(StageResults {
+        schedule: cfg.schedule.name().into(),
         pretrain_s,
         pretrain_first_loss,
         pretrain_final_loss,
@@ -357,6 +380,32 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
         finetune,
         linprobe_s: secs[1],
         linprobe,
+    })
+}
+
+/// Run the quickstart; `log` gets one line per stage event.
+pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<QuickstartReport> {
+    let t0 = Instant::now();
+    let out = &cfg.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, "create", e))?;
+    lmd_data::shard::writer::write_atomic(
+        &out.join("quickstart-config.json"),
+        &serde_json::to_vec_pretty(cfg).expect("serializes"),
+    )?;
+    let lat = prepare_latents(cfg, log)?;
+    let r = pretrain_and_evaluate(cfg, &lat, out, log)?;
+    let report = QuickstartReport {
+        out: out.clone(),
+        train_records: lat.train_records,
+        val_records: lat.val_records,
+        precompute_s: lat.seconds,
+        pretrain_s: r.pretrain_s,
+        pretrain_first_loss: r.pretrain_first_loss,
+        pretrain_final_loss: r.pretrain_final_loss,
+        finetune_s: r.finetune_s,
+        finetune: r.finetune,
+        linprobe_s: r.linprobe_s,
+        linprobe: r.linprobe,
         total_s: t0.elapsed().as_secs_f64(),
     };
     lmd_data::shard::writer::write_atomic(
