@@ -153,6 +153,10 @@ impl VitClassifier {
         &self.cfg
     }
 
+    pub fn device(&self) -> &Device {
+        self.pos_embed.device()
+    }
+
     /// Copy the encoder weights from a pretrained MAE checkpoint (safetensors, MAE names, e.g.
     /// an `lmd-train` checkpoint or a converted official one) into `varmap`. Every encoder
     /// parameter must be present with its shape; the decoder, `mask_token` and (with global

@@ -306,9 +306,9 @@ impl Block {
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self
-            .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let h = self.fc2.forward(&crate::fused::gelu_erf(
+            &self.fc1.forward(&self.norm2.forward(&x)?)?,
+        )?)?;
         x + h
     }
 }
@@ -340,9 +340,9 @@ impl Block {
         };
         let a = self.attn.forward(&self.norm1.forward(x)?)?;
         let x = (x + a.broadcast_mul(&keep()?)?)?;
-        let h = self
-            .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let h = self.fc2.forward(&crate::fused::gelu_erf(
+            &self.fc1.forward(&self.norm2.forward(&x)?)?,
+        )?)?;
         let h = h.broadcast_mul(&keep()?)?;
         x + h
     }

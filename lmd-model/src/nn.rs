@@ -202,6 +202,49 @@ mod tests {
     #[test]
     fn gelu_erf_gradient_matches_finite_differences() {
         check_grad(|x| x.gelu_erf(), &[4, 5], 3);
+        check_grad(crate::fused::gelu_erf, &[4, 5], 3); // f64: the composite path
+    }
+
+    #[test]
+    fn fused_gelu_matches_candle_forward_and_backward_in_f32() {
+        let dev = Device::Cpu;
+        // wide range, and more elements than one parallel chunk
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (5, 7001), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (5, 7001), &dev).unwrap();
+        let ours = crate::fused::gelu_erf(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().gelu_erf().unwrap();
+        let maxdiff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            maxdiff(&ours, &theirs) < 2e-6,
+            "{}",
+            maxdiff(&ours, &theirs)
+        );
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (g1, g2) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(maxdiff(g1, g2) < 2e-5, "{}", maxdiff(g1, g2));
     }
 
     #[test]

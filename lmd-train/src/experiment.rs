@@ -97,7 +97,12 @@ pub fn splice(text: &str, block: &str) -> String {
     match (text.find(BEGIN), text.find(END)) {
         (Some(a), Some(b)) if b > a => {
             let tail = &text[b + END.len()..];
-            format!("{}{}{}", &text[..a], block, tail.strip_prefix('\n').unwrap_or(tail))
+            format!(
+                "{}{}{}",
+                &text[..a],
+                block,
+                tail.strip_prefix('\n').unwrap_or(tail)
+            )
         }
         _ => format!("{text}{}{block}", if text.is_empty() { "" } else { "\n" }),
     }
@@ -144,7 +149,11 @@ pub fn run(cfg: &ExperimentConfig, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>
             false,
         );
         let s = crate::finetune::run(&fc, true, &mut |_| {}, &mut |e| {
-            log(&format!("      epoch {} val top-1 {:.1}%", e.epoch, 100.0 * e.top1))
+            log(&format!(
+                "      epoch {} val top-1 {:.1}%",
+                e.epoch,
+                100.0 * e.top1
+            ))
         })?;
         rows.push(Row {
             schedule: "none (from scratch)".into(),
@@ -168,7 +177,10 @@ pub fn run(cfg: &ExperimentConfig, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>
         let text = std::fs::read_to_string(doc).unwrap_or_default();
         w(doc, &splice(&text, &block))?;
     }
-    log(&format!("experiment done in {:.0} s", t0.elapsed().as_secs_f64()));
+    log(&format!(
+        "experiment done in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    ));
     Ok(rows)
 }
 

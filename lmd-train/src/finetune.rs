@@ -68,6 +68,9 @@ pub struct FinetuneConfig {
     /// Max global grad norm (0: none, MAE's fine-tuning default).
     pub grad_clip: f64,
     pub seed: u64,
+    /// `cpu` or `cuda:N` (CUDA: a build with `--features cuda`; the fused CPU kernels fall
+    /// back to composite candle ops there).
+    pub device: String,
     pub window: usize,
     pub log_every: u64,
     pub eval_batch_size: usize,
@@ -101,6 +104,7 @@ impl Default for FinetuneConfig {
             num_classes: None,
             grad_clip: 0.0,
             seed: 0,
+            device: "cpu".into(),
             window: 8192,
             log_every: 10,
             eval_batch_size: 256,
@@ -248,7 +252,7 @@ pub fn evaluate(clf: &VitClassifier, ds: &Arc<LatentDataset>, batch: usize) -> R
         },
     )?;
     let t0 = Instant::now();
-    let dev = Device::Cpu;
+    let dev = clf.device().clone();
     let (mut t1, mut t5, mut loss) = (0usize, 0usize, 0f64);
     let idx: Vec<usize> = (0..ds.len()).collect();
     for (bi, chunk) in idx.chunks(batch.max(1)).enumerate() {
@@ -272,7 +276,7 @@ pub fn evaluate(clf: &VitClassifier, ds: &Arc<LatentDataset>, batch: usize) -> R
 
 /// Read a saved classifier: `path` is a `model.safetensors` (or the directory holding it) with
 /// `classifier.json` beside it.
-pub fn load_classifier(path: &Path) -> Result<VitClassifier> {
+pub fn load_classifier(path: &Path, dev: &Device) -> Result<VitClassifier> {
     let file = if path.is_dir() {
         path.join("model.safetensors")
     } else {
@@ -286,12 +290,17 @@ pub fn load_classifier(path: &Path) -> Result<VitClassifier> {
         &std::fs::read(&cj).map_err(|e| Error::io(&cj, "read (saved beside the weights)", e))?,
     )
     .map_err(|e| Error::Invalid(format!("{}: {e}", cj.display())))?;
-    Ok(VitClassifier::load(&cfg, &file, &Device::Cpu)?.0)
+    Ok(VitClassifier::load(&cfg, &file, dev)?.0)
 }
 
-/// `lmd-eval`: evaluate a saved classifier on latent shards.
-pub fn eval_checkpoint(checkpoint: &Path, data: &[PathBuf], batch: usize) -> Result<EvalResult> {
-    let clf = load_classifier(checkpoint)?;
+/// `lmd-eval`: evaluate a saved classifier on latent shards, on `device` (`cpu`, `cuda:N`).
+pub fn eval_checkpoint(
+    checkpoint: &Path,
+    data: &[PathBuf],
+    batch: usize,
+    device: &str,
+) -> Result<EvalResult> {
+    let clf = load_classifier(checkpoint, &crate::device(device)?)?;
     let ds = Arc::new(open_data(data)?);
     let [c, h, w] = ds.meta().latent_shape;
     let e = &clf.config().encoder;
@@ -375,7 +384,7 @@ pub fn run(
         &cfg.out.join("config.json"),
         &serde_json::to_vec_pretty(cfg).expect("serializes"),
     )?;
-    let dev = Device::Cpu;
+    let dev = crate::device(&cfg.device)?;
     let varmap = VarMap::new();
     let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
     let clf = VitClassifier::init(&ccfg, &varmap, cfg.seed, head_std, &dev).map_err(m)?;
@@ -429,7 +438,13 @@ pub fn run(
         let strip = |c: &FinetuneConfig| {
             let mut v = serde_json::to_value(c).expect("v");
             let o = v.as_object_mut().expect("object");
-            for k in ["out", "log_every", "eval_batch_size", "pretrained"] {
+            for k in [
+                "out",
+                "log_every",
+                "eval_batch_size",
+                "pretrained",
+                "device",
+            ] {
                 o.remove(k);
             }
             v
@@ -592,7 +607,7 @@ fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, loader: &LatentLoader
     let idx: Vec<usize> = (0..ds.len()).collect();
     for (bi, chunk) in idx.chunks(256).enumerate() {
         let b = loader.make_batch(0, bi as u64, chunk)?;
-        let x = Tensor::from_vec(b.data, b.shape.to_vec(), &Device::Cpu).map_err(m)?;
+        let x = Tensor::from_vec(b.data, b.shape.to_vec(), clf.device()).map_err(m)?;
         let f: Vec<Vec<f32>> = clf
             .features(&x, None)
             .and_then(|t| t.to_vec2())
@@ -612,13 +627,13 @@ fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, loader: &LatentLoader
         .map(|(a, b)| ((b / n) - (a / n).powi(2)).max(0.0) as f32)
         .collect();
     let data = varmap.data().lock().expect("varmap");
-    let dev = Device::Cpu;
+    let dev = clf.device();
     data["head.0.running_mean"]
-        .set(&Tensor::from_vec(mean, d, &dev).map_err(m)?)
+        .set(&Tensor::from_vec(mean, d, dev).map_err(m)?)
         .map_err(m)?;
     data["head.0.running_var"]
         .set(
-            &Tensor::from_vec(var, d, &dev)
+            &Tensor::from_vec(var, d, dev)
                 .map_err(m)?
                 .to_dtype(DType::F32)
                 .map_err(m)?,

@@ -275,23 +275,7 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
             None => InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()),
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let dev = match cfg.device.as_str() {
-        "cpu" => Device::Cpu,
-        d if d.starts_with("cuda") => {
-            let n = d
-                .strip_prefix("cuda:")
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(0);
-            Device::new_cuda(n).map_err(|e| {
-                Error::Invalid(format!("--device {d}: {e} (build with CUDA support)"))
-            })?
-        }
-        d => {
-            return Err(Error::Invalid(format!(
-                "--device {d}: expected cpu or cuda:N"
-            )))
-        }
-    };
+    let dev = crate::device(&cfg.device)?;
     let weights = cfg.vae_weights.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "hf:{}",

@@ -50,6 +50,9 @@ pub struct TrainConfig {
     /// Max global grad norm (0: no clipping).
     pub grad_clip: f64,
     pub seed: u64,
+    /// `cpu` or `cuda:N` (CUDA: a build with `--features cuda`; the fused CPU kernels fall
+    /// back to composite candle ops there).
+    pub device: String,
     /// Loader shuffle window (records).
     pub window: usize,
     pub checkpoint_every: u64,
@@ -82,6 +85,7 @@ impl Default for TrainConfig {
             optimizer: AdamWConfig::default(),
             grad_clip: 3.0,
             seed: 0,
+            device: "cpu".into(),
             window: 8192,
             checkpoint_every: 200,
             log_every: 10,
@@ -125,7 +129,9 @@ struct CkptState {
 }
 
 /// Settings that may change between a run and its resumption (they do not change the numbers).
-const RUN_ONLY_KEYS: [&str; 7] = [
+/// (`device` may change too: the run continues, though not bit-identically across devices.)
+const RUN_ONLY_KEYS: [&str; 8] = [
+    "device",
     "stop_after",
     "checkpoint_every",
     "log_every",
@@ -201,7 +207,7 @@ pub fn run(
         &cfg.out.join("config.json"),
         &serde_json::to_vec_pretty(cfg).expect("serializes"),
     )?;
-    let dev = Device::Cpu;
+    let dev = crate::device(&cfg.device)?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev).map_err(m)?;
     let named: Vec<(String, lmd_model::candle::Var)> = varmap

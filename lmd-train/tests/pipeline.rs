@@ -100,6 +100,7 @@ fn quickstart_pretrains_finetunes_probes_and_evaluates() {
         &out.join("finetune/best/model.safetensors"),
         std::slice::from_ref(&val),
         256,
+        "cpu",
     )
     .unwrap();
     assert_eq!(

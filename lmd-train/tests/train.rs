@@ -1,58 +1,20 @@
 //! The trainer on latent shards the test makes: metrics, checkpoints, exact resume.
 
-use lmd_train::data::shard::{
-    Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta, ShardWriter, VaeIdentity,
-    WriterOptions,
-};
-use lmd_train::data::DType;
+use lmd_train::data::synthetic::{write_dataset, SyntheticSpec};
 use lmd_train::model::{MaeConfig, MaskSchedule};
 use lmd_train::train::{run, Metrics, TrainConfig};
 use std::path::Path;
 
 fn make_data(dir: &Path, n: usize) {
-    let meta = ShardMeta {
-        latent_shape: [4, 8, 8],
-        dtype: DType::F16,
-        layout: RecordLayout::single(),
-        labels: true,
-        vae: VaeIdentity {
-            name: "test".into(),
-            weights: vec![],
+    write_dataset(
+        dir,
+        &SyntheticSpec {
+            records: n,
+            records_per_shard: n,
+            ..Default::default()
         },
-        preprocessing: Preprocessing {
-            size: 64,
-            resize: "shorter-side".into(),
-            crop: "center".into(),
-            filter: "bilinear-antialias".into(),
-            views: 1,
-            flip: false,
-            input_range: "[0,1]".into(),
-        },
-        scaling: Scaling {
-            factor: 1.0,
-            applied: true,
-        },
-        writer: "tests".into(),
-        records_per_block: 0,
-        byte_shuffle: true,
-        zstd_level: 3,
-    };
-    let mut man = Manifest::new(meta.clone());
-    let path = dir.join("shard-000000.lmds");
-    let mut w = ShardWriter::create(&path, meta, WriterOptions::default()).unwrap();
-    for i in 0..n {
-        let v: Vec<f32> = (0..256)
-            .map(|j| {
-                let (c, y, x) = (j / 64, (j / 8) % 8, j % 8);
-                ((x as f32 * 0.7 + i as f32).sin() + (y as f32 * 0.5 * (c + 1) as f32).cos()) * 0.8
-            })
-            .collect();
-        w.push_f32(&format!("s{i}"), Some((i % 10) as i64), &v)
-            .unwrap();
-    }
-    let wm = w.meta().clone();
-    man.add(&w.finish().unwrap(), &wm).unwrap();
-    man.save(dir).unwrap();
+    )
+    .unwrap();
 }
 
 fn cfg(data: &Path, out: &Path) -> TrainConfig {
@@ -160,5 +122,23 @@ fn pretrain_presets_parse() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         c.model_config().unwrap();
         c.schedule.validate().unwrap();
+    }
+}
+
+#[test]
+fn finetune_presets_parse() {
+    for name in [
+        "finetune-tiny.toml",
+        "linprobe-tiny.toml",
+        "finetune-lmd-base.toml",
+    ] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name);
+        let c: lmd_train::finetune::FinetuneConfig =
+            toml::from_str(&std::fs::read_to_string(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        c.encoder_config().unwrap();
+        assert_eq!(c.linear_probe, name.starts_with("linprobe"));
     }
 }

@@ -45,6 +45,9 @@ struct Args {
     preset: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
+    /// cpu or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long)]
+    device: Option<String>,
     /// Continue from the last finished epoch.
     #[arg(long)]
     resume: bool,
@@ -73,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { cfg.$f = v; } )* };
     }
-    set!(out, epochs, batch_size, blr, preset, seed);
+    set!(out, epochs, batch_size, blr, preset, seed, device);
     let bar = if a.no_progress {
         indicatif::ProgressBar::hidden()
     } else {

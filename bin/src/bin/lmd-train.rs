@@ -45,6 +45,9 @@ struct Args {
     batch_size: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// cpu or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long)]
+    device: Option<String>,
     /// VAE weights (directory or hf:OWNER/REPO) to decode the reconstruction previews to
     /// pixels; without it previews show latent channels in false colour.
     #[arg(long)]
@@ -78,7 +81,8 @@ fn main() -> anyhow::Result<()> {
         preset,
         batch_size,
         seed,
-        keep_checkpoints
+        keep_checkpoints,
+        device
     );
     if a.vae_weights.is_some() {
         cfg.vae_weights = a.vae_weights.clone();
