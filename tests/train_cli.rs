@@ -135,3 +135,122 @@ fn sigkilled_training_resumes_to_the_uninterrupted_loss_sequence() {
         );
     }
 }
+
+const FT_CONFIG: &str = r#"
+epochs = 4
+batch_size = 32
+blr = 5e-3
+warmup_epochs = 1.0
+log_every = 1
+window = 256
+[model]
+in_chans = 4
+img_size = [8, 8]
+patch_size = 2
+embed_dim = 64
+depth = 2
+num_heads = 2
+decoder_embed_dim = 32
+decoder_depth = 1
+decoder_num_heads = 2
+mlp_ratio = 4.0
+norm_pix_loss = true
+"#;
+
+fn lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The fields that must match between runs (not the timings).
+fn numbers(v: &[serde_json::Value], keys: &[&str]) -> Vec<Vec<serde_json::Value>> {
+    v.iter()
+        .map(|x| keys.iter().map(|k| x[*k].clone()).collect())
+        .collect()
+}
+
+#[test]
+fn sigkilled_finetune_resumes_from_the_last_epoch_to_the_same_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, val) = (tmp.path().join("train"), tmp.path().join("val"));
+    let spec = SyntheticSpec {
+        records: 384,
+        ..Default::default()
+    };
+    write_dataset(&train, &spec).unwrap();
+    write_dataset(
+        &val,
+        &SyntheticSpec {
+            records: 128,
+            first_index: 100_000,
+            ..spec
+        },
+    )
+    .unwrap();
+    let cfg = tmp.path().join("ft.toml");
+    std::fs::write(&cfg, FT_CONFIG).unwrap();
+    let ft = |out: &Path, resume: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_lmd-finetune"));
+        c.args(["--config".as_ref(), cfg.as_os_str()])
+            .args(["--data".as_ref(), train.as_os_str()])
+            .args(["--val-data".as_ref(), val.as_os_str()])
+            .args(["--out".as_ref(), out.as_os_str()])
+            .arg("--no-progress")
+            .env("RAYON_NUM_THREADS", "2")
+            .env("CANDLE_NUM_THREADS", "2");
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let a = tmp.path().join("a");
+    assert!(ft(&a, false).status().unwrap().success());
+    let (ea, ma) = (
+        lines(&a.join("eval.jsonl")),
+        lines(&a.join("metrics.jsonl")),
+    );
+    assert_eq!(ea.len(), 4);
+    assert_eq!(ma.len(), 4 * 12);
+
+    // killed after the first epoch's checkpoint, in the middle of the second epoch
+    let b = tmp.path().join("b");
+    let mut child = ft(&b, false).spawn().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let done = lines(&b.join("metrics.jsonl")).len();
+        if b.join("checkpoints/last/state.json").exists() && done >= 12 + 3 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no epoch within 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(ft(&b, true).status().unwrap().success());
+    let (eb, mb) = (
+        lines(&b.join("eval.jsonl")),
+        lines(&b.join("metrics.jsonl")),
+    );
+    let ek = ["epoch", "step", "top1", "top5", "loss", "records"];
+    let mk = ["step", "epoch", "loss", "lr", "grad_norm"];
+    assert_eq!(numbers(&ea, &ek), numbers(&eb, &ek));
+    assert_eq!(numbers(&ma, &mk), numbers(&mb, &mk));
+    // the best checkpoint is the best epoch's
+    let best: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("best/eval.json")).unwrap()).unwrap();
+    let top = ea
+        .iter()
+        .map(|e| e["top1"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(best["top1"].as_f64().unwrap(), top);
+}
