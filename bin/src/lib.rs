@@ -29,6 +29,64 @@ pub fn load_config<T: serde::de::DeserializeOwned + Default>(
     toml::from_str::<T>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
 }
 
+/// The data, model size and budgets that `lmd-quickstart` and `lmd-experiment` share.
+#[derive(clap::Args, Debug)]
+pub struct PipelineArgs {
+    /// Labelled training inputs (WebDataset shard patterns, ILSVRC tars, ImageFolder dirs).
+    /// Default: $LMD_SHARED/data/imagenette.
+    #[arg(long, num_args = 1..)]
+    pub train: Vec<String>,
+    /// Labelled validation inputs.
+    #[arg(long, num_args = 1..)]
+    pub val: Vec<String>,
+    /// Already precomputed latents (skip the precompute stage).
+    #[arg(long)]
+    pub train_latents: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub val_latents: Option<std::path::PathBuf>,
+    /// TAESD weights: a directory or hf:OWNER/REPO (default: $LMD_SHARED/weights/taesd, else
+    /// hf:madebyollin/taesd).
+    #[arg(long)]
+    pub vae_weights: Option<String>,
+    /// Image size (latents are size/8 square; the model follows).
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// Use at most this many training / validation images (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit_train: u64,
+    #[arg(long, default_value_t = 0)]
+    pub limit_val: u64,
+    #[arg(long, default_value_t = 600)]
+    pub pretrain_steps: u64,
+    #[arg(long, default_value_t = 15)]
+    pub finetune_epochs: u64,
+    #[arg(long, default_value_t = 15)]
+    pub linprobe_epochs: u64,
+}
+
+impl PipelineArgs {
+    /// The quickstart configuration these arguments describe, writing into `out`.
+    pub fn config(self, out: std::path::PathBuf) -> lmd_train::quickstart::QuickstartConfig {
+        use lmd_train::quickstart::QuickstartConfig;
+        QuickstartConfig {
+            out,
+            train: self.train,
+            val: self.val,
+            train_latents: self.train_latents,
+            val_latents: self.val_latents,
+            vae_weights: self.vae_weights,
+            size: self.size,
+            limit_train: self.limit_train,
+            limit_val: self.limit_val,
+            model: QuickstartConfig::model_for(self.size),
+            pretrain_steps: self.pretrain_steps,
+            finetune_epochs: self.finetune_epochs,
+            linprobe_epochs: self.linprobe_epochs,
+            ..Default::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -10,7 +10,9 @@
 //!
 //! Shapes: `[B, C, H, W]` latents -> `[B, D]` features -> `[B, K]` logits.
 
-use crate::mae::{patch_embed, patch_embed_params, sincos_pos_embed, Block, SplitMix};
+use crate::mae::{
+    patch_embed, patch_embed_params, save_atomic, set_vars, sincos_pos_embed, Block, SplitMix,
+};
 use crate::nn::{linear, LayerNorm, Linear};
 use crate::MaeConfig;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
@@ -181,34 +183,16 @@ impl VitClassifier {
                 )));
             }
         }
-        let data = varmap.data().lock().expect("varmap lock");
-        let mut names: Vec<&String> = data
-            .keys()
-            .filter(|n| is_encoder_param(n, &self.cfg))
-            .collect();
-        names.sort();
-        let mut missing = Vec::new();
-        for name in &names {
-            let var = &data[*name];
-            match tensors.get(*name) {
-                None => missing.push((*name).clone()),
-                Some(t) if t.shape() != var.shape() => {
-                    return Err(werr(format!(
-                        "tensor {name}: shape {:?}, the classifier expects {:?}",
-                        t.shape().dims(),
-                        var.shape().dims()
-                    )))
+        let cfg = &self.cfg;
+        set_vars(varmap, &tensors, path, |n| is_encoder_param(n, cfg)).map_err(|e| match e {
+            crate::Error::Weights { path, detail } if detail.starts_with("missing") => {
+                crate::Error::Weights {
+                    path,
+                    detail: format!("not an MAE encoder checkpoint for this model: {detail}"),
                 }
-                Some(t) => var.set(&t.to_dtype(var.dtype())?)?,
             }
-        }
-        if !missing.is_empty() {
-            return Err(werr(format!(
-                "not an MAE encoder checkpoint for this model: missing {}",
-                missing.join(", ")
-            )));
-        }
-        Ok(names.into_iter().cloned().collect())
+            e => e,
+        })
     }
 
     /// Names of the encoder parameters (frozen in linear probing).
@@ -274,23 +258,7 @@ impl VitClassifier {
 
     /// Save parameters and `pos_embed` with MAE's fine-tuning names, atomically.
     pub fn save(&self, varmap: &VarMap, path: &std::path::Path) -> crate::Result<()> {
-        let mut map: std::collections::HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        map.insert("pos_embed".into(), self.pos_embed.clone());
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        candle_core::safetensors::save(&map, &tmp).map_err(|e| crate::Error::Weights {
-            path: tmp.clone(),
-            detail: format!("cannot write: {e}"),
-        })?;
-        std::fs::rename(&tmp, path).map_err(|e| crate::Error::Weights {
-            path: path.to_path_buf(),
-            detail: format!("rename: {e}"),
-        })
+        save_atomic(varmap, vec![("pos_embed", self.pos_embed.clone())], path)
     }
 
     /// Load a classifier saved by [`VitClassifier::save`] into a fresh `VarMap`.
@@ -307,27 +275,7 @@ impl VitClassifier {
             .map_err(|e| werr(format!("cannot read: {e}")))?;
         let varmap = VarMap::new();
         let model = Self::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
-        {
-            let data = varmap.data().lock().expect("varmap lock");
-            let mut missing = Vec::new();
-            for (name, var) in data.iter() {
-                match tensors.get(name) {
-                    Some(t) if t.shape() == var.shape() => var.set(&t.to_dtype(var.dtype())?)?,
-                    Some(t) => {
-                        return Err(werr(format!(
-                            "tensor {name}: shape {:?}, the classifier expects {:?}",
-                            t.shape().dims(),
-                            var.shape().dims()
-                        )))
-                    }
-                    None => missing.push(name.clone()),
-                }
-            }
-            if !missing.is_empty() {
-                missing.sort();
-                return Err(werr(format!("missing tensors: {}", missing.join(", "))));
-            }
-        }
+        set_vars(&varmap, &tensors, path, |_| true)?;
         Ok((model, varmap))
     }
 }

@@ -205,6 +205,71 @@ pub fn sincos_pos_embed(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
     out
 }
 
+/// Set the variables of `varmap` whose names pass `select` from `tensors` (read from `path`):
+/// every selected one must be present with its shape; errors name the file and the tensors.
+/// Returns the names set, sorted.
+pub(crate) fn set_vars(
+    varmap: &VarMap,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    path: &std::path::Path,
+    select: impl Fn(&str) -> bool,
+) -> crate::Result<Vec<String>> {
+    let werr = |detail: String| crate::Error::Weights {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().filter(|n| select(n)).collect();
+    names.sort();
+    let mut missing = Vec::new();
+    for name in &names {
+        let var = &data[*name];
+        match tensors.get(*name) {
+            None => missing.push(format!("{name} {:?}", var.shape().dims())),
+            Some(t) if t.shape() != var.shape() => {
+                return Err(werr(format!(
+                    "tensor {name}: shape {:?}, the model expects {:?}",
+                    t.shape().dims(),
+                    var.shape().dims()
+                )))
+            }
+            Some(t) => var.set(&t.to_dtype(var.dtype())?)?,
+        }
+    }
+    if !missing.is_empty() {
+        return Err(werr(format!("missing tensors: {}", missing.join(", "))));
+    }
+    Ok(names.into_iter().cloned().collect())
+}
+
+/// Save the variables of `varmap` plus fixed `buffers` as safetensors, through a temporary
+/// file and a rename.
+pub(crate) fn save_atomic(
+    varmap: &VarMap,
+    buffers: Vec<(&'static str, Tensor)>,
+    path: &std::path::Path,
+) -> crate::Result<()> {
+    let mut map: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    for (name, t) in buffers {
+        map.insert(name.to_string(), t);
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    candle_core::safetensors::save(&map, &tmp).map_err(|e| crate::Error::Weights {
+        path: tmp.clone(),
+        detail: format!("cannot write: {e}"),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| crate::Error::Weights {
+        path: path.to_path_buf(),
+        detail: format!("rename: {e}"),
+    })
+}
+
 /// Patch embedding (conv p×p stride p as a matmul): `[B, C, H, W]` -> `[B, L, D]`, with the
 /// conv weight flattened to `w [D, C·p·p]` and bias `b [D]`.
 pub(crate) fn patch_embed(cfg: &MaeConfig, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -482,27 +547,7 @@ impl LatentMae {
             .map_err(|e| werr(format!("cannot read: {e}")))?;
         let varmap = VarMap::new();
         let model = Self::init(cfg, &varmap, 0, dev)?;
-        {
-            let data = varmap.data().lock().expect("varmap lock");
-            let mut missing = Vec::new();
-            for (name, var) in data.iter() {
-                match tensors.get(name) {
-                    None => missing.push(format!("{name} {:?}", var.shape().dims())),
-                    Some(t) if t.shape() != var.shape() => {
-                        return Err(werr(format!(
-                            "tensor {name}: shape {:?}, the model ({cfg:?}) expects {:?}",
-                            t.shape().dims(),
-                            var.shape().dims()
-                        )))
-                    }
-                    Some(t) => var.set(&t.to_dtype(var.dtype())?)?,
-                }
-            }
-            if !missing.is_empty() {
-                missing.sort();
-                return Err(werr(format!("missing tensors: {}", missing.join(", "))));
-            }
-        }
+        set_vars(&varmap, &tensors, path, |_| true)?;
         for (name, buf) in model.buffers() {
             if let Some(t) = tensors.get(name) {
                 let d = (t.to_dtype(DType::F32)? - buf)?
@@ -522,25 +567,7 @@ impl LatentMae {
 
     /// Save parameters (from `varmap`) and the positional tables with MAE's names, atomically.
     pub fn save(&self, varmap: &VarMap, path: &std::path::Path) -> crate::Result<()> {
-        let mut map: std::collections::HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        for (name, t) in self.buffers() {
-            map.insert(name.to_string(), t);
-        }
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        candle_core::safetensors::save(&map, &tmp).map_err(|e| crate::Error::Weights {
-            path: tmp.clone(),
-            detail: format!("cannot write: {e}"),
-        })?;
-        std::fs::rename(&tmp, path).map_err(|e| crate::Error::Weights {
-            path: path.to_path_buf(),
-            detail: format!("rename: {e}"),
-        })
+        save_atomic(varmap, self.buffers(), path)
     }
 
     pub fn config(&self) -> &MaeConfig {

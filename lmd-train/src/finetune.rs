@@ -133,11 +133,7 @@ impl FinetuneConfig {
     }
 
     pub fn encoder_config(&self) -> Result<MaeConfig> {
-        match &self.model {
-            Some(m) => Ok(m.clone()),
-            None => MaeConfig::preset(&self.preset)
-                .ok_or_else(|| Error::Invalid(format!("unknown model preset {:?}", self.preset))),
-        }
+        crate::train::resolve_model(&self.preset, self.model.as_ref())
     }
 }
 

@@ -386,6 +386,7 @@ pub fn pretrain_and_evaluate(
 /// Run the quickstart; `log` gets one line per stage event.
 pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<QuickstartReport> {
     let t0 = Instant::now();
+    defaults(cfg)?; // no data: say so before creating anything
     let out = &cfg.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, "create", e))?;
     lmd_data::shard::writer::write_atomic(

@@ -99,11 +99,16 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn model_config(&self) -> Result<MaeConfig> {
-        match &self.model {
-            Some(m) => Ok(m.clone()),
-            None => MaeConfig::preset(&self.preset)
-                .ok_or_else(|| Error::Invalid(format!("unknown model preset {:?}", self.preset))),
-        }
+        resolve_model(&self.preset, self.model.as_ref())
+    }
+}
+
+/// `model` when given, else the named preset.
+pub(crate) fn resolve_model(preset: &str, model: Option<&MaeConfig>) -> Result<MaeConfig> {
+    match model {
+        Some(m) => Ok(m.clone()),
+        None => MaeConfig::preset(preset)
+            .ok_or_else(|| Error::Invalid(format!("unknown model preset {preset:?}"))),
     }
 }
 

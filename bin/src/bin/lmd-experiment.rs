@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use lmd_train::experiment::ExperimentConfig;
-use lmd_train::quickstart::QuickstartConfig;
 use std::path::PathBuf;
 
 /// Pretrain with each mask schedule for the same budget, fine-tune and linear-probe each, and
@@ -25,24 +24,8 @@ struct Args {
     /// Markdown file to update (its lmd-experiment block), e.g. docs/EXPERIMENTS.md.
     #[arg(long)]
     doc: Option<PathBuf>,
-    #[arg(long, num_args = 1..)]
-    train: Vec<String>,
-    #[arg(long, num_args = 1..)]
-    val: Vec<String>,
-    #[arg(long)]
-    train_latents: Option<PathBuf>,
-    #[arg(long)]
-    val_latents: Option<PathBuf>,
-    #[arg(long)]
-    vae_weights: Option<String>,
-    #[arg(long, default_value_t = 64)]
-    size: u32,
-    #[arg(long, default_value_t = 600)]
-    pretrain_steps: u64,
-    #[arg(long, default_value_t = 15)]
-    finetune_epochs: u64,
-    #[arg(long, default_value_t = 15)]
-    linprobe_epochs: u64,
+    #[command(flatten)]
+    pipeline: lmd_bin::PipelineArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,28 +37,14 @@ fn main() -> anyhow::Result<()> {
         .join(" ");
     let a = Args::parse();
     let cfg = ExperimentConfig {
-        base: QuickstartConfig {
-            out: a.out,
-            train: a.train,
-            val: a.val,
-            train_latents: a.train_latents,
-            val_latents: a.val_latents,
-            vae_weights: a.vae_weights,
-            size: a.size,
-            model: QuickstartConfig::model_for(a.size),
-            pretrain_steps: a.pretrain_steps,
-            finetune_epochs: a.finetune_epochs,
-            linprobe_epochs: a.linprobe_epochs,
-            ..Default::default()
-        },
+        base: a.pipeline.config(a.out),
         schedules: a.schedules,
         from_scratch: !a.no_scratch,
         doc: a.doc,
         command,
     };
-    let rows = lmd_train::experiment::run(&cfg, &mut |l| eprintln!("{l}"))?;
+    lmd_train::experiment::run(&cfg, &mut |l| eprintln!("{l}"))?;
     let text = std::fs::read_to_string(cfg.base.out.join("EXPERIMENTS.md"))?;
     println!("{text}");
-    let _ = rows;
     Ok(())
 }

@@ -17,57 +17,24 @@ struct Args {
     /// Output folder.
     #[arg(long, default_value = "lmd-quickstart")]
     out: PathBuf,
-    /// Labelled training inputs (WebDataset shard patterns, ILSVRC tars, ImageFolder dirs).
-    #[arg(long, num_args = 1..)]
-    train: Vec<String>,
-    /// Labelled validation inputs.
-    #[arg(long, num_args = 1..)]
-    val: Vec<String>,
-    /// TAESD weights: a directory or hf:OWNER/REPO (default: $LMD_SHARED/weights/taesd, else
-    /// hf:madebyollin/taesd).
-    #[arg(long)]
-    vae_weights: Option<String>,
-    /// Image size (latents are size/8 square; the model follows).
-    #[arg(long, default_value_t = 64)]
-    size: u32,
-    /// Use at most this many training / validation images (0: all).
-    #[arg(long, default_value_t = 0)]
-    limit_train: u64,
-    #[arg(long, default_value_t = 0)]
-    limit_val: u64,
+    #[command(flatten)]
+    pipeline: lmd_bin::PipelineArgs,
     /// Mask-ratio schedule for pretraining: constant, linear, piecewise, cosine.
     #[arg(long, default_value = "cosine")]
     schedule: String,
-    #[arg(long, default_value_t = 600)]
-    pretrain_steps: u64,
-    #[arg(long, default_value_t = 15)]
-    finetune_epochs: u64,
-    #[arg(long, default_value_t = 15)]
-    linprobe_epochs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
     let cfg = QuickstartConfig {
-        out: a.out,
-        train: a.train,
-        val: a.val,
-        vae_weights: a.vae_weights,
-        size: a.size,
-        limit_train: a.limit_train,
-        limit_val: a.limit_val,
-        model: QuickstartConfig::model_for(a.size),
         schedule: lmd_train::model::MaskSchedule::by_name(&a.schedule).ok_or_else(|| {
             anyhow::anyhow!(
                 "unknown schedule {:?} (constant, linear, piecewise, cosine)",
                 a.schedule
             )
         })?,
-        pretrain_steps: a.pretrain_steps,
-        finetune_epochs: a.finetune_epochs,
-        linprobe_epochs: a.linprobe_epochs,
-        ..Default::default()
+        ..a.pipeline.config(a.out)
     };
     let r = lmd_train::quickstart::run(&cfg, &mut |l| eprintln!("{l}"))?;
     let pct = |e: &Option<lmd_train::finetune::EvalResult>| {
