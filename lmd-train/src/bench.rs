@@ -288,24 +288,21 @@ impl Default for TrainStepOptions {
 
 /// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
 pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
-    use candle_nn::Optimizer;
     use lmd_model::candle::{Device, Tensor};
     let cfg = lmd_model::MaeConfig::preset(&opts.preset)
         .ok_or_else(|| Error::Invalid(format!("unknown preset {:?}", opts.preset)))?;
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
     let model = lmd_model::LatentMae::init(&cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
-    let mut opt = candle_nn::AdamW::new(
-        vm.all_vars(),
-        candle_nn::ParamsAdamW {
-            lr: 1.5e-4,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.05,
-        },
-    )
-    .map_err(lmd_model::Error::from)?;
+    // the trainer's optimizer (AdamW with per-parameter weight decay and state)
+    let named: Vec<(String, lmd_model::candle::Var)> = vm
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = crate::optim::AdamW::new(named, crate::optim::AdamWConfig::default())?;
     let [h, w] = cfg.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
         .map_err(lmd_model::Error::from)?;
@@ -315,8 +312,8 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
             let out = model
                 .forward(&x, ratio, seed)
                 .map_err(lmd_model::Error::from)?;
-            opt.backward_step(&out.loss)
-                .map_err(lmd_model::Error::from)?;
+            let grads = out.loss.backward().map_err(lmd_model::Error::from)?;
+            opt.step(&grads, 1.5e-4)?;
             Ok(out
                 .loss
                 .to_scalar::<f32>()
