@@ -458,3 +458,115 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         x.gelu_erf()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// batched matmul: [B, m, k] @ [B, k, n], batch items in parallel
+
+/// Offsets of each batch item of a `[.., r, c]` layout (any strides on every dim).
+fn batch_offsets(l: &Layout) -> Vec<usize> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let nb = dims.len() - 2;
+    let count: usize = dims[..nb].iter().product();
+    let mut out = Vec::with_capacity(count);
+    let mut idx = vec![0usize; nb];
+    for _ in 0..count {
+        out.push(l.start_offset() + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>());
+        for d in (0..nb).rev() {
+            idx[d] += 1;
+            if idx[d] < dims[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+struct BatchedMatmul;
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "lmd-batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("lmd-batched-matmul: f32 only")
+        };
+        let (da, db) = (l1.dims(), l2.dims());
+        let r = da.len();
+        if r < 3 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
+            candle_core::bail!("lmd-batched-matmul: shapes {da:?} @ {db:?}")
+        }
+        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+        let (sa, sb) = (l1.stride(), l2.stride());
+        let (a_rs, a_cs, b_rs, b_cs) = (sa[r - 2], sa[r - 1], sb[r - 2], sb[r - 1]);
+        let (oa, ob) = (batch_offsets(l1), batch_offsets(l2));
+        let mut out = vec![0f32; oa.len() * m * n];
+        out.par_chunks_mut((m * n).max(1))
+            .zip(oa.par_iter().zip(ob.par_iter()))
+            .for_each(|(dst, (&pa, &pb))| {
+                // SAFETY: the pointers and strides describe in-bounds [m, k] and [k, n]
+                // views of the inputs (from their layouts) and a contiguous [m, n] output.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr().add(pa),
+                        a_cs as isize,
+                        a_rs as isize,
+                        b.as_ptr().add(pb),
+                        b_cs as isize,
+                        b_rs as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
+        let mut shape = da.to_vec();
+        shape[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // C = A B: dA = dC B^T, dB = A^T dC (strided views, no copies)
+        let ga = g.apply_op2_no_bwd(&b.t()?, &BatchedMatmul)?;
+        let gb = a.t()?.apply_op2_no_bwd(g, &BatchedMatmul)?;
+        Ok((Some(ga), Some(gb)))
+    }
+}
+
+/// Batched matmul `[.., m, k] @ [.., k, n]` (equal batch dims) with a backward: on the CPU in
+/// f32, batch items run in parallel, each a single-threaded gemm (candle runs them one after
+/// the other, each split over threads: slow for attention's many small products).
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let batched = a.rank() >= 3 && a.dims()[..a.rank() - 2].iter().product::<usize>() >= 2;
+    if batched && a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        a.apply_op2(b, BatchedMatmul)
+    } else {
+        a.matmul(b)
+    }
+}

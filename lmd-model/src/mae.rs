@@ -333,8 +333,10 @@ impl Attention {
         let q = (qkv.i(0)?.contiguous()? * self.scale)?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
-        let attn = softmax_last_dim(&q.matmul(&k.t()?)?)?; // [B, H, N, N]
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?; // [B, N, C]
+        let attn = softmax_last_dim(&crate::fused::batched_matmul(&q, &k.t()?)?)?; // [B, H, N, N]
+        let out = crate::fused::batched_matmul(&attn, &v)?
+            .transpose(1, 2)?
+            .reshape((b, n, c))?; // [B, N, C]
         self.proj.forward(&out)
     }
 }

@@ -206,6 +206,49 @@ mod tests {
     }
 
     #[test]
+    fn batched_matmul_matches_candle_forward_and_backward_in_f32() {
+        let dev = Device::Cpu;
+        let maxdiff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev).unwrap()).unwrap();
+        // b used transposed: a strided view, as attention's k^T
+        let bt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 6, 4), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 6), &dev).unwrap();
+        let b = bt.as_tensor().t().unwrap();
+        let ours = crate::fused::batched_matmul(a.as_tensor(), &b).unwrap();
+        let theirs = a.as_tensor().matmul(&b).unwrap();
+        assert_eq!(ours.dims(), &[2, 3, 5, 6]);
+        assert!(maxdiff(&ours, &theirs) < 1e-5);
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&a, &bt] {
+            let (x, y) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(maxdiff(x, y) < 1e-5, "{}", maxdiff(x, y));
+        }
+    }
+
+    #[test]
     fn fused_gelu_matches_candle_forward_and_backward_in_f32() {
         let dev = Device::Cpu;
         // wide range, and more elements than one parallel chunk
