@@ -29,6 +29,23 @@ pub fn load_config<T: serde::de::DeserializeOwned + Default>(
     toml::from_str::<T>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
 }
 
+/// A progress bar over `len` `unit`s (`step`, `epoch`, ...) with elapsed time, ETA and a
+/// message; hidden when `hidden` (`--no-progress`).
+pub fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {
+    let bar = if hidden {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(len)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} [{{bar:30}}] {unit} {{pos}}/{{len}} ETA {{eta}} {{msg}}"
+        ))
+        .expect("template"),
+    );
+    bar
+}
+
 /// The data, model size and budgets that `lmd-quickstart` and `lmd-experiment` share.
 #[derive(clap::Args, Debug)]
 pub struct PipelineArgs {

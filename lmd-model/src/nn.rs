@@ -149,6 +149,22 @@ mod tests {
         }
     }
 
+    fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Gradients of `sum(y * probe)`.
+    fn grads_of(y: Tensor, probe: &Tensor) -> candle_core::backprop::GradStore {
+        (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     #[test]
     fn layer_norm_gradient_matches_finite_differences() {
         let dev = Device::Cpu;
@@ -208,16 +224,6 @@ mod tests {
     #[test]
     fn batched_matmul_matches_candle_forward_and_backward_in_f32() {
         let dev = Device::Cpu;
-        let maxdiff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev).unwrap()).unwrap();
         // b used transposed: a strided view, as attention's k^T
         let bt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 6, 4), &dev).unwrap()).unwrap();
@@ -227,18 +233,8 @@ mod tests {
         let theirs = a.as_tensor().matmul(&b).unwrap();
         assert_eq!(ours.dims(), &[2, 3, 5, 6]);
         assert!(maxdiff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = grads_of(ours, &probe);
+        let g2 = grads_of(theirs, &probe);
         for v in [&a, &bt] {
             let (x, y) = (
                 g1.get(v.as_tensor()).unwrap(),
@@ -256,33 +252,13 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, (5, 7001), &dev).unwrap();
         let ours = crate::fused::gelu_erf(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().gelu_erf().unwrap();
-        let maxdiff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         assert!(
             maxdiff(&ours, &theirs) < 2e-6,
             "{}",
             maxdiff(&ours, &theirs)
         );
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = grads_of(ours, &probe);
+        let g2 = grads_of(theirs, &probe);
         let (g1, g2) = (
             g1.get(x.as_tensor()).unwrap(),
             g2.get(x.as_tensor()).unwrap(),

@@ -77,17 +77,7 @@ fn main() -> anyhow::Result<()> {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { cfg.$f = v; } )* };
     }
     set!(out, epochs, batch_size, blr, preset, seed, device);
-    let bar = if a.no_progress {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(cfg.epochs)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] epoch {pos}/{len} ETA {eta} {msg}",
-        )
-        .expect("template"),
-    );
+    let bar = lmd_bin::progress_bar(cfg.epochs, "epoch", a.no_progress);
     let mut on_log = |s: &lmd_train::finetune::StepMetrics| {
         bar.set_message(format!(
             "step {} loss {:.4} lr {:.2e} {:.1} samples/s",

@@ -96,17 +96,7 @@ fn main() -> anyhow::Result<()> {
         let n = lmd_train::train::open_data(&cfg.data)?.len() as u64;
         cfg.steps = e * (n / cfg.batch_size as u64).max(1);
     }
-    let bar = if a.no_progress {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(cfg.steps)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] step {pos}/{len} ETA {eta} {msg}",
-        )
-        .expect("template"),
-    );
+    let bar = lmd_bin::progress_bar(cfg.steps, "step", a.no_progress);
     let mut on_log = |m: &lmd_train::train::Metrics| {
         bar.set_position(m.step);
         bar.set_message(format!(
