@@ -1,5 +1,5 @@
-//! Decoding image files to RGB8: JPEG (zune-jpeg, through `image`), PNG (8/16-bit, grey,
-//! alpha), WebP. Greyscale and CMYK become RGB, alpha is dropped. The format is sniffed from
+//! Decoding image files to RGB8: JPEG (zune-jpeg, called directly), PNG (8/16-bit, grey, alpha)
+//! and WebP (through `image`). Greyscale and CMYK become RGB, alpha is dropped. The format is sniffed from
 //! the bytes, not the name. The pixel count is checked from the header before any large
 //! allocation (default limit 89,478,485 pixels, Pillow's `MAX_IMAGE_PIXELS`).
 //!
@@ -11,7 +11,7 @@ use std::io::Cursor;
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// A decoded image, row-major RGB.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rgb8 {
     pub width: u32,
     pub height: u32,
@@ -20,8 +20,19 @@ pub struct Rgb8 {
 
 /// Decode `bytes` to RGB8, refusing images over `max_pixels`.
 pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, String> {
+    let mut out = Rgb8::default();
+    decode_rgb8_into(bytes, max_pixels, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_rgb8`] into `out`, reusing its buffer: a worker that keeps one `Rgb8` between images
+/// allocates (and the kernel zeroes) no new pixel memory per image. On error `out` is unspecified.
+pub fn decode_rgb8_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result<(), String> {
     if bytes.is_empty() {
         return Err("empty image member".into());
+    }
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return decode_jpeg_into(bytes, max_pixels, out);
     }
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -32,17 +43,7 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, String> {
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| format!("not an image ({format:?} header unreadable: {e})"))?;
-    let pixels = w as u64 * h as u64;
-    if pixels > max_pixels {
-        return Err(format!(
-            "{w}x{h} = {:.1} megapixels, over the pixel limit of {:.1}",
-            pixels as f64 / 1e6,
-            max_pixels as f64 / 1e6
-        ));
-    }
-    if format == image::ImageFormat::Jpeg && !has_jpeg_eoi(bytes) {
-        return Err("truncated JPEG (no end-of-image marker)".into());
-    }
+    let pixels = check_pixels(w as u64, h as u64, max_pixels)?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
@@ -51,11 +52,58 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, String> {
         .decode()
         .map_err(|e| format!("{format:?} decode failed: {e}"))?;
     let rgb = img.into_rgb8();
-    Ok(Rgb8 {
-        width: rgb.width(),
-        height: rgb.height(),
-        data: rgb.into_raw(),
-    })
+    out.width = rgb.width();
+    out.height = rgb.height();
+    out.data = rgb.into_raw();
+    Ok(())
+}
+
+/// JPEG through zune-jpeg directly (the decoder `image` wraps): one header parse, no copy of
+/// the input, output straight into `out`'s buffer. Greyscale, YCCK and CMYK become RGB in the
+/// decoder, as they do through `image`.
+fn decode_jpeg_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result<(), String> {
+    use zune_core::{bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions};
+    let opts = DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), opts);
+    dec.decode_headers()
+        .map_err(|e| format!("not an image (Jpeg header unreadable: {e})"))?;
+    let (w, h) = dec
+        .dimensions()
+        .ok_or_else(|| "not an image (Jpeg header unreadable)".to_string())?;
+    check_pixels(w as u64, h as u64, max_pixels)?;
+    if !has_jpeg_eoi(bytes) {
+        return Err("truncated JPEG (no end-of-image marker)".into());
+    }
+    let len = dec
+        .output_buffer_size()
+        .ok_or_else(|| "Jpeg decode failed: image size overflows".to_string())?;
+    // Grow without clearing: the decoder writes every byte of `[..len]`.
+    if out.data.len() < len {
+        out.data.resize(len, 0);
+    }
+    out.data.truncate(len);
+    dec.decode_into(&mut out.data)
+        .map_err(|e| format!("Jpeg decode failed: {e}"))?;
+    out.width = w as u32;
+    out.height = h as u32;
+    Ok(())
+}
+
+/// `w * h`, or the error for an image over the pixel limit.
+fn check_pixels(w: u64, h: u64, max_pixels: u64) -> Result<u64, String> {
+    let pixels = w * h;
+    if pixels > max_pixels {
+        return Err(format!(
+            "{w}x{h} = {:.1} megapixels, over the pixel limit of {:.1}",
+            pixels as f64 / 1e6,
+            max_pixels as f64 / 1e6
+        ));
+    }
+    Ok(pixels)
 }
 
 /// Whether a JPEG stream ends with an EOI marker (allowing trailing padding bytes).
@@ -74,6 +122,36 @@ mod tests {
         img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
             .unwrap();
         out
+    }
+
+    fn jpeg(img: image::DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn direct_jpeg_path_equals_image_crate_and_reuses_the_buffer() {
+        let rgb = image::RgbImage::from_fn(37, 21, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 11) as u8, (x * y) as u8])
+        });
+        let grey = image::GrayImage::from_fn(19, 33, |x, y| image::Luma([(x * 13 + y) as u8]));
+        let mut out = Rgb8::default();
+        for bytes in [
+            jpeg(image::DynamicImage::ImageRgb8(rgb)),
+            jpeg(image::DynamicImage::ImageLuma8(grey)),
+        ] {
+            let want = image::load_from_memory(&bytes).unwrap().into_rgb8();
+            decode_rgb8_into(&bytes, DEFAULT_MAX_PIXELS, &mut out).unwrap();
+            assert_eq!((out.width, out.height), want.dimensions());
+            assert_eq!(out.data, want.as_raw().as_slice());
+            let e = decode_rgb8(&bytes, 100).unwrap_err();
+            assert!(e.contains("over the pixel limit"), "{e}");
+            let cut = &bytes[..bytes.len() - 2];
+            let e = decode_rgb8(cut, DEFAULT_MAX_PIXELS).unwrap_err();
+            assert!(e.contains("truncated JPEG"), "{e}");
+        }
     }
 
     #[test]

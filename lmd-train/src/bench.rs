@@ -426,13 +426,15 @@ pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)
                 let (images, cfg, failures) = (&images, &cfg, &failures);
                 sc.spawn(move || {
                     let mut resizer = lmd_data::transform::Resizer::new();
+                    let mut img = lmd_data::decode::Rgb8::default();
                     for _ in 0..opts.repeat.max(1) {
                         for (key, bytes) in images.iter().skip(w).step_by(t) {
-                            let ok = lmd_data::decode::decode_rgb8(
+                            let ok = lmd_data::decode::decode_rgb8_into(
                                 bytes,
                                 lmd_data::decode::DEFAULT_MAX_PIXELS,
+                                &mut img,
                             )
-                            .and_then(|img| prepare(&img, key, cfg, &mut resizer));
+                            .and_then(|()| prepare(&img, key, cfg, &mut resizer));
                             match ok {
                                 Ok(v) => {
                                     std::hint::black_box(v);
