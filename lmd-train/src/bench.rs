@@ -273,6 +273,9 @@ pub struct TrainStepOptions {
     pub ratios: Vec<f64>,
     /// Timed steps per ratio (after one warm-up step).
     pub steps: usize,
+    /// Also run this PyTorch baseline (`scripts/torch_mae_train_step.py`, the `tiny` sizes) with
+    /// the same batch, ratios, steps and thread count, and report ours / PyTorch per ratio.
+    pub torch_anchor: Option<PathBuf>,
 }
 
 impl Default for TrainStepOptions {
@@ -282,6 +285,7 @@ impl Default for TrainStepOptions {
             batch: 64,
             ratios: vec![0.75, 0.15],
             steps: 3,
+            torch_anchor: None,
         }
     }
 }
@@ -306,7 +310,13 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let [h, w] = cfg.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
         .map_err(lmd_model::Error::from)?;
+    if opts.torch_anchor.is_some() && opts.preset != "tiny" {
+        return Err(Error::Invalid(
+            "--torch-anchor mirrors the `tiny` preset only".into(),
+        ));
+    }
     let threads = lmd_model::candle::utils::get_num_threads();
+    let mut ours = Vec::new();
     for &ratio in &opts.ratios {
         let mut step = |seed: u64| -> Result<f32> {
             let out = model
@@ -331,6 +341,44 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
             "tokens": cfg.num_patches(), "steps": opts.steps, "samples_per_s": (opts.steps * opts.batch) as f64 / secs,
             "s_per_step": secs / opts.steps as f64, "loss": loss, "threads": threads,
         }));
+        ours.push((ratio, (opts.steps * opts.batch) as f64 / secs));
+    }
+    if let Some(anchor) = &opts.torch_anchor {
+        let ratios: Vec<String> = opts.ratios.iter().map(|r| r.to_string()).collect();
+        let out = std::process::Command::new("python3")
+            .arg(anchor)
+            .args([
+                "--batch",
+                &opts.batch.to_string(),
+                "--steps",
+                &opts.steps.to_string(),
+            ])
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--ratios",
+                &ratios.join(","),
+            ])
+            .output()
+            .map_err(|e| Error::io(anchor, "run", e))?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "{}: {}",
+                anchor.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let r = v["mask_ratio"].as_f64();
+            let t = v["samples_per_s"].as_f64();
+            let o = ours.iter().find(|(x, _)| Some(*x) == r).map(|(_, s)| *s);
+            v["bench"] = json!("train-step");
+            v["ours_vs_pytorch"] = json!(o.zip(t).map(|(o, t)| o / t));
+            emit(v);
+        }
     }
     Ok(())
 }

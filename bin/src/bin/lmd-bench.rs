@@ -105,6 +105,10 @@ enum Cmd {
         /// Timed steps per ratio (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Also run this PyTorch baseline (`scripts/torch_mae_train_step.py`; needs python3 +
+        /// torch) with the same sizes and thread count, and print ours / PyTorch.
+        #[arg(long)]
+        torch_anchor: Option<std::path::PathBuf>,
     },
 }
 
@@ -183,12 +187,14 @@ fn main() -> anyhow::Result<()> {
             batch,
             ratios,
             steps,
+            torch_anchor,
         } => {
             let opts = lmd_train::bench::TrainStepOptions {
                 preset,
                 batch,
                 ratios,
                 steps,
+                torch_anchor,
             };
             lmd_train::bench::train_step(&opts, |v| println!("{v}"))?;
         }

@@ -1,0 +1,133 @@
+"""Baseline for `lmd-bench train-step --torch-anchor`: the official MAE model (models_mae.py with
+timm 0.3.2's ViT Block: explicit q@k^T softmax attention, qkv bias, exact GELU, LayerNorm eps
+1e-6) trained in PyTorch on the CPU, same sizes as ours. Full steps: forward, backward, AdamW.
+
+Prints one JSON line per mask ratio: {"baseline": "pytorch", "mask_ratio", "samples_per_s", ...}.
+
+usage: torch_mae_train_step.py [--batch 64] [--ratios 0.75,0.15] [--steps 3] [--threads 2]
+"""
+import argparse, json, math, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        h = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, h), nn.GELU(), nn.Linear(h, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Mae(nn.Module):
+    """models_mae.MaskedAutoencoderViT, minus the sin-cos init (timing only)."""
+
+    def __init__(self, chans=4, size=28, patch=2, dim=192, depth=12, heads=3, ddim=128, ddepth=4,
+                 dheads=4, norm_pix_loss=True):
+        super().__init__()
+        self.p, self.chans, self.norm_pix_loss = patch, chans, norm_pix_loss
+        n = (size // patch) ** 2
+        self.patch_embed = nn.Conv2d(chans, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.decoder_embed = nn.Linear(dim, ddim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, ddim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(ddim, dheads) for _ in range(ddepth)])
+        self.decoder_norm = nn.LayerNorm(ddim, eps=1e-6)
+        self.decoder_pred = nn.Linear(ddim, patch * patch * chans)
+        torch.nn.init.normal_(self.cls_token, std=0.02)
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+
+    def patchify(self, imgs):
+        p, c = self.p, self.chans
+        h = w = imgs.shape[2] // p
+        x = imgs.reshape(imgs.shape[0], c, h, p, w, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], h * w, p * p * c)
+
+    def forward(self, imgs, mask_ratio):
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:, :]
+        n, l, d = x.shape
+        keep = int(l * (1 - mask_ratio))
+        noise = torch.rand(n, l)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        x = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, d))
+        mask = torch.ones(n, l)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
+        x = torch.cat((cls, x), dim=1)
+        for b in self.blocks:
+            x = b(x)
+        x = self.decoder_embed(self.norm(x))
+        toks = self.mask_token.repeat(n, l + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], toks], dim=1)
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for b in self.decoder_blocks:
+            x = b(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ratios", default="0.75,0.15")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = Mae()
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    x = torch.randn(a.batch, 4, 28, 28)
+    for r in [float(s) for s in a.ratios.replace(" ", ",").split(",") if s]:
+        def step():
+            loss = model(x, r)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.item()
+        step()  # warm-up
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            loss = step()
+        dt = (time.perf_counter() - t) / a.steps
+        print(json.dumps({"baseline": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "batch": a.batch, "mask_ratio": r, "s_per_step": dt,
+                          "samples_per_s": a.batch / dt, "loss": loss}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
