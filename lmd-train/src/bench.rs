@@ -273,7 +273,7 @@ pub struct TrainStepOptions {
     pub ratios: Vec<f64>,
     /// Timed steps per ratio (after one warm-up step).
     pub steps: usize,
-    /// Also run this PyTorch baseline (`scripts/torch_mae_train_step.py`, the `tiny` sizes) with
+    /// Also run this PyTorch baseline (`tools/torch_mae_train_step.py`, the `tiny` sizes) with
     /// the same batch, ratios, steps and thread count, and report ours / PyTorch per ratio.
     pub torch_anchor: Option<PathBuf>,
 }
@@ -666,4 +666,53 @@ fn tempfile_dir() -> Result<PathBuf> {
     ));
     std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, "create", e))?;
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torch_anchor_lines_carry_ours_over_pytorch_and_failures_name_the_script() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in for tools/torch_mae_train_step.py: echoes the arguments it was given in the
+        // real script's line format, at 1 sample/s, after a line that is not JSON.
+        let script = dir.path().join("anchor.py");
+        std::fs::write(
+            &script,
+            "import json, sys\na = sys.argv\nv = lambda k: a[a.index(k) + 1]\nprint('warming up')\n\
+             for r in v('--ratios').split(','):\n    print(json.dumps({'baseline': 'pytorch', \
+             'mask_ratio': float(r), 'samples_per_s': 1.0, 'batch': int(v('--batch')), \
+             'threads': int(v('--threads'))}))\n",
+        )
+        .unwrap();
+        let mut opts = TrainStepOptions {
+            batch: 2,
+            ratios: vec![0.75, 0.5],
+            steps: 1,
+            torch_anchor: Some(script),
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        train_step(&opts, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        for (ours, torch) in lines[..2].iter().zip(&lines[2..]) {
+            assert_eq!(torch["baseline"], "pytorch");
+            assert_eq!(torch["mask_ratio"], ours["mask_ratio"]);
+            assert_eq!(torch["batch"], 2);
+            assert_eq!(torch["threads"], ours["threads"]);
+            // PyTorch "ran" at 1 sample/s, so the ratio is our own figure
+            assert_eq!(torch["ours_vs_pytorch"], ours["samples_per_s"]);
+        }
+
+        let bad = dir.path().join("bad.py");
+        std::fs::write(&bad, "import sys\nsys.exit('no module named torch')\n").unwrap();
+        opts.torch_anchor = Some(bad);
+        opts.ratios = vec![0.75];
+        let e = train_step(&opts, |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.py") && e.contains("no module named torch"),
+            "{e}"
+        );
+    }
 }

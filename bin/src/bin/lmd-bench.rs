@@ -105,7 +105,7 @@ enum Cmd {
         /// Timed steps per ratio (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
-        /// Also run this PyTorch baseline (`scripts/torch_mae_train_step.py`; needs python3 +
+        /// Also run this PyTorch baseline (`tools/torch_mae_train_step.py`; needs python3 +
         /// torch) with the same sizes and thread count, and print ours / PyTorch.
         #[arg(long)]
         torch_anchor: Option<std::path::PathBuf>,
