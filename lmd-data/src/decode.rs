@@ -1,7 +1,13 @@
-//! Decoding image files to RGB8: JPEG (zune-jpeg, called directly), PNG (8/16-bit, grey, alpha)
-//! and WebP (through `image`). Greyscale and CMYK become RGB, alpha is dropped. The format is sniffed from
-//! the bytes, not the name. The pixel count is checked from the header before any large
-//! allocation (default limit 89,478,485 pixels, Pillow's `MAX_IMAGE_PIXELS`).
+//! Decoding image files to RGB8: JPEG (libjpeg-turbo 3 with the default `turbojpeg` feature,
+//! the decoder Pillow uses; zune-jpeg for CMYK/YCCK, for streams libjpeg-turbo rejects or warns
+//! about, and without the feature), PNG (8/16-bit, grey, alpha) and WebP (through `image`).
+//! Greyscale and CMYK become RGB, alpha is dropped. The format is sniffed from the bytes, not
+//! the name. The pixel count is checked from the header before any large allocation (default
+//! limit 89,478,485 pixels, Pillow's `MAX_IMAGE_PIXELS`).
+//!
+//! [`decode_rgb8_region_into`] decodes only the rectangle a transform will read, where the
+//! decoder can skip the rest (libjpeg-turbo: the iMCU columns left and right of it, its IDCT
+//! and colour conversion above it, everything below it); the result records where it sits.
 //!
 //! Errors are plain reasons (`String`), meant for the skip report.
 
@@ -10,13 +16,39 @@ use std::io::Cursor;
 /// Pillow's default decompression-bomb limit.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
-/// A decoded image, row-major RGB.
+/// A decoded image, row-major RGB: the whole image, or the part of it at `origin`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rgb8 {
     pub width: u32,
     pub height: u32,
     pub data: Vec<u8>,
+    /// Position of `data`'s top-left pixel in the full image (`[0, 0]` for a whole image).
+    pub origin: [u32; 2],
+    /// The full image's width and height (`[width, height]` for a whole image).
+    pub full: [u32; 2],
 }
+
+impl Rgb8 {
+    /// A whole image.
+    pub fn new(width: u32, height: u32, data: Vec<u8>) -> Self {
+        Rgb8 {
+            width,
+            height,
+            data,
+            origin: [0, 0],
+            full: [width, height],
+        }
+    }
+
+    fn set_whole(&mut self, width: u32, height: u32) {
+        (self.width, self.height) = (width, height);
+        self.origin = [0, 0];
+        self.full = [width, height];
+    }
+}
+
+/// Pixel rectangle `[x0, y0, x1, y1)` of an image.
+pub type Rect = [u32; 4];
 
 /// Decode `bytes` to RGB8, refusing images over `max_pixels`.
 pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, String> {
@@ -28,10 +60,29 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, String> {
 /// [`decode_rgb8`] into `out`, reusing its buffer: a worker that keeps one `Rgb8` between images
 /// allocates (and the kernel zeroes) no new pixel memory per image. On error `out` is unspecified.
 pub fn decode_rgb8_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result<(), String> {
+    decode_rgb8_region_into(bytes, max_pixels, |_, _| None, out)
+}
+
+/// [`decode_rgb8_into`], decoding at least the rectangle `region(full_width, full_height)`
+/// (`None`: all) where the decoder can skip the rest; `out.origin` and `out.full` say which part
+/// `out` holds. Pixels inside the rectangle equal a whole decode's, except within a few pixels
+/// of a cut edge (chroma upsampling there has no neighbours): ask for a margin.
+pub fn decode_rgb8_region_into(
+    bytes: &[u8],
+    max_pixels: u64,
+    region: impl FnOnce(u32, u32) -> Option<Rect>,
+    out: &mut Rgb8,
+) -> Result<(), String> {
     if bytes.is_empty() {
         return Err("empty image member".into());
     }
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        #[cfg(feature = "turbojpeg")]
+        if let Some(done) = crate::turbo::decode_into(bytes, max_pixels, region, out) {
+            return done;
+        }
+        #[cfg(not(feature = "turbojpeg"))]
+        let _ = region;
         return decode_jpeg_into(bytes, max_pixels, out);
     }
     let reader = image::ImageReader::new(Cursor::new(bytes))
@@ -52,8 +103,7 @@ pub fn decode_rgb8_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result
         .decode()
         .map_err(|e| format!("{format:?} decode failed: {e}"))?;
     let rgb = img.into_rgb8();
-    out.width = rgb.width();
-    out.height = rgb.height();
+    out.set_whole(rgb.width(), rgb.height());
     out.data = rgb.into_raw();
     Ok(())
 }
@@ -88,13 +138,12 @@ fn decode_jpeg_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result<(),
     out.data.truncate(len);
     dec.decode_into(&mut out.data)
         .map_err(|e| format!("Jpeg decode failed: {e}"))?;
-    out.width = w as u32;
-    out.height = h as u32;
+    out.set_whole(w as u32, h as u32);
     Ok(())
 }
 
 /// `w * h`, or the error for an image over the pixel limit.
-fn check_pixels(w: u64, h: u64, max_pixels: u64) -> Result<u64, String> {
+pub(crate) fn check_pixels(w: u64, h: u64, max_pixels: u64) -> Result<u64, String> {
     let pixels = w * h;
     if pixels > max_pixels {
         return Err(format!(
@@ -107,7 +156,7 @@ fn check_pixels(w: u64, h: u64, max_pixels: u64) -> Result<u64, String> {
 }
 
 /// Whether a JPEG stream ends with an EOI marker (allowing trailing padding bytes).
-fn has_jpeg_eoi(b: &[u8]) -> bool {
+pub(crate) fn has_jpeg_eoi(b: &[u8]) -> bool {
     let tail = &b[b.len().saturating_sub(4096)..];
     tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
@@ -132,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn direct_jpeg_path_equals_image_crate_and_reuses_the_buffer() {
+    fn jpeg_paths_agree_and_refuse_bombs_and_truncation() {
         let rgb = image::RgbImage::from_fn(37, 21, |x, y| {
             image::Rgb([(x * 7) as u8, (y * 11) as u8, (x * y) as u8])
         });
@@ -142,10 +191,22 @@ mod tests {
             jpeg(image::DynamicImage::ImageRgb8(rgb)),
             jpeg(image::DynamicImage::ImageLuma8(grey)),
         ] {
+            // zune-jpeg called directly == zune-jpeg through `image`, into a reused buffer
             let want = image::load_from_memory(&bytes).unwrap().into_rgb8();
-            decode_rgb8_into(&bytes, DEFAULT_MAX_PIXELS, &mut out).unwrap();
+            decode_jpeg_into(&bytes, DEFAULT_MAX_PIXELS, &mut out).unwrap();
             assert_eq!((out.width, out.height), want.dimensions());
             assert_eq!(out.data, want.as_raw().as_slice());
+            assert_eq!((out.origin, out.full), ([0, 0], [out.width, out.height]));
+            // the default path (libjpeg-turbo where built) agrees within a few levels
+            decode_rgb8_into(&bytes, DEFAULT_MAX_PIXELS, &mut out).unwrap();
+            assert_eq!((out.width, out.height), want.dimensions());
+            let worst = out
+                .data
+                .iter()
+                .zip(want.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max();
+            assert!(worst <= Some(4), "{worst:?}");
             let e = decode_rgb8(&bytes, 100).unwrap_err();
             assert!(e.contains("over the pixel limit"), "{e}");
             let cut = &bytes[..bytes.len() - 2];

@@ -15,6 +15,8 @@ pub mod shard;
 pub mod source;
 pub mod synthetic;
 pub mod transform;
+#[cfg(feature = "turbojpeg")]
+mod turbo;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

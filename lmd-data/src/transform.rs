@@ -135,6 +135,28 @@ pub struct CropBox {
     pub height: f64,
 }
 
+impl TransformConfig {
+    /// The pixels of a `w`×`h` image that [`prepare`] reads, `[x0, y0, x1, y1)`, for a decoder
+    /// that can skip the rest: the center crop's box widened by the resampling filter's reach
+    /// (3 source pixels per output pixel, the widest filter's) plus 8 pixels for the decoder's
+    /// own edge effects. `None` (all of it) for random-resized crops.
+    pub fn source_region(&self, w: u32, h: u32) -> Option<[u32; 4]> {
+        if self.crop != CropMode::Center {
+            return None;
+        }
+        let bx = center_box(w, h, self.size);
+        let reach = 3.0 * (bx.width / self.size as f64).max(1.0) + 8.0;
+        let lo = |v: f64| (v - reach).floor().max(0.0) as u32;
+        let hi = |v: f64, n: u32| ((v + reach).ceil() as u32).min(n);
+        Some([
+            lo(bx.left),
+            lo(bx.top),
+            hi(bx.left + bx.width, w),
+            hi(bx.top + bx.height, h),
+        ])
+    }
+}
+
 /// torchvision `Resize(S)` + `CenterCrop(S)` expressed as a source box.
 pub fn center_box(w: u32, h: u32, s: u32) -> CropBox {
     let (w, h, s) = (w as f64, h as f64, s as f64);
@@ -235,9 +257,14 @@ pub fn resize_box(
     let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
         .map_err(|e| format!("resize: {e}"))?;
     let mut dst = Image::new(s, s, PixelType::U8x3);
+    // `bx` is in full-image coordinates; `img` may hold only the part at `origin`.
+    let (left, top) = (
+        bx.left - img.origin[0] as f64,
+        bx.top - img.origin[1] as f64,
+    );
     let opts = ResizeOptions::new()
         .resize_alg(filter.alg())
-        .crop(bx.left, bx.top, bx.width, bx.height);
+        .crop(left, top, bx.width, bx.height);
     resizer
         .resize(&src, &mut dst, &opts)
         .map_err(|e| format!("resize: {e}"))?;
@@ -286,16 +313,13 @@ pub fn prepare(
 ) -> Result<Vec<f32>, String> {
     let s = cfg.size;
     let mut out = Vec::with_capacity(cfg.values_per_image());
+    let [w, h] = img.full;
     for view in 0..cfg.views {
         let bx = match cfg.crop {
-            CropMode::Center => center_box(img.width, img.height, s),
-            CropMode::RandomResized { scale, ratio } => random_resized_box(
-                img.width,
-                img.height,
-                scale,
-                ratio,
-                &mut KeyRng::new(key, view),
-            ),
+            CropMode::Center => center_box(w, h, s),
+            CropMode::RandomResized { scale, ratio } => {
+                random_resized_box(w, h, scale, ratio, &mut KeyRng::new(key, view))
+            }
         };
         let hwc = resize_box(img, bx, s, cfg.filter, resizer)?;
         hwc_to_chw(&hwc, s as usize, false, &mut out);
@@ -400,11 +424,7 @@ mod tests {
 
     #[test]
     fn prepare_makes_views_and_flips() {
-        let img = Rgb8 {
-            width: 40,
-            height: 30,
-            data: (0..40 * 30 * 3).map(|i| (i % 251) as u8).collect(),
-        };
+        let img = Rgb8::new(40, 30, (0..40 * 30 * 3).map(|i| (i % 251) as u8).collect());
         let cfg = TransformConfig {
             size: 16,
             crop: CropMode::rrc_default(),

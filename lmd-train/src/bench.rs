@@ -477,9 +477,10 @@ pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)
                     let mut img = lmd_data::decode::Rgb8::default();
                     for _ in 0..opts.repeat.max(1) {
                         for (key, bytes) in images.iter().skip(w).step_by(t) {
-                            let ok = lmd_data::decode::decode_rgb8_into(
+                            let ok = lmd_data::decode::decode_rgb8_region_into(
                                 bytes,
                                 lmd_data::decode::DEFAULT_MAX_PIXELS,
+                                |w, h| cfg.source_region(w, h),
                                 &mut img,
                             )
                             .and_then(|()| prepare(&img, key, cfg, &mut resizer));
