@@ -13,6 +13,13 @@
 
 use std::io::Cursor;
 
+/// The decoder JPEGs go through in this build (reported by `lmd-bench decode`).
+pub const JPEG_DECODER: &str = if cfg!(feature = "turbojpeg") {
+    "libjpeg-turbo 3.1 (region)"
+} else {
+    "zune-jpeg"
+};
+
 /// Pillow's default decompression-bomb limit.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 

@@ -506,6 +506,7 @@ pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)
         emit(json!({
             "bench": "decode", "input": opts.input, "images": images.len(), "median_megapixels": median_mpx,
             "threads": t, "size": opts.size, "images_per_s": ips, "images_per_s_per_thread": ips / t as f64,
+            "jpeg_decoder": lmd_data::decode::JPEG_DECODER,
             "scaling_vs_1_thread": per_core_1.map(|b| ips / b / t as f64),
             "failed": failures.load(std::sync::atomic::Ordering::Relaxed) / opts.repeat.max(1),
         }));
