@@ -93,6 +93,129 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear: x [.., in] · W[out, in]^T + b [out] as one node
+
+/// `y = x W^T + b` in one op: the output starts as `b` in every row and one gemm adds `x W^T`
+/// (split over candle's threads). As one graph node it replaces candle's reshape, transposed
+/// view, matmul, bias add and reshape, whose gradients the backward would otherwise zero-fill
+/// and add up one by one.
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "lmd-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out_d, in_d) = l2.shape().dims2()?;
+        if l1.dims().last() != Some(&in_d) || l3.shape().elem_count() != out_d {
+            candle_core::bail!(
+                "lmd-linear: shapes {:?} x {:?}^T + {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        macro_rules! go {
+            ($t:ty, $v:ident) => {{
+                let x = slice_of!(s1, l1, $t, $v);
+                let w = slice_of!(s2, l2, $t, $v);
+                let b = slice_of!(s3, l3, $t, $v);
+                let rows = x.len() / in_d.max(1);
+                let mut y: Vec<$t> = Vec::with_capacity(rows * out_d);
+                for _ in 0..rows {
+                    y.extend_from_slice(b);
+                }
+                // SAFETY: y is rows x out_d (row stride out_d), x is rows x in_d (row stride
+                // in_d), W^T is read from W's [out_d, in_d] storage (column stride in_d).
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        out_d,
+                        in_d,
+                        y.as_mut_ptr(),
+                        1,
+                        out_d as isize,
+                        true,
+                        x.as_ptr(),
+                        1,
+                        in_d as isize,
+                        w.as_ptr(),
+                        in_d as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
+                }
+                let mut shape = l1.dims().to_vec();
+                *shape.last_mut().expect("rank >= 1") = out_d;
+                Ok((CpuStorage::$v(y), Shape::from(shape)))
+            }};
+        }
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => go!(f32, F32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => go!(f64, F64),
+            _ => candle_core::bail!("lmd-linear: f32 or f64, all three the same"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_d, in_d) = w.dims2()?;
+        let rows = g.elem_count() / out_d.max(1);
+        // detached: these products need no graph of their own
+        let g2 = g.detach().contiguous()?.reshape((rows, out_d))?;
+        let x2 = x.detach().reshape((rows, in_d))?;
+        let gx = g2.matmul(&w.detach())?.reshape(x.dims())?;
+        let gw = g2.t()?.matmul(&x2)?;
+        let gb = sum_rows(&g2)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `x W^T + b` (PyTorch's `[out, in]` weight layout) over the last dim: one fused node for f32
+/// and f64 on the CPU, candle's reshape + matmul + broadcast add otherwise.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu_float(x) && x.dtype() == w.dtype() && x.dtype() == b.dtype() {
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp);
+    }
+    let dims = x.dims();
+    let (inp, out) = (dims[dims.len() - 1], w.dim(0)?);
+    let rows = x.elem_count() / inp;
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let y = bias_add(&y, b)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("non-empty") = out;
+    y.reshape(shape)
+}
+
 fn cpu_float(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }

@@ -58,9 +58,9 @@ pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Linear layer `y = x W^T + b`, PyTorch's weight layout `[out, in]`. Leading dims are folded
-/// into one gemm (so the weight gradient needs no reduction over a broadcast batch dim) and the
-/// bias is added by [`crate::fused::bias_add`].
+/// Linear layer `y = x W^T + b`, PyTorch's weight layout `[out, in]`: one fused node
+/// ([`crate::fused::linear`]; leading dims folded into one gemm, so the weight gradient needs no
+/// reduction over a broadcast batch dim).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -69,14 +69,7 @@ pub struct Linear {
 
 impl candle_core::Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (inp, out) = (dims[dims.len() - 1], self.weight.dim(0)?);
-        let rows = x.elem_count() / inp;
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
-        let y = crate::fused::bias_add(&y, &self.bias)?;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("non-empty") = out;
-        y.reshape(shape)
+        crate::fused::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -312,6 +305,40 @@ mod tests {
             &[2],
             9,
         );
+        check_grad(
+            |b| {
+                candle_core::Module::forward(
+                    &Linear {
+                        weight: w.clone(),
+                        bias: b.clone(),
+                    },
+                    &Tensor::new(&[[[1.0f64, 2.0, -1.0], [0.5, 0.0, 3.0]]], &dev).unwrap(),
+                )
+            },
+            &[2],
+            10,
+        );
+    }
+
+    #[test]
+    fn fused_linear_equals_matmul_plus_bias_in_f32() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4, 9, 24), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (40, 24), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
+        let ours = crate::fused::linear(&x, &w, &b).unwrap();
+        assert_eq!(ours.dims(), &[4, 9, 40]);
+        let want = x
+            .reshape((36, 24))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            .reshape((4, 9, 40))
+            .unwrap();
+        let diff = (ours - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
     }
 
     #[test]
