@@ -337,8 +337,7 @@ mod tests {
             .unwrap()
             .reshape((4, 9, 40))
             .unwrap();
-        let diff = (ours - want).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(maxdiff(&ours, &want) < 1e-4);
     }
 
     #[test]
