@@ -500,7 +500,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// polynomial, exponent by bit arithmetic; relative error ~2e-7; inputs are clamped to
 /// [-87.3, 88.3], so it never returns 0 or infinity). Branch-free, so loops over it vectorise.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.336_55, 88.376_26);
     // n = round(x / ln 2), by the 1.5 * 2^23 trick (vectorisable, unlike `round`)
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
@@ -535,7 +535,7 @@ impl FastExp for f64 {
 /// erf for f32 (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): one `exp` and a polynomial,
 /// instead of the f64 series candle's `gelu_erf` evaluates per element.
 #[inline]
-fn erf_f32(x: f32) -> f32 {
+pub(crate) fn erf_f32(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t

@@ -2,6 +2,7 @@
 //!
 //! It reads weights, never datasets: inputs are tensors, outputs are tensors.
 
+mod block_op;
 pub mod classifier;
 pub mod conv;
 pub mod error;

@@ -371,7 +371,37 @@ impl Block {
 }
 
 impl Module for Block {
+    /// One fused node on the CPU in f32 ([`crate::block_op`]), the composite graph otherwise.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::block_op::supported(x) {
+            crate::block_op::block(x, self.params(), self.attn.heads, self.norm1.eps)
+        } else {
+            self.forward_composite(x)
+        }
+    }
+}
+
+impl Block {
+    /// The parameters in [`crate::block_op::PARAM_ORDER`].
+    pub(crate) fn params(&self) -> [&Tensor; 12] {
+        [
+            &self.norm1.weight,
+            &self.norm1.bias,
+            &self.attn.qkv.weight,
+            &self.attn.qkv.bias,
+            &self.attn.proj.weight,
+            &self.attn.proj.bias,
+            &self.norm2.weight,
+            &self.norm2.bias,
+            &self.fc1.weight,
+            &self.fc1.bias,
+            &self.fc2.weight,
+            &self.fc2.bias,
+        ]
+    }
+
+    /// The block from candle ops (each with a backward): any device and dtype.
+    pub(crate) fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
         let h = self.fc2.forward(&crate::fused::gelu_erf(
             &self.fc1.forward(&self.norm2.forward(&x)?)?,
