@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{erf_f32, exp_f32};
+use crate::kernels;
 
 /// Rows per rayon task in the row passes (LayerNorm, column sums).
 const ROW_GROUP: usize = 32;
@@ -179,13 +179,7 @@ fn linear(x: &[f32], w: &[f32], bias: &[f32], base: Option<&[f32]>, out: &mut [f
         Some(base) => out
             .par_chunks_mut(out_d * ROW_GROUP)
             .zip(base.par_chunks(out_d * ROW_GROUP))
-            .for_each(|(o, s)| {
-                for (o, s) in o.chunks_exact_mut(out_d).zip(s.chunks_exact(out_d)) {
-                    for ((o, s), b) in o.iter_mut().zip(s).zip(bias) {
-                        *o = s + b;
-                    }
-                }
-            }),
+            .for_each(|(o, s)| kernels::add_rows(s, bias, o)),
         None => out
             .par_chunks_mut(out_d)
             .for_each(|o| o.copy_from_slice(bias)),
@@ -254,11 +248,7 @@ fn col_sums(g: &[f32], dst: &mut [f32]) {
         .par_chunks(d * ROW_GROUP * 4)
         .map(|grp| {
             let mut acc = vec![0f32; d];
-            for row in grp.chunks_exact(d) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v;
-                }
-            }
+            kernels::add_col_sums(grp, &mut acc);
             acc
         })
         .reduce(
@@ -285,24 +275,7 @@ fn ln_forward(
         .zip(xhat.par_chunks_mut(d * ROW_GROUP))
         .zip(rstd.par_chunks_mut(ROW_GROUP))
         .zip(x.par_chunks(d * ROW_GROUP))
-        .for_each(|(((o, xh), rs), x)| {
-            for (((o, xh), rs), x) in o
-                .chunks_exact_mut(d)
-                .zip(xh.chunks_exact_mut(d))
-                .zip(rs.iter_mut())
-                .zip(x.chunks_exact(d))
-            {
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-                let r = (1.0 / (var + eps).sqrt()) as f32;
-                let mean = mean as f32;
-                *rs = r;
-                for i in 0..d {
-                    xh[i] = (x[i] - mean) * r;
-                    o[i] = xh[i] * w[i] + b[i];
-                }
-            }
-        });
+        .for_each(|(((o, xh), rs), x)| kernels::layer_norm_rows(x, w, b, eps as f32, xh, rs, o));
 }
 
 /// LayerNorm backward: adds the input gradient into `dx`, writes `dw` and `db`.
@@ -322,27 +295,11 @@ fn ln_backward(
         .zip(xhat.par_chunks(d * ROW_GROUP))
         .zip(rstd.par_chunks(ROW_GROUP))
         .map(|(((dx, g), xh), rs)| {
-            let mut acc = vec![0f32; 2 * d];
-            let (aw, ab) = acc.split_at_mut(d);
-            for (((dx, g), xh), &r) in dx
-                .chunks_exact_mut(d)
-                .zip(g.chunks_exact(d))
-                .zip(xh.chunks_exact(d))
-                .zip(rs)
-            {
-                let (mut s1, mut s2) = (0f32, 0f32);
-                for i in 0..d {
-                    let gxn = g[i] * w[i];
-                    s1 += gxn;
-                    s2 += gxn * xh[i];
-                    aw[i] += g[i] * xh[i];
-                    ab[i] += g[i];
-                }
-                let (m1, m2) = (s1 / d as f32, s2 / d as f32);
-                for i in 0..d {
-                    dx[i] += r * (g[i] * w[i] - m1 - xh[i] * m2);
-                }
-            }
+            let mut acc = vec![0f32; 3 * d];
+            let (aw, rest) = acc.split_at_mut(d);
+            let (ab, scratch) = rest.split_at_mut(d);
+            kernels::layer_norm_backward_rows(g, w, xh, rs, dx, aw, ab, scratch);
+            acc.truncate(2 * d);
             acc
         })
         .reduce(
@@ -359,25 +316,14 @@ fn ln_backward(
 fn gelu_forward(h: &[f32], g: &mut [f32]) {
     g.par_chunks_mut(CHUNK)
         .zip(h.par_chunks(CHUNK))
-        .for_each(|(g, h)| {
-            for (g, &v) in g.iter_mut().zip(h) {
-                *g = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        });
+        .for_each(|(g, h)| kernels::gelu_forward(h, g));
 }
 
 /// `dg *= Φ(h) + h·φ(h)` in place (GELU's derivative).
 fn gelu_backward(h: &[f32], dg: &mut [f32]) {
-    let inv_sqrt_2pi = 0.398_942_3_f32;
     dg.par_chunks_mut(CHUNK)
         .zip(h.par_chunks(CHUNK))
-        .for_each(|(dg, h)| {
-            for (dg, &v) in dg.iter_mut().zip(h) {
-                let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = inv_sqrt_2pi * exp_f32(-0.5 * v * v);
-                *dg *= cdf + v * pdf;
-            }
-        });
+        .for_each(|(dg, h)| kernels::gelu_backward(h, dg));
 }
 
 /// Attention forward: per (sample, head), `P = softmax(q k^T / sqrt(hd))` into `p`, and
@@ -407,14 +353,7 @@ fn attention_forward(d: &Dims, qkv: &[f32], p: &mut [f32], att: &mut [f32]) {
                 scale,
                 gemm::Parallelism::None,
             );
-            for row in pm.chunks_exact_mut(n) {
-                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for v in row.iter_mut() {
-                    *v = exp_f32(*v - mx);
-                }
-                let inv = 1.0 / row.iter().sum::<f32>();
-                row.iter_mut().for_each(|v| *v *= inv);
-            }
+            kernels::softmax_rows(pm, n);
             gemm_raw(
                 (n, hd, n),
                 att.at(bi * n * c + h * hd),
@@ -464,12 +403,7 @@ fn attention_backward(d: &Dims, qkv: &[f32], p: &[f32], datt: &[f32], dqkv: &mut
                     gemm::Parallelism::None,
                 );
                 // dS = P (dP - rowsum(dP P)) · scale
-                for (row, pr) in ds.chunks_exact_mut(n).zip(pm.chunks_exact(n)) {
-                    let dot: f32 = row.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (g, &pv) in row.iter_mut().zip(pr) {
-                        *g = pv * (*g - dot) * scale;
-                    }
-                }
+                kernels::softmax_backward_rows(ds, pm, n, scale);
                 // dv = P^T dO
                 gemm_raw(
                     (n, hd, n),

@@ -534,7 +534,7 @@ impl FastExp for f64 {
 
 /// erf for f32 (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): one `exp` and a polynomial,
 /// instead of the f64 series candle's `gelu_erf` evaluates per element.
-#[inline]
+#[inline(always)]
 pub(crate) fn erf_f32(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);

@@ -7,6 +7,7 @@ pub mod classifier;
 pub mod conv;
 pub mod error;
 pub mod fused;
+mod kernels;
 pub mod mae;
 pub mod nn;
 pub mod schedule;

@@ -1,0 +1,303 @@
+//! Row and elementwise f32 kernels for the fused ops, compiled three times (AVX-512, AVX2+FMA,
+//! baseline x86-64 / other targets) and chosen at run time.
+//!
+//! The workspace builds for baseline x86-64 (SSE2), where these loops would run 4 lanes wide;
+//! with `multiversion!` the same source runs 8 or 16 lanes wide where the CPU has it, as
+//! `gemm` does for its own kernels. Reductions keep 16 independent partial sums
+//! ([`LANES`]) so that they vectorise at all (f32 addition is not associative, so the compiler
+//! never reorders a plain serial sum).
+//!
+//! Rules: every kernel is a pure function of its slices; the bodies are `#[inline(always)]` so
+//! that they are compiled with the features of the wrapper they are inlined into.
+
+use crate::fused::{erf_f32, exp_f32};
+
+/// Independent partial sums per reduction.
+const LANES: usize = 16;
+
+/// Defines `fn $name(args)` that runs `$body` compiled for AVX-512, AVX2+FMA, or the baseline.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub(crate) fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU has the features v4 is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features v3 is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+multiversion! {
+    /// Exact GELU: `g = h · Φ(h)`.
+    pub(crate) fn gelu_forward(h: &[f32], g: &mut [f32]) {
+        for (g, &v) in g.iter_mut().zip(h) {
+            *g = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+multiversion! {
+    /// `dg *= Φ(h) + h·φ(h)` (GELU's derivative), in place.
+    pub(crate) fn gelu_backward(h: &[f32], dg: &mut [f32]) {
+        let inv_sqrt_2pi = 0.398_942_3_f32;
+        for (dg, &v) in dg.iter_mut().zip(h) {
+            let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = inv_sqrt_2pi * exp_f32(-0.5 * v * v);
+            *dg *= cdf + v * pdf;
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax of each row of `m [rows, n]`, in place.
+    pub(crate) fn softmax_rows(m: &mut [f32], n: usize) {
+        for row in m.chunks_exact_mut(n) {
+            let mx = max(row);
+            for v in row.iter_mut() {
+                *v = exp_f32(*v - mx);
+            }
+            let inv = 1.0 / sum(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax backward per row, in place: `g = scale · p · (g - Σ g·p)`.
+    pub(crate) fn softmax_backward_rows(g: &mut [f32], p: &[f32], n: usize, scale: f32) {
+        for (row, pr) in g.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+            let d = dot(row, pr);
+            for (g, &pv) in row.iter_mut().zip(pr) {
+                *g = pv * (*g - d) * scale;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm forward over rows of width `w.len()`: `xhat = (x - mean) · rstd`,
+    /// `out = xhat · w + b` (biased variance, `eps` inside the square root).
+    pub(crate) fn layer_norm_rows(
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        eps: f32,
+        xhat: &mut [f32],
+        rstd: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let d = w.len();
+        for (((x, xh), o), rs) in x
+            .chunks_exact(d)
+            .zip(xhat.chunks_exact_mut(d))
+            .zip(out.chunks_exact_mut(d))
+            .zip(rstd.iter_mut())
+        {
+            let mean = sum(x) / d as f32;
+            for (xh, &v) in xh.iter_mut().zip(x) {
+                *xh = v - mean;
+            }
+            let var = dot(xh, xh) / d as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            *rs = r;
+            for (((xh, o), &w), &b) in xh.iter_mut().zip(o.iter_mut()).zip(w).zip(b) {
+                *xh *= r;
+                *o = *xh * w + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm backward over rows: adds the input gradient into `dx`
+    /// (`rstd · (g·w - mean(g·w) - xhat · mean(g·w·xhat))`) and accumulates the weight and
+    /// bias gradients into `dw` and `db`. `gw` is scratch of the row width.
+    pub(crate) fn layer_norm_backward_rows(
+        g: &[f32],
+        w: &[f32],
+        xhat: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        gw: &mut [f32],
+    ) {
+        let d = w.len();
+        for (((g, xh), dx), &r) in g
+            .chunks_exact(d)
+            .zip(xhat.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+            .zip(rstd)
+        {
+            for i in 0..d {
+                gw[i] = g[i] * w[i];
+                dw[i] += g[i] * xh[i];
+                db[i] += g[i];
+            }
+            let m1 = sum(gw) / d as f32;
+            let m2 = dot(gw, xh) / d as f32;
+            for i in 0..d {
+                dx[i] += r * (gw[i] - m1 - xh[i] * m2);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `acc[j] += Σ_rows g[row, j]` for rows of width `acc.len()`.
+    pub(crate) fn add_col_sums(g: &[f32], acc: &mut [f32]) {
+        for row in g.chunks_exact(acc.len()) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[row] = base[row] + bias` for rows of width `bias.len()`.
+    pub(crate) fn add_rows(base: &[f32], bias: &[f32], out: &mut [f32]) {
+        for (o, s) in out.chunks_exact_mut(bias.len()).zip(base.chunks_exact(bias.len())) {
+            for ((o, s), b) in o.iter_mut().zip(s).zip(bias) {
+                *o = s + b;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::mae::SplitMix(seed);
+        (0..n).map(|_| rng.normal() as f32 * 2.0).collect()
+    }
+
+    #[test]
+    fn lane_reductions_equal_serial_ones() {
+        for n in [0, 1, 15, 16, 17, 197, 512] {
+            let (a, b) = (data(n, 1), data(n, 2));
+            let s: f64 = a.iter().map(|&v| v as f64).sum();
+            let d: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            assert!(
+                (sum(&a) as f64 - s).abs() < 1e-4 * (1.0 + s.abs()),
+                "sum {n}"
+            );
+            assert!(
+                (dot(&a, &b) as f64 - d).abs() < 1e-4 * (1.0 + d.abs()),
+                "dot {n}"
+            );
+            let m = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&a), m, "max {n}");
+        }
+    }
+
+    #[test]
+    fn softmax_rows_match_f64() {
+        let n = 37;
+        let mut m = data(n * 3, 3);
+        let want: Vec<f64> = m
+            .chunks(n)
+            .flat_map(|r| {
+                let mx = r.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+                let e: Vec<f64> = r.iter().map(|&v| (v as f64 - mx).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.into_iter().map(move |v| v / s)
+            })
+            .collect();
+        softmax_rows(&mut m, n);
+        for (a, b) in m.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_rows_match_f64() {
+        let d = 40;
+        let (x, w, b) = (data(3 * d, 4), data(d, 5), data(d, 6));
+        let (mut xh, mut rs, mut o) = (vec![0f32; 3 * d], vec![0f32; 3], vec![0f32; 3 * d]);
+        layer_norm_rows(&x, &w, &b, 1e-6, &mut xh, &mut rs, &mut o);
+        for (r, row) in x.chunks(d).enumerate() {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let rstd = 1.0 / (var + 1e-6).sqrt();
+            assert!((rs[r] as f64 - rstd).abs() < 1e-5 * rstd);
+            for i in 0..d {
+                let want = (row[i] as f64 - mean) * rstd * w[i] as f64 + b[i] as f64;
+                assert!((o[r * d + i] as f64 - want).abs() < 1e-4, "{r},{i}");
+            }
+        }
+    }
+}
