@@ -502,15 +502,20 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.336_55, 88.376_26);
-    // n = round(x / ln 2), by the 1.5 * 2^23 trick (vectorisable, unlike `round`)
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // n = round(x / ln 2), by the 1.5 * 2^23 trick (vectorisable, unlike `round`): t's low
+    // mantissa bits hold n + 2^22 as an integer.
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 0.166_666_65)
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from t's bits: integer ops only (a float -> int cast saturates, and would not
+    // vectorise)
+    let pow2n = (t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23;
+    e * f32::from_bits(pow2n)
 }
 
 /// `exp` through [`exp_f32`] for f32 and `f64::exp` for f64, for the ops generic over both.
