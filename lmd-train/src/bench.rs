@@ -318,28 +318,44 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let threads = lmd_model::candle::utils::get_num_threads();
     let mut ours = Vec::new();
     for &ratio in &opts.ratios {
-        let mut step = |seed: u64| -> Result<f32> {
+        // seconds spent in forward, backward and the optimizer
+        let mut phases = [0f64; 3];
+        let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
+            let t = Instant::now();
             let out = model
                 .forward(&x, ratio, seed)
                 .map_err(lmd_model::Error::from)?;
-            let grads = out.loss.backward().map_err(lmd_model::Error::from)?;
-            opt.step(&grads, 1.5e-4)?;
-            Ok(out
+            let loss = out
                 .loss
                 .to_scalar::<f32>()
-                .map_err(lmd_model::Error::from)?)
+                .map_err(lmd_model::Error::from)?;
+            phases[0] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let grads = out.loss.backward().map_err(lmd_model::Error::from)?;
+            phases[1] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            opt.step(&grads, 1.5e-4)?;
+            phases[2] += t.elapsed().as_secs_f64();
+            Ok(loss)
         };
-        step(0)?; // warm-up
+        step(0, &mut [0.0; 3])?; // warm-up
+
         let t0 = Instant::now();
         let mut loss = 0.0;
+        let mut best = f64::INFINITY;
         for s in 0..opts.steps {
-            loss = step(1 + s as u64)?;
+            let t = Instant::now();
+            loss = step(1 + s as u64, &mut phases)?;
+            best = best.min(t.elapsed().as_secs_f64());
         }
         let secs = t0.elapsed().as_secs_f64();
+        let per_step = |v: f64| (v / opts.steps as f64 * 1e3).round() / 1e3;
         emit(json!({
             "bench": "train-step", "preset": opts.preset, "mask_ratio": ratio, "batch": opts.batch,
             "tokens": cfg.num_patches(), "steps": opts.steps, "samples_per_s": (opts.steps * opts.batch) as f64 / secs,
-            "s_per_step": secs / opts.steps as f64, "loss": loss, "threads": threads,
+            "s_per_step": secs / opts.steps as f64, "best_s_per_step": best, "forward_s": per_step(phases[0]),
+            "backward_s": per_step(phases[1]), "optimizer_s": per_step(phases[2]),
+            "loss": loss, "threads": threads,
         }));
         ours.push((ratio, (opts.steps * opts.batch) as f64 / secs));
     }
