@@ -846,3 +846,50 @@ mod tests {
         assert!(err.contains("not a multiple of 5 heads"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod attn_probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn attn_probe() {
+        for (b, n, c, heads) in [
+            (64usize, 197usize, 128usize, 4usize),
+            (64, 168, 192, 3),
+            (64, 50, 192, 3),
+        ] {
+            let d = Dims {
+                b,
+                n,
+                c,
+                heads,
+                hidden: 4 * c,
+                eps: 1e-6,
+            };
+            let r = b * n;
+            let qkv: Vec<f32> = (0..r * 3 * c)
+                .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            let mut p = vec![0f32; b * heads * n * n];
+            let mut att = vec![0f32; r * c];
+            let datt: Vec<f32> = (0..r * c)
+                .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            let mut dqkv = vec![0f32; r * 3 * c];
+            let fl = 4.0 * (b * heads * n * n * (c / heads)) as f64;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                for _ in 0..5 {
+                    on_pool(|| attention_forward(&d, &qkv, &mut p, &mut att));
+                }
+                let f = t.elapsed().as_secs_f64() / 5.0;
+                let t = std::time::Instant::now();
+                for _ in 0..5 {
+                    on_pool(|| attention_backward(&d, &qkv, &p, &datt, &mut dqkv));
+                }
+                let bw = t.elapsed().as_secs_f64() / 5.0;
+                eprintln!("b{b} n{n} c{c} h{heads}: fwd {:.1} ms {:.0} GFLOP/s, bwd {:.1} ms {:.0} GFLOP/s", f * 1e3, fl / f / 1e9, bw * 1e3, 2.0 * fl / bw / 1e9);
+            }
+        }
+    }
+}

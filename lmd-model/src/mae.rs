@@ -722,7 +722,11 @@ impl LatentMae {
         let (b, n1, dd) = x.dims3()?;
         let l = self.cfg.num_patches();
         let masked = l + 1 - n1;
-        let mask_tokens = self.mask_token.broadcast_as((b, masked, dd))?;
+        // ones ⊗ mask_token rather than a broadcast: the broadcast's backward is candle's sum
+        // over the two leading dims (a slow strided reduction), the product's is one gemm
+        let mask_tokens = Tensor::ones((b * masked, 1), x.dtype(), x.device())?
+            .matmul(&self.mask_token.reshape((1, dd))?)?
+            .reshape((b, masked, dd))?;
         let x_ = Tensor::cat(&[&x.i((.., 1..))?, &mask_tokens], 1)?; // [B, L, Dd] in shuffled order
         let x_ = Self::gather_rows(&x_, &masking.ids_restore)?; // unshuffle
         let mut x =

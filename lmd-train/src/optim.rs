@@ -60,12 +60,12 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let z = var.zeros_like().map_err(m)?;
+                // two allocations: the CPU update writes both moments in place
                 Ok(Param {
                     decay: decays(&name, &var),
                     lr_scale: 1.0,
-                    m: z.clone(),
-                    v: z,
+                    m: var.zeros_like().map_err(m)?,
+                    v: var.zeros_like().map_err(m)?,
                     name,
                     var,
                 })
@@ -137,6 +137,19 @@ impl AdamW {
                 continue;
             };
             let lr = lr * p.lr_scale;
+            let decay = if p.decay { self.cfg.weight_decay } else { 0.0 };
+            if fused::applies(p.var.as_tensor(), &p.m, &p.v, g) {
+                fused::update(
+                    p.var.as_tensor(),
+                    &p.m,
+                    &p.v,
+                    g,
+                    &self.cfg,
+                    (lr, decay, c1, c2),
+                )
+                .map_err(m)?;
+                continue;
+            }
             let mut theta = p.var.as_tensor().clone();
             if p.decay && self.cfg.weight_decay > 0.0 {
                 theta = (theta * (1.0 - lr * self.cfg.weight_decay)).map_err(m)?;
@@ -239,6 +252,140 @@ pub fn lr_at(step: u64, total: u64, warmup: u64, lr: f64, min_lr: f64) -> f64 {
     }
 }
 
+/// The update in three in-place passes for contiguous f32 CPU tensors (moments, then the
+/// parameter), instead of about twelve candle ops that each allocate a result.
+mod fused {
+    use super::AdamWConfig;
+    use lmd_model::candle::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+
+    pub(super) fn applies(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
+        [theta, m, v, g]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+            && theta.shape() == g.shape()
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => lmd_model::candle::bail!("adamw: contiguous f32 expected"),
+        }
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+            _ => lmd_model::candle::bail!("adamw: contiguous f32 expected"),
+        }
+    }
+
+    /// `m = β·m + (1−β)·g` (or `g²` for the second moment), in place.
+    struct Moment {
+        beta: f32,
+        square: bool,
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "lmd-adamw-moment"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
+            let (m, g) = (slice_mut(s1, l1)?, slice(s2, l2)?);
+            let (b, a) = (self.beta, 1.0 - self.beta);
+            if self.square {
+                m.iter_mut()
+                    .zip(g)
+                    .for_each(|(m, &g)| *m = b * *m + a * (g * g));
+            } else {
+                m.iter_mut().zip(g).for_each(|(m, &g)| *m = b * *m + a * g);
+            }
+            Ok(())
+        }
+    }
+
+    /// `θ = θ·(1 − lr·wd) − lr · (m / c1) / (sqrt(v / c2) + eps)`, in place.
+    struct Step {
+        lr: f64,
+        decay: f64,
+        c1: f64,
+        c2: f64,
+        eps: f64,
+    }
+
+    impl InplaceOp3 for Step {
+        fn name(&self) -> &'static str {
+            "lmd-adamw-step"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<()> {
+            let (theta, m, v) = (slice_mut(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+            let keep = (1.0 - self.lr * self.decay) as f32;
+            let (lr, c1, c2, eps) = (
+                self.lr as f32,
+                self.c1 as f32,
+                self.c2 as f32,
+                self.eps as f32,
+            );
+            for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+                *t = *t * keep - lr * ((m / c1) / ((v / c2).sqrt() + eps));
+            }
+            Ok(())
+        }
+    }
+
+    /// One AdamW update of `theta` (and its moments) from `g`: `(lr, weight decay, 1 − β1^t,
+    /// 1 − β2^t)`.
+    pub(super) fn update(
+        theta: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        cfg: &AdamWConfig,
+        (lr, decay, c1, c2): (f64, f64, f64, f64),
+    ) -> Result<()> {
+        m.inplace_op2(
+            g,
+            &Moment {
+                beta: cfg.beta1 as f32,
+                square: false,
+            },
+        )?;
+        v.inplace_op2(
+            g,
+            &Moment {
+                beta: cfg.beta2 as f32,
+                square: true,
+            },
+        )?;
+        theta.inplace_op3(
+            m,
+            v,
+            &Step {
+                lr,
+                decay,
+                c1,
+                c2,
+                eps: cfg.eps,
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +432,65 @@ mod tests {
         .unwrap();
         o2.load(&dir.path().join("opt.safetensors")).unwrap();
         assert_eq!(o2.steps_taken(), 1);
+    }
+
+    /// The in-place f32 update equals the op-by-op one (run in f64) over several steps, with
+    /// and without weight decay and with a learning-rate scale.
+    #[test]
+    fn in_place_update_matches_the_op_by_op_update() {
+        let dev = Device::Cpu;
+        let w0: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+        let make = |dtype: DType| {
+            let w = Var::from_tensor(
+                &Tensor::from_vec(w0.clone(), (3, 4), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let b = Var::from_tensor(
+                &Tensor::new(&[0.3f32, -0.1, 0.2], &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let mut opt = AdamW::new(
+                vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())],
+                AdamWConfig::default(),
+            )
+            .unwrap();
+            opt.set_lr_scales(|n| if n.ends_with("bias") { 0.5 } else { 1.0 });
+            (w, b, opt)
+        };
+        let (w32, b32, mut o32) = make(DType::F32);
+        let (w64, b64, mut o64) = make(DType::F64);
+        assert!(fused::applies(
+            w32.as_tensor(),
+            &o32.params[1].m,
+            &o32.params[1].v,
+            w32.as_tensor()
+        ));
+        for step in 0..4 {
+            for (w, b, opt) in [(&w32, &b32, &mut o32), (&w64, &b64, &mut o64)] {
+                let loss = ((w.as_tensor().sqr().unwrap().sum_all().unwrap() * (step + 1) as f64)
+                    .unwrap()
+                    + b.as_tensor().sin().unwrap().sum_all().unwrap())
+                .unwrap();
+                opt.step(&loss.backward().unwrap(), 0.05).unwrap();
+            }
+        }
+        for (a, b) in [(&w32, &w64), (&b32, &b64)] {
+            let a: Vec<f32> = a.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f64> = b.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((*x as f64 - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
+        // the moments moved too, and are separate tensors
+        let m: Vec<f32> = o32.params[1].m.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = o32.params[1].v.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(m.iter().zip(&v).any(|(a, b)| a != b) && v.iter().any(|&x| x > 0.0));
     }
 
     #[test]
