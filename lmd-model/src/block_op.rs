@@ -274,23 +274,29 @@ fn linear_backward(
     );
 }
 
+/// Adds up per-chunk partial sums in chunk order. (Rayon's `reduce` combines them in a tree
+/// that depends on work stealing, so float results would differ from run to run; training must
+/// be bit-reproducible for resumed runs to match uninterrupted ones.)
+fn sum_in_order(partials: Vec<Vec<f32>>, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; d];
+    for p in partials {
+        out.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+    out
+}
+
 /// Sums of the columns of `g [rows, d]` into `dst [d]` (a bias gradient).
 fn col_sums(g: &[f32], dst: &mut [f32]) {
     let d = dst.len();
-    let sums = g
+    let partials = g
         .par_chunks(d * ROW_GROUP * 4)
         .map(|grp| {
             let mut acc = vec![0f32; d];
             kernels::add_col_sums(grp, &mut acc);
             acc
         })
-        .reduce(
-            || vec![0f32; d],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+        .collect::<Vec<_>>();
+    let sums = sum_in_order(partials, d);
     dst.copy_from_slice(&sums);
 }
 
@@ -322,7 +328,7 @@ fn ln_backward(
     (dw, db): (&mut [f32], &mut [f32]),
 ) {
     let d = w.len();
-    let sums = dx
+    let partials = dx
         .par_chunks_mut(d * ROW_GROUP)
         .zip(g.par_chunks(d * ROW_GROUP))
         .zip(xhat.par_chunks(d * ROW_GROUP))
@@ -335,13 +341,8 @@ fn ln_backward(
             acc.truncate(2 * d);
             acc
         })
-        .reduce(
-            || vec![0f32; 2 * d],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+        .collect::<Vec<_>>();
+    let sums = sum_in_order(partials, 2 * d);
     dw.copy_from_slice(&sums[..d]);
     db.copy_from_slice(&sums[d..]);
 }
@@ -791,6 +792,39 @@ mod tests {
                 checked += 1;
             }
             assert_eq!(checked, 13);
+        }
+    }
+
+    /// Regression (resumed training runs diverged from uninterrupted ones in the 10th digit):
+    /// the parameter-gradient sums used rayon's `reduce`, whose combining order follows work
+    /// stealing. The same inputs must give bit-identical gradients every time.
+    #[test]
+    fn gradients_are_bit_identical_from_run_to_run() {
+        let (block, vars) = random_block(16, 2, 21);
+        let x = Var::from_tensor(&random(&[8, 300, 16], 22)).unwrap();
+        let grads = || {
+            let loss = block
+                .forward(x.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            vars.iter()
+                .map(|(_, v)| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        let first = grads();
+        for _ in 0..12 {
+            assert!(grads() == first, "gradients differ between identical runs");
         }
     }
 
