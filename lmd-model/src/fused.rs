@@ -541,13 +541,20 @@ impl FastExp for f64 {
 /// instead of the f64 series candle's `gelu_erf` evaluates per element.
 #[inline(always)]
 pub(crate) fn erf_f32(x: f32) -> f32 {
+    erf_and_gauss_f32(x).0
+}
+
+/// `(erf(x), e^(-x²))`: the exponential is part of the erf formula, and GELU's derivative needs
+/// it again (`φ(v) ∝ e^(-v²/2)` with `x = v/√2`), so it is computed once for both.
+#[inline(always)]
+pub(crate) fn erf_and_gauss_f32(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t
         + 0.254_829_6)
         * t;
-    let y = 1.0 - poly * exp_f32(-a * a);
-    y.copysign(x)
+    let g = exp_f32(-a * a);
+    ((1.0 - poly * g).copysign(x), g)
 }
 
 const CHUNK: usize = 1 << 14;

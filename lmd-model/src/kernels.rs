@@ -10,7 +10,7 @@
 //! Rules: every kernel is a pure function of its slices; the bodies are `#[inline(always)]` so
 //! that they are compiled with the features of the wrapper they are inlined into.
 
-use crate::fused::{erf_f32, exp_f32};
+use crate::fused::{erf_and_gauss_f32, erf_f32, exp_f32};
 
 /// Independent partial sums per reduction.
 const LANES: usize = 16;
@@ -114,8 +114,10 @@ multiversion! {
     pub(crate) fn gelu_backward(h: &[f32], dg: &mut [f32]) {
         let inv_sqrt_2pi = 0.398_942_3_f32;
         for (dg, &v) in dg.iter_mut().zip(h) {
-            let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = inv_sqrt_2pi * exp_f32(-0.5 * v * v);
+            // one exp for both: e^(-(v/√2)²) = e^(-v²/2)
+            let (erf, gauss) = erf_and_gauss_f32(v * std::f32::consts::FRAC_1_SQRT_2);
+            let cdf = 0.5 * (1.0 + erf);
+            let pdf = inv_sqrt_2pi * gauss;
             *dg *= cdf + v * pdf;
         }
     }
@@ -284,6 +286,40 @@ mod tests {
         softmax_rows(&mut m, n);
         for (a, b) in m.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn gelu_and_its_derivative_match_f64() {
+        let h = data(4099, 7);
+        let (mut g, mut dg) = (vec![0f32; h.len()], vec![1f32; h.len()]);
+        gelu_forward(&h, &mut g);
+        gelu_backward(&h, &mut dg);
+        for ((&v, &g), &dg) in h.iter().zip(&g).zip(&dg) {
+            let v = v as f64;
+            if v.abs() >= 4.0 {
+                // tails: Φ is within 4e-5 of 0 or 1
+                let (want, dwant) = if v > 0.0 { (v, 1.0) } else { (0.0, 0.0) };
+                assert!((g as f64 - want).abs() < 1e-3 && (dg as f64 - dwant).abs() < 1e-3);
+                continue;
+            }
+            // erf by its Taylor series (|x| < 2.9: no harmful cancellation in f64)
+            let erf = |x: f64| {
+                let (mut sum, mut term, mut k) = (0f64, x, 0f64);
+                while term.abs() > 1e-17 * sum.abs().max(1e-300) && k < 400.0 {
+                    sum += term / (2.0 * k + 1.0);
+                    k += 1.0;
+                    term *= -x * x / k;
+                }
+                (sum * 2.0 / std::f64::consts::PI.sqrt()).clamp(-1.0, 1.0)
+            };
+            let cdf = 0.5 * (1.0 + erf(v / 2f64.sqrt()));
+            let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            assert!(
+                (g as f64 - v * cdf).abs() < 2e-6 * (1.0 + v.abs()),
+                "gelu({v})"
+            );
+            assert!((dg as f64 - (cdf + v * pdf)).abs() < 2e-6, "gelu'({v})");
         }
     }
 
