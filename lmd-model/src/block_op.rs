@@ -698,19 +698,9 @@ pub(crate) fn block(x: &Tensor, params: [&Tensor; 12], heads: usize, eps: f64) -
 mod tests {
     use super::*;
     use crate::mae::Block;
+    use crate::test_util::maxdiff;
     use candle_core::{Device, Module, Var};
     use candle_nn::{VarBuilder, VarMap};
-
-    fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// A block with every parameter random (LayerNorm affines too), and its variables by name.
     fn random_block(dim: usize, heads: usize, seed: u64) -> (Block, Vec<(String, Var)>) {

@@ -343,14 +343,7 @@ mod tests {
             .forward_features(&x, crate::Pool::Mean, Some((&fc, &fb)))
             .unwrap();
         let got = clf.features(&x, None).unwrap();
-        let d = (want - &got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::test_util::maxdiff(&want, &got);
         assert!(d < 1e-5, "{d}");
         // drop path changes the training forward, deterministically per seed
         let t1 = clf.features(&x, Some(3)).unwrap().to_vec2::<f32>().unwrap();

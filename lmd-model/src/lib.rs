@@ -11,6 +11,8 @@ mod kernels;
 pub mod mae;
 pub mod nn;
 pub mod schedule;
+#[cfg(test)]
+mod test_util;
 pub mod vae;
 
 pub use classifier::{ClassifierConfig, VitClassifier};

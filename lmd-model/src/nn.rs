@@ -91,6 +91,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::maxdiff;
     use candle_core::{DType, Device, Var};
 
     /// Central finite differences of `sum(f(x) * probe)` against autograd.
@@ -140,17 +141,6 @@ mod tests {
                 g[i]
             );
         }
-    }
-
-    fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Gradients of `sum(y * probe)`.
