@@ -378,14 +378,7 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
         let ours = layer_norm(&x, &w, &b, 1e-6).unwrap();
         let theirs = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
-        let d = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = maxdiff(&ours, &theirs);
         assert!(d < 1e-5, "{d}");
         let _ = DType::F32;
     }
