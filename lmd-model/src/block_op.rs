@@ -476,6 +476,27 @@ fn attention_backward(d: &Dims, qkv: &[f32], p: &[f32], datt: &[f32], dqkv: &mut
     );
 }
 
+/// `out = base + keep[sample] · out` (a residual add whose branch is scaled per sample:
+/// stochastic depth); `keep` has one factor per sample, rows split evenly among them.
+fn scaled_residual(base: &[f32], keep: &[f32], out: &mut [f32]) {
+    let per = out.len() / keep.len();
+    out.par_chunks_mut(per)
+        .zip(base.par_chunks(per))
+        .zip(keep)
+        .for_each(|((o, s), &k)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s + k * *o));
+}
+
+/// `g` with each sample's rows scaled by its `keep` factor.
+fn scale_rows(g: &[f32], keep: &[f32]) -> Vec<f32> {
+    let per = g.len() / keep.len();
+    let mut out = filled_later(g.len());
+    out.par_chunks_mut(per)
+        .zip(g.par_chunks(per))
+        .zip(keep)
+        .for_each(|((o, g), &k)| o.iter_mut().zip(g).for_each(|(o, g)| *o = k * g));
+    out
+}
+
 /// A buffer of `n` floats whose every element the caller writes before any is read (each
 /// producer here — LayerNorm rows, gemm without `read_dst`, bias rows, GELU — covers its whole
 /// output). Skipping `vec![0.0; n]`'s zero fill saves a pass over every activation: about 1 GB
@@ -496,7 +517,13 @@ fn filled_later(n: usize) -> Vec<f32> {
 }
 
 /// The block's forward on plain buffers: the output `[R, C]`, and the saved activations.
-fn forward(d: &Dims, x: &[f32], pack: &[f32], save: bool) -> (Vec<f32>, Option<Saved>) {
+fn forward(
+    d: &Dims,
+    x: &[f32],
+    pack: &[f32],
+    keep: Option<&[Vec<f32>; 2]>,
+    save: bool,
+) -> (Vec<f32>, Option<Saved>) {
     let (r, c, m) = (d.rows(), d.c, d.hidden);
     let [n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b] =
         split_ref(pack, d);
@@ -509,7 +536,13 @@ fn forward(d: &Dims, x: &[f32], pack: &[f32], save: bool) -> (Vec<f32>, Option<S
     let mut att = filled_later(r * c);
     attention_forward(d, &qkv, &mut p, &mut att);
     let mut y1 = filled_later(r * c);
-    linear(&att, proj_w, proj_b, Some(x), &mut y1); // x + proj(att)
+    match keep {
+        None => linear(&att, proj_w, proj_b, Some(x), &mut y1), // x + proj(att)
+        Some([k1, _]) => {
+            linear(&att, proj_w, proj_b, None, &mut y1);
+            scaled_residual(x, k1, &mut y1); // x + k1 · proj(att)
+        }
+    }
     let (mut xhat2, mut rstd2, mut a2) =
         (filled_later(r * c), filled_later(r), filled_later(r * c));
     ln_forward(&y1, (n2w, n2b), d.eps, &mut xhat2, &mut rstd2, &mut a2);
@@ -518,7 +551,13 @@ fn forward(d: &Dims, x: &[f32], pack: &[f32], save: bool) -> (Vec<f32>, Option<S
     let mut g = filled_later(r * m);
     gelu_forward(&h, &mut g);
     let mut y = filled_later(r * c);
-    linear(&g, fc2_w, fc2_b, Some(&y1), &mut y); // y1 + fc2(gelu(fc1(norm2(y1))))
+    match keep {
+        None => linear(&g, fc2_w, fc2_b, Some(&y1), &mut y), // y1 + fc2(gelu(fc1(norm2(y1))))
+        Some([_, k2]) => {
+            linear(&g, fc2_w, fc2_b, None, &mut y);
+            scaled_residual(&y1, k2, &mut y);
+        }
+    }
     let saved = save.then_some(Saved {
         xhat1,
         rstd1,
@@ -536,7 +575,13 @@ fn forward(d: &Dims, x: &[f32], pack: &[f32], save: bool) -> (Vec<f32>, Option<S
 }
 
 /// The block's backward on plain buffers: `(dx, dpack)` from the output gradient `dy`.
-fn backward(d: &Dims, pack: &[f32], s: Saved, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+fn backward(
+    d: &Dims,
+    pack: &[f32],
+    keep: Option<&[Vec<f32>; 2]>,
+    s: Saved,
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
     let (r, c, m) = (d.rows(), d.c, d.hidden);
     let [n1w, _, qkv_w, _, proj_w, _, n2w, _, fc1_w, _, fc2_w, _] = split_ref(pack, d);
     let mut dpack = vec![0f32; pack.len()];
@@ -544,7 +589,10 @@ fn backward(d: &Dims, pack: &[f32], s: Saved, dy: &[f32]) -> (Vec<f32>, Vec<f32>
         split(&mut dpack, d);
     // fc2
     let mut dh = filled_later(r * m);
-    linear_backward(dy, &s.g, fc2_w, &mut dh, (dfc2_w, dfc2_b));
+    // the MLP branch's output gradient: dy, scaled per sample under drop path
+    let dy_mlp = keep.map(|[_, k2]| scale_rows(dy, k2));
+    let dy_mlp = dy_mlp.as_deref().unwrap_or(dy);
+    linear_backward(dy_mlp, &s.g, fc2_w, &mut dh, (dfc2_w, dfc2_b));
     drop(s.g);
     // GELU, fc1
     gelu_backward(&s.h, &mut dh);
@@ -556,8 +604,10 @@ fn backward(d: &Dims, pack: &[f32], s: Saved, dy: &[f32]) -> (Vec<f32>, Vec<f32>
     let mut dy1 = dy.to_vec();
     ln_backward(&da, n2w, &s.xhat2, &s.rstd2, &mut dy1, (dn2w, dn2b));
     // proj
-    linear_backward(&dy1, &s.att, proj_w, &mut da, (dproj_w, dproj_b)); // da is now d(att)
-                                                                        // attention
+    let dy_att = keep.map(|[k1, _]| scale_rows(&dy1, k1));
+    let dy_att = dy_att.as_deref().unwrap_or(&dy1);
+    linear_backward(dy_att, &s.att, proj_w, &mut da, (dproj_w, dproj_b)); // da is now d(att)
+                                                                          // attention
     let mut dqkv = filled_later(r * 3 * c);
     attention_backward(d, &s.qkv, &s.p, &da, &mut dqkv);
     drop((s.p, s.qkv));
@@ -580,6 +630,8 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 struct BlockOp {
     dims: Dims,
+    /// Per-sample factors of the attention and MLP branches (stochastic depth), or none.
+    keep: Option<[Vec<f32>; 2]>,
     save: bool,
     saved: Mutex<Option<Saved>>,
 }
@@ -617,7 +669,7 @@ impl CustomOp2 for BlockOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "x")?;
         let pack = f32_slice(s2, l2, "the packed parameters")?;
-        let (y, saved) = on_pool(|| forward(&self.dims, x, pack, self.save));
+        let (y, saved) = on_pool(|| forward(&self.dims, x, pack, self.keep.as_ref(), self.save));
         *self.saved.lock().expect("lmd-block: poisoned lock") = saved;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -634,9 +686,12 @@ impl CustomOp2 for BlockOp {
         let (dx, dpack) = with_data(x, "x", |xs| {
             with_data(pack, "the packed parameters", |ps| {
                 with_data(&grad, "the gradient", |gs| {
-                    let saved = saved
-                        .unwrap_or_else(|| forward(&self.dims, xs, ps, true).1.expect("saved"));
-                    on_pool(|| backward(&self.dims, ps, saved, gs))
+                    let saved = saved.unwrap_or_else(|| {
+                        forward(&self.dims, xs, ps, self.keep.as_ref(), true)
+                            .1
+                            .expect("saved")
+                    });
+                    on_pool(|| backward(&self.dims, ps, self.keep.as_ref(), saved, gs))
                 })
             })
         })???;
@@ -647,14 +702,37 @@ impl CustomOp2 for BlockOp {
     }
 }
 
-/// Whether [`block`] runs the fused node for this input (f32 on the CPU, `[B, N, C]`).
+thread_local! {
+    static FUSED_BLOCKS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turn the fused block node on or off for models run on this thread (on by default). Off,
+/// every block runs as candle ops: the baseline of `lmd-bench train-step --composite-baseline`,
+/// and a way to rule the fused op out when debugging. Per thread, so that tests running side by
+/// side in one process do not switch each other's path.
+pub fn set_fused_blocks(on: bool) {
+    FUSED_BLOCKS.with(|f| f.set(on));
+}
+
+/// Whether [`block`] runs the fused node for this input (f32 on the CPU, `[B, N, C]`, not
+/// switched off on this thread by [`set_fused_blocks`]).
 pub(crate) fn supported(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 3
+    FUSED_BLOCKS.with(|f| f.get())
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() == 3
 }
 
 /// The block `y = x + attn(norm1(x)); y + mlp(norm2(y))` as one node. `params` in
-/// [`PARAM_ORDER`], PyTorch layouts (`[out, in]` weights).
-pub(crate) fn block(x: &Tensor, params: [&Tensor; 12], heads: usize, eps: f64) -> Result<Tensor> {
+/// [`PARAM_ORDER`], PyTorch layouts (`[out, in]` weights). With `keep = [k1, k2]` (one factor
+/// per sample each: stochastic depth) the branches are scaled: `x + k1·attn(..)`, `y + k2·mlp(..)`.
+pub(crate) fn block(
+    x: &Tensor,
+    params: [&Tensor; 12],
+    heads: usize,
+    eps: f64,
+    keep: Option<[Vec<f32>; 2]>,
+) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     let hidden = params[9].elem_count();
     let dims = Dims {
@@ -677,6 +755,11 @@ pub(crate) fn block(x: &Tensor, params: [&Tensor; 12], heads: usize, eps: f64) -
             )
         }
     }
+    if let Some(k) = &keep {
+        if k.iter().any(|k| k.len() != b) {
+            candle_core::bail!("lmd-block: drop-path factors must have one entry per sample ({b})")
+        }
+    }
     let flat = params
         .iter()
         .map(|p| p.flatten_all())
@@ -688,6 +771,7 @@ pub(crate) fn block(x: &Tensor, params: [&Tensor; 12], heads: usize, eps: f64) -
         &pack,
         BlockOp {
             dims,
+            keep,
             save,
             saved: Mutex::new(None),
         },
@@ -742,47 +826,102 @@ mod tests {
         for (b, n, dim, heads, seed) in [(3, 7, 12, 3, 1), (2, 50, 16, 1, 2), (4, 13, 24, 4, 3)] {
             let (block, vars) = random_block(dim, heads, seed);
             let x = Var::from_tensor(&random(&[b, n, dim], seed + 10)).unwrap();
-            let probe = random(&[b, n, dim], seed + 20);
             assert!(supported(x.as_tensor()));
-            let fused = super::block(x.as_tensor(), block.params(), heads, 1e-6).unwrap();
+            let fused = super::block(x.as_tensor(), block.params(), heads, 1e-6, None).unwrap();
             let composite = block.forward_composite(x.as_tensor()).unwrap();
-            let d = maxdiff(&fused, &composite);
-            assert!(d < 2e-5, "forward differs by {d}");
-            let g1 = (&fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&composite * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let mut checked = 0;
-            for (name, v) in std::iter::once(("x".to_string(), x.clone())).chain(vars) {
-                let (a, c) = (
-                    g1.get(v.as_tensor()).expect("fused gradient"),
-                    g2.get(v.as_tensor()).expect("composite gradient"),
-                );
-                let scale = c
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let d = maxdiff(a, c);
-                assert!(scale > 0.0, "{name}: zero gradient");
-                assert!(
-                    d <= 2e-5 * (1.0 + scale),
-                    "{name}: gradient differs by {d} (max {scale})"
-                );
-                checked += 1;
-            }
-            assert_eq!(checked, 13);
+            assert_same(&fused, &composite, &x, vars, seed);
         }
+    }
+
+    /// With stochastic depth: each sample's attention and MLP branches scaled by its factors
+    /// (0 drops the branch), against the composite block with the same factors.
+    #[test]
+    fn fused_block_with_drop_path_matches_composite() {
+        let (b, n, dim, heads) = (4, 9, 12, 3);
+        let (block, vars) = random_block(dim, heads, 31);
+        let x = Var::from_tensor(&random(&[b, n, dim], 32)).unwrap();
+        let keep = [vec![1.25, 0.0, 1.25, 1.25], vec![0.0, 1.25, 1.25, 0.0]];
+        let fused = super::block(
+            x.as_tensor(),
+            block.params(),
+            heads,
+            1e-6,
+            Some(keep.clone()),
+        )
+        .unwrap();
+        let composite = block.forward_composite_keep(x.as_tensor(), &keep).unwrap();
+        assert_same(&fused, &composite, &x, vars, 33);
+        // the drop-path forward of the block takes the fused path and draws the same factors
+        let mut r1 = crate::mae::SplitMix(5);
+        let mut r2 = crate::mae::SplitMix(5);
+        let y = block
+            .forward_drop_path(x.as_tensor(), 0.5, &mut r1)
+            .unwrap();
+        let keep: [Vec<f32>; 2] = std::array::from_fn(|_| {
+            (0..b)
+                .map(|_| if r2.uniform() < 0.5 { 2.0 } else { 0.0 })
+                .collect()
+        });
+        let want = block.forward_composite_keep(x.as_tensor(), &keep).unwrap();
+        assert!(maxdiff(&y, &want) < 2e-5);
+        let err = super::block(
+            x.as_tensor(),
+            block.params(),
+            heads,
+            1e-6,
+            Some([vec![1.0], vec![1.0]]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("one entry per sample"), "{err}");
+    }
+
+    /// `fused` and `composite` (outputs of `x`) agree, and so do the gradients of `sum(y · probe)`
+    /// for `x` and every variable.
+    fn assert_same(
+        fused: &Tensor,
+        composite: &Tensor,
+        x: &Var,
+        vars: Vec<(String, Var)>,
+        seed: u64,
+    ) {
+        let d = maxdiff(fused, composite);
+        assert!(d < 2e-5, "forward differs by {d}");
+        let probe = random(fused.dims(), seed + 20);
+        let g1 = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (composite * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut checked = 0;
+        for (name, v) in std::iter::once(("x".to_string(), x.clone())).chain(vars) {
+            let (a, c) = (
+                g1.get(v.as_tensor()).expect("fused gradient"),
+                g2.get(v.as_tensor()).expect("composite gradient"),
+            );
+            let scale = c
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = maxdiff(a, c);
+            assert!(scale > 0.0, "{name}: zero gradient");
+            assert!(
+                d <= 2e-5 * (1.0 + scale),
+                "{name}: gradient differs by {d} (max {scale})"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 13);
     }
 
     /// Regression (resumed training runs diverged from uninterrupted ones in the 10th digit):
@@ -849,7 +988,7 @@ mod tests {
         let x = random(&[2, 5, 12], 10);
         let params: Vec<Tensor> = block.params().iter().map(|p| p.detach()).collect();
         let p: [&Tensor; 12] = std::array::from_fn(|i| &params[i]);
-        let y = super::block(&x, p, 3, 1e-6).unwrap();
+        let y = super::block(&x, p, 3, 1e-6, None).unwrap();
         assert!(!y.track_op());
         let d = maxdiff(&y, &block.forward_composite(&x).unwrap());
         assert!(d < 2e-5, "{d}");
@@ -861,12 +1000,12 @@ mod tests {
         let mut p = block.params();
         let wrong = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
         p[9] = &wrong; // fc1.bias
-        let err = super::block(&random(&[1, 4, 12], 1), p, 3, 1e-6)
+        let err = super::block(&random(&[1, 4, 12], 1), p, 3, 1e-6, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("mlp.fc1.weight"), "{err}");
         let p = block.params();
-        let err = super::block(&random(&[1, 4, 12], 1), p, 5, 1e-6)
+        let err = super::block(&random(&[1, 4, 12], 1), p, 5, 1e-6, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a multiple of 5 heads"), "{err}");

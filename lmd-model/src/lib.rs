@@ -15,6 +15,7 @@ pub mod schedule;
 mod test_util;
 pub mod vae;
 
+pub use block_op::set_fused_blocks;
 pub use classifier::{ClassifierConfig, VitClassifier};
 pub use error::{Error, Result};
 pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};

@@ -374,7 +374,7 @@ impl Module for Block {
     /// One fused node on the CPU in f32 ([`crate::block_op`]), the composite graph otherwise.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if crate::block_op::supported(x) {
-            crate::block_op::block(x, self.params(), self.attn.heads, self.norm1.eps)
+            crate::block_op::block(x, self.params(), self.attn.heads, self.norm1.eps, None)
         } else {
             self.forward_composite(x)
         }
@@ -423,8 +423,9 @@ impl Block {
             return self.forward(x);
         }
         let b = x.dim(0)?;
-        let mut keep = || -> Result<Tensor> {
-            let v: Vec<f32> = (0..b)
+        // one factor per sample and branch, attention's drawn first
+        let mut draw = || -> Vec<f32> {
+            (0..b)
                 .map(|_| {
                     if rng.uniform() < 1.0 - rate {
                         (1.0 / (1.0 - rate)) as f32
@@ -432,15 +433,37 @@ impl Block {
                         0.0
                     }
                 })
-                .collect();
-            Tensor::from_vec(v, (b, 1, 1), x.device())?.to_dtype(x.dtype())
+                .collect()
+        };
+        let keep = [draw(), draw()];
+        if crate::block_op::supported(x) {
+            return crate::block_op::block(
+                x,
+                self.params(),
+                self.attn.heads,
+                self.norm1.eps,
+                Some(keep),
+            );
+        }
+        self.forward_composite_keep(x, &keep)
+    }
+
+    /// The composite block with per-sample branch factors (stochastic depth).
+    pub(crate) fn forward_composite_keep(
+        &self,
+        x: &Tensor,
+        keep: &[Vec<f32>; 2],
+    ) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let factor = |k: &Vec<f32>| -> Result<Tensor> {
+            Tensor::from_vec(k.clone(), (b, 1, 1), x.device())?.to_dtype(x.dtype())
         };
         let a = self.attn.forward(&self.norm1.forward(x)?)?;
-        let x = (x + a.broadcast_mul(&keep()?)?)?;
+        let x = (x + a.broadcast_mul(&factor(&keep[0])?)?)?;
         let h = self.fc2.forward(&crate::fused::gelu_erf(
             &self.fc1.forward(&self.norm2.forward(&x)?)?,
         )?)?;
-        let h = h.broadcast_mul(&keep()?)?;
+        let h = h.broadcast_mul(&factor(&keep[1])?)?;
         x + h
     }
 }

@@ -276,6 +276,9 @@ pub struct TrainStepOptions {
     /// Also run this PyTorch baseline (`tools/torch_mae_train_step.py`, the `tiny` sizes) with
     /// the same batch, ratios, steps and thread count, and report ours / PyTorch per ratio.
     pub torch_anchor: Option<PathBuf>,
+    /// Also run each ratio with the fused block node switched off (every block as candle ops)
+    /// and report ours / that.
+    pub composite_baseline: bool,
 }
 
 impl Default for TrainStepOptions {
@@ -286,6 +289,7 @@ impl Default for TrainStepOptions {
             ratios: vec![0.75, 0.15],
             steps: 3,
             torch_anchor: None,
+            composite_baseline: false,
         }
     }
 }
@@ -318,45 +322,57 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let threads = lmd_model::candle::utils::get_num_threads();
     let mut ours = Vec::new();
     for &ratio in &opts.ratios {
-        // seconds spent in forward, backward and the optimizer
-        let mut phases = [0f64; 3];
-        let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
-            let t = Instant::now();
-            let out = model
-                .forward(&x, ratio, seed)
-                .map_err(lmd_model::Error::from)?;
-            let loss = out
-                .loss
-                .to_scalar::<f32>()
-                .map_err(lmd_model::Error::from)?;
-            phases[0] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let grads = out.loss.backward().map_err(lmd_model::Error::from)?;
-            phases[1] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            opt.step(&grads, 1.5e-4)?;
-            phases[2] += t.elapsed().as_secs_f64();
-            Ok(loss)
+        // seconds spent in forward, backward and the optimizer; the best step; the last loss
+        let mut measure = || -> Result<(f64, [f64; 3], f64, f32)> {
+            let mut phases = [0f64; 3];
+            let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
+                let t = Instant::now();
+                let out = model
+                    .forward(&x, ratio, seed)
+                    .map_err(lmd_model::Error::from)?;
+                let loss = out
+                    .loss
+                    .to_scalar::<f32>()
+                    .map_err(lmd_model::Error::from)?;
+                phases[0] += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let grads = out.loss.backward().map_err(lmd_model::Error::from)?;
+                phases[1] += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                opt.step(&grads, 1.5e-4)?;
+                phases[2] += t.elapsed().as_secs_f64();
+                Ok(loss)
+            };
+            step(0, &mut [0.0; 3])?; // warm-up
+            let t0 = Instant::now();
+            let mut loss = 0.0;
+            let mut best = f64::INFINITY;
+            for s in 0..opts.steps {
+                let t = Instant::now();
+                loss = step(1 + s as u64, &mut phases)?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok((t0.elapsed().as_secs_f64(), phases, best, loss))
         };
-        step(0, &mut [0.0; 3])?; // warm-up
-
-        let t0 = Instant::now();
-        let mut loss = 0.0;
-        let mut best = f64::INFINITY;
-        for s in 0..opts.steps {
-            let t = Instant::now();
-            loss = step(1 + s as u64, &mut phases)?;
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let secs = t0.elapsed().as_secs_f64();
+        let (secs, phases, best, loss) = measure()?;
+        let rate = |secs: f64| (opts.steps * opts.batch) as f64 / secs;
         let per_step = |v: f64| (v / opts.steps as f64 * 1e3).round() / 1e3;
-        emit(json!({
+        let mut line = json!({
             "bench": "train-step", "preset": opts.preset, "mask_ratio": ratio, "batch": opts.batch,
-            "tokens": cfg.num_patches(), "steps": opts.steps, "samples_per_s": (opts.steps * opts.batch) as f64 / secs,
+            "tokens": cfg.num_patches(), "steps": opts.steps, "samples_per_s": rate(secs),
             "s_per_step": secs / opts.steps as f64, "best_s_per_step": best, "forward_s": per_step(phases[0]),
             "backward_s": per_step(phases[1]), "optimizer_s": per_step(phases[2]),
             "loss": loss, "threads": threads,
-        }));
+        });
+        if opts.composite_baseline {
+            lmd_model::set_fused_blocks(false);
+            let base = measure();
+            lmd_model::set_fused_blocks(true);
+            let (bsecs, _, _, _) = base?;
+            line["composite_samples_per_s"] = json!(rate(bsecs));
+            line["vs_composite"] = json!(bsecs / secs);
+        }
+        emit(line);
         ours.push((ratio, (opts.steps * opts.batch) as f64 / secs));
     }
     if let Some(anchor) = &opts.torch_anchor {
@@ -722,6 +738,27 @@ mod tests {
             // PyTorch "ran" at 1 sample/s, so the ratio is our own figure
             assert_eq!(torch["ours_vs_pytorch"], ours["samples_per_s"]);
         }
+
+        // the composite baseline: a second figure per ratio, and their ratio
+        let opts2 = TrainStepOptions {
+            batch: 2,
+            ratios: vec![0.5],
+            steps: 1,
+            composite_baseline: true,
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        train_step(&opts2, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 1);
+        let (ours, base) = (
+            lines[0]["samples_per_s"].as_f64().unwrap(),
+            lines[0]["composite_samples_per_s"].as_f64().unwrap(),
+        );
+        let ratio = lines[0]["vs_composite"].as_f64().unwrap();
+        assert!(
+            base > 0.0 && (ratio - ours / base).abs() < 1e-6 * ratio,
+            "{lines:?}"
+        );
 
         let bad = dir.path().join("bad.py");
         std::fs::write(&bad, "import sys\nsys.exit('no module named torch')\n").unwrap();

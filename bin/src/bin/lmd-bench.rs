@@ -109,6 +109,10 @@ enum Cmd {
         /// torch) with the same sizes and thread count, and print ours / PyTorch.
         #[arg(long)]
         torch_anchor: Option<std::path::PathBuf>,
+        /// Also time each ratio with every transformer block as candle ops (the fused block
+        /// node off), and print ours / that as `vs_composite`.
+        #[arg(long)]
+        composite_baseline: bool,
     },
 }
 
@@ -188,6 +192,7 @@ fn main() -> anyhow::Result<()> {
             ratios,
             steps,
             torch_anchor,
+            composite_baseline,
         } => {
             let opts = lmd_train::bench::TrainStepOptions {
                 preset,
@@ -195,6 +200,7 @@ fn main() -> anyhow::Result<()> {
                 ratios,
                 steps,
                 torch_anchor,
+                composite_baseline,
             };
             lmd_train::bench::train_step(&opts, |v| println!("{v}"))?;
         }
