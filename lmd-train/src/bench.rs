@@ -294,6 +294,125 @@ impl Default for TrainStepOptions {
     }
 }
 
+/// One warm-up step (seed 0), then `steps` timed ones (seeds 1..): total seconds, the seconds
+/// the step adds to each of its three phases (forward, backward, optimizer), the best step, and
+/// the last loss.
+fn time_steps(
+    steps: usize,
+    mut step: impl FnMut(u64, &mut [f64; 3]) -> Result<f32>,
+) -> Result<(f64, [f64; 3], f64, f32)> {
+    step(0, &mut [0.0; 3])?;
+    let mut phases = [0f64; 3];
+    let t0 = Instant::now();
+    let (mut loss, mut best) = (0.0, f64::INFINITY);
+    for s in 0..steps {
+        let t = Instant::now();
+        loss = step(1 + s as u64, &mut phases)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok((t0.elapsed().as_secs_f64(), phases, best, loss))
+}
+
+/// Options of `lmd-bench finetune-step`.
+#[derive(Debug, Clone)]
+pub struct FinetuneStepOptions {
+    /// Encoder preset (default `tiny`).
+    pub preset: String,
+    pub batch: usize,
+    pub classes: usize,
+    /// Stochastic depth of the last block (MAE fine-tuning: 0.1).
+    pub drop_path: f64,
+    /// Timed steps (after one warm-up step).
+    pub steps: usize,
+    /// Also time the steps with the fused block node off, and report ours / that.
+    pub composite_baseline: bool,
+}
+
+impl Default for FinetuneStepOptions {
+    fn default() -> Self {
+        FinetuneStepOptions {
+            preset: "tiny".into(),
+            batch: 64,
+            classes: 10,
+            drop_path: 0.1,
+            steps: 3,
+            composite_baseline: false,
+        }
+    }
+}
+
+/// Run `lmd-bench finetune-step`: full fine-tuning steps of a VitClassifier (encoder with drop
+/// path, global pool, head; label-smoothed cross-entropy, backward, AdamW) on random latents.
+pub fn finetune_step(
+    opts: &FinetuneStepOptions,
+    mut emit: impl FnMut(serde_json::Value),
+) -> Result<()> {
+    use lmd_model::candle::{Device, Tensor};
+    let encoder = lmd_model::MaeConfig::preset(&opts.preset)
+        .ok_or_else(|| Error::Invalid(format!("unknown preset {:?}", opts.preset)))?;
+    let cfg = lmd_model::ClassifierConfig {
+        encoder,
+        num_classes: opts.classes,
+        global_pool: true,
+        drop_path: opts.drop_path,
+        linear_probe: false,
+    };
+    let dev = Device::Cpu;
+    let m = lmd_model::Error::from;
+    let vm = candle_nn::VarMap::new();
+    let clf = lmd_model::VitClassifier::init(&cfg, &vm, 0, 2e-5, &dev).map_err(m)?;
+    let named: Vec<(String, lmd_model::candle::Var)> = vm
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = crate::optim::AdamW::new(named, crate::optim::AdamWConfig::default())?;
+    let [h, w] = cfg.encoder.img_size;
+    let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.encoder.in_chans, h, w), &dev).map_err(m)?;
+    let labels: Vec<u32> = (0..opts.batch as u32)
+        .map(|i| i % opts.classes as u32)
+        .collect();
+    let y = Tensor::from_vec(labels, opts.batch, &dev).map_err(m)?;
+    let mut measure = || {
+        time_steps(opts.steps, |seed, phases| {
+            let t = Instant::now();
+            let logits = clf.forward_t(&x, Some(seed)).map_err(m)?;
+            let loss = crate::finetune::cross_entropy(&logits, &y, 0.1)?;
+            let value = loss.to_scalar::<f32>().map_err(m)?;
+            phases[0] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let grads = loss.backward().map_err(m)?;
+            phases[1] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            opt.step(&grads, 1e-4)?;
+            phases[2] += t.elapsed().as_secs_f64();
+            Ok(value)
+        })
+    };
+    let (secs, phases, best, loss) = measure()?;
+    let rate = |secs: f64| (opts.steps * opts.batch) as f64 / secs;
+    let per_step = |v: f64| (v / opts.steps as f64 * 1e3).round() / 1e3;
+    let mut line = json!({
+        "bench": "finetune-step", "preset": opts.preset, "batch": opts.batch,
+        "drop_path": opts.drop_path, "tokens": cfg.encoder.num_patches(), "steps": opts.steps,
+        "samples_per_s": rate(secs), "best_s_per_step": best, "forward_s": per_step(phases[0]),
+        "backward_s": per_step(phases[1]), "optimizer_s": per_step(phases[2]), "loss": loss,
+        "threads": lmd_model::candle::utils::get_num_threads(),
+    });
+    if opts.composite_baseline {
+        lmd_model::set_fused_blocks(false);
+        let base = measure();
+        lmd_model::set_fused_blocks(true);
+        let (bsecs, _, _, _) = base?;
+        line["composite_samples_per_s"] = json!(rate(bsecs));
+        line["vs_composite"] = json!(bsecs / secs);
+    }
+    emit(line);
+    Ok(())
+}
+
 /// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
 pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
     use lmd_model::candle::{Device, Tensor};
@@ -322,10 +441,8 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let threads = lmd_model::candle::utils::get_num_threads();
     let mut ours = Vec::new();
     for &ratio in &opts.ratios {
-        // seconds spent in forward, backward and the optimizer; the best step; the last loss
-        let mut measure = || -> Result<(f64, [f64; 3], f64, f32)> {
-            let mut phases = [0f64; 3];
-            let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
+        let mut measure = || {
+            time_steps(opts.steps, |seed, phases| {
                 let t = Instant::now();
                 let out = model
                     .forward(&x, ratio, seed)
@@ -342,17 +459,7 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
                 opt.step(&grads, 1.5e-4)?;
                 phases[2] += t.elapsed().as_secs_f64();
                 Ok(loss)
-            };
-            step(0, &mut [0.0; 3])?; // warm-up
-            let t0 = Instant::now();
-            let mut loss = 0.0;
-            let mut best = f64::INFINITY;
-            for s in 0..opts.steps {
-                let t = Instant::now();
-                loss = step(1 + s as u64, &mut phases)?;
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            Ok((t0.elapsed().as_secs_f64(), phases, best, loss))
+            })
         };
         let (secs, phases, best, loss) = measure()?;
         let rate = |secs: f64| (opts.steps * opts.batch) as f64 / secs;
@@ -739,6 +846,19 @@ mod tests {
             assert_eq!(torch["ours_vs_pytorch"], ours["samples_per_s"]);
         }
 
+        let bad = dir.path().join("bad.py");
+        std::fs::write(&bad, "import sys\nsys.exit('no module named torch')\n").unwrap();
+        opts.torch_anchor = Some(bad);
+        opts.ratios = vec![0.75];
+        let e = train_step(&opts, |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.py") && e.contains("no module named torch"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn composite_baseline_and_finetune_step_report_ours_over_the_baseline() {
         // the composite baseline: a second figure per ratio, and their ratio
         let opts2 = TrainStepOptions {
             batch: 2,
@@ -760,14 +880,21 @@ mod tests {
             "{lines:?}"
         );
 
-        let bad = dir.path().join("bad.py");
-        std::fs::write(&bad, "import sys\nsys.exit('no module named torch')\n").unwrap();
-        opts.torch_anchor = Some(bad);
-        opts.ratios = vec![0.75];
-        let e = train_step(&opts, |_| {}).unwrap_err().to_string();
+        let mut lines = Vec::new();
+        let ft = FinetuneStepOptions {
+            batch: 4,
+            steps: 1,
+            drop_path: 0.5,
+            composite_baseline: true,
+            ..Default::default()
+        };
+        finetune_step(&ft, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["bench"], "finetune-step");
+        assert!(lines[0]["loss"].as_f64().unwrap().is_finite());
         assert!(
-            e.contains("bad.py") && e.contains("no module named torch"),
-            "{e}"
+            lines[0]["vs_composite"].as_f64().unwrap() > 0.0,
+            "{lines:?}"
         );
     }
 }

@@ -114,6 +114,29 @@ enum Cmd {
         #[arg(long)]
         composite_baseline: bool,
     },
+    /// VitClassifier fine-tuning steps (drop path, cross-entropy, backward, AdamW) in samples/s.
+    ///
+    /// Default: the ViT-Ti encoder on 4x28x28 latents (196 tokens), global pool, 10 classes,
+    /// drop path 0.1 (MAE's fine-tuning setting), batch 64.
+    FinetuneStep {
+        /// Encoder preset: tiny, small, base, large, base_patch4.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        /// Stochastic depth rate of the last block.
+        #[arg(long, default_value_t = 0.1)]
+        drop_path: f64,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Also time the steps with every transformer block as candle ops, and print ours /
+        /// that as `vs_composite`.
+        #[arg(long)]
+        composite_baseline: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -203,6 +226,24 @@ fn main() -> anyhow::Result<()> {
                 composite_baseline,
             };
             lmd_train::bench::train_step(&opts, |v| println!("{v}"))?;
+        }
+        Cmd::FinetuneStep {
+            preset,
+            batch,
+            classes,
+            drop_path,
+            steps,
+            composite_baseline,
+        } => {
+            let opts = lmd_train::bench::FinetuneStepOptions {
+                preset,
+                batch,
+                classes,
+                drop_path,
+                steps,
+                composite_baseline,
+            };
+            lmd_train::bench::finetune_step(&opts, |v| println!("{v}"))?;
         }
     }
     Ok(())
