@@ -10,11 +10,16 @@
 //!
 //! Rules:
 //! - Row-wide products are one gemm over all `B·N` rows, split over candle's threads; attention
-//!   runs one (sample, head) per rayon task with single-threaded gemms.
+//!   runs one (sample, head) per rayon task with single-threaded gemms. Forward and backward run
+//!   on a rayon worker, so every fork is local to the pool.
+//! - Results are bit-reproducible: partial sums are added in a fixed order, never by rayon's
+//!   stealing-dependent `reduce` (resumed training must match uninterrupted training).
 //! - Activations are saved only when an input tracks gradients. The backward takes them, and
 //!   recomputes them if they are gone (a second backward through the same graph).
-//! - Everything else (f64, other devices, stochastic depth) uses the composite block in
-//!   `crate::mae`; the tests here compare the two, forward and every gradient.
+//! - Stochastic depth is per-sample factors on the two residual branches.
+//! - f64, other devices, and threads where [`set_fused_blocks`] switched it off use the
+//!   composite block in `crate::mae`; the tests here compare the two, forward and every
+//!   gradient.
 
 use std::sync::Mutex;
 
