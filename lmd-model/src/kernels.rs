@@ -25,7 +25,7 @@ macro_rules! multiversion {
             #[allow(clippy::too_many_arguments)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
-            {
+            if !baseline_forced() {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn v4($($arg: $ty),*) {
@@ -52,6 +52,23 @@ macro_rules! multiversion {
             body($($arg),*)
         }
     };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set this to run the baseline build of the kernels on this thread.
+    static FORCE_BASELINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn baseline_forced() -> bool {
+    FORCE_BASELINE.with(|f| f.get())
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn baseline_forced() -> bool {
+    false
 }
 
 #[inline(always)]
@@ -249,6 +266,51 @@ mod tests {
     fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::mae::SplitMix(seed);
         (0..n).map(|_| rng.normal() as f32 * 2.0).collect()
+    }
+
+    /// The AVX-512 / AVX2 builds and the baseline build give bit-identical results (no fused
+    /// multiply-adds, the same 16 partial sums), so training reproduces across CPUs.
+    #[test]
+    fn every_build_of_the_kernels_gives_the_same_bits() {
+        let d = 77;
+        let (x, w, b) = (data(9 * d, 11), data(d, 12), data(d, 13));
+        let run = || {
+            let mut out = Vec::new();
+            let mut g = vec![0f32; x.len()];
+            gelu_forward(&x, &mut g);
+            out.extend_from_slice(&g);
+            let mut dg = b.repeat(9);
+            gelu_backward(&x, &mut dg);
+            out.extend_from_slice(&dg);
+            let mut m = x.clone();
+            softmax_rows(&mut m, d);
+            out.extend_from_slice(&m);
+            let mut gs = x.clone();
+            softmax_backward_rows(&mut gs, &m, d, 0.3);
+            out.extend_from_slice(&gs);
+            let (mut xh, mut rs, mut o) = (vec![0f32; x.len()], vec![0f32; 9], vec![0f32; x.len()]);
+            layer_norm_rows(&x, &w, &b, 1e-6, &mut xh, &mut rs, &mut o);
+            out.extend(xh.iter().chain(&rs).chain(&o));
+            let (mut dx, mut dw, mut db, mut sc) = (
+                vec![0f32; x.len()],
+                vec![0f32; d],
+                vec![0f32; d],
+                vec![0f32; d],
+            );
+            layer_norm_backward_rows(&g, &w, &xh, &rs, &mut dx, &mut dw, &mut db, &mut sc);
+            out.extend(dx.iter().chain(&dw).chain(&db));
+            let mut acc = vec![0f32; d];
+            add_col_sums(&x, &mut acc);
+            out.extend_from_slice(&acc);
+            out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+        };
+        let native = run();
+        FORCE_BASELINE.with(|f| f.set(true));
+        let baseline = run();
+        FORCE_BASELINE.with(|f| f.set(false));
+        assert_eq!(native.len(), baseline.len());
+        let differ = native.iter().zip(&baseline).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 0, "{differ} of {} values differ", native.len());
     }
 
     #[test]
