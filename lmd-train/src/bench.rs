@@ -294,23 +294,70 @@ impl Default for TrainStepOptions {
     }
 }
 
-/// One warm-up step (seed 0), then `steps` timed ones (seeds 1..): total seconds, the seconds
-/// the step adds to each of its three phases (forward, backward, optimizer), the best step, and
-/// the last loss.
-fn time_steps(
-    steps: usize,
-    mut step: impl FnMut(u64, &mut [f64; 3]) -> Result<f32>,
-) -> Result<(f64, [f64; 3], f64, f32)> {
-    step(0, &mut [0.0; 3])?;
-    let mut phases = [0f64; 3];
-    let t0 = Instant::now();
-    let (mut loss, mut best) = (0.0, f64::INFINITY);
-    for s in 0..steps {
-        let t = Instant::now();
-        loss = step(1 + s as u64, &mut phases)?;
-        best = best.min(t.elapsed().as_secs_f64());
+/// Full training steps timed: one warm-up step (seed 0), then `steps` timed ones (seeds 1..),
+/// each `forward(seed)` (to the loss), backward, and an AdamW update at `lr`. With
+/// `composite_baseline` the same steps run again with the fused block node off on this thread.
+/// Returns the JSON fields (samples/s, the best step, seconds per phase, the last loss, and the
+/// baseline's samples/s with ours / that) and our samples/s.
+fn timed_steps(
+    (steps, batch): (usize, usize),
+    composite_baseline: bool,
+    opt: &mut crate::optim::AdamW,
+    lr: f64,
+    mut forward: impl FnMut(u64) -> Result<lmd_model::candle::Tensor>,
+) -> Result<(serde_json::Value, f64)> {
+    let m = lmd_model::Error::from;
+    // total seconds, seconds in forward / backward / optimizer, the best step, the last loss
+    let mut measure = || -> Result<(f64, [f64; 3], f64, f32)> {
+        let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
+            let t = Instant::now();
+            let loss = forward(seed)?;
+            let value = loss.to_scalar::<f32>().map_err(m)?;
+            phases[0] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let grads = loss.backward().map_err(m)?;
+            phases[1] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            opt.step(&grads, lr)?;
+            phases[2] += t.elapsed().as_secs_f64();
+            Ok(value)
+        };
+        step(0, &mut [0.0; 3])?;
+        let mut phases = [0f64; 3];
+        let t0 = Instant::now();
+        let (mut loss, mut best) = (0.0, f64::INFINITY);
+        for s in 0..steps {
+            let t = Instant::now();
+            loss = step(1 + s as u64, &mut phases)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok((t0.elapsed().as_secs_f64(), phases, best, loss))
+    };
+    let (secs, phases, best, loss) = measure()?;
+    let rate = |secs: f64| (steps * batch) as f64 / secs;
+    let per_step = |v: f64| (v / steps as f64 * 1e3).round() / 1e3;
+    let mut fields = json!({
+        "samples_per_s": rate(secs), "s_per_step": secs / steps as f64, "best_s_per_step": best,
+        "forward_s": per_step(phases[0]), "backward_s": per_step(phases[1]),
+        "optimizer_s": per_step(phases[2]), "loss": loss,
+    });
+    if composite_baseline {
+        lmd_model::set_fused_blocks(false);
+        let base = measure();
+        lmd_model::set_fused_blocks(true);
+        let (bsecs, _, _, _) = base?;
+        fields["composite_samples_per_s"] = json!(rate(bsecs));
+        fields["vs_composite"] = json!(bsecs / secs);
     }
-    Ok((t0.elapsed().as_secs_f64(), phases, best, loss))
+    Ok((fields, rate(secs)))
+}
+
+/// `line` with `fields`' entries added.
+fn merged(mut line: serde_json::Value, fields: serde_json::Value) -> serde_json::Value {
+    if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), fields) {
+        l.extend(f);
+    }
+    line
 }
 
 /// Options of `lmd-bench finetune-step`.
@@ -361,55 +408,30 @@ pub fn finetune_step(
     let m = lmd_model::Error::from;
     let vm = candle_nn::VarMap::new();
     let clf = lmd_model::VitClassifier::init(&cfg, &vm, 0, 2e-5, &dev).map_err(m)?;
-    let named: Vec<(String, lmd_model::candle::Var)> = vm
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = crate::optim::AdamW::new(named, crate::optim::AdamWConfig::default())?;
+    // the trainer's optimizer (AdamW with per-parameter weight decay and state)
+    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
     let [h, w] = cfg.encoder.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.encoder.in_chans, h, w), &dev).map_err(m)?;
     let labels: Vec<u32> = (0..opts.batch as u32)
         .map(|i| i % opts.classes as u32)
         .collect();
     let y = Tensor::from_vec(labels, opts.batch, &dev).map_err(m)?;
-    let mut measure = || {
-        time_steps(opts.steps, |seed, phases| {
-            let t = Instant::now();
+    let (fields, _) = timed_steps(
+        (opts.steps, opts.batch),
+        opts.composite_baseline,
+        &mut opt,
+        1e-4,
+        |seed| {
             let logits = clf.forward_t(&x, Some(seed)).map_err(m)?;
-            let loss = crate::finetune::cross_entropy(&logits, &y, 0.1)?;
-            let value = loss.to_scalar::<f32>().map_err(m)?;
-            phases[0] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let grads = loss.backward().map_err(m)?;
-            phases[1] += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            opt.step(&grads, 1e-4)?;
-            phases[2] += t.elapsed().as_secs_f64();
-            Ok(value)
-        })
-    };
-    let (secs, phases, best, loss) = measure()?;
-    let rate = |secs: f64| (opts.steps * opts.batch) as f64 / secs;
-    let per_step = |v: f64| (v / opts.steps as f64 * 1e3).round() / 1e3;
-    let mut line = json!({
+            crate::finetune::cross_entropy(&logits, &y, 0.1)
+        },
+    )?;
+    let line = json!({
         "bench": "finetune-step", "preset": opts.preset, "batch": opts.batch,
         "drop_path": opts.drop_path, "tokens": cfg.encoder.num_patches(), "steps": opts.steps,
-        "samples_per_s": rate(secs), "best_s_per_step": best, "forward_s": per_step(phases[0]),
-        "backward_s": per_step(phases[1]), "optimizer_s": per_step(phases[2]), "loss": loss,
         "threads": lmd_model::candle::utils::get_num_threads(),
     });
-    if opts.composite_baseline {
-        lmd_model::set_fused_blocks(false);
-        let base = measure();
-        lmd_model::set_fused_blocks(true);
-        let (bsecs, _, _, _) = base?;
-        line["composite_samples_per_s"] = json!(rate(bsecs));
-        line["vs_composite"] = json!(bsecs / secs);
-    }
-    emit(line);
+    emit(merged(line, fields));
     Ok(())
 }
 
@@ -422,14 +444,7 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let vm = candle_nn::VarMap::new();
     let model = lmd_model::LatentMae::init(&cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
-    let named: Vec<(String, lmd_model::candle::Var)> = vm
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = crate::optim::AdamW::new(named, crate::optim::AdamWConfig::default())?;
+    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
     let [h, w] = cfg.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
         .map_err(lmd_model::Error::from)?;
@@ -441,46 +456,24 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let threads = lmd_model::candle::utils::get_num_threads();
     let mut ours = Vec::new();
     for &ratio in &opts.ratios {
-        let mut measure = || {
-            time_steps(opts.steps, |seed, phases| {
-                let t = Instant::now();
-                let out = model
+        let (fields, rate) = timed_steps(
+            (opts.steps, opts.batch),
+            opts.composite_baseline,
+            &mut opt,
+            1.5e-4,
+            |seed| {
+                Ok(model
                     .forward(&x, ratio, seed)
-                    .map_err(lmd_model::Error::from)?;
-                let loss = out
-                    .loss
-                    .to_scalar::<f32>()
-                    .map_err(lmd_model::Error::from)?;
-                phases[0] += t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                let grads = out.loss.backward().map_err(lmd_model::Error::from)?;
-                phases[1] += t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                opt.step(&grads, 1.5e-4)?;
-                phases[2] += t.elapsed().as_secs_f64();
-                Ok(loss)
-            })
-        };
-        let (secs, phases, best, loss) = measure()?;
-        let rate = |secs: f64| (opts.steps * opts.batch) as f64 / secs;
-        let per_step = |v: f64| (v / opts.steps as f64 * 1e3).round() / 1e3;
-        let mut line = json!({
+                    .map_err(lmd_model::Error::from)?
+                    .loss)
+            },
+        )?;
+        let line = json!({
             "bench": "train-step", "preset": opts.preset, "mask_ratio": ratio, "batch": opts.batch,
-            "tokens": cfg.num_patches(), "steps": opts.steps, "samples_per_s": rate(secs),
-            "s_per_step": secs / opts.steps as f64, "best_s_per_step": best, "forward_s": per_step(phases[0]),
-            "backward_s": per_step(phases[1]), "optimizer_s": per_step(phases[2]),
-            "loss": loss, "threads": threads,
+            "tokens": cfg.num_patches(), "steps": opts.steps, "threads": threads,
         });
-        if opts.composite_baseline {
-            lmd_model::set_fused_blocks(false);
-            let base = measure();
-            lmd_model::set_fused_blocks(true);
-            let (bsecs, _, _, _) = base?;
-            line["composite_samples_per_s"] = json!(rate(bsecs));
-            line["vs_composite"] = json!(bsecs / secs);
-        }
-        emit(line);
-        ours.push((ratio, (opts.steps * opts.batch) as f64 / secs));
+        emit(merged(line, fields));
+        ours.push((ratio, rate));
     }
     if let Some(anchor) = &opts.torch_anchor {
         let ratios: Vec<String> = opts.ratios.iter().map(|r| r.to_string()).collect();

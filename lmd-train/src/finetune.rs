@@ -392,15 +392,11 @@ pub fn run(
         ));
     }
     // linear probing trains head.1 only (MAE freezes everything else, fc_norm included)
-    let named: Vec<(String, lmd_model::candle::Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .filter(|(k, _)| !cfg.linear_probe || k.starts_with("head.1."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = AdamW::new(named, cfg.optimizer)?;
+    let mut opt = AdamW::over_varmap(
+        &varmap,
+        |k| !cfg.linear_probe || k.starts_with("head.1."),
+        cfg.optimizer,
+    )?;
     let depth = enc.depth;
     let ld = cfg.layer_decay;
     opt.set_lr_scales(|n| layer_decay_scale(n, depth, ld));

@@ -78,6 +78,23 @@ impl AdamW {
         })
     }
 
+    /// Over the variables of `varmap` whose names `keep` accepts.
+    pub fn over_varmap(
+        varmap: &lmd_model::candle_nn::VarMap,
+        keep: impl Fn(&str) -> bool,
+        cfg: AdamWConfig,
+    ) -> Result<Self> {
+        let named = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Self::new(named, cfg)
+    }
+
     /// Set each parameter's learning-rate multiplier from its name.
     pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
         for p in &mut self.params {

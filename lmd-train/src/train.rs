@@ -215,14 +215,7 @@ pub fn run(
     let dev = crate::device(&cfg.device)?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev).map_err(m)?;
-    let named: Vec<(String, lmd_model::candle::Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = AdamW::new(named, cfg.optimizer)?;
+    let mut opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?;
     let mut loader = LatentLoader::new(
         ds.clone(),
         LoaderConfig {
