@@ -572,11 +572,7 @@ impl CustomOp1 for GeluOp {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
+            .for_each(|(o, x)| crate::kernels::gelu_forward(x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -603,17 +599,10 @@ impl CustomOp2 for GeluGrad {
         use rayon::prelude::*;
         let x = slice_of!(s1, l1, f32, F32);
         let g = slice_of!(s2, l2, f32, F32);
-        let inv_sqrt_2pi = 0.398_942_3_f32;
-        let mut out = vec![0f32; x.len()];
+        let mut out = g.to_vec();
         out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                    let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = inv_sqrt_2pi * exp_f32(-0.5 * v * v);
-                    *o = gv * (cdf + v * pdf);
-                }
-            });
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| crate::kernels::gelu_backward(x, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
