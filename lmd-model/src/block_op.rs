@@ -9,11 +9,9 @@
 //! row-wide gemms, the attention products per (sample, head) and a few passes over rows.
 //!
 //! Rules:
-//! - The batch is cut into sample groups, one per thread (the block treats samples
-//!   independently), run side by side; inside a group the row-wide products are one gemm over
-//!   its rows (on `threads / groups` threads: one, unless the batch is smaller than the thread
-//!   count), and attention runs one (sample, head) per rayon task. Forward and backward run on a
-//!   rayon worker, so every fork is local to the pool.
+//! - Row-wide products are one gemm over all `B·N` rows, split over candle's threads; attention
+//!   runs one (sample, head) per rayon task with single-threaded gemms. Forward and backward run
+//!   on a rayon worker, so every fork is local to the pool.
 //! - Results are bit-reproducible: partial sums are added in a fixed order, never by rayon's
 //!   stealing-dependent `reduce` (resumed training must match uninterrupted training).
 //! - Activations are saved only when an input tracks gradients. The backward takes them, and
@@ -44,8 +42,6 @@ struct Dims {
     heads: usize,
     hidden: usize,
     eps: f64,
-    /// Threads each row-wide gemm is split over.
-    threads: usize,
 }
 
 impl Dims {
@@ -129,6 +125,10 @@ impl SharedMut {
     }
 }
 
+fn parallelism() -> gemm::Parallelism {
+    parallelism_of(candle_core::utils::get_num_threads())
+}
+
 fn parallelism_of(threads: usize) -> gemm::Parallelism {
     if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -179,14 +179,7 @@ unsafe fn gemm_raw(
 }
 
 /// `out[rows, out_d] = base + bias + x[rows, in_d] · W[out_d, in_d]^T` (`base` optional).
-fn linear(
-    x: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    base: Option<&[f32]>,
-    out: &mut [f32],
-    par: gemm::Parallelism,
-) {
+fn linear(x: &[f32], w: &[f32], bias: &[f32], base: Option<&[f32]>, out: &mut [f32]) {
     let (out_d, in_d) = (bias.len(), w.len() / bias.len());
     let rows = x.len() / in_d;
     assert_eq!(out.len(), rows * out_d);
@@ -210,7 +203,7 @@ fn linear(
             (x.as_ptr(), in_d, 1),
             (w.as_ptr(), 1, in_d),
             1.0,
-            par,
+            parallelism(),
         )
     }
 }
@@ -267,9 +260,9 @@ fn linear_backward(
     w: &[f32],
     dx: &mut [f32],
     (dw, db): (&mut [f32], &mut [f32]),
-    threads: usize,
 ) {
     let out_d = db.len();
+    let threads = candle_core::utils::get_num_threads();
     if threads < 2 {
         matmul_nn(g, w, out_d, dx, gemm::Parallelism::None);
         matmul_tn(g, x, out_d, dw, gemm::Parallelism::None);
@@ -528,33 +521,30 @@ fn filled_later(n: usize) -> Vec<f32> {
     v
 }
 
-/// The block's forward on plain buffers: the output into `y [R, C]`; returns the saved
-/// activations.
+/// The block's forward on plain buffers: the output `[R, C]`, and the saved activations.
 fn forward(
     d: &Dims,
     x: &[f32],
     pack: &[f32],
     keep: Option<&[Vec<f32>; 2]>,
     save: bool,
-    y: &mut [f32],
-) -> Option<Saved> {
+) -> (Vec<f32>, Option<Saved>) {
     let (r, c, m) = (d.rows(), d.c, d.hidden);
-    let par = parallelism_of(d.threads);
     let [n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b] =
         split_ref(pack, d);
     let (mut xhat1, mut rstd1, mut a1) =
         (filled_later(r * c), filled_later(r), filled_later(r * c));
     ln_forward(x, (n1w, n1b), d.eps, &mut xhat1, &mut rstd1, &mut a1);
     let mut qkv = filled_later(r * 3 * c);
-    linear(&a1, qkv_w, qkv_b, None, &mut qkv, par);
+    linear(&a1, qkv_w, qkv_b, None, &mut qkv);
     let mut p = filled_later(d.b * d.heads * d.n * d.n);
     let mut att = filled_later(r * c);
     attention_forward(d, &qkv, &mut p, &mut att);
     let mut y1 = filled_later(r * c);
     match keep {
-        None => linear(&att, proj_w, proj_b, Some(x), &mut y1, par), // x + proj(att)
+        None => linear(&att, proj_w, proj_b, Some(x), &mut y1), // x + proj(att)
         Some([k1, _]) => {
-            linear(&att, proj_w, proj_b, None, &mut y1, par);
+            linear(&att, proj_w, proj_b, None, &mut y1);
             scaled_residual(x, k1, &mut y1); // x + k1 · proj(att)
         }
     }
@@ -562,17 +552,18 @@ fn forward(
         (filled_later(r * c), filled_later(r), filled_later(r * c));
     ln_forward(&y1, (n2w, n2b), d.eps, &mut xhat2, &mut rstd2, &mut a2);
     let mut h = filled_later(r * m);
-    linear(&a2, fc1_w, fc1_b, None, &mut h, par);
+    linear(&a2, fc1_w, fc1_b, None, &mut h);
     let mut g = filled_later(r * m);
     gelu_forward(&h, &mut g);
+    let mut y = filled_later(r * c);
     match keep {
-        None => linear(&g, fc2_w, fc2_b, Some(&y1), y, par), // y1 + fc2(gelu(fc1(norm2(y1))))
+        None => linear(&g, fc2_w, fc2_b, Some(&y1), &mut y), // y1 + fc2(gelu(fc1(norm2(y1))))
         Some([_, k2]) => {
-            linear(&g, fc2_w, fc2_b, None, y, par);
-            scaled_residual(&y1, k2, y);
+            linear(&g, fc2_w, fc2_b, None, &mut y);
+            scaled_residual(&y1, k2, &mut y);
         }
     }
-    save.then_some(Saved {
+    let saved = save.then_some(Saved {
         xhat1,
         rstd1,
         a1,
@@ -584,7 +575,8 @@ fn forward(
         a2,
         h,
         g,
-    })
+    });
+    (y, saved)
 }
 
 /// The block's backward on plain buffers: `(dx, dpack)` from the output gradient `dy`.
@@ -605,13 +597,13 @@ fn backward(
     // the MLP branch's output gradient: dy, scaled per sample under drop path
     let dy_mlp = keep.map(|[_, k2]| scale_rows(dy, k2));
     let dy_mlp = dy_mlp.as_deref().unwrap_or(dy);
-    linear_backward(dy_mlp, &s.g, fc2_w, &mut dh, (dfc2_w, dfc2_b), d.threads);
+    linear_backward(dy_mlp, &s.g, fc2_w, &mut dh, (dfc2_w, dfc2_b));
     drop(s.g);
     // GELU, fc1
     gelu_backward(&s.h, &mut dh);
     drop(s.h);
     let mut da = filled_later(r * c);
-    linear_backward(&dh, &s.a2, fc1_w, &mut da, (dfc1_w, dfc1_b), d.threads);
+    linear_backward(&dh, &s.a2, fc1_w, &mut da, (dfc1_w, dfc1_b));
     drop(dh);
     // norm2, and the residual: dy1 = dy + norm2's input gradient
     let mut dy1 = dy.to_vec();
@@ -619,119 +611,17 @@ fn backward(
     // proj
     let dy_att = keep.map(|[k1, _]| scale_rows(&dy1, k1));
     let dy_att = dy_att.as_deref().unwrap_or(&dy1);
-    linear_backward(
-        dy_att,
-        &s.att,
-        proj_w,
-        &mut da,
-        (dproj_w, dproj_b),
-        d.threads,
-    ); // da is now d(att)
-       // attention
+    linear_backward(dy_att, &s.att, proj_w, &mut da, (dproj_w, dproj_b)); // da is now d(att)
+                                                                          // attention
     let mut dqkv = filled_later(r * 3 * c);
     attention_backward(d, &s.qkv, &s.p, &da, &mut dqkv);
     drop((s.p, s.qkv));
     // qkv
-    linear_backward(&dqkv, &s.a1, qkv_w, &mut da, (dqkv_w, dqkv_b), d.threads); // da is now d(a1)
-                                                                                // norm1, and the residual: dx = dy1 + norm1's input gradient
+    linear_backward(&dqkv, &s.a1, qkv_w, &mut da, (dqkv_w, dqkv_b)); // da is now d(a1)
+                                                                     // norm1, and the residual: dx = dy1 + norm1's input gradient
     let mut dx = dy1;
     ln_backward(&da, n1w, &s.xhat1, &s.rstd1, &mut dx, (dn1w, dn1b));
     (dx, dpack)
-}
-
-/// The batch cut into sample groups, one per thread (at most one per sample), sizes differing by
-/// at most one; each group's gemms get `threads / groups` threads.
-fn sample_groups(d: &Dims) -> (Vec<std::ops::Range<usize>>, usize) {
-    let groups = d.threads.min(d.b).max(1);
-    let ranges = (0..groups)
-        .map(|g| g * d.b / groups..(g + 1) * d.b / groups)
-        .collect();
-    (ranges, (d.threads / groups).max(1))
-}
-
-/// A sample group's sizes and drop-path factors.
-fn group_of(
-    d: &Dims,
-    r: &std::ops::Range<usize>,
-    threads: usize,
-    keep: Option<&[Vec<f32>; 2]>,
-) -> (Dims, Option<[Vec<f32>; 2]>) {
-    let sub = Dims {
-        b: r.len(),
-        threads,
-        ..*d
-    };
-    (
-        sub,
-        keep.map(|[k1, k2]| [k1[r.clone()].to_vec(), k2[r.clone()].to_vec()]),
-    )
-}
-
-/// [`forward`] with the batch split into sample groups run side by side (the block treats
-/// samples independently, so this is exact). Each group's gemms run on fewer threads, or one:
-/// no fork and join inside each product, and each core works on its own rows; at 2 threads
-/// that is faster than splitting every gemm in two, and it scales to many threads where a
-/// split gemm of this size does not.
-fn forward_grouped(
-    d: &Dims,
-    x: &[f32],
-    pack: &[f32],
-    keep: Option<&[Vec<f32>; 2]>,
-    save: bool,
-) -> (Vec<f32>, Option<Vec<Saved>>) {
-    let (ranges, threads) = sample_groups(d);
-    let per_sample = d.n * d.c;
-    let mut y = filled_later(x.len());
-    let mut outs = Vec::with_capacity(ranges.len());
-    let mut rest = &mut y[..];
-    for r in &ranges {
-        let (a, b) = rest.split_at_mut(r.len() * per_sample);
-        outs.push(a);
-        rest = b;
-    }
-    let saved: Vec<_> = ranges
-        .par_iter()
-        .zip(outs)
-        .map(|(r, y)| {
-            let (sub, keep) = group_of(d, r, threads, keep);
-            let x = &x[r.start * per_sample..r.end * per_sample];
-            forward(&sub, x, pack, keep.as_ref(), save, y)
-        })
-        .collect();
-    (y, save.then(|| saved.into_iter().flatten().collect()))
-}
-
-/// [`backward`] per sample group (the groups of [`forward_grouped`]): the input gradient
-/// concatenated, the parameter gradients added in group order (bit-reproducible).
-fn backward_grouped(
-    d: &Dims,
-    pack: &[f32],
-    keep: Option<&[Vec<f32>; 2]>,
-    saved: Vec<Saved>,
-    dy: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
-    let (ranges, threads) = sample_groups(d);
-    assert_eq!(ranges.len(), saved.len(), "one saved set per sample group");
-    let per_sample = d.n * d.c;
-    let parts: Vec<_> = ranges
-        .into_par_iter()
-        .zip(saved)
-        .map(|(r, s)| {
-            let (sub, keep) = group_of(d, &r, threads, keep);
-            let dy = &dy[r.start * per_sample..r.end * per_sample];
-            backward(&sub, pack, keep.as_ref(), s, dy)
-        })
-        .collect();
-    if parts.len() == 1 {
-        return parts.into_iter().next().expect("one group");
-    }
-    let mut dx = Vec::with_capacity(dy.len());
-    let mut dpacks = Vec::with_capacity(parts.len());
-    for (dxg, dpg) in parts {
-        dx.extend_from_slice(&dxg);
-        dpacks.push(dpg);
-    }
-    (dx, sum_in_order(dpacks, pack.len()))
 }
 
 /// Run `f` on a rayon worker thread. The gemms and row passes inside then fork from a worker
@@ -748,8 +638,7 @@ struct BlockOp {
     /// Per-sample factors of the attention and MLP branches (stochastic depth), or none.
     keep: Option<[Vec<f32>; 2]>,
     save: bool,
-    /// One set per sample group.
-    saved: Mutex<Option<Vec<Saved>>>,
+    saved: Mutex<Option<Saved>>,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -785,8 +674,7 @@ impl CustomOp2 for BlockOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "x")?;
         let pack = f32_slice(s2, l2, "the packed parameters")?;
-        let (y, saved) =
-            on_pool(|| forward_grouped(&self.dims, x, pack, self.keep.as_ref(), self.save));
+        let (y, saved) = on_pool(|| forward(&self.dims, x, pack, self.keep.as_ref(), self.save));
         *self.saved.lock().expect("lmd-block: poisoned lock") = saved;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -804,11 +692,11 @@ impl CustomOp2 for BlockOp {
             with_data(pack, "the packed parameters", |ps| {
                 with_data(&grad, "the gradient", |gs| {
                     let saved = saved.unwrap_or_else(|| {
-                        on_pool(|| forward_grouped(&self.dims, xs, ps, self.keep.as_ref(), true))
+                        forward(&self.dims, xs, ps, self.keep.as_ref(), true)
                             .1
                             .expect("saved")
                     });
-                    on_pool(|| backward_grouped(&self.dims, ps, self.keep.as_ref(), saved, gs))
+                    on_pool(|| backward(&self.dims, ps, self.keep.as_ref(), saved, gs))
                 })
             })
         })???;
@@ -859,7 +747,6 @@ pub(crate) fn block(
         heads,
         hidden,
         eps,
-        threads: candle_core::utils::get_num_threads(),
     };
     if heads == 0 || c % heads != 0 {
         candle_core::bail!("lmd-block: width {c} is not a multiple of {heads} heads")
@@ -1072,64 +959,6 @@ mod tests {
         let first = grads();
         for _ in 0..12 {
             assert!(grads() == first, "gradients differ between identical runs");
-        }
-    }
-
-    /// The batch split into sample groups (one per thread) gives the output, input gradient
-    /// and parameter gradients of the unsplit block, up to rounding (gemm picks its blocking of
-    /// the reduction by matrix size, and the parameter gradients are summed per group); with
-    /// drop path each group gets its own samples' factors. Uneven groups and more threads than
-    /// samples included.
-    #[test]
-    fn sample_groups_match_the_whole_batch() {
-        let (b, n, c, heads) = (5, 11, 12, 3);
-        let base = Dims {
-            b,
-            n,
-            c,
-            heads,
-            hidden: 4 * c,
-            eps: 1e-6,
-            threads: 1,
-        };
-        let mut rng = crate::mae::SplitMix(41);
-        let mut draw = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
-                .collect()
-        };
-        let x = draw(b * n * c);
-        let pack = draw(base.pack_len());
-        let dy = draw(b * n * c);
-        let keep = [vec![1.5, 0.0, 1.5, 1.5, 0.0], vec![0.0, 1.5, 1.5, 1.5, 1.5]];
-        for keep in [None, Some(&keep)] {
-            let run = |threads: usize| {
-                let d = Dims { threads, ..base };
-                assert_eq!(sample_groups(&d).0.len(), threads.min(b));
-                let (y, saved) = forward_grouped(&d, &x, &pack, keep, true);
-                let (dx, dpack) = backward_grouped(&d, &pack, keep, saved.unwrap(), &dy);
-                (y, dx, dpack)
-            };
-            let (y1, dx1, dp1) = run(1);
-            for threads in [2, 3, 8] {
-                let (y, dx, dp) = run(threads);
-                for (what, got, want) in [
-                    ("output", &y, &y1),
-                    ("input gradient", &dx, &dx1),
-                    ("parameter gradients", &dp, &dp1),
-                ] {
-                    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let diff = got
-                        .iter()
-                        .zip(want)
-                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                    eprintln!("{threads} groups: {what} differs by {diff} (scale {scale})");
-                    assert!(
-                        diff <= 1e-5 * scale,
-                        "{threads} groups: {what} differs by {diff}"
-                    );
-                }
-            }
         }
     }
 
