@@ -4,13 +4,19 @@ timm 0.3.2's ViT Block: explicit q@k^T softmax attention, qkv bias, exact GELU, 
 
 Prints one JSON line per mask ratio: {"baseline": "pytorch", "mask_ratio", "samples_per_s", ...}.
 
-usage: torch_mae_train_step.py [--batch 64] [--ratios 0.75,0.15] [--steps 3] [--threads 2]
+usage: torch_mae_train_step.py [--batch 64] [--ratios 0.75,0.15] [--steps 3] [--threads 2] [--sdpa]
+
+--sdpa: attention by F.scaled_dot_product_attention (newer timm's fused kernel) instead of the
+official code's explicit softmax, to see how much PyTorch gains from it.
 """
 import argparse, json, math, time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+SDPA = False
 
 
 class Attention(nn.Module):
@@ -23,6 +29,9 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if SDPA:
+            o = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(o.transpose(1, 2).reshape(b, n, c))
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
@@ -105,7 +114,10 @@ def main():
     ap.add_argument("--ratios", default="0.75,0.15")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    ap.add_argument("--sdpa", action="store_true", help="fused attention (F.scaled_dot_product_attention)")
     a = ap.parse_args()
+    global SDPA
+    SDPA = a.sdpa
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -125,6 +137,7 @@ def main():
             loss = step()
         dt = (time.perf_counter() - t) / a.steps
         print(json.dumps({"baseline": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "attention": "sdpa" if SDPA else "explicit",
                           "batch": a.batch, "mask_ratio": r, "s_per_step": dt,
                           "samples_per_s": a.batch / dt, "loss": loss}), flush=True)
 
