@@ -16,10 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-SDPA = False
-
-
 class Attention(nn.Module):
+    sdpa = False  # set from --sdpa: F.scaled_dot_product_attention instead of the explicit softmax
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads, self.scale = heads, (dim // heads) ** -0.5
@@ -29,7 +28,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        if SDPA:
+        if self.sdpa:
             o = F.scaled_dot_product_attention(q, k, v)
             return self.proj(o.transpose(1, 2).reshape(b, n, c))
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
@@ -116,8 +115,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     ap.add_argument("--sdpa", action="store_true", help="fused attention (F.scaled_dot_product_attention)")
     a = ap.parse_args()
-    global SDPA
-    SDPA = a.sdpa
+    Attention.sdpa = a.sdpa
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -137,7 +135,7 @@ def main():
             loss = step()
         dt = (time.perf_counter() - t) / a.steps
         print(json.dumps({"baseline": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "attention": "sdpa" if SDPA else "explicit",
+                          "attention": "sdpa" if Attention.sdpa else "explicit",
                           "batch": a.batch, "mask_ratio": r, "s_per_step": dt,
                           "samples_per_s": a.batch / dt, "loss": loss}), flush=True)
 
