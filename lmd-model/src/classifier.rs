@@ -172,8 +172,7 @@ impl VitClassifier {
             path: path.to_path_buf(),
             detail,
         };
-        let tensors = candle_core::safetensors::load(path, self.pos_embed.device())
-            .map_err(|e| werr(format!("cannot read: {e}")))?;
+        let tensors = crate::checkpoint::read_tensors(path, self.pos_embed.device())?;
         if let Some(t) = tensors.get("pos_embed") {
             if t.shape() != self.pos_embed.shape() {
                 return Err(werr(format!(
@@ -267,12 +266,7 @@ impl VitClassifier {
         path: &std::path::Path,
         dev: &Device,
     ) -> crate::Result<(Self, VarMap)> {
-        let werr = |detail: String| crate::Error::Weights {
-            path: path.to_path_buf(),
-            detail,
-        };
-        let tensors = candle_core::safetensors::load(path, dev)
-            .map_err(|e| werr(format!("cannot read: {e}")))?;
+        let tensors = crate::checkpoint::read_tensors(path, dev)?;
         let varmap = VarMap::new();
         let model = Self::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
         set_vars(&varmap, &tensors, path, |_| true)?;

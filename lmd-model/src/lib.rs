@@ -3,6 +3,7 @@
 //! It reads weights, never datasets: inputs are tensors, outputs are tensors.
 
 mod block_op;
+pub mod checkpoint;
 pub mod classifier;
 pub mod conv;
 pub mod error;
@@ -16,6 +17,7 @@ mod test_util;
 pub mod vae;
 
 pub use block_op::set_fused_blocks;
+pub use checkpoint::{read_tensors, write_tensors, CheckpointFormat};
 pub use classifier::{ClassifierConfig, VitClassifier};
 pub use error::{Error, Result};
 pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};

@@ -598,8 +598,7 @@ impl LatentMae {
             path: path.to_path_buf(),
             detail,
         };
-        let tensors = candle_core::safetensors::load(path, dev)
-            .map_err(|e| werr(format!("cannot read: {e}")))?;
+        let tensors = crate::checkpoint::read_tensors(path, dev)?;
         let varmap = VarMap::new();
         let model = Self::init(cfg, &varmap, 0, dev)?;
         set_vars(&varmap, &tensors, path, |_| true)?;
@@ -618,6 +617,25 @@ impl LatentMae {
             }
         }
         Ok((model, varmap))
+    }
+
+    /// Initialise from a checkpoint (safetensors or `.pth`, see [`crate::checkpoint`]) before
+    /// training: every encoder parameter must be in the file with its shape (else the error
+    /// names it); the decoder is loaded when the file has one, else it keeps its fresh init
+    /// (MAE's released checkpoints hold the encoder only). Returns the names loaded.
+    pub fn init_from(&self, varmap: &VarMap, path: &std::path::Path) -> crate::Result<Vec<String>> {
+        let tensors = crate::checkpoint::read_tensors(path, self.pos_embed.device())?;
+        let is_encoder = |n: &str| {
+            n.starts_with("patch_embed.")
+                || n == "cls_token"
+                || n.starts_with("blocks.")
+                || n.starts_with("norm.")
+        };
+        let mut names = set_vars(varmap, &tensors, path, is_encoder)?;
+        if tensors.contains_key("decoder_embed.weight") {
+            names.extend(set_vars(varmap, &tensors, path, |n| !is_encoder(n))?);
+        }
+        Ok(names)
     }
 
     /// Save parameters (from `varmap`) and the positional tables with MAE's names, atomically.

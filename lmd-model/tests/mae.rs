@@ -242,3 +242,131 @@ fn config_presets_in_configs_dir_match_code() {
         assert_eq!(cfg, MaeConfig::preset(name).unwrap(), "{}", path.display());
     }
 }
+
+fn shared_or_panic() -> PathBuf {
+    shared().expect("this test needs LMD_SHARED (run with --include-ignored only where it is set)")
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Every parameter of two loaded models is bit-identical.
+fn assert_same_params(a: &VarMap, b: &VarMap, what: &str) {
+    let (a, b) = (a.data().lock().unwrap(), b.data().lock().unwrap());
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (name, va) in a.iter() {
+        let x = va
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = b[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(x, y, "{what}: {name}");
+    }
+}
+
+#[test]
+#[ignore = "needs LMD_SHARED"]
+fn official_pth_checkpoints_load_to_the_same_parameters_and_outputs_as_safetensors() {
+    let tv = shared_or_panic().join("testvectors");
+    let dev = Device::Cpu;
+    let wpath = tv.join("mae_p4_d96.weights.safetensors");
+    let cfg_json: serde_json::Value = serde_json::from_str(&metadata(&wpath)["config"]).unwrap();
+    let cfg = MaeConfig::from_mae_json(&cfg_json).unwrap();
+    let (ref_model, ref_vm) = LatentMae::load(&cfg, &wpath, &dev).unwrap();
+    let v =
+        candle_core::safetensors::load(tv.join("mae_p4_d96.vectors.safetensors"), &dev).unwrap();
+    let ratio = v["mask_ratio"].to_scalar::<f32>().unwrap() as f64;
+    let want = ref_model
+        .forward_with_noise(&v["x"], &v["noise"], ratio)
+        .unwrap();
+
+    // the released layout ({'model': state_dict}, saved by torch), plus the training checkpoint
+    // main_pretrain.py writes and a DDP-prefixed one, both made by Python's pickle here
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = vec![tv.join("mae_p4_d96.pth")];
+    for (name, extra) in [
+        ("training.pth", vec!["--training"]),
+        ("ddp.pth", vec!["--prefix", "module."]),
+    ] {
+        let out = dir.path().join(name);
+        let st = std::process::Command::new("python3")
+            .arg(repo_root().join("tests/fixtures/torch_zip.py"))
+            .arg(&wpath)
+            .arg(&out)
+            .args(extra)
+            .status()
+            .expect("python3");
+        assert!(st.success(), "torch_zip.py failed for {name}");
+        files.push(out);
+    }
+    for f in &files {
+        let (model, vm) =
+            LatentMae::load(&cfg, f, &dev).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert_same_params(&ref_vm, &vm, &f.display().to_string());
+        let out = model
+            .forward_with_noise(&v["x"], &v["noise"], ratio)
+            .unwrap();
+        assert_eq!(max_abs(&out.pred, &want.pred), 0.0, "{}", f.display());
+        assert!(max_abs(&out.pred, &v["pred"]) < 1e-4);
+        assert!(max_abs(&out.latent, &v["latent"]) < 1e-4);
+    }
+    // the fine-tuning path reads the .pth too
+    let ccfg = lmd_model::ClassifierConfig {
+        encoder: cfg.clone(),
+        num_classes: 10,
+        global_pool: true,
+        drop_path: 0.0,
+        linear_probe: false,
+    };
+    let vm = VarMap::new();
+    let clf = lmd_model::VitClassifier::init(&ccfg, &vm, 0, 2e-5, &dev).unwrap();
+    let names = clf.load_pretrained(&vm, &files[1]).unwrap();
+    assert!(names.contains(&"blocks.1.attn.qkv.weight".to_string()));
+    let a = vm.data().lock().unwrap()["blocks.1.attn.qkv.weight"]
+        .as_tensor()
+        .clone();
+    let b = ref_vm.data().lock().unwrap()["blocks.1.attn.qkv.weight"]
+        .as_tensor()
+        .clone();
+    assert_eq!(max_abs(&a, &b), 0.0);
+}
+
+#[test]
+#[ignore = "needs LMD_SHARED"]
+fn a_pth_with_a_misshapen_or_missing_tensor_is_named() {
+    let tv = shared_or_panic().join("testvectors");
+    let dev = Device::Cpu;
+    let wpath = tv.join("mae_p4_d96.weights.safetensors");
+    let cfg_json: serde_json::Value = serde_json::from_str(&metadata(&wpath)["config"]).unwrap();
+    let mut cfg = MaeConfig::from_mae_json(&cfg_json).unwrap();
+    cfg.decoder_embed_dim = 32; // the file's decoder is 64 wide
+    let e = LatentMae::load(&cfg, &tv.join("mae_p4_d96.pth"), &dev)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("mae_p4_d96.pth") && e.contains("tensor decoder_") && e.contains("shape"),
+        "{e}"
+    );
+    cfg = MaeConfig::from_mae_json(&cfg_json).unwrap();
+    cfg.depth = 3; // the file has 2 blocks
+    let e = LatentMae::load(&cfg, &tv.join("mae_p4_d96.pth"), &dev)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("missing tensors") && e.contains("blocks.2."),
+        "{e}"
+    );
+}

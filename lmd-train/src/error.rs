@@ -12,6 +12,9 @@ pub enum Error {
     /// From the model layer.
     #[error(transparent)]
     Model(#[from] lmd_model::Error),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] lmd_model::candle::Error),
     #[error("{path}: {op}: {source}")]
     Io {
         path: PathBuf,

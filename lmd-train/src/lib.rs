@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod error;
 pub mod experiment;
+pub mod export;
 pub mod finetune;
 pub mod inspect;
 pub mod optim;

@@ -67,6 +67,10 @@ pub struct TrainConfig {
     /// VAE weights for decoded previews: a directory or `hf:OWNER/REPO` (the VAE named in the
     /// shards' metadata). Without it, previews show latent channels 0-2 in false colour.
     pub vae_weights: Option<String>,
+    /// Start from these weights instead of a random init (an `lmd-train` checkpoint, or an
+    /// official MAE/LMD safetensors or `.pth`; an encoder-only file leaves the decoder fresh).
+    /// Ignored on `--resume` (the checkpoint holds the weights).
+    pub init: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -93,6 +97,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             preview_samples: 4,
             vae_weights: None,
+            init: None,
         }
     }
 }
@@ -135,7 +140,8 @@ struct CkptState {
 
 /// Settings that may change between a run and its resumption (they do not change the numbers).
 /// (`device` may change too: the run continues, though not bit-identically across devices.)
-const RUN_ONLY_KEYS: [&str; 8] = [
+const RUN_ONLY_KEYS: [&str; 9] = [
+    "init",
     "device",
     "stop_after",
     "checkpoint_every",
@@ -215,6 +221,20 @@ pub fn run(
     let dev = crate::device(&cfg.device)?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev).map_err(m)?;
+    let resuming = resume && latest_checkpoint(&cfg.out).is_some();
+    if let (Some(init), false) = (&cfg.init, resuming) {
+        let names = model.init_from(&varmap, init)?;
+        eprintln!(
+            "lmd-train: initialised {} tensors from {}{}",
+            names.len(),
+            init.display(),
+            if names.iter().any(|n| n.starts_with("decoder")) {
+                ""
+            } else {
+                " (encoder only: the decoder starts fresh)"
+            }
+        );
+    }
     let mut opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?;
     let mut loader = LatentLoader::new(
         ds.clone(),

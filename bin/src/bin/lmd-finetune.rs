@@ -24,7 +24,8 @@ struct Args {
     #[arg(long, num_args = 1..)]
     val_data: Vec<PathBuf>,
     /// Pretrained MAE weights: an lmd-train checkpoint (checkpoints/step-N/model.safetensors)
-    /// or an official MAE/LMD checkpoint converted to safetensors.
+    /// or an official MAE/LMD checkpoint, .pth as released (mae_pretrain_vit_base.pth, or a
+    /// main_pretrain.py training checkpoint) or converted to safetensors.
     #[arg(long)]
     pretrained: Option<PathBuf>,
     /// Run directory.

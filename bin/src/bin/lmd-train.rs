@@ -55,6 +55,10 @@ struct Args {
     /// Checkpoints kept, newest first (0: all).
     #[arg(long)]
     keep_checkpoints: Option<usize>,
+    /// Start from these weights (an lmd-train checkpoint, or an official MAE/LMD safetensors or
+    /// .pth such as mae_pretrain_vit_base.pth; encoder-only files leave the decoder fresh).
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -84,6 +88,9 @@ fn main() -> anyhow::Result<()> {
         keep_checkpoints,
         device
     );
+    if a.init.is_some() {
+        cfg.init = a.init.clone();
+    }
     if a.vae_weights.is_some() {
         cfg.vae_weights = a.vae_weights.clone();
     }
