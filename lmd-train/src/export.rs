@@ -255,7 +255,7 @@ fn infer_architecture(
         )
     })?;
     let fc1 = dims("blocks.0.mlp.fc1.weight")?;
-    let (dd, ddepth, dheads) = if kind == SourceKind::FullMae {
+    let (dd, ddepth, dheads) = if kind == SourceKind::FullMae && o.to == ExportTarget::Mae {
         let dh = o.decoder_num_heads.ok_or_else(|| {
             invalid(
                 o,
