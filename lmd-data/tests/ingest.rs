@@ -646,3 +646,135 @@ fn region_decode_equals_whole_decode_on_ilsvrc_and_imagenette_photos() {
         assert!(cut >= 250, "{cut}");
     }
 }
+
+/// A JPEG of a flat colour, `w` x `h`.
+fn jpeg(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(w, h, image::Rgb(rgb));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+fn tar_bytes(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn events(spec: &InputSpec) -> Vec<SourceEvent> {
+    let mut v = Vec::new();
+    spec.read(Labels::Required, &mut |e| {
+        v.push(e);
+        true
+    })
+    .unwrap();
+    v
+}
+
+#[test]
+fn imagefolder_inside_a_tgz_reads_like_the_fastai_imagenette_archive() {
+    // the layout of imagenette2-160.tgz: ROOT/{train,val}/<wnid>/<file>.JPEG plus a csv
+    let mut members = vec![(
+        "imagenette2-160/noisy_imagenette.csv".to_string(),
+        b"path,label\n".to_vec(),
+    )];
+    for (split, n) in [("train", 3), ("val", 1)] {
+        for (c, wnid) in ["n03000684", "n01440764"].iter().enumerate() {
+            for i in 0..n {
+                members.push((
+                    format!("imagenette2-160/{split}/{wnid}/{wnid}_{i}.JPEG"),
+                    jpeg(20 + i as u32, 16, [40 * c as u8, 100, 7]),
+                ));
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tgz = dir.path().join("imagenette2-160.tgz");
+    std::fs::write(&tgz, gzip(&tar_bytes(&members))).unwrap();
+    let input = format!("{}#imagenette2-160/train", tgz.display());
+    let spec = InputSpec::detect(&input, None, None).unwrap();
+    assert!(matches!(spec, InputSpec::ArchiveFolder { .. }), "{spec:?}");
+    let spec2 = InputSpec::with_kind(&input, "folder", None, None).unwrap();
+    assert_eq!(spec, spec2);
+    let ev = events(&spec);
+    let samples: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            SourceEvent::Sample(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(samples.len(), 6, "only train, only images");
+    // labels: sorted class names (n01440764 = 0), as torchvision's ImageFolder
+    for s in &samples {
+        let want = if s.key.starts_with("n01440764/") {
+            0
+        } else {
+            1
+        };
+        assert_eq!(s.label, Some(want), "{}", s.key);
+        let img = decode_rgb8(&s.image, 1 << 20).unwrap();
+        assert_eq!(img.height, 16);
+    }
+    assert_eq!(samples[0].key, "n03000684/n03000684_0");
+    // a root with nothing under it is an error naming it
+    let bad = format!("{}#imagenette2-160/test", tgz.display());
+    let e = InputSpec::detect(&bad, None, None)
+        .unwrap()
+        .read(Labels::Required, &mut |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("imagenette2-160/test"), "{e}");
+}
+
+#[test]
+fn webdataset_shards_may_be_gzip_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut members = Vec::new();
+    for i in 0..4 {
+        members.push((format!("s{i:03}.jpg"), jpeg(12, 10, [i * 50, 0, 0])));
+        members.push((format!("s{i:03}.cls"), format!("{}", i % 2).into_bytes()));
+    }
+    let tar = tar_bytes(&members);
+    let plain = dir.path().join("shard-000000.tar");
+    let gz = dir.path().join("shard-000001.tar.gz");
+    std::fs::write(&plain, &tar).unwrap();
+    std::fs::write(&gz, gzip(&tar)).unwrap();
+    let keys = |p: &Path| -> Vec<(String, Option<i64>, Vec<u8>)> {
+        events(&InputSpec::detect(p.to_str().unwrap(), None, None).unwrap())
+            .into_iter()
+            .filter_map(|e| match e {
+                SourceEvent::Sample(s) => Some((s.key, s.label, s.image)),
+                _ => None,
+            })
+            .collect()
+    };
+    let (a, b) = (keys(&plain), keys(&gz));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "the same samples, compressed or not");
+    let spec = InputSpec::detect(gz.to_str().unwrap(), None, None).unwrap();
+    assert_eq!(spec.count_samples(), Some(4));
+    // a gzip stream cut in the middle fails as a shard, after the samples before the cut
+    let cut = dir.path().join("cut.tar.gz");
+    let g = gzip(&tar);
+    std::fs::write(&cut, &g[..g.len() / 2]).unwrap();
+    let ev = events(&InputSpec::detect(cut.to_str().unwrap(), None, None).unwrap());
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, SourceEvent::ShardFailed(f) if f.source.contains("cut.tar.gz"))),
+        "{ev:?}"
+    );
+}

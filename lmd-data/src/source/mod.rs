@@ -7,10 +7,12 @@
 //! the other shards go on). Member names are only ever used as keys: nothing is written to a path
 //! derived from them, and links are never followed (a link member is skipped as "not a regular file").
 
+mod archive;
 mod folder;
 mod ilsvrc;
 mod wds;
 
+pub use archive::{open_tar_stream, read_archive_folder, split_archive_root, TarStream};
 pub use folder::read_image_folder;
 pub use ilsvrc::{read_ilsvrc_train, read_ilsvrc_val, read_synsets};
 pub use wds::{key_and_ext, read_webdataset_shard};
@@ -102,6 +104,9 @@ pub enum InputSpec {
     },
     /// `root/<class>/<image>`; label = index of the sorted class folder name.
     ImageFolder { root: PathBuf },
+    /// An ImageFolder tree at `root` inside a tar or tgz (`ARCHIVE#ROOT` on the command line,
+    /// e.g. `imagenette2-160.tgz#imagenette2-160/train`).
+    ArchiveFolder { archive: PathBuf, root: String },
 }
 
 impl InputSpec {
@@ -125,6 +130,7 @@ impl InputSpec {
                 synsets,
             } => read_ilsvrc_val(tar, solution, synsets.as_deref(), f),
             InputSpec::ImageFolder { root } => read_image_folder(root, f),
+            InputSpec::ArchiveFolder { archive, root } => read_archive_folder(archive, root, f),
         }
     }
 
@@ -132,12 +138,12 @@ impl InputSpec {
     /// listings, for progress bars; `None` where that would need reading the data (the ILSVRC
     /// train tar's class tars).
     pub fn count_samples(&self) -> Option<u64> {
-        let tar_members = |path: &Path, keys: bool| -> Option<u64> {
-            let f = std::fs::File::open(path).ok()?;
-            let mut ar = tar::Archive::new(std::io::BufReader::new(f));
-            let mut n = 0u64;
-            let mut last = String::new();
-            for e in ar.entries_with_seek().ok()? {
+        fn count<'a, R: std::io::Read + 'a>(
+            entries: impl Iterator<Item = std::io::Result<tar::Entry<'a, R>>>,
+            keys: bool,
+        ) -> u64 {
+            let (mut n, mut last) = (0u64, String::new());
+            for e in entries {
                 let Ok(e) = e else { break };
                 if !e.header().entry_type().is_file() {
                     continue;
@@ -153,12 +159,26 @@ impl InputSpec {
                     n += u64::from(IMAGE_EXTS.contains(&ext.to_ascii_lowercase().as_str()));
                 }
             }
-            Some(n)
+            n
+        }
+        let tar_members = |path: &Path, keys: bool| -> Option<u64> {
+            // plain tars: seek past the data; gzip streams must be read through
+            let stream = open_tar_stream(path).ok()?;
+            if stream.gzip {
+                let mut ar = tar::Archive::new(stream.reader);
+                let n = count(ar.entries().ok()?, keys);
+                Some(n)
+            } else {
+                let f = std::fs::File::open(path).ok()?;
+                let mut ar = tar::Archive::new(std::io::BufReader::new(f));
+                let n = count(ar.entries_with_seek().ok()?, keys);
+                Some(n)
+            }
         };
         match self {
             InputSpec::WebDataset { shards } => shards.iter().map(|s| tar_members(s, true)).sum(),
             InputSpec::IlsvrcVal { tar, .. } => tar_members(tar, false),
-            InputSpec::IlsvrcTrain { .. } => None,
+            InputSpec::IlsvrcTrain { .. } | InputSpec::ArchiveFolder { .. } => None,
             InputSpec::ImageFolder { root } => {
                 let mut n = 0u64;
                 for class in std::fs::read_dir(root).ok()?.filter_map(|e| e.ok()) {
@@ -179,6 +199,7 @@ impl InputSpec {
                 vec![tar.clone()]
             }
             InputSpec::ImageFolder { root } => vec![root.clone()],
+            InputSpec::ArchiveFolder { archive, .. } => vec![archive.clone()],
         }
     }
 
@@ -221,6 +242,10 @@ impl InputSpec {
                     .to_path_buf(),
                 synsets: synsets.map(Path::to_path_buf),
             },
+            "folder" | "imagefolder" if split_archive_root(path).is_some() => {
+                let (archive, root) = split_archive_root(path).expect("checked");
+                InputSpec::ArchiveFolder { archive, root }
+            }
             "folder" | "imagefolder" => {
                 let p = Path::new(path);
                 if !p.is_dir() {
@@ -251,6 +276,9 @@ impl InputSpec {
                 root: p.to_path_buf(),
             });
         }
+        if let Some((archive, root)) = split_archive_root(path) {
+            return Ok(InputSpec::ArchiveFolder { archive, root });
+        }
         let shards = expand_pattern(path)?;
         if shards.len() == 1 {
             let only = &shards[0];
@@ -273,8 +301,8 @@ impl InputSpec {
 }
 
 fn first_member_is_tar(path: &Path) -> Result<bool> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
-    let mut ar = tar::Archive::new(std::io::BufReader::new(f));
+    let s = open_tar_stream(path).map_err(|e| Error::io(path, "open", e))?;
+    let mut ar = tar::Archive::new(s.reader);
     let entries = ar.entries().map_err(|e| Error::io(path, "read tar", e))?;
     for e in entries {
         let Ok(e) = e else { return Ok(false) };

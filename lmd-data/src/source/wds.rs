@@ -105,12 +105,17 @@ pub fn read_webdataset_shard(
             message,
         })
     };
-    let file = match std::fs::File::open(path) {
+    let stream = match super::archive::open_tar_stream(path) {
         Ok(x) => x,
         Err(e) => return f(fail(None, format!("cannot open: {e}"))),
     };
-    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut ar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
+    // gzip: the file's length is not the tar's (a cut stream fails in the decoder instead)
+    let file_len = if stream.gzip {
+        u64::MAX
+    } else {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    };
+    let mut ar = tar::Archive::new(stream.reader);
     let entries = match ar.entries() {
         Ok(e) => e,
         Err(e) => return f(fail(Some(0), format!("not a tar file: {e}"))),
