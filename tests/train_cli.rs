@@ -254,3 +254,33 @@ fn sigkilled_finetune_resumes_from_the_last_epoch_to_the_same_results() {
         .fold(0.0, f64::max);
     assert_eq!(best["top1"].as_f64().unwrap(), top);
 }
+
+#[test]
+fn quickstart_without_data_offline_says_what_it_tried_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lmd-quickstart"))
+        .env_remove("LMD_SHARED")
+        .args([
+            "--download-url",
+            "http://127.0.0.1:9/imagenette2-160.tgz",
+            "--cache-dir",
+        ])
+        .arg(dir.path().join("cache"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    for want in [
+        "http://127.0.0.1:9/imagenette2-160.tgz",
+        "Offline",
+        "--train",
+        "LMD_SHARED",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    assert!(!out.exists(), "nothing is created before the data is there");
+    assert!(!dir.path().join("cache/imagenette2-160.tgz").exists());
+}

@@ -48,6 +48,11 @@ pub struct QuickstartConfig {
     pub finetune_epochs: u64,
     pub linprobe_epochs: u64,
     pub seed: u64,
+    /// Where the data is fetched from when none is given and `$LMD_SHARED` is unset
+    /// (fast.ai's Imagenette 160 px .tgz), and the cache it goes into (None:
+    /// [`crate::download::cache_dir`]).
+    pub download_url: String,
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for QuickstartConfig {
@@ -68,6 +73,8 @@ impl Default for QuickstartConfig {
             finetune_epochs: 15,
             linprobe_epochs: 15,
             seed: 0,
+            download_url: crate::download::IMAGENETTE_160_URL.into(),
+            cache_dir: None,
         }
     }
 }
@@ -177,11 +184,30 @@ fn defaults(cfg: &QuickstartConfig) -> Result<(Vec<String>, Vec<String>, String)
             .as_ref()
             .filter(|p| p.join("data/imagenette").is_dir())
         else {
-            return Err(Error::Invalid(
-                "no data: give --train and --val (labelled WebDataset shards, ILSVRC tars or \
-                 ImageFolder directories), or set LMD_SHARED to a folder holding \
-                 data/imagenette (the imagenette shards)"
-                    .into(),
+            // a fresh online machine: fast.ai's Imagenette, downloaded once into the cache
+            let dir = cfg
+                .cache_dir
+                .clone()
+                .unwrap_or_else(crate::download::cache_dir);
+            let tgz = crate::download::fetch(
+                &cfg.download_url,
+                &dir,
+                crate::download::IMAGENETTE_160_MD5,
+                true,
+            )
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "no data given and LMD_SHARED is unset, so the quickstart tried to download \
+                     Imagenette: {e}. Offline, point it at local data: --train and --val \
+                     (labelled WebDataset shards, ILSVRC tars, ImageFolder directories or \
+                     ARCHIVE.tgz#ROOT), or set LMD_SHARED to a folder holding data/imagenette"
+                ))
+            })?;
+            let root = tgz.display().to_string();
+            return Ok((
+                vec![format!("{root}#imagenette2-160/train")],
+                vec![format!("{root}#imagenette2-160/val")],
+                vae_default(cfg, None),
             ));
         };
         let d = sh.join("data/imagenette");
@@ -192,7 +218,12 @@ fn defaults(cfg: &QuickstartConfig) -> Result<(Vec<String>, Vec<String>, String)
     } else {
         (cfg.train.clone(), cfg.val.clone())
     };
-    let vae = match &cfg.vae_weights {
+    Ok((train, val, vae_default(cfg, shared)))
+}
+
+/// `--vae-weights`, else `$LMD_SHARED/weights/taesd`, else TAESD from the Hugging Face hub.
+fn vae_default(cfg: &QuickstartConfig, shared: Option<PathBuf>) -> String {
+    match &cfg.vae_weights {
         Some(w) => w.clone(),
         None => match shared
             .map(|s| s.join("weights/taesd"))
@@ -201,8 +232,7 @@ fn defaults(cfg: &QuickstartConfig) -> Result<(Vec<String>, Vec<String>, String)
             Some(p) => p.display().to_string(),
             None => "hf:madebyollin/taesd".into(),
         },
-    };
-    Ok((train, val, vae))
+    }
 }
 
 /// The latents a quickstart or experiment works on.

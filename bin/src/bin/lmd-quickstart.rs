@@ -9,8 +9,9 @@ use std::path::PathBuf;
 /// Precomputes TAESD latents of the training and validation images, pretrains a small latent
 /// MAE with LMD's cosine mask schedule, fine-tunes and linear-probes its encoder, and leaves
 /// everything in one folder: latents/, pretrain/ (previews/*.png, curves.svg), finetune/ and
-/// linprobe/ (curves.svg, best/), quickstart.json. Default data: $LMD_SHARED/data/imagenette;
-/// otherwise pass --train and --val. Rerunning the same command resumes.
+/// linprobe/ (curves.svg, best/), quickstart.json. Default data: $LMD_SHARED/data/imagenette,
+/// else fast.ai's Imagenette downloaded once into a cache (a cut download resumes); or pass
+/// --train and --val. Rerunning the same command resumes.
 #[derive(Parser, Debug)]
 #[command(name = "lmd-quickstart", version)]
 struct Args {
@@ -22,6 +23,13 @@ struct Args {
     /// Mask-ratio schedule for pretraining: constant, linear, piecewise, cosine.
     #[arg(long, default_value = "cosine")]
     schedule: String,
+    /// Where the data comes from when no --train/--val is given and LMD_SHARED is unset
+    /// (fast.ai's Imagenette 160 px; checked against its MD5).
+    #[arg(long, default_value = lmd_train::download::IMAGENETTE_160_URL)]
+    download_url: String,
+    /// Download cache (default: $LMD_CACHE, else $XDG_CACHE_HOME/lmd, else ~/.cache/lmd).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +42,8 @@ fn main() -> anyhow::Result<()> {
                 a.schedule
             )
         })?,
+        download_url: a.download_url,
+        cache_dir: a.cache_dir,
         ..a.pipeline.config(a.out)
     };
     let r = lmd_train::quickstart::run(&cfg, &mut |l| eprintln!("{l}"))?;
