@@ -211,3 +211,43 @@ fn python_package_reads_rust_shards_and_draws_the_loaders_samples() {
     assert!(out.status.success(), "python tests failed");
     assert!(log.contains("OK"), "{log}");
 }
+
+#[test]
+fn bench_python_reader_prints_both_readers_and_the_ratios() {
+    if !python_ok() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = Command::new(env!("CARGO_BIN_EXE_lmd-bench"))
+        .args([
+            "python-reader",
+            "--records",
+            "600",
+            "--repeat",
+            "1",
+            "--package-dir",
+        ])
+        .arg(root.join("python"))
+        .env_remove("LMD_SHARED")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["records"], 600);
+    assert_eq!(v["stored_bytes"], 600 * 4 * 28 * 28 * 2);
+    for k in [
+        "rust_stored_gb_per_s",
+        "python_stored_gb_per_s",
+        "python_vs_rust_stored",
+        "python_vs_rust_f32",
+    ] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+}

@@ -38,7 +38,9 @@ impl Default for ShardBenchOptions {
 
 /// Distinct real latents (f32, 4x28x28 each) and where they came from; synthetic smooth
 /// random fields when the reference file is absent.
-fn source_latents(shared: Option<&PathBuf>) -> Result<(Vec<Vec<f32>>, [usize; 3], String)> {
+pub(crate) fn source_latents(
+    shared: Option<&PathBuf>,
+) -> Result<(Vec<Vec<f32>>, [usize; 3], String)> {
     if let Some(dir) = shared {
         let p = dir.join("testvectors/taesd_imagenette_val16.safetensors");
         if p.exists() {
@@ -85,7 +87,7 @@ fn source_latents(shared: Option<&PathBuf>) -> Result<(Vec<Vec<f32>>, [usize; 3]
     Ok((lat, shape, "synthetic (LMD_SHARED not set)".into()))
 }
 
-fn bench_meta(dtype: DType, shape: [usize; 3]) -> ShardMeta {
+pub(crate) fn bench_meta(dtype: DType, shape: [usize; 3]) -> ShardMeta {
     ShardMeta {
         latent_shape: shape,
         dtype,

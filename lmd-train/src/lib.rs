@@ -5,6 +5,7 @@
 //! `lmd-bench` figures), [`testvectors`] (reading the PyTorch reference files).
 
 pub mod bench;
+pub mod bench_python;
 pub mod download;
 pub mod error;
 pub mod experiment;

@@ -26,21 +26,41 @@ class ShardError(Exception):
     """A shard or dataset that cannot be read as it claims: names the file (and block/offset)."""
 
 
+_DCTX = zstandard.ZstdDecompressor()
+
+
+def _frame_len(mv):
+    """Compressed length of the zstd frame at the start of ``mv`` (walks its block headers)."""
+    pos = zstandard.frame_header_size(mv)
+    checksum = (mv[4] >> 2) & 1
+    while True:
+        bh = mv[pos] | (mv[pos + 1] << 8) | (mv[pos + 2] << 16)
+        last, typ, size = bh & 1, (bh >> 1) & 3, bh >> 3
+        pos += 3 + (1 if typ == 1 else size)
+        if pos > len(mv):
+            raise zstandard.ZstdError("frame runs past the payload")
+        if last:
+            return pos + 4 * checksum
+
+
 def _frames(data):
-    """Decompress concatenated zstd frames (one per byte plane)."""
+    """Decompress concatenated zstd frames (one per byte plane): a list of bytes."""
+    mv = memoryview(data)
     out = []
-    data = memoryview(data)
-    while len(data):
-        d = zstandard.ZstdDecompressor().decompressobj()
-        out.append(d.decompress(data))
-        rest = d.unused_data
-        data = memoryview(rest) if rest else memoryview(b"")
+    while len(mv):
+        n = _frame_len(mv)
+        if zstandard.frame_content_size(mv) >= 0:
+            out.append(_DCTX.decompress(mv[:n]))
+        else:
+            out.append(_DCTX.decompressobj().decompress(mv[:n]))
+        mv = mv[n:]
     return out
 
 
 def to_float32(raw, dtype):
-    """Little-endian element bytes of ``dtype`` (f16, bf16, f32) as a float32 array."""
-    a = np.frombuffer(raw, dtype=DTYPES[dtype])
+    """Stored elements of ``dtype`` (f16, bf16, f32; an array or little-endian bytes) as a
+    float32 array."""
+    a = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=DTYPES[dtype])
     if dtype == "bf16":
         return (a.astype(np.uint32) << 16).view(np.float32)
     return a.astype(np.float32)
@@ -123,32 +143,43 @@ class Shard:
         return int(np.searchsorted(self.block_first, i, side="right") - 1)
 
     def block_raw(self, k):
-        """Block ``k`` decompressed: its records' little-endian element bytes, in order."""
+        """Block ``k`` decompressed: its elements in order, as a flat array of the stored type."""
         off, comp_len, n, csum = (int(x) for x in self.blocks[k])
         b = self._buf
         if b[off : off + 8] != BLOCK_MAGIC:
             raise ShardError(f"{self.path}: block {k} at byte {off}: bad block header")
-        payload = b[off + BLOCK_HEADER : off + BLOCK_HEADER + comp_len]
+        payload = memoryview(b)[off + BLOCK_HEADER : off + BLOCK_HEADER + comp_len]
         if self.verify and xxhash.xxh3_64_intdigest(payload) != csum:
             raise ShardError(f"{self.path}: block {k} at byte {off}: checksum mismatch")
         try:
             frames = _frames(payload)
-        except zstandard.ZstdError as e:
+        except (zstandard.ZstdError, IndexError) as e:
             raise ShardError(f"{self.path}: block {k} at byte {off}: {e}") from None
         want = n * self.record_elems * self.esize
         got = sum(len(f) for f in frames)
         if got != want:
             raise ShardError(f"{self.path}: block {k} at byte {off}: {got} bytes, expected {want}")
-        if self.meta.get("byte_shuffle", False):
+        if self.meta.get("byte_shuffle", False) and len(frames) == self.esize:
+            if self.esize == 2:
+                # two planes (low bytes, high bytes) -> little-endian u16
+                x = np.frombuffer(frames[1], dtype=np.uint8).astype(np.uint16)
+                x <<= 8
+                x |= np.frombuffer(frames[0], dtype=np.uint8)
+                return x.view(DTYPES[self.dtype])
             out = np.empty((got // self.esize, self.esize), dtype=np.uint8)
-            if len(frames) == self.esize:
-                for j, f in enumerate(frames):
-                    out[:, j] = np.frombuffer(f, dtype=np.uint8)
-            else:
-                planes = np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(self.esize, -1)
-                out[:] = planes.T
-            return out.reshape(-1).data
-        return b"".join(frames)
+            for j, f in enumerate(frames):
+                out[:, j] = np.frombuffer(f, dtype=np.uint8)
+            return out.reshape(-1).view(DTYPES[self.dtype])
+        if self.meta.get("byte_shuffle", False):
+            planes = np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(self.esize, -1)
+            return np.ascontiguousarray(planes.T).reshape(-1).view(DTYPES[self.dtype])
+        return np.frombuffer(b"".join(frames), dtype=DTYPES[self.dtype])
+
+    def block_stored(self, k):
+        """Block ``k`` in its stored element type ``[n, tensors, C, H, W]`` (float16, float32,
+        or uint16 holding bf16 bits): checked and decompressed, not converted."""
+        n = int(self.blocks[k]["n"])
+        return self.block_raw(k).reshape((n, self.tensors) + self.shape)
 
     def block(self, k):
         """Block ``k`` as float32 ``[n, tensors, C, H, W]`` (scaling not applied)."""

@@ -64,6 +64,28 @@ enum Cmd {
         #[arg(long)]
         pillow_anchor: Option<PathBuf>,
     },
+    /// The Python package lmd_latents (python/) reading a dataset sequentially, beside the Rust
+    /// reader on the same shards: f32 GB/s of each and the ratio.
+    PythonReader {
+        /// A latent dataset directory (default: a synthetic f16 4x28x28 dataset).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Records of the synthetic dataset.
+        #[arg(long, default_value_t = 8192)]
+        records: usize,
+        /// The shared data directory, for real TAESD latents (default: $LMD_SHARED).
+        #[arg(long, env = "LMD_SHARED")]
+        shared: Option<PathBuf>,
+        /// The python to run.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The package folder, put on PYTHONPATH when it exists (else the installed package).
+        #[arg(long, default_value = "python")]
+        package_dir: PathBuf,
+        /// Passes per side (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// The latent loader alone (batches/s, GB/s) against a sequential decode of the same shards,
     /// and (with --train-steps) beside the trainer's consumption and data-wait fraction.
     Loader {
@@ -188,6 +210,24 @@ fn main() -> anyhow::Result<()> {
                 pillow_anchor,
             };
             lmd_train::bench::decode(&opts, |v| println!("{v}"))?;
+        }
+        Cmd::PythonReader {
+            data,
+            records,
+            shared,
+            python,
+            package_dir,
+            repeat,
+        } => {
+            let opts = lmd_train::bench_python::PythonReaderBenchOptions {
+                data,
+                records,
+                shared,
+                python,
+                package_dir,
+                repeat,
+            };
+            lmd_train::bench_python::python_reader(&opts, |v| println!("{v}"))?;
         }
         Cmd::Loader {
             data,
