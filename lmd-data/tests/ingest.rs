@@ -239,11 +239,9 @@ fn expected() -> serde_json::Value {
 }
 
 #[test]
+#[ignore = "needs LMD_SHARED"]
 fn corrupt_set_behaves_as_expected_json_says() {
-    let Some(sh) = shared() else {
-        eprintln!("skipping: LMD_SHARED not set");
-        return;
-    };
+    let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
     let dir = sh.join("data/corrupt");
     let shards = vec![
         dir.join("corrupt-000000.tar"),
@@ -344,11 +342,9 @@ fn corrupt_set_behaves_as_expected_json_says() {
 }
 
 #[test]
+#[ignore = "needs LMD_SHARED"]
 fn imagenette_counts_labels_and_keys() {
-    let Some(sh) = shared() else {
-        eprintln!("skipping: LMD_SHARED not set");
-        return;
-    };
+    let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
     let pat = format!(
         "{}/data/imagenette/imagenette-train-{{000000..000005}}.tar",
         sh.display()
@@ -384,11 +380,9 @@ fn imagenette_counts_labels_and_keys() {
 }
 
 #[test]
+#[ignore = "needs LMD_SHARED"]
 fn ilsvrc_train_val_and_image_folder() {
-    let Some(sh) = shared() else {
-        eprintln!("skipping: LMD_SHARED not set");
-        return;
-    };
+    let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
     let d = sh.join("data/imagenet-samples");
     let synsets = d.join("LOC_synset_mapping.txt");
     let ids = lmd_data::source::read_synsets(&synsets).unwrap();
@@ -482,11 +476,9 @@ fn ilsvrc_train_val_and_image_folder() {
 }
 
 #[test]
+#[ignore = "needs LMD_SHARED"]
 fn decoded_pixels_match_pillow() {
-    let Some(sh) = shared() else {
-        eprintln!("skipping: LMD_SHARED not set");
-        return;
-    };
+    let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
     let tv = sh.join("testvectors/taesd_imagenette_val16.safetensors");
     let bytes = std::fs::read(&tv).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -620,11 +612,9 @@ fn region_decode_equals_whole_decode_on_made_jpegs() {
 }
 
 #[test]
+#[ignore = "needs LMD_SHARED"]
 fn region_decode_equals_whole_decode_on_ilsvrc_and_imagenette_photos() {
-    let Some(sh) = shared() else {
-        eprintln!("skipping: LMD_SHARED not set");
-        return;
-    };
+    let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
     let mut images = Vec::new();
     for input in [
         "data/imagenet-samples/ILSVRC-sample_img_train.tar",
