@@ -61,7 +61,12 @@ pub fn fetch(url: &str, dir: &Path, md5: &str, show_progress: bool) -> Result<Pa
             dir.display()
         ))
     };
-    let mut req = ureq::get(url);
+    // a server that stops answering fails the download instead of hanging it
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(std::time::Duration::from_secs(30))
+        .timeout_read(std::time::Duration::from_secs(60))
+        .build();
+    let mut req = agent.get(url);
     if have > 0 {
         req = req.set("Range", &format!("bytes={have}-"));
     }
@@ -123,6 +128,99 @@ pub fn fetch(url: &str, dir: &Path, md5: &str, show_progress: bool) -> Result<Pa
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::{Arc, Mutex};
+
+    /// A loopback HTTP/1.1 server for `body` that honours `Range: bytes=N-` and, on the first
+    /// request only, announces the whole length but closes the connection halfway. Returns
+    /// its URL and the Range headers it saw (None: a plain GET).
+    fn server(body: Vec<u8>) -> (String, Arc<Mutex<Vec<Option<u64>>>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/imagenette2-160.tgz", l.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        std::thread::spawn(move || {
+            for (i, conn) in l.incoming().enumerate() {
+                let mut c = conn.unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut from = None;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        from = v.trim().trim_end_matches('-').parse::<u64>().ok();
+                    }
+                }
+                seen2.lock().unwrap().push(from);
+                let start = from.unwrap_or(0) as usize;
+                let rest = &body[start..];
+                let status = if from.is_some() {
+                    "206 Partial Content"
+                } else {
+                    "200 OK"
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    rest.len()
+                );
+                let _ = c.write_all(head.as_bytes());
+                let send = if i == 0 {
+                    &rest[..rest.len() / 2]
+                } else {
+                    rest
+                };
+                let _ = c.write_all(send);
+                let _ = c.flush();
+            }
+        });
+        (url, seen)
+    }
+
+    fn md5_hex(b: &[u8]) -> String {
+        use md5::{Digest, Md5};
+        Md5::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn a_cut_download_resumes_from_its_part_file_and_is_checked() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (url, seen) = server(body.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let md5 = md5_hex(&body);
+        let e = super::fetch(&url, dir.path(), &md5, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&url) && e.contains("cut at byte"), "{e}");
+        let part = dir.path().join("imagenette2-160.tgz.part");
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), 150_000);
+        assert!(
+            !dir.path().join("imagenette2-160.tgz").exists(),
+            "incomplete never takes the name"
+        );
+        let p = super::fetch(&url, dir.path(), &md5, false).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert!(!part.exists());
+        assert_eq!(*seen.lock().unwrap(), vec![None, Some(150_000)]);
+        // complete and checked: no request at all
+        super::fetch(&url, dir.path(), &md5, false).unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_download_with_the_wrong_checksum_is_removed() {
+        let body = vec![5u8; 10_000];
+        let (url, _) = server(body);
+        let dir = tempfile::tempdir().unwrap();
+        let _ = super::fetch(&url, dir.path(), "00", false); // the cut first request
+        let e = super::fetch(&url, dir.path(), "00", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MD5") && e.contains("expected 00"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
     #[test]
     fn md5_matches_the_reference_digest() {
         let dir = tempfile::tempdir().unwrap();
