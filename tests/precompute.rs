@@ -358,3 +358,99 @@ fn precompute_presets_parse() {
     }
     assert!(n >= 3);
 }
+
+/// The first `n` (key, jpeg, class) samples of an imagenette shard.
+fn imagenette_samples(sh: &Path, n: usize) -> Vec<(String, Vec<u8>, u32)> {
+    use std::io::Read;
+    let f = std::fs::File::open(sh.join("data/imagenette/imagenette-val-000000.tar")).unwrap();
+    let mut ar = tar::Archive::new(f);
+    let (mut out, mut jpg): (Vec<(String, Vec<u8>, u32)>, Option<(String, Vec<u8>)>) =
+        (vec![], None);
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let mut b = Vec::new();
+        e.read_to_end(&mut b).unwrap();
+        if let Some(k) = name.strip_suffix(".jpg") {
+            jpg = Some((k.to_string(), b));
+        } else if let Some(k) = name.strip_suffix(".cls") {
+            let (jk, img) = jpg.take().unwrap();
+            assert_eq!(jk, k);
+            out.push((
+                k.to_string(),
+                img,
+                String::from_utf8(b).unwrap().trim().parse().unwrap(),
+            ));
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn tar_of(members: Vec<(String, Vec<u8>)>) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+#[ignore = "needs LMD_SHARED"]
+fn an_imagefolder_tgz_precomputes_to_the_same_latents_as_the_same_photos_in_a_tar() {
+    use std::io::Write;
+    let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
+    let samples = imagenette_samples(&sh, 24);
+    let tmp = tempfile::tempdir().unwrap();
+    // the layout of fast.ai's imagenette2-160.tgz, gzip-compressed
+    let folder: Vec<(String, Vec<u8>)> = samples
+        .iter()
+        .map(|(k, img, c)| (format!("imagenette2-160/train/c{c}/{k}.JPEG"), img.clone()))
+        .collect();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar_of(folder)).unwrap();
+    let tgz = tmp.path().join("imagenette2-160.tgz");
+    std::fs::write(&tgz, gz.finish().unwrap()).unwrap();
+    // the same photos as a plain WebDataset tar with the same keys and labels
+    let mut wds = Vec::new();
+    for (k, img, c) in &samples {
+        wds.push((format!("c{c}/{k}.jpg"), img.clone()));
+        wds.push((format!("c{c}/{k}.cls"), c.to_string().into_bytes()));
+    }
+    let tar = tmp.path().join("same-000000.tar");
+    std::fs::write(&tar, tar_of(wds)).unwrap();
+    let (a, b) = (tmp.path().join("from-tgz"), tmp.path().join("from-tar"));
+    ok(&precompute(&base_args(
+        &sh,
+        &a,
+        &format!("{}#imagenette2-160/train", tgz.display()),
+    )));
+    ok(&precompute(&base_args(&sh, &b, tar.to_str().unwrap())));
+    let (ra, rb) = (all_records(&a), all_records(&b));
+    assert_eq!(ra.len(), 24);
+    // labels: sorted class folders; with single-digit classes that is the class number
+    let classes: std::collections::BTreeSet<u32> = samples.iter().map(|s| s.2).collect();
+    let index: BTreeMap<u32, i64> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (*c, i as i64))
+        .collect();
+    for (k, img, c) in &samples {
+        let key = format!("c{c}/{k}");
+        let (la, va) = &ra[&key];
+        let (_, vb) = &rb[&key];
+        assert_eq!(*la, Some(index[c]), "{key}");
+        assert_eq!(
+            va,
+            vb,
+            "{key}: latents differ between the tgz and the tar ({} bytes)",
+            img.len()
+        );
+    }
+}
