@@ -284,3 +284,86 @@ fn quickstart_without_data_offline_says_what_it_tried_and_creates_nothing() {
     assert!(!out.exists(), "nothing is created before the data is there");
     assert!(!dir.path().join("cache/imagenette2-160.tgz").exists());
 }
+
+fn final_weights(out: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let step = latest(out).unwrap();
+    let p = out.join(format!("checkpoints/step-{step:08}/model.safetensors"));
+    lmd_train::model::read_tensors(&p, &lmd_train::model::candle::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn init_from_an_exported_pth_starts_from_those_weights_and_an_encoder_only_file_keeps_a_fresh_decoder(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(
+        &data,
+        &SyntheticSpec {
+            records: 128,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let short = CONFIG
+        .replace("steps = 240", "steps = 3")
+        .replace("checkpoint_every = 80", "checkpoint_every = 3");
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, &short).unwrap();
+    let a = tmp.path().join("a");
+    assert!(train(&cfg, &data, &a, false).status().unwrap().success());
+    let ck = a.join(format!(
+        "checkpoints/step-{:08}/model.safetensors",
+        latest(&a).unwrap()
+    ));
+    let export = |to: &str, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_lmd-export"))
+            .arg(&ck)
+            .args(["--to", to, "--out"])
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (full, enc) = (tmp.path().join("full.pth"), tmp.path().join("encoder.pth"));
+    export("mae", &full);
+    export("timm", &enc);
+    // lr 0: the run's final weights are its initial ones
+    let frozen = tmp.path().join("frozen.toml");
+    std::fs::write(
+        &frozen,
+        short
+            .replace("blr = 1.5e-3", "blr = 0.0")
+            .replace("steps = 3", "steps = 3\nseed = 5"),
+    )
+    .unwrap();
+    let want = final_weights(&a);
+    for (init, name) in [(&full, "b"), (&enc, "c")] {
+        let out = tmp.path().join(name);
+        let o = train(&frozen, &data, &out, false)
+            .arg("--init")
+            .arg(init)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("initialised") && err.contains(init.to_str().unwrap()),
+            "{err}"
+        );
+        let got = final_weights(&out);
+        for (k, v) in &want {
+            let same = got[k] == *v;
+            if name == "b" || !k.starts_with("decoder") && k != "mask_token" {
+                assert!(same, "{name}: {k} is not the initial file's");
+            }
+        }
+        if name == "c" {
+            assert!(err.contains("encoder only"), "{err}");
+            assert_ne!(got["decoder_embed.weight"], want["decoder_embed.weight"]);
+        }
+    }
+}
