@@ -364,8 +364,8 @@ fn imagenette_samples(sh: &Path, n: usize) -> Vec<(String, Vec<u8>, u32)> {
     use std::io::Read;
     let f = std::fs::File::open(sh.join("data/imagenette/imagenette-val-000000.tar")).unwrap();
     let mut ar = tar::Archive::new(f);
-    let (mut out, mut jpg): (Vec<(String, Vec<u8>, u32)>, Option<(String, Vec<u8>)>) =
-        (vec![], None);
+    let mut out: Vec<(String, Vec<u8>, u32)> = vec![];
+    let mut jpg: Option<(String, Vec<u8>)> = None;
     for e in ar.entries().unwrap() {
         let mut e = e.unwrap();
         let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
