@@ -390,21 +390,12 @@ fn imagenette_samples(sh: &Path, n: usize) -> Vec<(String, Vec<u8>, u32)> {
 }
 
 fn tar_of(members: Vec<(String, Vec<u8>)>) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in members {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, data.as_slice()).unwrap();
-    }
-    b.into_inner().unwrap()
+    lmd_train::data::synthetic::tar_archive(&members)
 }
 
 #[test]
 #[ignore = "needs LMD_SHARED"]
 fn an_imagefolder_tgz_precomputes_to_the_same_latents_as_the_same_photos_in_a_tar() {
-    use std::io::Write;
     let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
     let samples = imagenette_samples(&sh, 24);
     let tmp = tempfile::tempdir().unwrap();
@@ -413,10 +404,8 @@ fn an_imagefolder_tgz_precomputes_to_the_same_latents_as_the_same_photos_in_a_ta
         .iter()
         .map(|(k, img, c)| (format!("imagenette2-160/train/c{c}/{k}.JPEG"), img.clone()))
         .collect();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar_of(folder)).unwrap();
     let tgz = tmp.path().join("imagenette2-160.tgz");
-    std::fs::write(&tgz, gz.finish().unwrap()).unwrap();
+    std::fs::write(&tgz, lmd_train::data::synthetic::gzip(&tar_of(folder))).unwrap();
     // the same photos as a plain WebDataset tar with the same keys and labels
     let mut wds = Vec::new();
     for (k, img, c) in &samples {

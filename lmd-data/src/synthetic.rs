@@ -156,6 +156,29 @@ pub fn write_dataset(dir: &Path, spec: &SyntheticSpec) -> Result<Manifest> {
     Ok(man)
 }
 
+/// A tar archive (GNU headers, mode 0644) of `(member name, bytes)`, in memory: input shards
+/// for tests that make their own.
+pub fn tar_archive(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice())
+            .expect("writing a tar into memory");
+    }
+    b.into_inner().expect("writing a tar into memory")
+}
+
+/// `bytes` gzip-compressed (a `.tar.gz` from [`tar_archive`]).
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).expect("compressing into memory");
+    e.finish().expect("compressing into memory")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
