@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+
 fn meta(dtype: DType, layout: RecordLayout, scaling: Scaling) -> ShardMeta {
     ShardMeta {
         latent_shape: [4, 3, 5],
@@ -106,19 +108,7 @@ fn loader_samples(dirs: &[PathBuf], seed: u64, epoch: u64) -> serde_json::Value 
 }
 
 fn python_ok() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import numpy, zstandard, xxhash"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("LMD_REQUIRE_PYTHON").as_deref() != Ok("1"),
-            "LMD_REQUIRE_PYTHON=1 but python3 with numpy, zstandard and xxhash is missing"
-        );
-        eprintln!("skipping: python3 with numpy + zstandard + xxhash not found");
-    }
-    ok
+    common::python_ok("numpy, zstandard, xxhash")
 }
 
 #[test]

@@ -9,8 +9,10 @@ use lmd_train::data::shard::{
     WeightFile, WriterOptions,
 };
 use lmd_train::data::DType;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+
+mod common;
 
 fn meta(dtype: DType, layout: RecordLayout, shape: [usize; 3]) -> ShardMeta {
     ShardMeta {
@@ -200,27 +202,10 @@ fn bench_shards_prints_every_figure() {
 }
 
 fn python_ok() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import numpy, zstandard"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("LMD_REQUIRE_PYTHON").as_deref() != Ok("1"),
-            "LMD_REQUIRE_PYTHON=1 but python3 with numpy and zstandard is missing"
-        );
-        eprintln!("skipping: python3 with numpy + zstandard not found");
-    }
-    ok
+    common::python_ok("numpy, zstandard")
 }
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use common::repo_root;
 
 /// Run tools/lmd_shard.py on `shard`, dumping latents as f32, labels and keys to `out_dir`.
 fn python_dump(
