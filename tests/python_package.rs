@@ -9,8 +9,7 @@
 
 use lmd_train::data::loader::{LatentLoader, LoaderConfig};
 use lmd_train::data::shard::{
-    Field, LatentDataset, Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta, ShardWriter,
-    VaeIdentity, WeightFile, WriterOptions,
+    Field, LatentDataset, Manifest, RecordLayout, Scaling, ShardMeta, ShardWriter, WriterOptions,
 };
 use lmd_train::data::DType;
 use std::path::{Path, PathBuf};
@@ -20,33 +19,7 @@ use std::sync::Arc;
 mod common;
 
 fn meta(dtype: DType, layout: RecordLayout, scaling: Scaling) -> ShardMeta {
-    ShardMeta {
-        latent_shape: [4, 3, 5],
-        dtype,
-        preprocessing: Preprocessing {
-            size: 24,
-            resize: "shorter-side".into(),
-            crop: "center".into(),
-            filter: "bilinear-antialias".into(),
-            views: layout.views,
-            flip: layout.flip,
-            input_range: "[0,1]".into(),
-        },
-        layout,
-        labels: true,
-        vae: VaeIdentity {
-            name: "taesd".into(),
-            weights: vec![WeightFile {
-                file: "taesd_encoder.safetensors".into(),
-                sha256: "ab".repeat(32),
-            }],
-        },
-        scaling,
-        writer: "tests/python_package.rs".into(),
-        records_per_block: 0,
-        byte_shuffle: true,
-        zstd_level: 3,
-    }
+    common::shard_meta(dtype, layout, [4, 3, 5], scaling)
 }
 
 /// The stored values of record `r` (the Python tests recompute them: keep in step).

@@ -5,8 +5,7 @@
 //! when those are missing, unless `LMD_REQUIRE_PYTHON=1` (set by `.ci/run`) makes that a failure.
 
 use lmd_train::data::shard::{
-    Field, Manifest, Preprocessing, RecordLayout, Scaling, ShardMeta, ShardWriter, VaeIdentity,
-    WeightFile, WriterOptions,
+    Field, Manifest, RecordLayout, Scaling, ShardMeta, ShardWriter, WriterOptions,
 };
 use lmd_train::data::DType;
 use std::path::Path;
@@ -15,36 +14,15 @@ use std::process::Command;
 mod common;
 
 fn meta(dtype: DType, layout: RecordLayout, shape: [usize; 3]) -> ShardMeta {
-    ShardMeta {
-        latent_shape: shape,
+    common::shard_meta(
         dtype,
-        preprocessing: Preprocessing {
-            size: 224,
-            resize: "shorter-side".into(),
-            crop: "center".into(),
-            filter: "bilinear-antialias".into(),
-            views: layout.views,
-            flip: layout.flip,
-            input_range: "[0,1]".into(),
-        },
         layout,
-        labels: true,
-        vae: VaeIdentity {
-            name: "taesd".into(),
-            weights: vec![WeightFile {
-                file: "taesd_encoder.safetensors".into(),
-                sha256: "5f".repeat(32),
-            }],
-        },
-        scaling: Scaling {
+        shape,
+        Scaling {
             factor: 1.0,
             applied: true,
         },
-        writer: "tests/shards.rs".into(),
-        records_per_block: 0,
-        byte_shuffle: true,
-        zstd_level: 3,
-    }
+    )
 }
 
 fn values(record: usize, n: usize) -> Vec<f32> {

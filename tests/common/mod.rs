@@ -1,6 +1,10 @@
 //! Helpers shared by the workspace integration tests (included with `mod common;`).
 #![allow(dead_code)]
 
+use lmd_train::data::shard::{
+    Preprocessing, RecordLayout, Scaling, ShardMeta, VaeIdentity, WeightFile,
+};
+use lmd_train::data::DType;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -28,4 +32,40 @@ pub fn python_ok(modules: &str) -> bool {
         eprintln!("skipping: python3 with {modules} not found");
     }
     ok
+}
+
+/// Shard metadata for test datasets (TAESD-like identity, 224 px center crop).
+pub fn shard_meta(
+    dtype: DType,
+    layout: RecordLayout,
+    shape: [usize; 3],
+    scaling: Scaling,
+) -> ShardMeta {
+    ShardMeta {
+        latent_shape: shape,
+        dtype,
+        preprocessing: Preprocessing {
+            size: 224,
+            resize: "shorter-side".into(),
+            crop: "center".into(),
+            filter: "bilinear-antialias".into(),
+            views: layout.views,
+            flip: layout.flip,
+            input_range: "[0,1]".into(),
+        },
+        layout,
+        labels: true,
+        vae: VaeIdentity {
+            name: "taesd".into(),
+            weights: vec![WeightFile {
+                file: "taesd_encoder.safetensors".into(),
+                sha256: "5f".repeat(32),
+            }],
+        },
+        scaling,
+        writer: "lmd integration tests".into(),
+        records_per_block: 0,
+        byte_shuffle: true,
+        zstd_level: 3,
+    }
 }
