@@ -739,7 +739,12 @@ pub(crate) fn block(
     keep: Option<[Vec<f32>; 2]>,
 ) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
-    let hidden = params[9].elem_count();
+    // the MLP width from fc1.weight `[hidden, c]` (not from a bias: a wrong bias must be named
+    // as itself, not make its weight look wrong)
+    let hidden = match params[8].dims() {
+        [m, _] => *m,
+        d => candle_core::bail!("lmd-block: mlp.fc1.weight is {d:?}, want [hidden, {c}]"),
+    };
     let dims = Dims {
         b,
         n,
@@ -1000,11 +1005,21 @@ mod tests {
     }
 
     #[test]
-    fn mismatched_parameters_are_named() {
+    fn mismatched_parameters_are_named_as_themselves_a_wrong_fc1_bias_too() {
         let (block, _) = random_block(12, 3, 11);
         let mut p = block.params();
         let wrong = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
         p[9] = &wrong; // fc1.bias
+        let err = super::block(&random(&[1, 4, 12], 1), p, 3, 1e-6, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mlp.fc1.bias") && !err.contains("fc1.weight"),
+            "{err}"
+        );
+        let mut p = block.params();
+        let wrong_w = Tensor::zeros((48, 5), DType::F32, &Device::Cpu).unwrap();
+        p[8] = &wrong_w; // fc1.weight
         let err = super::block(&random(&[1, 4, 12], 1), p, 3, 1e-6, None)
             .unwrap_err()
             .to_string();

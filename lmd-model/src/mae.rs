@@ -685,6 +685,13 @@ impl LatentMae {
         let noise: Vec<Vec<f32>> = noise.to_dtype(DType::F32)?.to_vec2()?;
         let l = self.cfg.num_patches();
         let keep = ((l as f64) * (1.0 - mask_ratio)) as usize;
+        if !(0.0..1.0).contains(&mask_ratio) || keep >= l {
+            candle_core::bail!(
+                "mask ratio {mask_ratio} keeps {keep} of L = {l} patches (MAE keeps int(L*(1-r))): \
+                 it must mask at least one, else the loss (a mean over masked patches) is 0/0; \
+                 use a ratio in (0, 1)"
+            );
+        }
         let mut ids_keep = Vec::with_capacity(noise.len());
         let mut ids_restore = Vec::with_capacity(noise.len());
         let mut mask = Vec::with_capacity(noise.len() * l);

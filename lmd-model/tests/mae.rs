@@ -368,3 +368,44 @@ fn a_pth_with_a_misshapen_or_missing_tensor_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn nan_loss_at_a_mask_ratio_that_masks_nothing_is_refused_naming_l() {
+    let dev = Device::Cpu;
+    let cfg = tiny_cfg(); // 16 patches
+    let vm = VarMap::new();
+    let m = LatentMae::init(&cfg, &vm, 1, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    // int(L*(1-r)) keeps all 16 only at r = 0 (or 1 - r rounding to 1): then nothing is
+    // masked and the loss was 0/0 = NaN
+    for r in [0.0, 1e-17] {
+        let e = m.forward(&x, r, 3).err().expect("refused").to_string();
+        assert!(e.contains("L = 16") && e.contains("0/0"), "{e}");
+    }
+    // any ratio that masks one patch trains
+    let out = m.forward(&x, 0.01, 3).unwrap();
+    assert_eq!(
+        out.masking
+            .mask
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        2.0
+    );
+    assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
+    // the schedule check names L before any training
+    let s = lmd_model::MaskSchedule::Linear {
+        start: 0.0,
+        end: 0.75,
+        ramp_fraction: 1.0,
+    };
+    let e = s.validate_for(cfg.num_patches()).unwrap_err();
+    assert!(e.contains("L = 16"), "{e}");
+    let ok = lmd_model::MaskSchedule::Linear {
+        start: 0.01,
+        end: 0.75,
+        ramp_fraction: 1.0,
+    };
+    assert!(ok.validate_for(196).is_ok());
+}

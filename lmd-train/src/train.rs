@@ -204,6 +204,16 @@ pub fn run(
     let m = |e: lmd_model::candle::Error| Error::Model(e.into());
     let mcfg = cfg.model_config()?;
     mcfg.validate().map_err(Error::Invalid)?;
+    // nonsense settings are refused before any work, naming the setting
+    cfg.schedule
+        .validate_for(mcfg.num_patches())
+        .map_err(|e| Error::Invalid(format!("schedule: {e}")))?;
+    if cfg.steps == 0 || cfg.batch_size == 0 {
+        return Err(Error::Invalid(format!(
+            "steps ({}) and batch_size ({}) must be at least 1",
+            cfg.steps, cfg.batch_size
+        )));
+    }
     let ds = Arc::new(open_data(&cfg.data)?);
     let [c, h, w] = ds.meta().latent_shape;
     if [c, h, w] != [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]] {
