@@ -350,8 +350,8 @@ fn a_pth_with_a_misshapen_or_missing_tensor_is_named() {
     let mut cfg = MaeConfig::from_mae_json(&cfg_json).unwrap();
     cfg.decoder_embed_dim = 32; // the file's decoder is 64 wide
     let e = LatentMae::load(&cfg, &tv.join("mae_p4_d96.pth"), &dev)
-        .err()
-        .expect("refused")
+        .map(|_| ())
+        .expect_err("refused")
         .to_string();
     assert!(
         e.contains("mae_p4_d96.pth") && e.contains("tensor decoder_") && e.contains("shape"),
@@ -360,8 +360,8 @@ fn a_pth_with_a_misshapen_or_missing_tensor_is_named() {
     cfg = MaeConfig::from_mae_json(&cfg_json).unwrap();
     cfg.depth = 3; // the file has 2 blocks
     let e = LatentMae::load(&cfg, &tv.join("mae_p4_d96.pth"), &dev)
-        .err()
-        .expect("refused")
+        .map(|_| ())
+        .expect_err("refused")
         .to_string();
     assert!(
         e.contains("missing tensors") && e.contains("blocks.2."),
@@ -379,7 +379,11 @@ fn nan_loss_at_a_mask_ratio_that_masks_nothing_is_refused_naming_l() {
     // int(L*(1-r)) keeps all 16 only at r = 0 (or 1 - r rounding to 1): then nothing is
     // masked and the loss was 0/0 = NaN
     for r in [0.0, 1e-17] {
-        let e = m.forward(&x, r, 3).err().expect("refused").to_string();
+        let e = m
+            .forward(&x, r, 3)
+            .map(|_| ())
+            .expect_err("refused")
+            .to_string();
         assert!(e.contains("L = 16") && e.contains("0/0"), "{e}");
     }
     // any ratio that masks one patch trains

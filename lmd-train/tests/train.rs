@@ -151,22 +151,22 @@ fn nonsense_settings_are_refused_before_any_work_naming_the_setting() {
     let mut c = cfg(data.path(), &out);
     c.schedule = MaskSchedule::Constant { ratio: 0.0 };
     let e = run(&c, false, &mut |_| {})
-        .err()
-        .expect("refused")
+        .map(|_| ())
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("schedule") && e.contains("L = 16"), "{e}");
     let mut c = cfg(data.path(), &out);
     c.schedule = MaskSchedule::Constant { ratio: 1.5 };
     let e = run(&c, false, &mut |_| {})
-        .err()
-        .expect("refused")
+        .map(|_| ())
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("schedule") && e.contains("1.5"), "{e}");
     let mut c = cfg(data.path(), &out);
     c.steps = 0;
     let e = run(&c, false, &mut |_| {})
-        .err()
-        .expect("refused")
+        .map(|_| ())
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("steps (0)"), "{e}");
     assert!(!out.exists(), "nothing written for a refused run");
