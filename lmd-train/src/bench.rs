@@ -308,16 +308,15 @@ fn timed_steps(
     lr: f64,
     mut forward: impl FnMut(u64) -> Result<lmd_model::candle::Tensor>,
 ) -> Result<(serde_json::Value, f64)> {
-    let m = lmd_model::Error::from;
     // total seconds, seconds in forward / backward / optimizer, the best step, the last loss
     let mut measure = || -> Result<(f64, [f64; 3], f64, f32)> {
         let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
             let t = Instant::now();
             let loss = forward(seed)?;
-            let value = loss.to_scalar::<f32>().map_err(m)?;
+            let value = loss.to_scalar::<f32>()?;
             phases[0] += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let grads = loss.backward().map_err(m)?;
+            let grads = loss.backward()?;
             phases[1] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             opt.step(&grads, lr)?;
@@ -407,24 +406,23 @@ pub fn finetune_step(
         linear_probe: false,
     };
     let dev = Device::Cpu;
-    let m = lmd_model::Error::from;
     let vm = candle_nn::VarMap::new();
-    let clf = lmd_model::VitClassifier::init(&cfg, &vm, 0, 2e-5, &dev).map_err(m)?;
+    let clf = lmd_model::VitClassifier::init(&cfg, &vm, 0, 2e-5, &dev)?;
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
     let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
     let [h, w] = cfg.encoder.img_size;
-    let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.encoder.in_chans, h, w), &dev).map_err(m)?;
+    let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.encoder.in_chans, h, w), &dev)?;
     let labels: Vec<u32> = (0..opts.batch as u32)
         .map(|i| i % opts.classes as u32)
         .collect();
-    let y = Tensor::from_vec(labels, opts.batch, &dev).map_err(m)?;
+    let y = Tensor::from_vec(labels, opts.batch, &dev)?;
     let (fields, _) = timed_steps(
         (opts.steps, opts.batch),
         opts.composite_baseline,
         &mut opt,
         1e-4,
         |seed| {
-            let logits = clf.forward_t(&x, Some(seed)).map_err(m)?;
+            let logits = clf.forward_t(&x, Some(seed))?;
             crate::finetune::cross_entropy(&logits, &y, 0.1)
         },
     )?;
@@ -534,8 +532,7 @@ pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> R
     use lmd_model::candle::{Device, Tensor};
     let dev = Device::Cpu;
     let vae = lmd_model::vae::load_vae(&opts.vae, &opts.weights, &dev)?;
-    let m = |e: lmd_model::candle::Error| Error::Model(e.into());
-    let x = Tensor::rand(0f32, 1.0, (opts.batch, 3, opts.size, opts.size), &dev).map_err(m)?;
+    let x = Tensor::rand(0f32, 1.0, (opts.batch, 3, opts.size, opts.size), &dev)?;
     let x = vae.input_range().from_unit(&x)?;
     let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
         f()?; // warm-up

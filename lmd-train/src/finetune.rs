@@ -32,10 +32,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-fn m(e: lmd_model::candle::Error) -> Error {
-    Error::Model(e.into())
-}
-
 /// Fine-tuning configuration (TOML presets in `configs/finetune-*.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -201,24 +197,22 @@ fn labels_of(ds: &LatentDataset, what: &str) -> Result<Vec<i64>> {
 /// Cross-entropy of `logits [B, K]` against `labels [B]` (u32) with label smoothing `eps`:
 /// `(1 − eps)·NLL + eps·mean_k(−log p_k)` (timm's `LabelSmoothingCrossEntropy`).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Result<Tensor> {
-    let logp = lmd_model::candle_nn::ops::log_softmax(logits, D::Minus1).map_err(m)?;
+    let logp = lmd_model::candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let nll = logp
-        .gather(&labels.unsqueeze(1).map_err(m)?, 1)
+        .gather(&labels.unsqueeze(1)?, 1)
         .and_then(|t| t.mean_all())
-        .and_then(|t| t.neg())
-        .map_err(m)?;
+        .and_then(|t| t.neg())?;
     if eps <= 0.0 {
         return Ok(nll);
     }
-    let smooth = logp.mean_all().and_then(|t| t.neg()).map_err(m)?;
-    ((nll * (1.0 - eps)).map_err(m)? + (smooth * eps).map_err(m)?).map_err(m)
+    let smooth = logp.mean_all().and_then(|t| t.neg())?;
+    Ok(((nll * (1.0 - eps))? + (smooth * eps)?)?)
 }
 
 /// Top-1 / top-5 hits and summed cross-entropy of `logits [B, K]` against `labels`.
 fn score(logits: &Tensor, labels: &[i64]) -> Result<(usize, usize, f64)> {
     let logp = lmd_model::candle_nn::ops::log_softmax(logits, D::Minus1)
-        .and_then(|t| t.to_vec2::<f32>())
-        .map_err(m)?;
+        .and_then(|t| t.to_vec2::<f32>())?;
     let (mut t1, mut t5, mut loss) = (0, 0, 0f64);
     for (row, &y) in logp.iter().zip(labels) {
         let y = y as usize;
@@ -253,8 +247,8 @@ pub fn evaluate(clf: &VitClassifier, ds: &Arc<LatentDataset>, batch: usize) -> R
     let idx: Vec<usize> = (0..ds.len()).collect();
     for (bi, chunk) in idx.chunks(batch.max(1)).enumerate() {
         let b = loader.make_batch(0, bi as u64, chunk)?;
-        let x = Tensor::from_vec(b.data, b.shape.to_vec(), &dev).map_err(m)?;
-        let logits = clf.forward_t(&x, None).map_err(m)?;
+        let x = Tensor::from_vec(b.data, b.shape.to_vec(), &dev)?;
+        let logits = clf.forward_t(&x, None)?;
         let (a, c, l) = score(&logits, &labels[chunk[0]..chunk[0] + chunk.len()])?;
         (t1, t5, loss) = (t1 + a, t5 + c, loss + l);
     }
@@ -383,7 +377,7 @@ pub fn run(
     let dev = crate::device(&cfg.device)?;
     let varmap = VarMap::new();
     let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
-    let clf = VitClassifier::init(&ccfg, &varmap, cfg.seed, head_std, &dev).map_err(m)?;
+    let clf = VitClassifier::init(&ccfg, &varmap, cfg.seed, head_std, &dev)?;
     if let Some(p) = &cfg.pretrained {
         clf.load_pretrained(&varmap, p)?;
     } else if cfg.linear_probe {
@@ -448,7 +442,7 @@ pub fn run(
             )));
         }
         let mut vm = varmap.clone();
-        vm.load(last_dir.join("model.safetensors")).map_err(m)?;
+        vm.load(last_dir.join("model.safetensors"))?;
         opt.load(&last_dir.join("optimizer.safetensors"))?;
         loader.set_state(LoaderState {
             epoch: st.epochs_done,
@@ -492,7 +486,7 @@ pub fn run(
             let Some(batch) = it.next() else { break };
             wait += tw.elapsed().as_secs_f64();
             let batch = batch?;
-            let x = Tensor::from_vec(batch.data, batch.shape.to_vec(), &dev).map_err(m)?;
+            let x = Tensor::from_vec(batch.data, batch.shape.to_vec(), &dev)?;
             let y: Vec<u32> = batch
                 .labels
                 .iter()
@@ -501,20 +495,20 @@ pub fn run(
                         .ok_or_else(|| Error::Invalid("a record without a label".into()))
                 })
                 .collect::<Result<_>>()?;
-            let y = Tensor::from_vec(y, batch.shape[0], &dev).map_err(m)?;
+            let y = Tensor::from_vec(y, batch.shape[0], &dev)?;
             let logits = if cfg.linear_probe {
-                let f = clf.features(&x, None).map_err(m)?.detach();
-                clf.head(&f).map_err(m)?
+                let f = clf.features(&x, None)?.detach();
+                clf.head(&f)?
             } else {
                 let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
-                clf.forward_t(&x, Some(seed)).map_err(m)?
+                clf.forward_t(&x, Some(seed))?
             };
             let loss_t = cross_entropy(&logits, &y, cfg.label_smoothing)?;
-            let loss = loss_t.to_scalar::<f32>().map_err(m)? as f64;
+            let loss = loss_t.to_scalar::<f32>()? as f64;
             if !loss.is_finite() {
                 return Err(Error::Invalid(format!("loss is {loss} at step {step}")));
             }
-            let mut grads = loss_t.backward().map_err(m)?;
+            let mut grads = loss_t.backward()?;
             let norm = opt.clip_grad_norm(&mut grads, cfg.grad_clip)?;
             let lr = lr_at(step, total, warmup, lr_peak, cfg.min_lr);
             opt.step(&grads, lr)?;
@@ -599,11 +593,8 @@ fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, loader: &LatentLoader
     let idx: Vec<usize> = (0..ds.len()).collect();
     for (bi, chunk) in idx.chunks(256).enumerate() {
         let b = loader.make_batch(0, bi as u64, chunk)?;
-        let x = Tensor::from_vec(b.data, b.shape.to_vec(), clf.device()).map_err(m)?;
-        let f: Vec<Vec<f32>> = clf
-            .features(&x, None)
-            .and_then(|t| t.to_vec2())
-            .map_err(m)?;
+        let x = Tensor::from_vec(b.data, b.shape.to_vec(), clf.device())?;
+        let f: Vec<Vec<f32>> = clf.features(&x, None).and_then(|t| t.to_vec2())?;
         for row in f {
             for (j, v) in row.into_iter().enumerate() {
                 s1[j] += v as f64;
@@ -620,17 +611,8 @@ fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, loader: &LatentLoader
         .collect();
     let data = varmap.data().lock().expect("varmap");
     let dev = clf.device();
-    data["head.0.running_mean"]
-        .set(&Tensor::from_vec(mean, d, dev).map_err(m)?)
-        .map_err(m)?;
-    data["head.0.running_var"]
-        .set(
-            &Tensor::from_vec(var, d, dev)
-                .map_err(m)?
-                .to_dtype(DType::F32)
-                .map_err(m)?,
-        )
-        .map_err(m)?;
+    data["head.0.running_mean"].set(&Tensor::from_vec(mean, d, dev)?)?;
+    data["head.0.running_var"].set(&Tensor::from_vec(var, d, dev)?.to_dtype(DType::F32)?)?;
     Ok(())
 }
 

@@ -56,7 +56,6 @@ impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let mut vars = vars;
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let m = |e: lmd_model::candle::Error| Error::Model(e.into());
         let params = vars
             .into_iter()
             .map(|(name, var)| {
@@ -64,8 +63,8 @@ impl AdamW {
                 Ok(Param {
                     decay: decays(&name, &var),
                     lr_scale: 1.0,
-                    m: var.zeros_like().map_err(m)?,
-                    v: var.zeros_like().map_err(m)?,
+                    m: var.zeros_like()?,
+                    v: var.zeros_like()?,
                     name,
                     var,
                 })
@@ -118,7 +117,6 @@ impl AdamW {
     /// Global L2 norm of the gradients; scales them down to `max_norm` when above it
     /// (`max_norm <= 0`: no clipping). Returns the norm before clipping.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-        let m = |e: lmd_model::candle::Error| Error::Model(e.into());
         let mut sq = 0f64;
         for p in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
@@ -126,8 +124,7 @@ impl AdamW {
                     .sqr()
                     .and_then(|t| t.sum_all())
                     .and_then(|t| t.to_dtype(DType::F64))
-                    .and_then(|t| t.to_scalar::<f64>())
-                    .map_err(m)?;
+                    .and_then(|t| t.to_scalar::<f64>())?;
             }
         }
         let norm = sq.sqrt();
@@ -135,7 +132,7 @@ impl AdamW {
             let s = max_norm / (norm + 1e-6);
             for p in &self.params {
                 if let Some(g) = grads.remove(p.var.as_tensor()) {
-                    grads.insert(p.var.as_tensor(), (g * s).map_err(m)?);
+                    grads.insert(p.var.as_tensor(), (g * s)?);
                 }
             }
         }
@@ -144,7 +141,6 @@ impl AdamW {
 
     /// One update with learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let m = |e: lmd_model::candle::Error| Error::Model(e.into());
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -163,22 +159,20 @@ impl AdamW {
                     g,
                     &self.cfg,
                     (lr, decay, c1, c2),
-                )
-                .map_err(m)?;
+                )?;
                 continue;
             }
             let mut theta = p.var.as_tensor().clone();
             if p.decay && self.cfg.weight_decay > 0.0 {
-                theta = (theta * (1.0 - lr * self.cfg.weight_decay)).map_err(m)?;
+                theta = (theta * (1.0 - lr * self.cfg.weight_decay))?;
             }
-            p.m = ((&p.m * b1).map_err(m)? + (g * (1.0 - b1)).map_err(m)?).map_err(m)?;
-            p.v = ((&p.v * b2).map_err(m)? + (g.sqr().map_err(m)? * (1.0 - b2)).map_err(m)?)
-                .map_err(m)?;
-            let mhat = (&p.m / c1).map_err(m)?;
-            let denom = ((&p.v / c2).map_err(m)?.sqrt().map_err(m)? + self.cfg.eps).map_err(m)?;
-            let upd = (mhat / denom).map_err(m)?;
-            let next = (theta - (upd * lr).map_err(m)?).map_err(m)?;
-            p.var.set(&next).map_err(m)?;
+            p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mhat = (&p.m / c1)?;
+            let denom = ((&p.v / c2)?.sqrt()? + self.cfg.eps)?;
+            let upd = (mhat / denom)?;
+            let next = (theta - (upd * lr)?)?;
+            p.var.set(&next)?;
         }
         Ok(())
     }
@@ -195,10 +189,7 @@ impl AdamW {
             .first()
             .map(|p| p.m.device().clone())
             .unwrap_or(lmd_model::candle::Device::Cpu);
-        map.insert(
-            "step".into(),
-            Tensor::new(&[self.step as f64], &dev).map_err(|e| Error::Model(e.into()))?,
-        );
+        map.insert("step".into(), Tensor::new(&[self.step as f64], &dev)?);
         lmd_model::candle::safetensors::save(&map, path).map_err(|e| Error::Tensors {
             path: path.to_path_buf(),
             detail: format!("cannot write optimizer state: {e}"),
@@ -236,7 +227,7 @@ impl AdamW {
             path: path.to_path_buf(),
             detail: "missing step".into(),
         })?;
-        self.step = step.to_vec1::<f64>().map_err(|e| Error::Model(e.into()))?[0] as u64;
+        self.step = step.to_vec1::<f64>()?[0] as u64;
         Ok(())
     }
 }

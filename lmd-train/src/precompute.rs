@@ -690,18 +690,15 @@ fn encode_batch(
     rec_elems: usize,
     variants: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let m = |e: lmd_model::candle::Error| Error::Model(e.into());
     let s = tcfg.size as usize;
     let mut flat = Vec::with_capacity(items.len() * tcfg.values_per_image());
     for p in items {
         flat.extend_from_slice(&p.pixels);
     }
-    let x = Tensor::from_vec(flat, (items.len() * variants, 3, s, s), dev).map_err(m)?;
+    let x = Tensor::from_vec(flat, (items.len() * variants, 3, s, s), dev)?;
     let x = vae.input_range().from_unit(&x)?;
     let enc = vae.encode(&x)?;
-    let to_rows = |t: &Tensor| -> Result<Vec<f32>> {
-        t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(m)
-    };
+    let to_rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let per_tensor = rec_elems / layout.tensors();
     let mut field_data = Vec::new();
     for f in &layout.fields {

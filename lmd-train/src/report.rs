@@ -19,10 +19,6 @@ use std::path::Path;
 
 const GAP: u32 = 4;
 
-fn m(e: lmd_model::candle::Error) -> Error {
-    Error::Model(e.into())
-}
-
 /// The four panels as `[N, C, H, W]` latents plus the `[N, 1, H, W]` mask (1 = masked).
 pub struct Reconstruction {
     pub input: Tensor,
@@ -35,69 +31,60 @@ pub struct Reconstruction {
 /// Run the model on `x` `[N, C, H, W]` at `ratio` with masking noise from `seed`.
 pub fn reconstruct(model: &LatentMae, x: &Tensor, ratio: f64, seed: u64) -> Result<Reconstruction> {
     let cfg = model.config().clone();
-    let out = model.forward(x, ratio, seed).map_err(m)?;
+    let out = model.forward(x, ratio, seed)?;
     let mut pred = out.pred.detach();
     if cfg.norm_pix_loss {
-        let target = model.patchify(x).map_err(m)?;
-        let n = target.dim(D::Minus1).map_err(m)? as f64;
-        let mean = target.mean_keepdim(D::Minus1).map_err(m)?;
+        let target = model.patchify(x)?;
+        let n = target.dim(D::Minus1)? as f64;
+        let mean = target.mean_keepdim(D::Minus1)?;
         let var = (target
             .broadcast_sub(&mean)
             .and_then(|c| c.sqr())
-            .and_then(|c| c.sum_keepdim(D::Minus1))
-            .map_err(m)?
-            / (n - 1.0))
-            .map_err(m)?;
-        let std = (var + 1e-6).and_then(|v| v.sqrt()).map_err(m)?;
+            .and_then(|c| c.sum_keepdim(D::Minus1))?
+            / (n - 1.0))?;
+        let std = (var + 1e-6).and_then(|v| v.sqrt())?;
         pred = pred
             .broadcast_mul(&std)
-            .and_then(|p| p.broadcast_add(&mean))
-            .map_err(m)?;
+            .and_then(|p| p.broadcast_add(&mean))?;
     }
-    let prediction = model.unpatchify(&pred).map_err(m)?;
-    let (b, l) = out.masking.mask.dims2().map_err(m)?;
+    let prediction = model.unpatchify(&pred)?;
+    let (b, l) = out.masking.mask.dims2()?;
     let pdim = cfg.patch_dim();
     let mask_patches = out
         .masking
         .mask
         .reshape((b, l, 1))
         .and_then(|t| t.broadcast_as((b, l, pdim)))
-        .and_then(|t| t.contiguous())
-        .map_err(m)?;
-    let mask_full = model.unpatchify(&mask_patches).map_err(m)?; // [N, C, H, W]
-    let pasted = (x.broadcast_mul(&(1.0 - &mask_full).map_err(m)?))
-        .and_then(|v| v + prediction.broadcast_mul(&mask_full)?)
-        .map_err(m)?;
-    let mask = mask_full.narrow(1, 0, 1).map_err(m)?;
+        .and_then(|t| t.contiguous())?;
+    let mask_full = model.unpatchify(&mask_patches)?; // [N, C, H, W]
+    let pasted = (x.broadcast_mul(&(1.0 - &mask_full)?))
+        .and_then(|v| v + prediction.broadcast_mul(&mask_full)?)?;
+    let mask = mask_full.narrow(1, 0, 1)?;
     Ok(Reconstruction {
         input: x.clone(),
         prediction,
         pasted,
         mask,
-        loss: out.loss.to_scalar::<f32>().map_err(m)? as f64,
+        loss: out.loss.to_scalar::<f32>()? as f64,
     })
 }
 
 /// `[N, C, h, w]` latents -> `[N, 3, 8h, 8w]` RGB in [0, 1]: VAE decode, or false colour
 /// normalised with the per-sample, per-channel range of `reference`.
 fn to_rgb(z: &Tensor, reference: &Tensor, vae: Option<&dyn Vae>) -> Result<Vec<Vec<f32>>> {
-    let (n, c, h, w) = z.dims4().map_err(m)?;
+    let (n, c, h, w) = z.dims4()?;
     if let Some(v) = vae {
         let img = v.decode(z)?;
-        let (_, _, ih, iw) = img.dims4().map_err(m)?;
+        let (_, _, ih, iw) = img.dims4()?;
         let flat: Vec<f32> = img
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .map_err(m)?;
+            .and_then(|t| t.to_vec1())?;
         let per = 3 * ih * iw;
         return Ok(flat.chunks(per).map(|s| s.to_vec()).collect());
     }
-    let zs: Vec<f32> = z.flatten_all().and_then(|t| t.to_vec1()).map_err(m)?;
-    let rs: Vec<f32> = reference
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .map_err(m)?;
+    let zs: Vec<f32> = z.flatten_all().and_then(|t| t.to_vec1())?;
+    let rs: Vec<f32> = reference.flatten_all().and_then(|t| t.to_vec1())?;
     let (oh, ow) = (h * 8, w * 8);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -125,11 +112,11 @@ fn to_rgb(z: &Tensor, reference: &Tensor, vae: Option<&dyn Vae>) -> Result<Vec<V
 /// The preview image of [`reconstruct`]'s output: rows = samples; columns = input | masked |
 /// prediction | prediction with the visible patches.
 pub fn reconstruction_grid(r: &Reconstruction, vae: Option<&dyn Vae>) -> Result<image::RgbImage> {
-    let (n, _, h, w) = r.input.dims4().map_err(m)?;
+    let (n, _, h, w) = r.input.dims4()?;
     let input = to_rgb(&r.input, &r.input, vae)?;
     let pred = to_rgb(&r.prediction, &r.input, vae)?;
     let pasted = to_rgb(&r.pasted, &r.input, vae)?;
-    let mask: Vec<f32> = r.mask.flatten_all().and_then(|t| t.to_vec1()).map_err(m)?;
+    let mask: Vec<f32> = r.mask.flatten_all().and_then(|t| t.to_vec1())?;
     let px = input[0].len() / 3;
     let scale = ((px / (h * w)) as f64).sqrt().round() as usize; // pixels per latent cell
     let (ih, iw) = (h * scale, w * scale);

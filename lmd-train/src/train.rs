@@ -201,7 +201,6 @@ pub fn run(
     resume: bool,
     on_log: &mut dyn FnMut(&Metrics),
 ) -> Result<TrainSummary> {
-    let m = |e: lmd_model::candle::Error| Error::Model(e.into());
     let mcfg = cfg.model_config()?;
     mcfg.validate().map_err(Error::Invalid)?;
     // nonsense settings are refused before any work, naming the setting
@@ -230,7 +229,7 @@ pub fn run(
     )?;
     let dev = crate::device(&cfg.device)?;
     let varmap = lmd_model::candle_nn::VarMap::new();
-    let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev).map_err(m)?;
+    let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev)?;
     let resuming = resume && latest_checkpoint(&cfg.out).is_some();
     if let (Some(init), false) = (&cfg.init, resuming) {
         let names = model.init_from(&varmap, init)?;
@@ -282,7 +281,7 @@ pub fn run(
                 )));
             }
             let mut vm = varmap.clone();
-            vm.load(ck.join("model.safetensors")).map_err(m)?;
+            vm.load(ck.join("model.safetensors"))?;
             opt.load(&ck.join("optimizer.safetensors"))?;
             loader.set_state(st.loader);
             step = st.step;
@@ -326,15 +325,15 @@ pub fn run(
             let Some(batch) = it.next() else { break };
             wait += tw.elapsed().as_secs_f64();
             let batch = batch?;
-            let x = Tensor::from_vec(batch.data, batch.shape.to_vec(), &dev).map_err(m)?;
+            let x = Tensor::from_vec(batch.data, batch.shape.to_vec(), &dev)?;
             let ratio = cfg.schedule.ratio(step as usize, cfg.steps as usize);
             let noise_seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
-            let out = model.forward(&x, ratio, noise_seed).map_err(m)?;
-            let loss = out.loss.to_scalar::<f32>().map_err(m)? as f64;
+            let out = model.forward(&x, ratio, noise_seed)?;
+            let loss = out.loss.to_scalar::<f32>()? as f64;
             if !loss.is_finite() {
                 return Err(Error::Invalid(format!("loss is {loss} at step {step}")));
             }
-            let mut grads = out.loss.backward().map_err(m)?;
+            let mut grads = out.loss.backward()?;
             let norm = opt.clip_grad_norm(&mut grads, cfg.grad_clip)?;
             let lr = lr_at(step, cfg.steps, cfg.warmup_steps, lr_peak, cfg.min_lr);
             opt.step(&grads, lr)?;
@@ -454,8 +453,7 @@ impl Preview {
             return Ok(Preview { x: None, vae: None });
         }
         let b = loader.make_batch(0, 0, &(0..n).collect::<Vec<_>>())?;
-        let x =
-            Tensor::from_vec(b.data, b.shape.to_vec(), dev).map_err(|e| Error::Model(e.into()))?;
+        let x = Tensor::from_vec(b.data, b.shape.to_vec(), dev)?;
         let vae = match &cfg.vae_weights {
             None => None,
             Some(w) => {
