@@ -4,8 +4,8 @@
 //! dumps what `LatentLoader` gives for epochs 0 and 1, and runs `python3 -m unittest` in
 //! `python/tests` on them (numpy only; the torch wrappers too where torch imports).
 //!
-//! Needs `python3` with numpy, zstandard and xxhash; without them it fails under
-//! `LMD_REQUIRE_PYTHON=1` (CI) and says it skipped otherwise.
+//! Needs `python3` with numpy, zstandard and xxhash: `#[ignore]`d, CI runs them with
+//! `--include-ignored` after installing those.
 
 use lmd_train::data::loader::{LatentLoader, LoaderConfig};
 use lmd_train::data::shard::{
@@ -80,19 +80,11 @@ fn loader_samples(dirs: &[PathBuf], seed: u64, epoch: u64) -> serde_json::Value 
     serde_json::Value::Object(m)
 }
 
-fn python_ok() -> bool {
-    common::python_ok("numpy, zstandard, xxhash")
-}
-
 #[test]
+#[ignore = "needs python3 with numpy, zstandard, xxhash"]
 fn python_package_reads_rust_shards_and_draws_the_loaders_samples() {
-    if !python_ok() {
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    common::require_python("numpy, zstandard, xxhash");
+    let root = common::repo_root();
     let dir = tempfile::tempdir().unwrap();
     let fx = dir.path();
     let applied = Scaling {
@@ -176,14 +168,10 @@ fn python_package_reads_rust_shards_and_draws_the_loaders_samples() {
 }
 
 #[test]
+#[ignore = "needs python3 with numpy, zstandard, xxhash"]
 fn bench_python_reader_prints_both_readers_and_the_ratios() {
-    if !python_ok() {
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    common::require_python("numpy, zstandard, xxhash");
+    let root = common::repo_root();
     let out = Command::new(env!("CARGO_BIN_EXE_lmd-bench"))
         .args([
             "python-reader",
