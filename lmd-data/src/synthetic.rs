@@ -156,6 +156,43 @@ pub fn write_dataset(dir: &Path, spec: &SyntheticSpec) -> Result<Manifest> {
     Ok(man)
 }
 
+/// Metadata of TAESD-like latents (224 px center crop, scaling applied, no weight files: an
+/// identity for test and benchmark data, never for real latents), `writer` as given.
+pub fn taesd_like_meta(
+    dtype: DType,
+    layout: RecordLayout,
+    shape: [usize; 3],
+    writer: &str,
+) -> ShardMeta {
+    ShardMeta {
+        latent_shape: shape,
+        dtype,
+        preprocessing: Preprocessing {
+            size: 224,
+            resize: "shorter-side".into(),
+            crop: "center".into(),
+            filter: "bilinear-antialias".into(),
+            views: layout.views,
+            flip: layout.flip,
+            input_range: "[0,1]".into(),
+        },
+        layout,
+        labels: true,
+        vae: VaeIdentity {
+            name: "taesd".into(),
+            weights: vec![],
+        },
+        scaling: Scaling {
+            factor: 1.0,
+            applied: true,
+        },
+        writer: writer.into(),
+        records_per_block: 0,
+        byte_shuffle: true,
+        zstd_level: 3,
+    }
+}
+
 /// A tar archive (GNU headers, mode 0644) of `(member name, bytes)`, in memory: input shards
 /// for tests that make their own.
 pub fn tar_archive(members: &[(String, Vec<u8>)]) -> Vec<u8> {

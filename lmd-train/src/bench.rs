@@ -3,10 +3,7 @@
 
 use crate::testvectors;
 use crate::{Error, Result};
-use lmd_data::shard::{
-    Preprocessing, RecordLayout, Scaling, ShardMeta, ShardReader, ShardWriter, VaeIdentity,
-    WriterOptions,
-};
+use lmd_data::shard::{RecordLayout, ShardMeta, ShardReader, ShardWriter, WriterOptions};
 use lmd_data::DType;
 use serde_json::json;
 use std::path::PathBuf;
@@ -88,33 +85,12 @@ pub(crate) fn source_latents(
 }
 
 pub(crate) fn bench_meta(dtype: DType, shape: [usize; 3]) -> ShardMeta {
-    ShardMeta {
-        latent_shape: shape,
+    lmd_data::synthetic::taesd_like_meta(
         dtype,
-        layout: RecordLayout::single(),
-        labels: true,
-        vae: VaeIdentity {
-            name: "taesd".into(),
-            weights: vec![],
-        },
-        preprocessing: Preprocessing {
-            size: 224,
-            resize: "shorter-side".into(),
-            crop: "center".into(),
-            filter: "bilinear-antialias".into(),
-            views: 1,
-            flip: false,
-            input_range: "[0,1]".into(),
-        },
-        scaling: Scaling {
-            factor: 1.0,
-            applied: true,
-        },
-        writer: format!("lmd-bench {}", env!("CARGO_PKG_VERSION")),
-        records_per_block: 0,
-        byte_shuffle: true,
-        zstd_level: 3,
-    }
+        RecordLayout::single(),
+        shape,
+        &format!("lmd-bench {}", env!("CARGO_PKG_VERSION")),
+    )
 }
 
 /// Run `lmd-bench shards`; returns the JSON lines (also meant to be printed as they are).

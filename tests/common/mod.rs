@@ -1,9 +1,7 @@
 //! Helpers shared by the workspace integration tests (included with `mod common;`).
 #![allow(dead_code)]
 
-use lmd_train::data::shard::{
-    Preprocessing, RecordLayout, Scaling, ShardMeta, VaeIdentity, WeightFile,
-};
+use lmd_train::data::shard::{RecordLayout, Scaling, ShardMeta, WeightFile};
 use lmd_train::data::DType;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,31 +36,12 @@ pub fn shard_meta(
     shape: [usize; 3],
     scaling: Scaling,
 ) -> ShardMeta {
-    ShardMeta {
-        latent_shape: shape,
-        dtype,
-        preprocessing: Preprocessing {
-            size: 224,
-            resize: "shorter-side".into(),
-            crop: "center".into(),
-            filter: "bilinear-antialias".into(),
-            views: layout.views,
-            flip: layout.flip,
-            input_range: "[0,1]".into(),
-        },
-        layout,
-        labels: true,
-        vae: VaeIdentity {
-            name: "taesd".into(),
-            weights: vec![WeightFile {
-                file: "taesd_encoder.safetensors".into(),
-                sha256: "5f".repeat(32),
-            }],
-        },
-        scaling,
-        writer: "lmd integration tests".into(),
-        records_per_block: 0,
-        byte_shuffle: true,
-        zstd_level: 3,
-    }
+    let mut m =
+        lmd_train::data::synthetic::taesd_like_meta(dtype, layout, shape, "lmd integration tests");
+    m.vae.weights = vec![WeightFile {
+        file: "taesd_encoder.safetensors".into(),
+        sha256: "5f".repeat(32),
+    }];
+    m.scaling = scaling;
+    m
 }
