@@ -711,6 +711,22 @@ fn imagefolder_inside_a_tgz_reads_like_the_fastai_imagenette_archive() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("imagenette2-160/test"), "{e}");
+    // a cut archive is a failed input naming the file, not an error that stops the job
+    let cut = dir.path().join("cut.tgz");
+    let g = std::fs::read(&tgz).unwrap();
+    std::fs::write(&cut, &g[..g.len() / 2]).unwrap();
+    let ev = events(
+        &InputSpec::detect(
+            &format!("{}#imagenette2-160/train", cut.display()),
+            None,
+            None,
+        )
+        .unwrap(),
+    );
+    assert!(
+        matches!(ev.last(), Some(SourceEvent::ShardFailed(f)) if f.source.contains("cut.tgz")),
+        "{ev:?}"
+    );
 }
 
 #[test]

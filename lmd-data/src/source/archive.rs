@@ -6,7 +6,7 @@
 //! Nothing is extracted to disk; the folder reader passes over the archive twice (class names
 //! first, for labels in sorted order, as torchvision's `ImageFolder`).
 
-use super::{RawSample, Skip, SourceEvent, IMAGE_EXTS};
+use super::{RawSample, ShardFailure, Skip, SourceEvent, IMAGE_EXTS};
 use crate::{Error, Result};
 use std::io::{BufReader, Read};
 use std::path::Path;
@@ -85,13 +85,34 @@ pub fn read_archive_folder(
         ))
     };
     let source = archive.display().to_string();
+    // An archive that cannot be read through is a failed input (the other inputs go on):
+    // before the labels are known nothing is yielded (an incomplete class list would give
+    // wrong labels); later, the samples before the failure stand.
+    let failed = |offset: Option<u64>, message: String| {
+        SourceEvent::ShardFailed(ShardFailure {
+            source: source.clone(),
+            offset,
+            message,
+        })
+    };
     let mut classes = std::collections::BTreeSet::new();
     let mut ar = open()?;
+    let mut at = 0u64;
     for e in ar
         .entries()
         .map_err(|e| Error::io(archive, "read tar", e))?
     {
-        let e = e.map_err(|e| Error::io(archive, "read tar", e))?;
+        let e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                f(failed(
+                    Some(at),
+                    format!("cannot read the archive through: {err}"),
+                ));
+                return Ok(());
+            }
+        };
+        at = e.raw_header_position();
         let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
         if let Some((c, _, _)) = folder_member(&name, root) {
             classes.insert(c.to_string());
@@ -109,11 +130,22 @@ pub fn read_archive_folder(
         .map(|(i, c)| (c, i as i64))
         .collect();
     let mut ar = open()?;
+    let mut at = 0u64;
     for e in ar
         .entries()
         .map_err(|e| Error::io(archive, "read tar", e))?
     {
-        let mut e = e.map_err(|e| Error::io(archive, "read tar", e))?;
+        let mut e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                f(failed(
+                    Some(at),
+                    format!("cannot read the archive through: {err}"),
+                ));
+                return Ok(());
+            }
+        };
+        at = e.raw_header_position();
         let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
         let Some((class, stem, ext)) = folder_member(&name, root) else {
             continue;
@@ -139,10 +171,11 @@ pub fn read_archive_folder(
                     offset,
                 }),
                 Err(err) => {
-                    return Err(Error::InvalidInput {
-                        context: format!("{source}: at byte {offset}"),
-                        detail: format!("cannot read member {name}: {err}"),
-                    })
+                    f(failed(
+                        Some(offset),
+                        format!("cannot read member {name}: {err}"),
+                    ));
+                    return Ok(());
                 }
             }
         };
