@@ -10,11 +10,11 @@
 //!
 //! Shapes: `[B, C, H, W]` latents -> `[B, D]` features -> `[B, K]` logits.
 
-use crate::mae::{
-    patch_embed, patch_embed_params, save_atomic, set_vars, sincos_pos_embed, Block, SplitMix,
-};
+use crate::checkpoint::{save_varmap, set_vars};
 use crate::nn::{linear, LayerNorm, Linear};
-use crate::MaeConfig;
+use crate::rng::SplitMix;
+use crate::vit::{DropPath, Encoder};
+use crate::{Backend, MaeConfig};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -37,64 +37,42 @@ pub struct ClassifierConfig {
 #[derive(Debug, Clone)]
 pub struct VitClassifier {
     cfg: ClassifierConfig,
-    patch_w: Tensor,
-    patch_b: Tensor,
-    cls_token: Tensor,
-    pos_embed: Tensor,
-    blocks: Vec<Block>,
+    encoder: Encoder,
     /// `norm` (cls pooling) or `fc_norm` (global pooling).
     norm: LayerNorm,
     /// Linear probe: (running_mean, running_var) of the features.
     feature_stats: Option<(Tensor, Tensor)>,
     head: Linear,
+    backend: Backend,
 }
 
-/// Names of the encoder parameters a pretrained MAE checkpoint provides for `cfg`.
+/// Names of the encoder parameters a pretrained MAE checkpoint provides for `cfg`: the
+/// encoder's ([`Encoder::owns`]; `pos_embed` is fixed, so not a variable) and, with cls
+/// pooling, its final `norm`.
 fn is_encoder_param(name: &str, cfg: &ClassifierConfig) -> bool {
-    name.starts_with("patch_embed.")
-        || name == "cls_token"
-        || name.starts_with("blocks.")
-        || (!cfg.global_pool && name.starts_with("norm."))
+    Encoder::owns(name) || (!cfg.global_pool && name.starts_with("norm."))
 }
 
 impl VitClassifier {
+    /// The classifier on the backend resolved from `vb` ([`Backend::of`]).
     pub fn new(cfg: &ClassifierConfig, vb: VarBuilder) -> Result<Self> {
+        let backend = Backend::of(&vb)?;
+        Self::new_on(cfg, backend, vb)
+    }
+
+    /// [`new`](Self::new) on a given backend.
+    pub fn new_on(cfg: &ClassifierConfig, backend: Backend, vb: VarBuilder) -> Result<Self> {
         let e = &cfg.encoder;
         e.validate().map_err(candle_core::Error::msg)?;
         if cfg.num_classes < 2 {
             candle_core::bail!("num_classes must be at least 2, not {}", cfg.num_classes);
         }
         let d = e.embed_dim;
-        let (patch_w, patch_b) = patch_embed_params(e, &vb)?;
-        let cls_token = vb.get_with_hints(
-            (1, 1, d),
-            "cls_token",
-            candle_nn::Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        )?;
-        let (gh, gw) = e.grid();
-        let pos_embed = Tensor::from_vec(
-            sincos_pos_embed(d, gh, gw),
-            (1, 1 + gh * gw, d),
-            vb.device(),
-        )?
-        .to_dtype(vb.dtype())?;
-        let blocks = (0..e.depth)
-            .map(|i| {
-                Block::new(
-                    d,
-                    e.num_heads,
-                    e.mlp_ratio,
-                    e.norm_eps,
-                    vb.pp(format!("blocks.{i}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let encoder = Encoder::new(e, backend, &vb)?;
         let norm = LayerNorm::new(
             d,
             e.norm_eps,
+            backend,
             vb.pp(if cfg.global_pool { "fc_norm" } else { "norm" }),
         )?;
         let (head, feature_stats) = if cfg.linear_probe {
@@ -102,20 +80,20 @@ impl VitClassifier {
                 vb.get_with_hints(d, "head.0.running_mean", candle_nn::Init::Const(0.0))?,
                 vb.get_with_hints(d, "head.0.running_var", candle_nn::Init::Const(1.0))?,
             );
-            (linear(d, cfg.num_classes, vb.pp("head.1"))?, Some(stats))
+            (
+                linear(d, cfg.num_classes, backend, vb.pp("head.1"))?,
+                Some(stats),
+            )
         } else {
-            (linear(d, cfg.num_classes, vb.pp("head"))?, None)
+            (linear(d, cfg.num_classes, backend, vb.pp("head"))?, None)
         };
         Ok(VitClassifier {
             cfg: cfg.clone(),
-            patch_w,
-            patch_b,
-            cls_token,
-            pos_embed,
-            blocks,
+            encoder,
             norm,
             feature_stats,
             head,
+            backend,
         })
     }
 
@@ -156,7 +134,12 @@ impl VitClassifier {
     }
 
     pub fn device(&self) -> &Device {
-        self.pos_embed.device()
+        self.encoder.pos_embed().device()
+    }
+
+    /// The backend this model computes on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Copy the encoder weights from a pretrained MAE checkpoint (safetensors, MAE names, e.g.
@@ -172,13 +155,14 @@ impl VitClassifier {
             path: path.to_path_buf(),
             detail,
         };
-        let tensors = crate::checkpoint::read_tensors(path, self.pos_embed.device())?;
+        let tensors = crate::checkpoint::read_tensors(path, self.device())?;
+        let pos_embed = self.encoder.pos_embed();
         if let Some(t) = tensors.get("pos_embed") {
-            if t.shape() != self.pos_embed.shape() {
+            if t.shape() != pos_embed.shape() {
                 return Err(werr(format!(
                     "pos_embed has shape {:?}, the model's {:?}: the checkpoint is for another width, input or patch size",
                     t.shape().dims(),
-                    self.pos_embed.shape().dims()
+                    pos_embed.shape().dims()
                 )));
             }
         }
@@ -211,24 +195,11 @@ impl VitClassifier {
     /// Pooled, normalised features `[B, D]`. `drop_seed`: stochastic depth on (training),
     /// masks drawn from the seed; `None`: deterministic (evaluation).
     pub fn features(&self, x: &Tensor, drop_seed: Option<u64>) -> Result<Tensor> {
-        let e = &self.cfg.encoder;
-        let b = x.dim(0)?;
-        let x = patch_embed(e, x, &self.patch_w, &self.patch_b)?
-            .broadcast_add(&self.pos_embed.i((.., 1..))?)?;
-        let cls =
-            (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((b, 1, e.embed_dim))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?;
-        let mut rng = drop_seed.map(SplitMix);
-        let n = self.blocks.len();
-        for (i, blk) in self.blocks.iter().enumerate() {
-            x = match rng.as_mut() {
-                Some(r) if self.cfg.drop_path > 0.0 => {
-                    let rate = self.cfg.drop_path * i as f64 / (n.max(2) - 1) as f64;
-                    blk.forward_drop_path(&x, rate, r)?
-                }
-                _ => blk.forward(&x)?,
-            };
-        }
+        let drop = drop_seed.map(|seed| DropPath {
+            max_rate: self.cfg.drop_path,
+            seed,
+        });
+        let x = self.encoder.forward(x, None, drop)?;
         if self.cfg.global_pool {
             self.norm.forward(&x.i((.., 1..))?.mean(1)?)
         } else {
@@ -257,7 +228,11 @@ impl VitClassifier {
 
     /// Save parameters and `pos_embed` with MAE's fine-tuning names, atomically.
     pub fn save(&self, varmap: &VarMap, path: &std::path::Path) -> crate::Result<()> {
-        save_atomic(varmap, vec![("pos_embed", self.pos_embed.clone())], path)
+        save_varmap(
+            varmap,
+            vec![("pos_embed", self.encoder.pos_embed().clone())],
+            path,
+        )
     }
 
     /// Load a classifier saved by [`VitClassifier::save`] into a fresh `VarMap`.

@@ -2,21 +2,21 @@
 //!
 //! It reads weights, never datasets: inputs are tensors, outputs are tensors.
 
-mod block_op;
+pub mod backend;
 pub mod checkpoint;
 pub mod classifier;
-pub mod conv;
+mod cpu;
 pub mod error;
-pub mod fused;
-mod kernels;
 pub mod mae;
 pub mod nn;
+mod rng;
 pub mod schedule;
 #[cfg(test)]
 mod test_util;
 pub mod vae;
+pub mod vit;
 
-pub use block_op::set_fused_blocks;
+pub use backend::{Backend, Kernels, KERNELS_ENV};
 pub use checkpoint::{read_tensors, write_tensors, CheckpointFormat};
 pub use classifier::{ClassifierConfig, VitClassifier};
 pub use error::{Error, Result};

@@ -8,7 +8,11 @@
 //! Shapes: input latents `[B, C, H, W]`; `L = (H/p)(W/p)` tokens; patch vectors of `p·p·C`
 //! values ordered (p, q, c) as MAE's `patchify`.
 
-use crate::nn::{layer_norm, linear, softmax_last_dim, LayerNorm, Linear};
+use crate::checkpoint::{save_varmap, set_vars};
+use crate::nn::{linear, LayerNorm, Linear};
+use crate::rng::SplitMix;
+use crate::vit::{gather_rows, Block, Encoder};
+use crate::Backend;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -182,291 +186,7 @@ impl MaeConfig {
     }
 }
 
-/// MAE's `get_2d_sincos_pos_embed(dim, grid, cls_token=True)`: `[1 + gh·gw, dim]`, row 0 zero.
-/// For token (i, j) (row i, column j) the first half encodes j, the second half i.
-pub fn sincos_pos_embed(dim: usize, gh: usize, gw: usize) -> Vec<f32> {
-    let half = dim / 2;
-    let quarter = half / 2;
-    let omega: Vec<f64> = (0..quarter)
-        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
-        .collect();
-    let mut out = vec![0f32; (1 + gh * gw) * dim];
-    for i in 0..gh {
-        for j in 0..gw {
-            let row = &mut out[(1 + i * gw + j) * dim..(2 + i * gw + j) * dim];
-            for (h, pos) in [(0usize, j as f64), (half, i as f64)] {
-                for (k, om) in omega.iter().enumerate() {
-                    row[h + k] = (pos * om).sin() as f32;
-                    row[h + quarter + k] = (pos * om).cos() as f32;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Set the variables of `varmap` whose names pass `select` from `tensors` (read from `path`):
-/// every selected one must be present with its shape; errors name the file and the tensors.
-/// Returns the names set, sorted.
-pub(crate) fn set_vars(
-    varmap: &VarMap,
-    tensors: &std::collections::HashMap<String, Tensor>,
-    path: &std::path::Path,
-    select: impl Fn(&str) -> bool,
-) -> crate::Result<Vec<String>> {
-    let werr = |detail: String| crate::Error::Weights {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut names: Vec<&String> = data.keys().filter(|n| select(n)).collect();
-    names.sort();
-    let mut missing = Vec::new();
-    for name in &names {
-        let var = &data[*name];
-        match tensors.get(*name) {
-            None => missing.push(format!("{name} {:?}", var.shape().dims())),
-            Some(t) if t.shape() != var.shape() => {
-                return Err(werr(format!(
-                    "tensor {name}: shape {:?}, the model expects {:?}",
-                    t.shape().dims(),
-                    var.shape().dims()
-                )))
-            }
-            Some(t) => var.set(&t.to_dtype(var.dtype())?)?,
-        }
-    }
-    if !missing.is_empty() {
-        return Err(werr(format!("missing tensors: {}", missing.join(", "))));
-    }
-    Ok(names.into_iter().cloned().collect())
-}
-
-/// Save the variables of `varmap` plus fixed `buffers` as safetensors, through a temporary
-/// file and a rename.
-pub(crate) fn save_atomic(
-    varmap: &VarMap,
-    buffers: Vec<(&'static str, Tensor)>,
-    path: &std::path::Path,
-) -> crate::Result<()> {
-    let mut map: std::collections::HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    for (name, t) in buffers {
-        map.insert(name.to_string(), t);
-    }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(&map, &tmp).map_err(|e| crate::Error::Weights {
-        path: tmp.clone(),
-        detail: format!("cannot write: {e}"),
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| crate::Error::Weights {
-        path: path.to_path_buf(),
-        detail: format!("rename: {e}"),
-    })
-}
-
-/// Patch embedding (conv p×p stride p as a matmul): `[B, C, H, W]` -> `[B, L, D]`, with the
-/// conv weight flattened to `w [D, C·p·p]` and bias `b [D]`.
-pub(crate) fn patch_embed(cfg: &MaeConfig, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (n, c, _, _) = x.dims4()?;
-    let p = cfg.patch_size;
-    let (gh, gw) = cfg.grid();
-    let cols = x
-        .reshape((n, c, gh, p, gw, p))?
-        .permute((0, 2, 4, 1, 3, 5))? // n h w c p q
-        .reshape((n * gh * gw, c * p * p))?;
-    cols.matmul(&w.t()?)?
-        .broadcast_add(b)?
-        .reshape((n, gh * gw, cfg.embed_dim))
-}
-
-/// The patch projection as MAE creates it (xavier_uniform over the flattened conv weight):
-/// returns the flattened weight `[D, C·p·p]` and the bias.
-pub(crate) fn patch_embed_params(cfg: &MaeConfig, vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
-    let (c, p, d) = (cfg.in_chans, cfg.patch_size, cfg.embed_dim);
-    let bound = (6.0 / (c * p * p + d) as f64).sqrt();
-    let pw = vb.get_with_hints(
-        (d, c, p, p),
-        "patch_embed.proj.weight",
-        candle_nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?;
-    let pb = vb.get_with_hints(d, "patch_embed.proj.bias", candle_nn::Init::Const(0.0))?;
-    Ok((pw.reshape((d, c * p * p))?, pb))
-}
-
-/// timm's `Attention` (qkv bias, no qk norm).
-#[derive(Debug, Clone)]
-struct Attention {
-    qkv: Linear,
-    proj: Linear,
-    heads: usize,
-    scale: f64,
-}
-
-impl Attention {
-    fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Attention {
-            qkv: linear(dim, 3 * dim, vb.pp("qkv"))?,
-            proj: linear(dim, dim, vb.pp("proj"))?,
-            heads,
-            scale: 1.0 / ((dim / heads) as f64).sqrt(),
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let hd = c / self.heads;
-        // [B, N, 3C] -> [3, B, H, N, hd]
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.i(0)?.contiguous()? * self.scale)?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let attn = softmax_last_dim(&crate::fused::batched_matmul(&q, &k.t()?)?)?; // [B, H, N, N]
-        let out = crate::fused::batched_matmul(&attn, &v)?
-            .transpose(1, 2)?
-            .reshape((b, n, c))?; // [B, N, C]
-        self.proj.forward(&out)
-    }
-}
-
-/// A pre-norm transformer block (timm `Block`): `x + attn(norm1(x))`, `x + mlp(norm2(x))`.
-#[derive(Debug, Clone)]
-pub(crate) struct Block {
-    norm1: LayerNorm,
-    attn: Attention,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl Block {
-    pub(crate) fn new(
-        dim: usize,
-        heads: usize,
-        mlp_ratio: f64,
-        eps: f64,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let hidden = (dim as f64 * mlp_ratio) as usize;
-        Ok(Block {
-            norm1: LayerNorm::new(dim, eps, vb.pp("norm1"))?,
-            attn: Attention::new(dim, heads, vb.pp("attn"))?,
-            norm2: LayerNorm::new(dim, eps, vb.pp("norm2"))?,
-            fc1: linear(dim, hidden, vb.pp("mlp.fc1"))?,
-            fc2: linear(hidden, dim, vb.pp("mlp.fc2"))?,
-        })
-    }
-}
-
-impl Module for Block {
-    /// One fused node on the CPU in f32 ([`crate::block_op`]), the composite graph otherwise.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if crate::block_op::supported(x) {
-            crate::block_op::block(x, self.params(), self.attn.heads, self.norm1.eps, None)
-        } else {
-            self.forward_composite(x)
-        }
-    }
-}
-
-impl Block {
-    /// The parameters in [`crate::block_op::PARAM_ORDER`].
-    pub(crate) fn params(&self) -> [&Tensor; 12] {
-        [
-            &self.norm1.weight,
-            &self.norm1.bias,
-            &self.attn.qkv.weight,
-            &self.attn.qkv.bias,
-            &self.attn.proj.weight,
-            &self.attn.proj.bias,
-            &self.norm2.weight,
-            &self.norm2.bias,
-            &self.fc1.weight,
-            &self.fc1.bias,
-            &self.fc2.weight,
-            &self.fc2.bias,
-        ]
-    }
-
-    /// The block from candle ops (each with a backward): any device and dtype.
-    pub(crate) fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc2.forward(&crate::fused::gelu_erf(
-            &self.fc1.forward(&self.norm2.forward(&x)?)?,
-        )?)?;
-        x + h
-    }
-}
-
-impl Block {
-    /// Forward with stochastic depth (timm's `DropPath`): each residual branch is kept per
-    /// sample with probability `1 - rate` (scaled by `1 / (1 - rate)`), masks drawn from `rng`.
-    pub(crate) fn forward_drop_path(
-        &self,
-        x: &Tensor,
-        rate: f64,
-        rng: &mut SplitMix,
-    ) -> Result<Tensor> {
-        if rate <= 0.0 {
-            return self.forward(x);
-        }
-        let b = x.dim(0)?;
-        // one factor per sample and branch, attention's drawn first
-        let mut draw = || -> Vec<f32> {
-            (0..b)
-                .map(|_| {
-                    if rng.uniform() < 1.0 - rate {
-                        (1.0 / (1.0 - rate)) as f32
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
-        let keep = [draw(), draw()];
-        if crate::block_op::supported(x) {
-            return crate::block_op::block(
-                x,
-                self.params(),
-                self.attn.heads,
-                self.norm1.eps,
-                Some(keep),
-            );
-        }
-        self.forward_composite_keep(x, &keep)
-    }
-
-    /// The composite block with per-sample branch factors (stochastic depth).
-    pub(crate) fn forward_composite_keep(
-        &self,
-        x: &Tensor,
-        keep: &[Vec<f32>; 2],
-    ) -> Result<Tensor> {
-        let b = x.dim(0)?;
-        let factor = |k: &Vec<f32>| -> Result<Tensor> {
-            Tensor::from_vec(k.clone(), (b, 1, 1), x.device())?.to_dtype(x.dtype())
-        };
-        let a = self.attn.forward(&self.norm1.forward(x)?)?;
-        let x = (x + a.broadcast_mul(&factor(&keep[0])?)?)?;
-        let h = self.fc2.forward(&crate::fused::gelu_erf(
-            &self.fc1.forward(&self.norm2.forward(&x)?)?,
-        )?)?;
-        let h = h.broadcast_mul(&factor(&keep[1])?)?;
-        x + h
-    }
-}
+pub use crate::vit::sincos_pos_embed;
 
 /// Which tokens a forward pass kept, as MAE's `random_masking` returns them.
 #[derive(Debug, Clone)]
@@ -505,50 +225,37 @@ pub enum Pool {
 #[derive(Debug, Clone)]
 pub struct LatentMae {
     cfg: MaeConfig,
-    patch_w: Tensor, // [D, C·p·p] (conv weight flattened as (c, i, j))
-    patch_b: Tensor, // [D]
-    cls_token: Tensor,
-    pos_embed: Tensor, // [1, 1+L, D]
-    blocks: Vec<Block>,
+    encoder: Encoder,
     norm: LayerNorm,
     decoder_embed: Linear,
     mask_token: Tensor,
-    decoder_pos_embed: Tensor,
+    decoder_pos_embed: Tensor, // [1, 1+L, Dd]
     decoder_blocks: Vec<Block>,
     decoder_norm: LayerNorm,
     decoder_pred: Linear,
+    backend: Backend,
 }
 
 impl LatentMae {
-    /// Build the model, taking (or, with a `VarMap`-backed builder, creating) its parameters.
+    /// Build the model, taking (or, with a `VarMap`-backed builder, creating) its parameters,
+    /// on the backend resolved from `vb`'s device and dtype ([`Backend::of`]).
     pub fn new(cfg: &MaeConfig, vb: VarBuilder) -> Result<Self> {
+        let backend = Backend::of(&vb)?;
+        Self::new_on(cfg, backend, vb)
+    }
+
+    /// [`new`](Self::new) on a given backend.
+    pub fn new_on(cfg: &MaeConfig, backend: Backend, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let (d, dd) = (cfg.embed_dim, cfg.decoder_embed_dim);
-        let (patch_w, patch_b) = patch_embed_params(cfg, &vb)?;
-        let tok = candle_nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
-        let cls_token = vb.get_with_hints((1, 1, d), "cls_token", tok)?;
-        let mask_token = vb.get_with_hints((1, 1, dd), "mask_token", tok)?;
-        let (gh, gw) = cfg.grid();
-        let dev = vb.device();
-        let l1 = 1 + gh * gw;
-        let pos_embed =
-            Tensor::from_vec(sincos_pos_embed(d, gh, gw), (1, l1, d), dev)?.to_dtype(vb.dtype())?;
-        let decoder_pos_embed = Tensor::from_vec(sincos_pos_embed(dd, gh, gw), (1, l1, dd), dev)?
-            .to_dtype(vb.dtype())?;
-        let blocks = (0..cfg.depth)
-            .map(|i| {
-                Block::new(
-                    d,
-                    cfg.num_heads,
-                    cfg.mlp_ratio,
-                    cfg.norm_eps,
-                    vb.pp(format!("blocks.{i}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mask_token = vb.get_with_hints(
+            (1, 1, dd),
+            "mask_token",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
         let decoder_blocks = (0..cfg.decoder_depth)
             .map(|i| {
                 Block::new(
@@ -556,25 +263,33 @@ impl LatentMae {
                     cfg.decoder_num_heads,
                     cfg.mlp_ratio,
                     cfg.norm_eps,
+                    backend,
                     vb.pp(format!("decoder_blocks.{i}")),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(LatentMae {
             cfg: cfg.clone(),
-            patch_w,
-            patch_b,
-            cls_token,
-            pos_embed,
-            blocks,
-            norm: LayerNorm::new(d, cfg.norm_eps, vb.pp("norm"))?,
-            decoder_embed: linear(d, dd, vb.pp("decoder_embed"))?,
+            encoder: Encoder::new(cfg, backend, &vb)?,
+            norm: LayerNorm::new(d, cfg.norm_eps, backend, vb.pp("norm"))?,
+            decoder_embed: linear(d, dd, backend, vb.pp("decoder_embed"))?,
             mask_token,
-            decoder_pos_embed,
+            decoder_pos_embed: crate::vit::pos_table(dd, cfg.grid(), &vb)?,
             decoder_blocks,
-            decoder_norm: LayerNorm::new(dd, cfg.norm_eps, vb.pp("decoder_norm"))?,
-            decoder_pred: linear(dd, cfg.patch_dim(), vb.pp("decoder_pred"))?,
+            decoder_norm: LayerNorm::new(dd, cfg.norm_eps, backend, vb.pp("decoder_norm"))?,
+            decoder_pred: linear(dd, cfg.patch_dim(), backend, vb.pp("decoder_pred"))?,
+            backend,
         })
+    }
+
+    /// The backend this model computes on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The encoder (shared with [`crate::VitClassifier`]).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
     }
 
     /// A freshly initialised model (MAE's init) in `varmap`, reproducible from `seed`.
@@ -624,13 +339,9 @@ impl LatentMae {
     /// names it); the decoder is loaded when the file has one, else it keeps its fresh init
     /// (MAE's released checkpoints hold the encoder only). Returns the names loaded.
     pub fn init_from(&self, varmap: &VarMap, path: &std::path::Path) -> crate::Result<Vec<String>> {
-        let tensors = crate::checkpoint::read_tensors(path, self.pos_embed.device())?;
-        let is_encoder = |n: &str| {
-            n.starts_with("patch_embed.")
-                || n == "cls_token"
-                || n.starts_with("blocks.")
-                || n.starts_with("norm.")
-        };
+        let tensors = crate::checkpoint::read_tensors(path, self.encoder.pos_embed().device())?;
+        // the encoder and its final norm (MAE's released checkpoints hold both)
+        let is_encoder = |n: &str| Encoder::owns(n) || n.starts_with("norm.");
         let mut names = set_vars(varmap, &tensors, path, is_encoder)?;
         if tensors.contains_key("decoder_embed.weight") {
             names.extend(set_vars(varmap, &tensors, path, |n| !is_encoder(n))?);
@@ -640,7 +351,7 @@ impl LatentMae {
 
     /// Save parameters (from `varmap`) and the positional tables with MAE's names, atomically.
     pub fn save(&self, varmap: &VarMap, path: &std::path::Path) -> crate::Result<()> {
-        save_atomic(varmap, self.buffers(), path)
+        save_varmap(varmap, self.buffers(), path)
     }
 
     pub fn config(&self) -> &MaeConfig {
@@ -650,7 +361,7 @@ impl LatentMae {
     /// The fixed positional tables, named as in MAE's state dict (for saving checkpoints).
     pub fn buffers(&self) -> Vec<(&'static str, Tensor)> {
         vec![
-            ("pos_embed", self.pos_embed.clone()),
+            ("pos_embed", self.encoder.pos_embed().clone()),
             ("decoder_pos_embed", self.decoder_pos_embed.clone()),
         ]
     }
@@ -673,11 +384,6 @@ impl LatentMae {
         x.reshape((b, gh, gw, p, p, c))?
             .permute((0, 5, 1, 3, 2, 4))? // n c h p w q
             .reshape((b, c, gh * p, gw * p))
-    }
-
-    /// Patch embedding (conv p×p stride p as a matmul): `[B, C, H, W]` -> `[B, L, D]`.
-    fn patch_embed(&self, x: &Tensor) -> Result<Tensor> {
-        patch_embed(&self.cfg, x, &self.patch_w, &self.patch_b)
     }
 
     /// MAE's `random_masking` from given noise `[B, L]`: keep the `int(L(1-r))` smallest.
@@ -714,7 +420,7 @@ impl LatentMae {
             ids_keep.push(shuffle[..keep].to_vec());
             ids_restore.push(restore);
         }
-        let mask = Tensor::from_vec(mask, (noise.len(), l), self.pos_embed.device())?;
+        let mask = Tensor::from_vec(mask, (noise.len(), l), self.encoder.pos_embed().device())?;
         Ok(Masking {
             mask,
             ids_keep,
@@ -727,40 +433,12 @@ impl LatentMae {
         let l = self.cfg.num_patches();
         let mut rng = SplitMix(seed);
         let v: Vec<f32> = (0..batch * l).map(|_| rng.uniform() as f32).collect();
-        Tensor::from_vec(v, (batch, l), self.pos_embed.device())
-    }
-
-    /// Gather rows per sample: `x [B, N, D]`, `ids[b]` -> `[B, ids.len(), D]`.
-    fn gather_rows(x: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let k = ids.first().map(|v| v.len()).unwrap_or(0);
-        let flat: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .flat_map(|(bi, row)| row.iter().map(move |&i| bi as u32 * n as u32 + i))
-            .collect();
-        let idx = Tensor::from_vec(flat, b * k, x.device())?;
-        x.reshape((b * n, d))?
-            .index_select(&idx, 0)?
-            .reshape((b, k, d))
+        Tensor::from_vec(v, (batch, l), self.encoder.pos_embed().device())
     }
 
     /// Encoder on the kept tokens: `[B, 1 + keep, D]` (after the final norm).
     pub fn forward_encoder(&self, x: &Tensor, masking: &Masking) -> Result<Tensor> {
-        let b = x.dim(0)?;
-        let x = self
-            .patch_embed(x)?
-            .broadcast_add(&self.pos_embed.i((.., 1..))?)?;
-        let x = Self::gather_rows(&x, &masking.ids_keep)?;
-        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((
-            b,
-            1,
-            self.cfg.embed_dim,
-        ))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?;
-        for blk in &self.blocks {
-            x = blk.forward(&x)?;
-        }
+        let x = self.encoder.forward(x, Some(&masking.ids_keep), None)?;
         self.norm.forward(&x)
     }
 
@@ -776,7 +454,7 @@ impl LatentMae {
             .matmul(&self.mask_token.reshape((1, dd))?)?
             .reshape((b, masked, dd))?;
         let x_ = Tensor::cat(&[&x.i((.., 1..))?, &mask_tokens], 1)?; // [B, L, Dd] in shuffled order
-        let x_ = Self::gather_rows(&x_, &masking.ids_restore)?; // unshuffle
+        let x_ = gather_rows(&x_, &masking.ids_restore)?; // unshuffle
         let mut x =
             Tensor::cat(&[&x.i((.., ..1))?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
         for blk in &self.decoder_blocks {
@@ -834,50 +512,17 @@ impl LatentMae {
         pool: Pool,
         fc_norm: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
-        let b = x.dim(0)?;
-        let x = self
-            .patch_embed(x)?
-            .broadcast_add(&self.pos_embed.i((.., 1..))?)?;
-        let cls = (&self.cls_token + self.pos_embed.i((.., ..1))?)?.broadcast_as((
-            b,
-            1,
-            self.cfg.embed_dim,
-        ))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?;
-        for blk in &self.blocks {
-            x = blk.forward(&x)?;
-        }
+        let x = self.encoder.forward(x, None, None)?;
         match pool {
             Pool::Cls => self.norm.forward(&x)?.i((.., 0)),
             Pool::Mean => {
                 let pooled = x.i((.., 1..))?.mean(1)?;
                 match fc_norm {
-                    Some((w, bias)) => layer_norm(&pooled, w, bias, self.cfg.norm_eps),
+                    Some((w, bias)) => self.backend.layer_norm(&pooled, w, bias, self.cfg.norm_eps),
                     None => self.norm.forward(&pooled),
                 }
             }
         }
-    }
-}
-
-/// Deterministic SplitMix64 stream (no global RNG state, so inits are reproducible).
-pub(crate) struct SplitMix(pub(crate) u64);
-
-impl SplitMix {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub(crate) fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub(crate) fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }
 

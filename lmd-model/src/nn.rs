@@ -1,80 +1,62 @@
-//! Differentiable building blocks for training with candle 0.11.
+//! Differentiable layers for training with candle 0.11: `LayerNorm` and `Linear` with
+//! PyTorch's parameter names and layouts, each computing on its model's [`Backend`].
 //!
 //! candle-nn's fused `layer_norm`, `softmax_last_dim` (and the `LayerNorm` module on contiguous
-//! input with a bias) record no backward: gradients silently vanish. These forms are built from
-//! primitive ops that all have a backward; `tests` checks them against finite differences.
+//! input with a bias) record no backward: gradients silently vanish. Neither backend uses them;
+//! `tests` checks both against finite differences and against each other.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// LayerNorm over the last dimension, `eps` inside the square root (PyTorch semantics, biased variance).
+use crate::Backend;
+
+/// LayerNorm over the last dimension, `eps` inside the square root (PyTorch semantics, biased
+/// variance).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
+    pub backend: Backend,
 }
 
 impl LayerNorm {
     /// Load `weight` and `bias` of size `dim` (init 1 and 0).
-    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, eps: f64, backend: Backend, vb: VarBuilder) -> Result<Self> {
         Ok(LayerNorm {
             weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
             bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
             eps,
+            backend,
         })
     }
 }
 
 impl candle_core::Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
+        self.backend
+            .layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Differentiable LayerNorm over the last dimension (fused kernel on CPU, see [`crate::fused`]).
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    crate::fused::layer_norm(x, w, b, eps)
-}
-
-/// LayerNorm from primitive ops (every op has a backward): the reference form.
-pub fn layer_norm_composite(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xn.broadcast_mul(w)?.broadcast_add(b)
-}
-
-/// Differentiable softmax over the last dimension (fused kernel on CPU, see [`crate::fused`]).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    crate::fused::softmax_last_dim(x)
-}
-
-/// Softmax from primitive ops (the max shift is detached: it cancels): the reference form.
-pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// Linear layer `y = x W^T + b`, PyTorch's weight layout `[out, in]`: one fused node
-/// ([`crate::fused::linear`]; leading dims folded into one gemm, so the weight gradient needs no
-/// reduction over a broadcast batch dim).
+/// Linear layer `y = x W^T + b`, PyTorch's weight layout `[out, in]` (on the fused backend one
+/// node: leading dims folded into one gemm, so the weight gradient needs no reduction over a
+/// broadcast batch dim).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Tensor,
+    pub backend: Backend,
 }
 
 impl candle_core::Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::fused::linear(x, &self.weight, &self.bias)
+        self.backend.linear(x, &self.weight, &self.bias)
     }
 }
 
 /// A [`Linear`] with MAE's init (xavier_uniform weight, zero bias).
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, backend: Backend, vb: VarBuilder) -> Result<Linear> {
     let bound = (6.0 / (in_dim + out_dim) as f64).sqrt(); // xavier_uniform, as MAE
     let w = vb.get_with_hints(
         (out_dim, in_dim),
@@ -85,7 +67,11 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
         },
     )?;
     let b = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(Linear { weight: w, bias: b })
+    Ok(Linear {
+        weight: w,
+        bias: b,
+        backend,
+    })
 }
 
 #[cfg(test)]
@@ -148,17 +134,53 @@ mod tests {
         (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
     }
 
+    /// candle's ops (the backend every dtype and device has): the finite-difference checks run
+    /// in f64, which only this backend computes.
+    const C: Backend = Backend::Candle;
+    /// The fused CPU ops (f32).
+    const F: Backend = Backend::Fused;
+
+    /// `f` on the fused and on the candle backend, from the same f32 inputs: the forward and
+    /// the gradient of every input agree within `tol`.
+    fn fused_matches_candle(
+        f: impl Fn(Backend, &[&Tensor]) -> Result<Tensor>,
+        shapes: &[&[usize]],
+        tol: f32,
+    ) {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&Tensor::randn(0f32, 1.5, *s, &dev).unwrap()).unwrap())
+            .collect();
+        let ins: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let (yf, yc) = (f(F, &ins).unwrap(), f(C, &ins).unwrap());
+        assert_eq!(yf.dims(), yc.dims());
+        let d = maxdiff(&yf, &yc);
+        assert!(d < tol, "forward differs by {d}");
+        let probe = Tensor::randn(0f32, 1.0, yf.shape(), &dev).unwrap();
+        let (gf, gc) = (grads_of(yf, &probe), grads_of(yc, &probe));
+        for (i, v) in vars.iter().enumerate() {
+            let a = gf
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("fused: no gradient for input {i}"));
+            let b = gc
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("candle: no gradient for input {i}"));
+            let d = maxdiff(a, b);
+            assert!(d < tol * 10.0, "gradient of input {i} differs by {d}");
+        }
+    }
+
     #[test]
     fn layer_norm_gradient_matches_finite_differences() {
         let dev = Device::Cpu;
         let w = Tensor::new(&[1.5f64, -0.5, 2.0, 0.7, 1.1], &dev).unwrap();
         let b = Tensor::new(&[0.1f64, 0.2, -0.3, 0.0, 0.5], &dev).unwrap();
-        check_grad(|x| layer_norm(x, &w, &b, 1e-6), &[3, 5], 1);
-        check_grad(|x| layer_norm_composite(x, &w, &b, 1e-6), &[3, 5], 1);
+        check_grad(|x| C.layer_norm(x, &w, &b, 1e-6), &[3, 5], 1);
         // gradients reach the affine parameters too
         check_grad(
             |w| {
-                layer_norm(
+                C.layer_norm(
                     &Tensor::new(&[[0.3f64, -1.0, 2.0], [1.0, 0.5, -0.5]], &dev).unwrap(),
                     w,
                     &b.narrow(0, 0, 3).unwrap(),
@@ -170,7 +192,7 @@ mod tests {
         );
         check_grad(
             |b| {
-                layer_norm(
+                C.layer_norm(
                     &Tensor::new(&[[0.3f64, -1.0, 2.0], [1.0, 0.5, -0.5]], &dev).unwrap(),
                     &w.narrow(0, 0, 3).unwrap(),
                     b,
@@ -184,11 +206,10 @@ mod tests {
 
     #[test]
     fn softmax_gradient_matches_finite_differences() {
-        check_grad(softmax_last_dim, &[2, 3, 6], 2);
-        check_grad(softmax_composite, &[2, 3, 6], 2);
+        check_grad(|x| C.softmax_last_dim(x), &[2, 3, 6], 2);
         let dev = Device::Cpu;
         let x = Tensor::new(&[[1.0f64, 2.0, 3.0], [-1.0, 0.0, 100.0]], &dev).unwrap();
-        let s: Vec<Vec<f64>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        let s: Vec<Vec<f64>> = C.softmax_last_dim(&x).unwrap().to_vec2().unwrap();
         let want = candle_nn::ops::softmax_last_dim(&x)
             .unwrap()
             .to_vec2::<f64>()
@@ -201,7 +222,7 @@ mod tests {
     #[test]
     fn gelu_erf_gradient_matches_finite_differences() {
         check_grad(|x| x.gelu_erf(), &[4, 5], 3);
-        check_grad(crate::fused::gelu_erf, &[4, 5], 3); // f64: the composite path
+        check_grad(|x| C.gelu_erf(x), &[4, 5], 3);
     }
 
     #[test]
@@ -212,8 +233,8 @@ mod tests {
         let bt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 6, 4), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 6), &dev).unwrap();
         let b = bt.as_tensor().t().unwrap();
-        let ours = crate::fused::batched_matmul(a.as_tensor(), &b).unwrap();
-        let theirs = a.as_tensor().matmul(&b).unwrap();
+        let ours = F.batched_matmul(a.as_tensor(), &b).unwrap();
+        let theirs = C.batched_matmul(a.as_tensor(), &b).unwrap();
         assert_eq!(ours.dims(), &[2, 3, 5, 6]);
         assert!(maxdiff(&ours, &theirs) < 1e-5);
         let g1 = grads_of(ours, &probe);
@@ -233,7 +254,7 @@ mod tests {
         // wide range, and more elements than one parallel chunk
         let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (5, 7001), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (5, 7001), &dev).unwrap();
-        let ours = crate::fused::gelu_erf(x.as_tensor()).unwrap();
+        let ours = F.gelu_erf(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().gelu_erf().unwrap();
         assert!(
             maxdiff(&ours, &theirs) < 2e-6,
@@ -255,7 +276,7 @@ mod tests {
         check_grad(
             |x| {
                 let a = (x.matmul(&x.t()?)? * 0.5)?;
-                softmax_last_dim(&a)?.matmul(x)
+                C.softmax_last_dim(&a)?.matmul(x)
             },
             &[2, 4, 3],
             4,
@@ -270,6 +291,7 @@ mod tests {
         let lin = Linear {
             weight: w.clone(),
             bias: b.clone(),
+            backend: C,
         };
         check_grad(|x| candle_core::Module::forward(&lin, x), &[2, 4, 3], 7);
         check_grad(
@@ -278,6 +300,7 @@ mod tests {
                     &Linear {
                         weight: w.clone(),
                         bias: b.clone(),
+                        backend: C,
                     },
                     &Tensor::new(&[[[1.0f64, 2.0, -1.0], [0.5, 0.0, 3.0]]], &dev).unwrap(),
                 )
@@ -287,20 +310,11 @@ mod tests {
         );
         check_grad(
             |b| {
-                crate::fused::bias_add(
-                    &Tensor::new(&[[1.0f64, 2.0], [0.5, -3.0], [0.0, 1.0]], &dev).unwrap(),
-                    b,
-                )
-            },
-            &[2],
-            9,
-        );
-        check_grad(
-            |b| {
                 candle_core::Module::forward(
                     &Linear {
                         weight: w.clone(),
                         bias: b.clone(),
+                        backend: C,
                     },
                     &Tensor::new(&[[[1.0f64, 2.0, -1.0], [0.5, 0.0, 3.0]]], &dev).unwrap(),
                 )
@@ -316,7 +330,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (4, 9, 24), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (40, 24), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
-        let ours = crate::fused::linear(&x, &w, &b).unwrap();
+        let ours = F.linear(&x, &w, &b).unwrap();
         assert_eq!(ours.dims(), &[4, 9, 40]);
         let want = x
             .reshape((36, 24))
@@ -331,42 +345,26 @@ mod tests {
     }
 
     #[test]
-    fn fused_and_composite_forms_agree_in_f32() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 2.0, (3, 5, 7), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
-        let d = |a: Tensor, b: Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(
-            d(
-                layer_norm(&x, &w, &b, 1e-6).unwrap(),
-                layer_norm_composite(&x, &w, &b, 1e-6).unwrap()
-            ) < 1e-5
+    fn fused_ops_match_candle_ops_forward_and_every_gradient_in_f32() {
+        // rows: more than one parallel row group; widths: not a multiple of the SIMD lanes
+        fused_matches_candle(
+            |k, t| k.layer_norm(t[0], t[1], t[2], 1e-6),
+            &[&[3, 37, 70], &[70], &[70]],
+            2e-5,
         );
-        assert!(
-            d(
-                softmax_last_dim(&x).unwrap(),
-                softmax_composite(&x).unwrap()
-            ) < 1e-6
+        fused_matches_candle(|k, t| k.softmax_last_dim(t[0]), &[&[2, 3, 41, 19]], 2e-6);
+        fused_matches_candle(
+            |k, t| k.linear(t[0], t[1], t[2]),
+            &[&[5, 33, 24], &[40, 24], &[40]],
+            1e-4,
         );
+        fused_matches_candle(|k, t| k.gelu_erf(t[0]), &[&[7, 3001]], 2e-6);
         // a non-contiguous input goes through too
-        let xt = x.transpose(1, 2).unwrap();
-        assert!(
-            d(
-                softmax_last_dim(&xt).unwrap(),
-                softmax_composite(&xt).unwrap()
-            ) < 1e-6
+        fused_matches_candle(|k, t| k.softmax_last_dim(&t[0].t()?), &[&[9, 13]], 2e-6);
+        fused_matches_candle(
+            |k, t| k.layer_norm(&t[0].t()?, t[1], t[2], 1e-5),
+            &[&[6, 40], &[6], &[6]],
+            2e-5,
         );
     }
 
@@ -376,10 +374,12 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (4, 7), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
-        let ours = layer_norm(&x, &w, &b, 1e-6).unwrap();
-        let theirs = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
-        let d = maxdiff(&ours, &theirs);
-        assert!(d < 1e-5, "{d}");
+        for k in [F, C] {
+            let ours = k.layer_norm(&x, &w, &b, 1e-6).unwrap();
+            let theirs = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
+            let d = maxdiff(&ours, &theirs);
+            assert!(d < 1e-5, "{k}: {d}");
+        }
         let _ = DType::F32;
     }
 }

@@ -272,20 +272,24 @@ impl Default for TrainStepOptions {
     }
 }
 
+/// A training step's forward to the loss, from a seed.
+type StepForward<'a> = dyn FnMut(u64) -> Result<lmd_model::candle::Tensor> + 'a;
+
 /// Full training steps timed: one warm-up step (seed 0), then `steps` timed ones (seeds 1..),
-/// each `forward(seed)` (to the loss), backward, and an AdamW update at `lr`. With
-/// `composite_baseline` the same steps run again with the fused block node off on this thread.
+/// each `forward(seed)` (to the loss), backward, and an AdamW update at `lr`. With a
+/// `baseline` (the same model over the same variables on the `ops` backend: every block as
+/// fused single-layer ops) the same steps run again through it.
 /// Returns the JSON fields (samples/s, the best step, seconds per phase, the last loss, and the
 /// baseline's samples/s with ours / that) and our samples/s.
 fn timed_steps(
     (steps, batch): (usize, usize),
-    composite_baseline: bool,
     opt: &mut crate::optim::AdamW,
     lr: f64,
-    mut forward: impl FnMut(u64) -> Result<lmd_model::candle::Tensor>,
+    forward: &mut StepForward<'_>,
+    baseline: Option<&mut StepForward<'_>>,
 ) -> Result<(serde_json::Value, f64)> {
     // total seconds, seconds in forward / backward / optimizer, the best step, the last loss
-    let mut measure = || -> Result<(f64, [f64; 3], f64, f32)> {
+    let mut measure = |forward: &mut StepForward<'_>| -> Result<(f64, [f64; 3], f64, f32)> {
         let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
             let t = Instant::now();
             let loss = forward(seed)?;
@@ -310,7 +314,7 @@ fn timed_steps(
         }
         Ok((t0.elapsed().as_secs_f64(), phases, best, loss))
     };
-    let (secs, phases, best, loss) = measure()?;
+    let (secs, phases, best, loss) = measure(forward)?;
     let rate = |secs: f64| (steps * batch) as f64 / secs;
     let per_step = |v: f64| (v / steps as f64 * 1e3).round() / 1e3;
     let mut fields = json!({
@@ -318,11 +322,8 @@ fn timed_steps(
         "forward_s": per_step(phases[0]), "backward_s": per_step(phases[1]),
         "optimizer_s": per_step(phases[2]), "loss": loss,
     });
-    if composite_baseline {
-        lmd_model::set_fused_blocks(false);
-        let base = measure();
-        lmd_model::set_fused_blocks(true);
-        let (bsecs, _, _, _) = base?;
+    if let Some(base) = baseline {
+        let (bsecs, _, _, _) = measure(base)?;
         fields["composite_samples_per_s"] = json!(rate(bsecs));
         fields["vs_composite"] = json!(bsecs / secs);
     }
@@ -384,6 +385,17 @@ pub fn finetune_step(
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
     let clf = lmd_model::VitClassifier::init(&cfg, &vm, 0, 2e-5, &dev)?;
+    let base = if opts.composite_baseline {
+        let vb =
+            lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
+        Some(lmd_model::VitClassifier::new_on(
+            &cfg,
+            lmd_model::Backend::Ops,
+            vb,
+        )?)
+    } else {
+        None
+    };
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
     let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
     let [h, w] = cfg.encoder.img_size;
@@ -392,15 +404,17 @@ pub fn finetune_step(
         .map(|i| i % opts.classes as u32)
         .collect();
     let y = Tensor::from_vec(labels, opts.batch, &dev)?;
+    let step = |clf: &lmd_model::VitClassifier, seed: u64| {
+        let logits = clf.forward_t(&x, Some(seed))?;
+        crate::finetune::cross_entropy(&logits, &y, 0.1)
+    };
+    let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
     let (fields, _) = timed_steps(
         (opts.steps, opts.batch),
-        opts.composite_baseline,
         &mut opt,
         1e-4,
-        |seed| {
-            let logits = clf.forward_t(&x, Some(seed))?;
-            crate::finetune::cross_entropy(&logits, &y, 0.1)
-        },
+        &mut |seed| step(&clf, seed),
+        base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
     )?;
     let line = json!({
         "bench": "finetune-step", "preset": opts.preset, "batch": opts.batch,
@@ -419,6 +433,16 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
     let model = lmd_model::LatentMae::init(&cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
+    let base = if opts.composite_baseline {
+        let vb =
+            lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
+        Some(
+            lmd_model::LatentMae::new_on(&cfg, lmd_model::Backend::Ops, vb)
+                .map_err(lmd_model::Error::from)?,
+        )
+    } else {
+        None
+    };
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
     let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
     let [h, w] = cfg.img_size;
@@ -432,17 +456,18 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let threads = lmd_model::candle::utils::get_num_threads();
     let mut ours = Vec::new();
     for &ratio in &opts.ratios {
+        let step = |m: &lmd_model::LatentMae, seed: u64| -> Result<lmd_model::candle::Tensor> {
+            Ok(m.forward(&x, ratio, seed)
+                .map_err(lmd_model::Error::from)?
+                .loss)
+        };
+        let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
         let (fields, rate) = timed_steps(
             (opts.steps, opts.batch),
-            opts.composite_baseline,
             &mut opt,
             1.5e-4,
-            |seed| {
-                Ok(model
-                    .forward(&x, ratio, seed)
-                    .map_err(lmd_model::Error::from)?
-                    .loss)
-            },
+            &mut |seed| step(&model, seed),
+            base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
         )?;
         let line = json!({
             "bench": "train-step", "preset": opts.preset, "mask_ratio": ratio, "batch": opts.batch,

@@ -289,10 +289,7 @@ fn infer_architecture(
 }
 
 fn is_encoder_name(n: &str) -> bool {
-    n.starts_with("patch_embed.")
-        || n == "cls_token"
-        || n == "pos_embed"
-        || n.starts_with("blocks.")
+    lmd_model::vit::Encoder::owns(n)
 }
 
 type Mapped = (HashMap<String, Tensor>, GlobalPool, usize);

@@ -390,7 +390,8 @@ pub fn run(
         &varmap,
         |k| !cfg.linear_probe || k.starts_with("head.1."),
         cfg.optimizer,
-    )?;
+    )?
+    .on_backend(clf.backend());
     let depth = enc.depth;
     let ld = cfg.layer_decay;
     opt.set_lr_scales(|n| layer_decay_scale(n, depth, ld));

@@ -6,6 +6,8 @@
 
 use crate::{Error, Result};
 use lmd_model::candle::{backprop::GradStore, DType, Tensor, Var};
+use lmd_model::vit::Encoder;
+use lmd_model::{Backend, Kernels};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -44,6 +46,9 @@ pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<Param>,
     step: u64,
+    /// Whether the update runs as the in-place CPU passes (`fused`) or as candle ops: the
+    /// model's backend decides, as for its layers.
+    backend: Backend,
 }
 
 /// MAE's rule: no weight decay for biases, norms (1-D tensors) and the cls/mask tokens.
@@ -70,11 +75,23 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let backend = match params.first() {
+            Some(p) => Backend::resolve(Kernels::Auto, p.var.device(), p.var.dtype())?,
+            None => Backend::Candle,
+        };
         Ok(AdamW {
             cfg,
             params,
             step: 0,
+            backend,
         })
+    }
+
+    /// Update on `backend` (the model's: [`lmd_model::LatentMae::backend`]) instead of the
+    /// one resolved from the parameters' device and dtype.
+    pub fn on_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// Over the variables of `varmap` whose names `keep` accepts.
@@ -151,7 +168,7 @@ impl AdamW {
             };
             let lr = lr * p.lr_scale;
             let decay = if p.decay { self.cfg.weight_decay } else { 0.0 };
-            if fused::applies(p.var.as_tensor(), &p.m, &p.v, g) {
+            if self.backend.fused_ops() && fused::applies(p.var.as_tensor(), &p.m, &p.v, g) {
                 fused::update(
                     p.var.as_tensor(),
                     &p.m,
@@ -236,13 +253,13 @@ impl AdamW {
 /// layer 0, `blocks.i` layer `i + 1`, everything else (norms, head) layer `depth + 1`; the lr
 /// multiplier is `decay^(depth + 1 - layer)`.
 pub fn layer_decay_scale(name: &str, depth: usize, decay: f64) -> f64 {
-    let layer = if name.starts_with("patch_embed") || name == "cls_token" || name == "pos_embed" {
-        0
-    } else if let Some(rest) = name.strip_prefix("blocks.") {
+    let layer = if let Some(rest) = name.strip_prefix("blocks.") {
         rest.split('.')
             .next()
             .and_then(|i| i.parse::<usize>().ok())
             .map_or(depth + 1, |i| i + 1)
+    } else if Encoder::owns(name) {
+        0 // the patch embedding, cls token and positions
     } else {
         depth + 1
     };
@@ -264,13 +281,12 @@ pub fn lr_at(step: u64, total: u64, warmup: u64, lr: f64, min_lr: f64) -> f64 {
 /// parameter), instead of about twelve candle ops that each allocate a result.
 mod fused {
     use super::AdamWConfig;
-    use lmd_model::candle::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+    use lmd_model::candle::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
+    /// Whether the in-place passes can take these tensors as laid out (contiguous, the same
+    /// shape; the device and dtype are the backend's to decide).
     pub(super) fn applies(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
-        [theta, m, v, g]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
-            && theta.shape() == g.shape()
+        [theta, m, v, g].iter().all(|t| t.is_contiguous()) && theta.shape() == g.shape()
     }
 
     fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {

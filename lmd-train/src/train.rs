@@ -244,7 +244,7 @@ pub fn run(
             }
         );
     }
-    let mut opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?;
+    let mut opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());
     let mut loader = LatentLoader::new(
         ds.clone(),
         LoaderConfig {

@@ -164,6 +164,62 @@ pub fn write_tensors(
     Ok(())
 }
 
+/// Set the variables of `varmap` whose names pass `select` from `tensors` (read from `path`):
+/// every selected one must be present with its shape; errors name the file and the tensors.
+/// Returns the names set, sorted.
+pub(crate) fn set_vars(
+    varmap: &candle_nn::VarMap,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    select: impl Fn(&str) -> bool,
+) -> Result<Vec<String>> {
+    let werr = |detail: String| Error::Weights {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().filter(|n| select(n)).collect();
+    names.sort();
+    let mut missing = Vec::new();
+    for name in &names {
+        let var = &data[*name];
+        match tensors.get(*name) {
+            None => missing.push(format!("{name} {:?}", var.shape().dims())),
+            Some(t) if t.shape() != var.shape() => {
+                return Err(werr(format!(
+                    "tensor {name}: shape {:?}, the model expects {:?}",
+                    t.shape().dims(),
+                    var.shape().dims()
+                )))
+            }
+            Some(t) => var.set(&t.to_dtype(var.dtype())?)?,
+        }
+    }
+    if !missing.is_empty() {
+        return Err(werr(format!("missing tensors: {}", missing.join(", "))));
+    }
+    Ok(names.into_iter().cloned().collect())
+}
+
+/// Save the variables of `varmap` plus fixed `buffers` as safetensors, atomically
+/// ([`write_tensors`]: fsynced, renamed, directory fsynced), in name order.
+pub(crate) fn save_varmap(
+    varmap: &candle_nn::VarMap,
+    buffers: Vec<(&'static str, Tensor)>,
+    path: &Path,
+) -> Result<()> {
+    let mut all: Vec<(String, Tensor)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    all.extend(buffers.into_iter().map(|(k, t)| (k.to_string(), t)));
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    write_tensors(&all, path, CheckpointFormat::Safetensors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

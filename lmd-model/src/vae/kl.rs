@@ -10,6 +10,7 @@ use super::{
     build_err, load_tensors, sha256_file, weights_err, Conv, Encoded, InputRange, Vae, VaeId,
     WeightHash,
 };
+use crate::Backend;
 use crate::Result;
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{GroupNorm, Linear, VarBuilder};
@@ -67,6 +68,7 @@ impl KlConfig {
 const EPS: f64 = 1e-6;
 
 fn conv(
+    backend: Backend,
     cin: usize,
     cout: usize,
     k: usize,
@@ -74,7 +76,7 @@ fn conv(
     padding: usize,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv> {
-    Conv::new(cin, cout, k, stride, padding, true, vb)
+    Conv::new(cin, cout, (k, stride, padding), true, backend, vb)
 }
 
 struct Resnet {
@@ -86,14 +88,20 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        backend: Backend,
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Resnet {
             norm1: candle_nn::group_norm(groups, cin, EPS, vb.pp("norm1"))?,
-            conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            conv1: conv(backend, cin, cout, 3, 1, 1, vb.pp("conv1"))?,
             norm2: candle_nn::group_norm(groups, cout, EPS, vb.pp("norm2"))?,
-            conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            conv2: conv(backend, cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             shortcut: if cin != cout {
-                Some(conv(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
+                Some(conv(backend, cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
             } else {
                 None
             },
@@ -120,10 +128,11 @@ struct SpatialAttention {
     v: Linear,
     out: Linear,
     channels: usize,
+    backend: Backend,
 }
 
 impl SpatialAttention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(backend: Backend, c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(SpatialAttention {
             norm: candle_nn::group_norm(groups, c, EPS, vb.pp("group_norm"))?,
             q: candle_nn::linear(c, c, vb.pp("to_q"))?,
@@ -131,6 +140,7 @@ impl SpatialAttention {
             v: candle_nn::linear(c, c, vb.pp("to_v"))?,
             out: candle_nn::linear(c, c, vb.pp("to_out.0"))?,
             channels: c,
+            backend,
         })
     }
 }
@@ -148,7 +158,7 @@ impl Module for SpatialAttention {
         let k = self.k.forward(&t)?;
         let v = self.v.forward(&t)?;
         let att = (q.matmul(&k.t()?)? / (self.channels as f64).sqrt())?;
-        let att = crate::fused::softmax_last_dim(&att)?;
+        let att = self.backend.softmax_last_dim(&att)?;
         let o = self.out.forward(&att.matmul(&v)?)?; // [B, HW, C]
         o.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }
@@ -161,16 +171,21 @@ struct Mid {
 }
 
 impl Mid {
-    fn new(c: usize, cfg: &KlConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        backend: Backend,
+        c: usize,
+        cfg: &KlConfig,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let g = cfg.norm_num_groups;
         Ok(Mid {
-            r0: Resnet::new(c, c, g, vb.pp("resnets.0"))?,
+            r0: Resnet::new(backend, c, c, g, vb.pp("resnets.0"))?,
             attn: if cfg.mid_block_add_attention {
-                Some(SpatialAttention::new(c, g, vb.pp("attentions.0"))?)
+                Some(SpatialAttention::new(backend, c, g, vb.pp("attentions.0"))?)
             } else {
                 None
             },
-            r1: Resnet::new(c, c, g, vb.pp("resnets.1"))?,
+            r1: Resnet::new(backend, c, c, g, vb.pp("resnets.1"))?,
         })
     }
 }
@@ -194,7 +209,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(cfg: &KlConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(backend: Backend, cfg: &KlConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let boc = &cfg.block_out_channels;
         let g = cfg.norm_num_groups;
         let mut down = Vec::new();
@@ -204,6 +219,7 @@ impl Encoder {
             let mut res = Vec::new();
             for j in 0..cfg.layers_per_block {
                 res.push(Resnet::new(
+                    backend,
                     if j == 0 { cin } else { cout },
                     cout,
                     g,
@@ -211,7 +227,15 @@ impl Encoder {
                 )?);
             }
             let ds = if i + 1 < boc.len() {
-                Some(conv(cout, cout, 3, 2, 0, vbi.pp("downsamplers.0.conv"))?)
+                Some(conv(
+                    backend,
+                    cout,
+                    cout,
+                    3,
+                    2,
+                    0,
+                    vbi.pp("downsamplers.0.conv"),
+                )?)
             } else {
                 None
             };
@@ -220,11 +244,19 @@ impl Encoder {
         }
         let c = *boc.last().expect("block_out_channels not empty");
         Ok(Encoder {
-            conv_in: conv(cfg.in_channels, boc[0], 3, 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv(backend, cfg.in_channels, boc[0], 3, 1, 1, vb.pp("conv_in"))?,
             down,
-            mid: Mid::new(c, cfg, vb.pp("mid_block"))?,
+            mid: Mid::new(backend, c, cfg, vb.pp("mid_block"))?,
             norm_out: candle_nn::group_norm(g, c, EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv(c, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv(
+                backend,
+                c,
+                2 * cfg.latent_channels,
+                3,
+                1,
+                1,
+                vb.pp("conv_out"),
+            )?,
         })
     }
 }
@@ -259,7 +291,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(cfg: &KlConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(backend: Backend, cfg: &KlConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let g = cfg.norm_num_groups;
         let mut up = Vec::new();
@@ -269,6 +301,7 @@ impl Decoder {
             let mut res = Vec::new();
             for j in 0..=cfg.layers_per_block {
                 res.push(Resnet::new(
+                    backend,
                     if j == 0 { cin } else { cout },
                     cout,
                     g,
@@ -276,7 +309,15 @@ impl Decoder {
                 )?);
             }
             let us = if i + 1 < rev.len() {
-                Some(conv(cout, cout, 3, 1, 1, vbi.pp("upsamplers.0.conv"))?)
+                Some(conv(
+                    backend,
+                    cout,
+                    cout,
+                    3,
+                    1,
+                    1,
+                    vbi.pp("upsamplers.0.conv"),
+                )?)
             } else {
                 None
             };
@@ -285,11 +326,19 @@ impl Decoder {
         }
         let last = *rev.last().expect("not empty");
         Ok(Decoder {
-            conv_in: conv(cfg.latent_channels, rev[0], 3, 1, 1, vb.pp("conv_in"))?,
-            mid: Mid::new(rev[0], cfg, vb.pp("mid_block"))?,
+            conv_in: conv(
+                backend,
+                cfg.latent_channels,
+                rev[0],
+                3,
+                1,
+                1,
+                vb.pp("conv_in"),
+            )?,
+            mid: Mid::new(backend, rev[0], cfg, vb.pp("mid_block"))?,
             up,
             norm_out: candle_nn::group_norm(g, last, EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv(last, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv(backend, last, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
 }
@@ -326,16 +375,17 @@ impl AutoencoderKl {
         if cfg.block_out_channels.is_empty() {
             candle_core::bail!("block_out_channels is empty");
         }
+        let backend = Backend::of(&vb)?;
         Ok(AutoencoderKl {
-            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
-            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            encoder: Encoder::new(backend, cfg, vb.pp("encoder"))?,
+            decoder: Decoder::new(backend, cfg, vb.pp("decoder"))?,
             quant_conv: if cfg.use_quant_conv {
-                Some(conv(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))?)
+                Some(conv(backend, 2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))?)
             } else {
                 None
             },
             post_quant_conv: if cfg.use_post_quant_conv {
-                Some(conv(l, l, 1, 1, 0, vb.pp("post_quant_conv"))?)
+                Some(conv(backend, l, l, 1, 1, 0, vb.pp("post_quant_conv"))?)
             } else {
                 None
             },

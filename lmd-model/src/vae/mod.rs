@@ -120,24 +120,25 @@ pub(crate) fn build_err(path: &Path, e: candle_core::Error) -> Error {
     weights_err(path, format!("does not fit the model: {e}"))
 }
 
-/// A convolution layer: 3x3 stride-1 padding-1 ones run on [`crate::conv::conv3x3`]; others
-/// on candle's `conv2d`. Weights `[Cout, Cin, k, k]` and optional bias, PyTorch names.
+/// A convolution layer: 3x3 stride-1 padding-1 ones run on the backend's
+/// [`conv3x3`](crate::Backend::conv3x3); others on candle's `conv2d`. Weights
+/// `[Cout, Cin, k, k]` and optional bias, PyTorch names.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    backend: crate::Backend,
 }
 
 impl Conv {
     pub(crate) fn new(
         cin: usize,
         cout: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
+        (k, stride, padding): (usize, usize, usize),
         bias: bool,
+        backend: crate::Backend,
         vb: candle_nn::VarBuilder,
     ) -> candle_core::Result<Self> {
         let bound = 1.0 / ((cin * k * k) as f64).sqrt();
@@ -154,6 +155,7 @@ impl Conv {
             },
             stride,
             padding,
+            backend,
         })
     }
 }
@@ -162,7 +164,7 @@ impl candle_core::Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let k = self.weight.dim(2)?;
         if k == 3 && self.stride == 1 && self.padding == 1 {
-            return crate::conv::conv3x3(x, &self.weight, self.bias.as_ref());
+            return self.backend.conv3x3(x, &self.weight, self.bias.as_ref());
         }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {

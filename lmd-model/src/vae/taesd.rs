@@ -8,7 +8,7 @@
 use super::{
     build_err, load_tensors, sha256_file, Conv, Encoded, InputRange, Vae, VaeId, WeightHash,
 };
-use crate::Result;
+use crate::{Backend, Result};
 use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use std::path::Path;
@@ -16,13 +16,14 @@ use std::path::Path;
 const C: usize = 64;
 
 fn conv(
+    backend: Backend,
     cin: usize,
     cout: usize,
     stride: usize,
     bias: bool,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv> {
-    Conv::new(cin, cout, 3, stride, 1, bias, vb)
+    Conv::new(cin, cout, (3, stride, 1), bias, backend, vb)
 }
 
 #[derive(Debug, Clone)]
@@ -33,11 +34,11 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(backend: Backend, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Block {
-            c0: conv(C, C, 1, true, vb.pp("conv.0"))?,
-            c2: conv(C, C, 1, true, vb.pp("conv.2"))?,
-            c4: conv(C, C, 1, true, vb.pp("conv.4"))?,
+            c0: conv(backend, C, C, 1, true, vb.pp("conv.0"))?,
+            c2: conv(backend, C, C, 1, true, vb.pp("conv.2"))?,
+            c4: conv(backend, C, C, 1, true, vb.pp("conv.4"))?,
         })
     }
 }
@@ -83,32 +84,32 @@ const ENC_BLOCKS: [usize; 10] = [1, 3, 4, 5, 7, 8, 9, 11, 12, 13];
 /// Decoder layer indices that are Blocks; 6, 11, 16 upsample; 7, 12, 17 convs without bias.
 const DEC_BLOCKS: [usize; 10] = [3, 4, 5, 8, 9, 10, 13, 14, 15, 18];
 
-fn build_encoder(enc: VarBuilder) -> candle_core::Result<Vec<Layer>> {
+fn build_encoder(backend: Backend, enc: VarBuilder) -> candle_core::Result<Vec<Layer>> {
     let mut encoder = Vec::new();
     for i in 0..15 {
         let vb = enc.pp(i.to_string());
         encoder.push(match i {
-            0 => Layer::Conv(conv(3, C, 1, true, vb)?),
-            2 | 6 | 10 => Layer::Conv(conv(C, C, 2, false, vb)?),
-            14 => Layer::Conv(conv(C, 4, 1, true, vb)?),
-            i if ENC_BLOCKS.contains(&i) => Layer::Block(Block::new(vb)?),
+            0 => Layer::Conv(conv(backend, 3, C, 1, true, vb)?),
+            2 | 6 | 10 => Layer::Conv(conv(backend, C, C, 2, false, vb)?),
+            14 => Layer::Conv(conv(backend, C, 4, 1, true, vb)?),
+            i if ENC_BLOCKS.contains(&i) => Layer::Block(Block::new(backend, vb)?),
             _ => unreachable!("all 15 encoder indices are covered"),
         });
     }
     Ok(encoder)
 }
 
-fn build_decoder(dec: VarBuilder) -> candle_core::Result<Vec<Layer>> {
+fn build_decoder(backend: Backend, dec: VarBuilder) -> candle_core::Result<Vec<Layer>> {
     let mut decoder = Vec::new();
     for i in 1..20 {
         let vb = dec.pp(i.to_string());
         decoder.push(match i {
-            1 => Layer::ConvRelu(conv(4, C, 1, true, vb)?),
+            1 => Layer::ConvRelu(conv(backend, 4, C, 1, true, vb)?),
             2 => continue, // the ReLU, folded into layer 1
             6 | 11 | 16 => Layer::Upsample,
-            7 | 12 | 17 => Layer::Conv(conv(C, C, 1, false, vb)?),
-            19 => Layer::Conv(conv(C, 3, 1, true, vb)?),
-            i if DEC_BLOCKS.contains(&i) => Layer::Block(Block::new(vb)?),
+            7 | 12 | 17 => Layer::Conv(conv(backend, C, C, 1, false, vb)?),
+            19 => Layer::Conv(conv(backend, C, 3, 1, true, vb)?),
+            i if DEC_BLOCKS.contains(&i) => Layer::Block(Block::new(backend, vb)?),
             _ => unreachable!("all decoder indices are covered"),
         });
     }
@@ -118,9 +119,10 @@ fn build_decoder(dec: VarBuilder) -> candle_core::Result<Vec<Layer>> {
 impl Taesd {
     /// Build from VarBuilders of the two files (any dtype on disk; f32 compute).
     pub fn new(enc: VarBuilder, dec: VarBuilder, id: VaeId) -> candle_core::Result<Self> {
+        let backend = Backend::of(&enc)?;
         Ok(Taesd {
-            encoder: build_encoder(enc)?,
-            decoder: build_decoder(dec)?,
+            encoder: build_encoder(backend, enc)?,
+            decoder: build_decoder(backend, dec)?,
             id,
         })
     }
@@ -146,9 +148,10 @@ impl Taesd {
         };
         let evb = VarBuilder::from_tensors(et, candle_core::DType::F32, dev);
         let dvb = VarBuilder::from_tensors(dt, candle_core::DType::F32, dev);
+        let backend = Backend::of(&evb).map_err(|e| build_err(&ep, e))?;
         Ok(Taesd {
-            encoder: build_encoder(evb).map_err(|e| build_err(&ep, e))?,
-            decoder: build_decoder(dvb).map_err(|e| build_err(&dp, e))?,
+            encoder: build_encoder(backend, evb).map_err(|e| build_err(&ep, e))?,
+            decoder: build_decoder(backend, dvb).map_err(|e| build_err(&dp, e))?,
             id,
         })
     }

@@ -10,7 +10,7 @@
 //! Rules: every kernel is a pure function of its slices; the bodies are `#[inline(always)]` so
 //! that they are compiled with the features of the wrapper they are inlined into.
 
-use crate::fused::{erf_and_gauss_f32, erf_f32, exp_f32};
+use super::math::{erf_and_gauss_f32, erf_f32, exp_f32};
 
 /// Independent partial sums per reduction.
 const LANES: usize = 16;
@@ -264,7 +264,7 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::mae::SplitMix(seed);
+        let mut rng = crate::rng::SplitMix(seed);
         (0..n).map(|_| rng.normal() as f32 * 2.0).collect()
     }
 

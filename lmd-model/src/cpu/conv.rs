@@ -9,8 +9,8 @@
 //! transformed tiles stay in cache; buffers are per thread and reused. Images run in parallel
 //! (rayon), each gemm single-threaded; a single image uses gemm's own threads.
 //!
-//! Other shapes, dtypes or devices fall back to candle's `conv2d`. F(2x2, 3x3) is numerically
-//! benign in f32 (its transforms only add and halve); the tests compare with candle's conv2d.
+//! It runs where the VAE's [`crate::Backend`] is fused; other kernel sizes and backends use
+//! candle's `conv2d` (`crate::vae::Conv`). F(2x2, 3x3) is numerically benign in f32 (its transforms only add and halve); the tests compare with candle's conv2d.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::cell::RefCell;
@@ -307,24 +307,18 @@ impl CustomOp3 for Conv3x3 {
     }
 }
 
-/// 3x3 convolution, stride 1, padding 1: `x [N, Cin, H, W]`, `w [Cout, Cin, 3, 3]`, `b [Cout]`.
-pub fn conv3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let cpu_f32 =
-        x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype();
-    if cpu_f32 && w.dims().len() == 4 && w.dims()[2..] == [3, 3] {
-        let bias = match b {
-            Some(b) => b.contiguous()?,
-            None => Tensor::zeros(w.dim(0)?, x.dtype(), x.device())?,
-        };
-        return x
-            .contiguous()?
-            .apply_op3_no_bwd(&w.contiguous()?, &bias, &Conv3x3);
+/// 3x3 convolution, stride 1, padding 1: `x [N, Cin, H, W]`, `w [Cout, Cin, 3, 3]`, `b [Cout]`
+/// (f32 on the CPU; no backward: the VAEs only encode and decode).
+pub(crate) fn conv3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if w.dims().len() != 4 || w.dims()[2..] != [3, 3] {
+        candle_core::bail!("lmd-conv3x3: weight {:?}, want [Cout, Cin, 3, 3]", w.dims())
     }
-    let y = x.conv2d(w, 1, 1, 1, 1)?;
-    match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-        None => Ok(y),
-    }
+    let bias = match b {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(w.dim(0)?, x.dtype(), x.device())?,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &bias, &Conv3x3)
 }
 
 #[cfg(test)]

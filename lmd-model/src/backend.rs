@@ -1,0 +1,249 @@
+//! The one place where the compute path is chosen: lmd's fused CPU kernels ([`crate::cpu`]) or
+//! candle's own ops (the graph every device runs, CUDA included).
+//!
+//! Rules:
+//! - A model resolves its [`Backend`] once, in its constructor, from the device and dtype of its
+//!   `VarBuilder` and the [`Kernels`] setting, and hands it to every layer. No layer looks at a
+//!   tensor's device or dtype to pick a path; it calls the op on its backend.
+//! - [`Kernels::Auto`] takes `LMD_KERNELS` from the environment (`auto`, `fused`, `ops`,
+//!   `candle`; unset means `auto`), then picks `Fused` for f32 on the CPU and `Candle` for
+//!   anything else. `LMD_KERNELS=candle` runs the pure-candle graph on the CPU: that is how the
+//!   tests check the graph a GPU runs.
+//! - Asking for fused kernels where they do not exist (a GPU, f64, bf16) is an error that names
+//!   the device and dtype, never a silent fallback.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// The environment variable read by [`Kernels::Auto`].
+pub const KERNELS_ENV: &str = "LMD_KERNELS";
+
+/// The kernel setting: what a user asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// `LMD_KERNELS` if set, else fused for f32 on the CPU and candle's ops elsewhere.
+    #[default]
+    Auto,
+    /// The fused CPU kernels: whole transformer blocks as one node (f32 on the CPU only).
+    Fused,
+    /// The fused single-layer ops (Linear, LayerNorm, softmax, GELU), blocks from those ops:
+    /// the baseline of `lmd-bench train-step --composite-baseline`.
+    Ops,
+    /// candle's own ops only: the graph a GPU runs.
+    Candle,
+}
+
+impl Kernels {
+    pub const ALL: [Kernels; 4] = [Kernels::Auto, Kernels::Fused, Kernels::Ops, Kernels::Candle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kernels::Auto => "auto",
+            Kernels::Fused => "fused",
+            Kernels::Ops => "ops",
+            Kernels::Candle => "candle",
+        }
+    }
+
+    /// The setting in `LMD_KERNELS` (unset or empty: `Auto`).
+    pub fn from_env() -> crate::Result<Kernels> {
+        match std::env::var(KERNELS_ENV) {
+            Ok(v) if !v.trim().is_empty() => v
+                .parse()
+                .map_err(|e: crate::Error| crate::Error::Config(format!("{KERNELS_ENV}: {e}"))),
+            _ => Ok(Kernels::Auto),
+        }
+    }
+}
+
+impl FromStr for Kernels {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Kernels> {
+        Kernels::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| {
+                crate::Error::Config(format!(
+                    "unknown kernel setting {s:?} (expected auto, fused, ops or candle)"
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The resolved compute path of one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Fused blocks and fused ops ([`crate::cpu`]), f32 on the CPU.
+    Fused,
+    /// Fused single-layer ops, blocks composed of them.
+    Ops,
+    /// candle's ops (any device and dtype).
+    Candle,
+}
+
+impl Backend {
+    /// The backend for a model on `dev` in `dtype` under `kernels`.
+    pub fn resolve(kernels: Kernels, dev: &Device, dtype: DType) -> crate::Result<Backend> {
+        let kernels = match kernels {
+            Kernels::Auto => Kernels::from_env()?,
+            k => k,
+        };
+        let fusable = dev.is_cpu() && dtype == DType::F32;
+        match kernels {
+            Kernels::Auto if fusable => Ok(Backend::Fused),
+            Kernels::Auto | Kernels::Candle => Ok(Backend::Candle),
+            Kernels::Fused | Kernels::Ops if !fusable => Err(crate::Error::Config(format!(
+                "the fused kernels ({kernels}) run f32 on the CPU only, not {dtype:?} on {dev:?}: \
+                 use auto or candle"
+            ))),
+            Kernels::Fused => Ok(Backend::Fused),
+            Kernels::Ops => Ok(Backend::Ops),
+        }
+    }
+
+    /// [`resolve`](Self::resolve) with [`Kernels::Auto`] for a model built from `vb`, as a
+    /// candle error (for the models' `new(cfg, vb)`).
+    pub fn of(vb: &candle_nn::VarBuilder) -> Result<Backend> {
+        Backend::resolve(Kernels::Auto, vb.device(), vb.dtype()).map_err(candle_core::Error::wrap)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Fused => "fused",
+            Backend::Ops => "ops",
+            Backend::Candle => "candle",
+        }
+    }
+
+    /// Whether the single-layer ops (and the optimiser's update) are the fused CPU ones.
+    pub fn fused_ops(self) -> bool {
+        self.cpu_ops()
+    }
+
+    fn cpu_ops(self) -> bool {
+        self != Backend::Candle
+    }
+
+    /// Whether a transformer block runs as one fused node ([`crate::cpu::block`]).
+    pub(crate) fn fused_blocks(self) -> bool {
+        self == Backend::Fused
+    }
+
+    /// `x W^T + b` over the last dim (PyTorch's `[out, in]` weight layout).
+    pub fn linear(self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.cpu_ops() {
+            return crate::cpu::ops::linear(x, w, b);
+        }
+        let dims = x.dims();
+        let (inp, out) = (dims[dims.len() - 1], w.dim(0)?);
+        let rows = x.elem_count() / inp.max(1);
+        let y = x.reshape((rows, inp))?.matmul(&w.t()?)?.broadcast_add(b)?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-empty") = out;
+        y.reshape(shape)
+    }
+
+    /// LayerNorm over the last dimension (PyTorch's: biased variance, `eps` inside the root).
+    pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        if self.cpu_ops() {
+            return crate::cpu::ops::layer_norm(x, w, b, eps);
+        }
+        // candle-nn's fused layer_norm records no backward: primitive ops only
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        xn.broadcast_mul(w)?.broadcast_add(b)
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax_last_dim(self, x: &Tensor) -> Result<Tensor> {
+        if self.cpu_ops() {
+            return crate::cpu::ops::softmax_last_dim(x);
+        }
+        // candle-nn's softmax_last_dim records no backward; the max shift is detached (it
+        // cancels)
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&m)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    /// Exact (erf) GELU.
+    pub fn gelu_erf(self, x: &Tensor) -> Result<Tensor> {
+        if self.cpu_ops() {
+            crate::cpu::ops::gelu_erf(x)
+        } else {
+            x.gelu_erf()
+        }
+    }
+
+    /// `[.., m, k] @ [.., k, n]` with equal batch dims (attention's products).
+    pub fn batched_matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.cpu_ops() {
+            crate::cpu::ops::batched_matmul(a, b)
+        } else {
+            a.matmul(b)
+        }
+    }
+
+    /// A 3x3, stride-1, padding-1 convolution (inference): `x [N, Cin, H, W]`,
+    /// `w [Cout, Cin, 3, 3]`.
+    pub fn conv3x3(self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        if self.cpu_ops() {
+            return crate::cpu::conv::conv3x3(x, w, b);
+        }
+        let y = x.conv2d(w, 1, 1, 1, 1)?;
+        match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_only_for_f32_on_the_cpu_and_asking_elsewhere_is_refused() {
+        let cpu = Device::Cpu;
+        assert_eq!(
+            Backend::resolve(Kernels::Fused, &cpu, DType::F32).unwrap(),
+            Backend::Fused
+        );
+        assert_eq!(
+            Backend::resolve(Kernels::Ops, &cpu, DType::F32).unwrap(),
+            Backend::Ops
+        );
+        assert_eq!(
+            Backend::resolve(Kernels::Candle, &cpu, DType::F32).unwrap(),
+            Backend::Candle
+        );
+        let e = Backend::resolve(Kernels::Fused, &cpu, DType::F64)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("F64") && e.contains("CPU only"), "{e}");
+        for s in ["auto", "fused", "ops", "candle", " Candle "] {
+            assert!(s.parse::<Kernels>().is_ok(), "{s}");
+        }
+        let e = "gpu".parse::<Kernels>().unwrap_err().to_string();
+        assert!(e.contains("\"gpu\"") && e.contains("candle"), "{e}");
+    }
+}
