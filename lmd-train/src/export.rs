@@ -22,6 +22,7 @@
 //! the checkpoint (`lmd-finetune`), the run's `config.json` up to three folders above it
 //! (`lmd-train`), else the tensors' shapes plus `num_heads` (and `decoder_num_heads`) given.
 
+use crate::run_dir::write_json;
 use crate::{Error, Result};
 use lmd_model::candle::{DType, Device, IndexOp, Tensor};
 use lmd_model::candle_nn::VarBuilder;
@@ -163,11 +164,6 @@ pub fn run(o: &ExportOptions) -> Result<ExportSummary> {
 /// `OUT` with its extension replaced by `ext` (`model.pth` -> `model.json`).
 pub fn sidecar(out: &Path, ext: &str) -> PathBuf {
     out.with_extension(ext)
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(v).expect("json");
-    lmd_data::shard::writer::write_atomic(path, &bytes).map_err(Error::Data)
 }
 
 fn source_kind(t: &HashMap<String, Tensor>) -> SourceKind {

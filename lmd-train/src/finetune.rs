@@ -17,17 +17,17 @@
 //! `--resume` continues from the last finished epoch) and `best/` (`model.safetensors`,
 //! `classifier.json`, `eval.json`), which `lmd-eval` reads.
 
+use crate::driver::Driver;
 use crate::optim::{layer_decay_scale, lr_at, AdamW, AdamWConfig};
+use crate::run_dir::{check_resume_config, read_json, write_json, RunDir};
 use crate::train::open_data;
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
-use lmd_data::shard::writer::write_atomic;
 use lmd_data::shard::LatentDataset;
 use lmd_model::candle::{DType, Device, Tensor, D};
 use lmd_model::candle_nn::VarMap;
 use lmd_model::{ClassifierConfig, MaeConfig, VitClassifier};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -303,43 +303,53 @@ pub fn eval_checkpoint(
     evaluate(&clf, &ds, batch)
 }
 
-fn save_dir(
+/// Write a classifier directory (`best`, `checkpoints/last`) completely or not at all: the
+/// weights, `classifier.json` and `extra` files.
+fn save_classifier(
+    run: &RunDir,
     dir: &Path,
     clf: &VitClassifier,
     varmap: &VarMap,
-    extra: &[(&str, Vec<u8>)],
+    extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-    clf.save(varmap, &tmp.join("model.safetensors"))?;
-    write_atomic(
-        &tmp.join("classifier.json"),
-        &serde_json::to_vec_pretty(clf.config()).expect("serializes"),
-    )?;
-    for (name, bytes) in extra {
-        write_atomic(&tmp.join(name), bytes)?;
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, "rename", e))
+    run.save_dir(dir, |tmp| {
+        clf.save(varmap, &tmp.join("model.safetensors"))?;
+        write_json(&tmp.join("classifier.json"), clf.config())?;
+        extra(tmp)
+    })
 }
 
-/// Fine-tune (or linear-probe). `on_log` sees every logged step, `on_eval` every evaluation.
-pub fn run(
+/// Settings that may change between a fine-tuning run and its resumption.
+const RUN_ONLY_KEYS: [&str; 5] = [
+    "out",
+    "log_every",
+    "eval_batch_size",
+    "pretrained",
+    "device",
+];
+
+/// The labels of a batch as a `[B]` tensor (a record without one is an error).
+fn batch_labels(batch: &lmd_data::loader::LatentBatch, dev: &Device) -> Result<Tensor> {
+    let y: Vec<u32> = batch
+        .labels
+        .iter()
+        .map(|l| {
+            l.map(|v| v as u32)
+                .ok_or_else(|| Error::Invalid("a record without a label".into()))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Tensor::from_vec(y, batch.shape[0], dev)?)
+}
+
+/// The classifier configuration for `cfg`, after checking the data: latent shapes and labels.
+fn classifier_config(
     cfg: &FinetuneConfig,
-    resume: bool,
-    on_log: &mut dyn FnMut(&StepMetrics),
-    on_eval: &mut dyn FnMut(&EvalResult),
-) -> Result<FinetuneSummary> {
-    let t0 = Instant::now();
+    ds: &LatentDataset,
+    val: &LatentDataset,
+) -> Result<ClassifierConfig> {
     let enc = cfg.encoder_config()?;
     enc.validate().map_err(Error::Invalid)?;
-    let ds = Arc::new(open_data(&cfg.data)?);
-    if cfg.val_data.is_empty() {
-        return Err(Error::Invalid("no validation data (--val-data)".into()));
-    }
-    let val = Arc::new(open_data(&cfg.val_data)?);
-    for (d, what) in [(&ds, "training"), (&val, "validation")] {
+    for (d, what) in [(ds, "training"), (val, "validation")] {
         let [c, h, w] = d.meta().latent_shape;
         if [c, h, w] != [enc.in_chans, enc.img_size[0], enc.img_size[1]] {
             return Err(Error::Invalid(format!(
@@ -348,7 +358,7 @@ pub fn run(
             )));
         }
     }
-    let train_labels = labels_of(&ds, "training")?;
+    let train_labels = labels_of(ds, "training")?;
     let num_classes = match cfg.num_classes {
         Some(k) => k,
         None => train_labels.iter().copied().max().unwrap_or(0).max(1) as usize + 1,
@@ -361,19 +371,63 @@ pub fn run(
             "training label {bad} is outside 0..{num_classes}"
         )));
     }
-    let ccfg = ClassifierConfig {
-        encoder: enc.clone(),
+    Ok(ClassifierConfig {
+        encoder: enc,
         num_classes,
         global_pool: cfg.global_pool.unwrap_or(!cfg.linear_probe),
         drop_path: if cfg.linear_probe { 0.0 } else { cfg.drop_path },
         linear_probe: cfg.linear_probe,
-    };
-    std::fs::create_dir_all(cfg.out.join("checkpoints"))
-        .map_err(|e| Error::io(&cfg.out, "create", e))?;
-    write_atomic(
-        &cfg.out.join("config.json"),
-        &serde_json::to_vec_pretty(cfg).expect("serializes"),
-    )?;
+    })
+}
+
+/// Resume from `checkpoints/last` when it verifies (model, optimizer, epochs done); a damaged
+/// one is reported and not loaded (the run starts over).
+fn resume_from(
+    run: &RunDir,
+    cfg: &FinetuneConfig,
+    varmap: &VarMap,
+    opt: &mut AdamW,
+    loader: &mut LatentLoader,
+) -> Result<Option<State>> {
+    let last = run.checkpoints().join("last");
+    if !last.join("state.json").exists() {
+        return Ok(None);
+    }
+    if let Err(e) = crate::run_dir::verify_dir(&last) {
+        eprintln!(
+            "lmd-finetune: {} does not verify ({e}); no older checkpoint: starting over",
+            last.display()
+        );
+        return Ok(None);
+    }
+    let st: State = read_json(&last.join("state.json"))?;
+    check_resume_config(&last, &st.config, cfg, &RUN_ONLY_KEYS)?;
+    let mut vm = varmap.clone();
+    vm.load(last.join("model.safetensors"))?;
+    opt.load(&last.join("optimizer.safetensors"))?;
+    loader.set_state(LoaderState {
+        epoch: st.epochs_done,
+        batch: 0,
+    });
+    Ok(Some(st))
+}
+
+/// Fine-tune (or linear-probe). `on_log` sees every logged step, `on_eval` every evaluation.
+pub fn run(
+    cfg: &FinetuneConfig,
+    resume: bool,
+    on_log: &mut dyn FnMut(&StepMetrics),
+    on_eval: &mut dyn FnMut(&EvalResult),
+) -> Result<FinetuneSummary> {
+    let t0 = Instant::now();
+    let ds = Arc::new(open_data(&cfg.data)?);
+    if cfg.val_data.is_empty() {
+        return Err(Error::Invalid("no validation data (--val-data)".into()));
+    }
+    let val = Arc::new(open_data(&cfg.val_data)?);
+    let ccfg = classifier_config(cfg, &ds, &val)?;
+    let run = RunDir::open(&cfg.out)?;
+    run.write_config(cfg)?;
     let dev = crate::device(&cfg.device)?;
     let varmap = VarMap::new();
     let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
@@ -392,9 +446,9 @@ pub fn run(
         cfg.optimizer,
     )?
     .on_backend(clf.backend());
-    let depth = enc.depth;
-    let ld = cfg.layer_decay;
+    let (depth, ld) = (ccfg.encoder.depth, cfg.layer_decay);
     opt.set_lr_scales(|n| layer_decay_scale(n, depth, ld));
+    let mut driver = Driver::new(opt, cfg.grad_clip, cfg.log_every);
     let mut loader = LatentLoader::new(
         ds.clone(),
         LoaderConfig {
@@ -408,95 +462,31 @@ pub fn run(
     let total = cfg.epochs * bpe;
     let warmup = (cfg.warmup_epochs * bpe as f64).round() as u64;
     let lr_peak = cfg.blr * cfg.batch_size as f64 / 256.0;
-
-    let last_dir = cfg.out.join("checkpoints/last");
-    let best_dir = cfg.out.join("best");
-    let mut state = State {
+    let resumed = match resume {
+        true => resume_from(&run, cfg, &varmap, &mut driver.opt, &mut loader)?,
+        false => None,
+    };
+    let mut state = resumed.unwrap_or(State {
         epochs_done: 0,
         step: 0,
         best: None,
         config: cfg.clone(),
-    };
-    if resume && last_dir.join("state.json").exists() {
-        let sp = last_dir.join("state.json");
-        let st: State =
-            serde_json::from_slice(&std::fs::read(&sp).map_err(|e| Error::io(&sp, "read", e))?)
-                .map_err(|e| Error::Invalid(format!("{}: {e}", sp.display())))?;
-        let strip = |c: &FinetuneConfig| {
-            let mut v = serde_json::to_value(c).expect("v");
-            let o = v.as_object_mut().expect("object");
-            for k in [
-                "out",
-                "log_every",
-                "eval_batch_size",
-                "pretrained",
-                "device",
-            ] {
-                o.remove(k);
-            }
-            v
-        };
-        if strip(&st.config) != strip(cfg) {
-            return Err(Error::Invalid(format!(
-                "{}: the checkpoint was made with another configuration; resume with the same one",
-                sp.display()
-            )));
-        }
-        let mut vm = varmap.clone();
-        vm.load(last_dir.join("model.safetensors"))?;
-        opt.load(&last_dir.join("optimizer.safetensors"))?;
-        loader.set_state(LoaderState {
-            epoch: st.epochs_done,
-            batch: 0,
-        });
-        state = st;
-    }
+    });
     if cfg.linear_probe && state.epochs_done == 0 {
         set_feature_stats(&clf, &varmap, &loader)?;
     }
     // logs: keep what precedes the resume point
-    let mpath = cfg.out.join("metrics.jsonl");
-    let epath = cfg.out.join("eval.jsonl");
-    let keep = |path: &Path, upto: u64| -> Result<std::fs::File> {
-        let kept: Vec<String> = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                    .is_some_and(|s| s <= upto)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        write_atomic(path, kept.concat().as_bytes())?;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))
-    };
-    let mut mfile = keep(&mpath, state.step)?;
-    let mut efile = keep(&epath, state.step)?;
+    let mut mlog = run.log("metrics.jsonl", state.step)?;
+    let mut elog = run.log("eval.jsonl", state.step)?;
     let mut last_eval = None;
     let mut step = state.step;
     for epoch in state.epochs_done..cfg.epochs {
-        let (mut t_int, mut wait, mut n_int) = (Instant::now(), 0f64, 0usize);
+        driver.reset_interval();
         let mut it = loader.epoch();
-        loop {
-            let tw = Instant::now();
-            let Some(batch) = it.next() else { break };
-            wait += tw.elapsed().as_secs_f64();
-            let batch = batch?;
-            let x = Tensor::from_vec(batch.data, batch.shape.to_vec(), &dev)?;
-            let y: Vec<u32> = batch
-                .labels
-                .iter()
-                .map(|l| {
-                    l.map(|v| v as u32)
-                        .ok_or_else(|| Error::Invalid("a record without a label".into()))
-                })
-                .collect::<Result<_>>()?;
-            let y = Tensor::from_vec(y, batch.shape[0], &dev)?;
+        while let Some(batch) = driver.next_batch(&mut it) {
+            let mut batch = batch?;
+            let x = Driver::latents(&mut batch, &dev)?;
+            let y = batch_labels(&batch, &dev)?;
             let logits = if cfg.linear_probe {
                 let f = clf.features(&x, None)?.detach();
                 clf.head(&f)?
@@ -504,76 +494,43 @@ pub fn run(
                 let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
                 clf.forward_t(&x, Some(seed))?
             };
-            let loss_t = cross_entropy(&logits, &y, cfg.label_smoothing)?;
-            let loss = loss_t.to_scalar::<f32>()? as f64;
-            if !loss.is_finite() {
-                return Err(Error::Invalid(format!("loss is {loss} at step {step}")));
-            }
-            let mut grads = loss_t.backward()?;
-            let norm = opt.clip_grad_norm(&mut grads, cfg.grad_clip)?;
+            let loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
             let lr = lr_at(step, total, warmup, lr_peak, cfg.min_lr);
-            opt.step(&grads, lr)?;
+            let done = driver.step(&loss, step, lr, cfg.batch_size)?;
             step += 1;
-            n_int += cfg.batch_size;
-            if step.is_multiple_of(cfg.log_every.max(1)) {
-                let dt = t_int.elapsed().as_secs_f64().max(1e-9);
+            if driver.log_due(step) {
+                let rates = driver.take_rates();
                 let line = StepMetrics {
                     step,
                     epoch,
-                    loss,
+                    loss: done.loss,
                     lr,
-                    grad_norm: norm,
-                    samples_per_s: n_int as f64 / dt,
-                    data_wait_fraction: wait / dt,
+                    grad_norm: done.grad_norm,
+                    samples_per_s: rates.samples_per_s,
+                    data_wait_fraction: rates.data_wait_fraction,
                 };
-                writeln!(
-                    mfile,
-                    "{}",
-                    serde_json::to_string(&line).expect("serializes")
-                )
-                .map_err(|e| Error::io(&mpath, "write", e))?;
+                mlog.append(&line)?;
                 on_log(&line);
-                (t_int, wait, n_int) = (Instant::now(), 0.0, 0);
             }
         }
         drop(it);
         let mut ev = evaluate(&clf, &val, cfg.eval_batch_size)?;
         (ev.epoch, ev.step) = (epoch + 1, step);
-        writeln!(efile, "{}", serde_json::to_string(&ev).expect("serializes"))
-            .map_err(|e| Error::io(&epath, "write", e))?;
+        elog.append(&ev)?;
         on_eval(&ev);
         if state.best.as_ref().is_none_or(|b| ev.top1 > b.top1) {
-            save_dir(
-                &best_dir,
-                &clf,
-                &varmap,
-                &[(
-                    "eval.json",
-                    serde_json::to_vec_pretty(&ev).expect("serializes"),
-                )],
-            )?;
+            save_classifier(&run, &run.path("best"), &clf, &varmap, |d| {
+                write_json(&d.join("eval.json"), &ev)
+            })?;
             state.best = Some(ev.clone());
         }
         state.epochs_done = epoch + 1;
         state.step = step;
-        let tmp_opt = cfg.out.join("checkpoints/optimizer.safetensors.tmp");
-        opt.save(&tmp_opt)?;
-        save_dir(
-            &last_dir,
-            &clf,
-            &varmap,
-            &[
-                (
-                    "state.json",
-                    serde_json::to_vec_pretty(&state).expect("serializes"),
-                ),
-                (
-                    "optimizer.safetensors",
-                    std::fs::read(&tmp_opt).map_err(|e| Error::io(&tmp_opt, "read", e))?,
-                ),
-            ],
-        )?;
-        let _ = std::fs::remove_file(&tmp_opt);
+        let last = run.checkpoints().join("last");
+        save_classifier(&run, &last, &clf, &varmap, |d| {
+            write_json(&d.join("state.json"), &state)?;
+            driver.opt.save(&d.join("optimizer.safetensors"))
+        })?;
         plot(cfg)?;
         last_eval = Some(ev);
     }
@@ -651,7 +608,7 @@ fn plot(cfg: &FinetuneConfig) -> Result<()> {
             ("val top-1".into(), pts(&eval, "top1")),
         ],
     )?;
-    write_atomic(&cfg.out.join("curves.svg"), svg.as_bytes())?;
+    lmd_data::shard::writer::write_atomic(&cfg.out.join("curves.svg"), svg.as_bytes())?;
     Ok(())
 }
 

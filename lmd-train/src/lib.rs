@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod bench_python;
 pub mod download;
+pub mod driver;
 pub mod error;
 pub mod experiment;
 pub mod export;
@@ -16,6 +17,7 @@ pub mod optim;
 pub mod precompute;
 pub mod quickstart;
 pub mod report;
+pub mod run_dir;
 pub mod testvectors;
 pub mod train;
 

@@ -16,6 +16,7 @@
 //! order. A rerun with the same config starts the inputs at that position and rewrites nothing
 //! that is complete; a rerun with another config is refused, naming the differences.
 
+use crate::run_dir::write_json;
 use crate::{Error, Result};
 use lmd_data::pipeline::{Pipeline, PipelineConfig, PipelineItem, Prepared};
 use lmd_data::shard::{
@@ -241,11 +242,6 @@ fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, "read", e)),
     }
-}
-
-fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    write_atomic(path, &serde_json::to_vec_pretty(v).expect("serializes"))?;
-    Ok(())
 }
 
 /// Progress callback: (records written in this run, expected total for this run if known,

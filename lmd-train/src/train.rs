@@ -16,15 +16,15 @@
 //! written (see [`crate::report`]). `--resume` restores weights, optimizer
 //! moments, step and loader position: the loss sequence continues as if never stopped.
 
+use crate::driver::Driver;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::run_dir::{check_resume_config, read_json, write_json, RunDir};
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
-use lmd_data::shard::writer::write_atomic;
 use lmd_data::shard::LatentDataset;
 use lmd_model::candle::{Device, Tensor};
 use lmd_model::{LatentMae, MaeConfig, MaskSchedule};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -188,22 +188,19 @@ pub struct TrainSummary {
     pub wall_s: f64,
 }
 
-/// The newest complete checkpoint directory of a run, if any.
+/// The checkpoint directory `checkpoints/latest` names, if it exists (not verified: resuming
+/// verifies, see [`RunDir::resume_point`]).
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(out.join("checkpoints/latest")).ok()?;
     let p = out.join("checkpoints").join(name.trim());
     p.is_dir().then_some(p)
 }
 
-/// Train. `on_log` sees every logged line (progress bars).
-pub fn run(
-    cfg: &TrainConfig,
-    resume: bool,
-    on_log: &mut dyn FnMut(&Metrics),
-) -> Result<TrainSummary> {
+/// The model configuration, after refusing nonsense settings before any work (naming the
+/// setting).
+fn validated(cfg: &TrainConfig) -> Result<MaeConfig> {
     let mcfg = cfg.model_config()?;
     mcfg.validate().map_err(Error::Invalid)?;
-    // nonsense settings are refused before any work, naming the setting
     cfg.schedule
         .validate_for(mcfg.num_patches())
         .map_err(|e| Error::Invalid(format!("schedule: {e}")))?;
@@ -213,6 +210,11 @@ pub fn run(
             cfg.steps, cfg.batch_size
         )));
     }
+    Ok(mcfg)
+}
+
+/// The training data, checked against the model's input shape.
+fn open_checked(cfg: &TrainConfig, mcfg: &MaeConfig) -> Result<Arc<LatentDataset>> {
     let ds = Arc::new(open_data(&cfg.data)?);
     let [c, h, w] = ds.meta().latent_shape;
     if [c, h, w] != [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]] {
@@ -221,30 +223,61 @@ pub fn run(
             mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]
         )));
     }
-    std::fs::create_dir_all(cfg.out.join("checkpoints"))
-        .map_err(|e| Error::io(&cfg.out, "create", e))?;
-    write_atomic(
-        &cfg.out.join("config.json"),
-        &serde_json::to_vec_pretty(cfg).expect("serializes"),
-    )?;
+    Ok(ds)
+}
+
+/// Load the newest checkpoint that verifies (model, optimizer, loader position) and return its
+/// step; `None` when there is none (a fresh start).
+fn resume_from(
+    run: &RunDir,
+    cfg: &TrainConfig,
+    varmap: &lmd_model::candle_nn::VarMap,
+    opt: &mut AdamW,
+    loader: &mut LatentLoader,
+) -> Result<Option<u64>> {
+    let Some(ck) = run.resume_point(&mut |w| eprintln!("lmd-train: {w}"))? else {
+        return Ok(None);
+    };
+    let st: CkptState = read_json(&ck.join("state.json"))?;
+    check_resume_config(&ck, &st.config, cfg, &RUN_ONLY_KEYS)?;
+    let mut vm = varmap.clone();
+    vm.load(ck.join("model.safetensors"))?;
+    opt.load(&ck.join("optimizer.safetensors"))?;
+    loader.set_state(st.loader);
+    Ok(Some(st.step))
+}
+
+/// Initialise from `--init` (a fresh run only), saying what was loaded.
+fn init_from(model: &LatentMae, varmap: &lmd_model::candle_nn::VarMap, init: &Path) -> Result<()> {
+    let names = model.init_from(varmap, init)?;
+    eprintln!(
+        "lmd-train: initialised {} tensors from {}{}",
+        names.len(),
+        init.display(),
+        if names.iter().any(|n| n.starts_with("decoder")) {
+            ""
+        } else {
+            " (encoder only: the decoder starts fresh)"
+        }
+    );
+    Ok(())
+}
+
+/// Train. `on_log` sees every logged line (progress bars).
+pub fn run(
+    cfg: &TrainConfig,
+    resume: bool,
+    on_log: &mut dyn FnMut(&Metrics),
+) -> Result<TrainSummary> {
+    let mcfg = validated(cfg)?;
+    let ds = open_checked(cfg, &mcfg)?;
+    let run = RunDir::open(&cfg.out)?;
+    run.write_config(cfg)?;
     let dev = crate::device(&cfg.device)?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev)?;
-    let resuming = resume && latest_checkpoint(&cfg.out).is_some();
-    if let (Some(init), false) = (&cfg.init, resuming) {
-        let names = model.init_from(&varmap, init)?;
-        eprintln!(
-            "lmd-train: initialised {} tensors from {}{}",
-            names.len(),
-            init.display(),
-            if names.iter().any(|n| n.starts_with("decoder")) {
-                ""
-            } else {
-                " (encoder only: the decoder starts fresh)"
-            }
-        );
-    }
-    let mut opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());
+    let opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());
+    let mut driver = Driver::new(opt, cfg.grad_clip, cfg.log_every);
     let mut loader = LatentLoader::new(
         ds.clone(),
         LoaderConfig {
@@ -254,115 +287,63 @@ pub fn run(
             ..Default::default()
         },
     )?;
+    let resumed = match resume {
+        true => resume_from(&run, cfg, &varmap, &mut driver.opt, &mut loader)?,
+        false => None,
+    };
+    if let (Some(init), None) = (&cfg.init, resumed) {
+        init_from(&model, &varmap, init)?;
+    }
+    let mut step = resumed.unwrap_or(0);
     let preview = Preview::new(cfg, &loader, &dev)?;
-    remove_stale_temporaries(&cfg.out.join("checkpoints"));
-    let mut step = 0u64;
-    if resume {
-        if let Some(ck) = latest_checkpoint(&cfg.out) {
-            let st: CkptState = serde_json::from_slice(
-                &std::fs::read(ck.join("state.json"))
-                    .map_err(|e| Error::io(ck.join("state.json"), "read", e))?,
-            )
-            .map_err(|e| Error::Invalid(format!("{}: {e}", ck.join("state.json").display())))?;
-            let (mut a, mut b) = (
-                serde_json::to_value(&st.config).expect("v"),
-                serde_json::to_value(cfg).expect("v"),
-            );
-            for v in [&mut a, &mut b] {
-                let o = v.as_object_mut().expect("object");
-                for k in RUN_ONLY_KEYS {
-                    o.remove(k);
-                }
-            }
-            if a != b {
-                return Err(Error::Invalid(format!(
-                    "{}: the checkpoint was made with another configuration; resume with the same one",
-                    ck.display()
-                )));
-            }
-            let mut vm = varmap.clone();
-            vm.load(ck.join("model.safetensors"))?;
-            opt.load(&ck.join("optimizer.safetensors"))?;
-            loader.set_state(st.loader);
-            step = st.step;
-        }
-    }
     // metrics.jsonl: keep what precedes the resume point
-    let mpath = cfg.out.join("metrics.jsonl");
-    let kept: Vec<String> = std::fs::read_to_string(&mpath)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Metrics>(l)
-                .map(|x| x.step <= step)
-                .unwrap_or(false)
-        })
-        .map(str::to_string)
-        .collect();
-    let mut text = kept.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
-    }
-    write_atomic(&mpath, text.as_bytes())?;
-    let mut mfile = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&mpath)
-        .map_err(|e| Error::io(&mpath, "open", e))?;
-
+    let mut log = run.log("metrics.jsonl", step)?;
     let lr_peak = cfg.blr * cfg.batch_size as f64 / 256.0;
     let first_step = step;
     let t0 = Instant::now();
-    let (mut t_int, mut wait, mut n_int) = (Instant::now(), 0f64, 0usize);
     let mut last_loss = f64::NAN;
     let stop = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
-    'outer: while step < stop {
+    while step < stop {
         let mut it = loader.epoch();
-        loop {
-            if step >= stop {
-                break 'outer;
-            }
-            let tw = Instant::now();
-            let Some(batch) = it.next() else { break };
-            wait += tw.elapsed().as_secs_f64();
-            let batch = batch?;
-            let x = Tensor::from_vec(batch.data, batch.shape.to_vec(), &dev)?;
+        while step < stop {
+            let Some(batch) = driver.next_batch(&mut it) else {
+                break;
+            };
+            let mut batch = batch?;
+            let x = Driver::latents(&mut batch, &dev)?;
             let ratio = cfg.schedule.ratio(step as usize, cfg.steps as usize);
             let noise_seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
             let out = model.forward(&x, ratio, noise_seed)?;
-            let loss = out.loss.to_scalar::<f32>()? as f64;
-            if !loss.is_finite() {
-                return Err(Error::Invalid(format!("loss is {loss} at step {step}")));
-            }
-            let mut grads = out.loss.backward()?;
-            let norm = opt.clip_grad_norm(&mut grads, cfg.grad_clip)?;
             let lr = lr_at(step, cfg.steps, cfg.warmup_steps, lr_peak, cfg.min_lr);
-            opt.step(&grads, lr)?;
+            let done = driver.step(&out.loss, step, lr, cfg.batch_size)?;
             step += 1;
-            n_int += cfg.batch_size;
-            last_loss = loss;
-            if step.is_multiple_of(cfg.log_every.max(1)) || step == stop {
-                let dt = t_int.elapsed().as_secs_f64();
+            last_loss = done.loss;
+            if driver.log_due(step) || step == stop {
+                let rates = driver.take_rates();
                 let line = Metrics {
                     step,
                     epoch: batch.epoch,
-                    loss,
+                    loss: done.loss,
                     mask_ratio: ratio,
                     lr,
-                    grad_norm: norm,
-                    samples_per_s: n_int as f64 / dt.max(1e-9),
-                    data_wait_fraction: wait / dt.max(1e-9),
+                    grad_norm: done.grad_norm,
+                    samples_per_s: rates.samples_per_s,
+                    data_wait_fraction: rates.data_wait_fraction,
                 };
-                writeln!(
-                    mfile,
-                    "{}",
-                    serde_json::to_string(&line).expect("serializes")
-                )
-                .map_err(|e| Error::io(&mpath, "write", e))?;
+                log.append(&line)?;
                 on_log(&line);
-                (t_int, wait, n_int) = (Instant::now(), 0.0, 0);
             }
             if step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop {
-                checkpoint(cfg, &model, &varmap, &opt, step, it.state())?;
+                let state = CkptState {
+                    step,
+                    loader: it.state(),
+                    config: cfg.clone(),
+                };
+                run.save_step(step, cfg.keep_checkpoints, |dir| {
+                    model.save(&varmap, &dir.join("model.safetensors"))?;
+                    driver.opt.save(&dir.join("optimizer.safetensors"))?;
+                    write_json(&dir.join("state.json"), &state)
+                })?;
                 preview.write(cfg, &model, step)?;
             }
         }
@@ -374,70 +355,6 @@ pub fn run(
         final_loss: last_loss,
         wall_s: t0.elapsed().as_secs_f64(),
     })
-}
-
-fn checkpoint(
-    cfg: &TrainConfig,
-    model: &LatentMae,
-    varmap: &lmd_model::candle_nn::VarMap,
-    opt: &AdamW,
-    step: u64,
-    loader: LoaderState,
-) -> Result<()> {
-    let dir = cfg.out.join("checkpoints");
-    let name = format!("step-{step:08}");
-    let tmp = dir.join(format!("{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-    model.save(varmap, &tmp.join("model.safetensors"))?;
-    opt.save(&tmp.join("optimizer.safetensors"))?;
-    let st = CkptState {
-        step,
-        loader,
-        config: cfg.clone(),
-    };
-    write_atomic(
-        &tmp.join("state.json"),
-        &serde_json::to_vec_pretty(&st).expect("serializes"),
-    )?;
-    let fin = dir.join(&name);
-    let _ = std::fs::remove_dir_all(&fin);
-    std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, "rename", e))?;
-    write_atomic(&dir.join("latest"), name.as_bytes())?;
-    if cfg.keep_checkpoints > 0 {
-        let mut old: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(&dir, "read directory", e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_dir()
-                    && p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("step-") && !n.contains(".tmp"))
-            })
-            .collect();
-        old.sort();
-        let n = old.len().saturating_sub(cfg.keep_checkpoints);
-        for p in &old[..n] {
-            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, "remove old checkpoint", e))?;
-        }
-    }
-    Ok(())
-}
-
-/// Remove checkpoint directories a killed run left half-written (`*.tmp-PID`).
-fn remove_stale_temporaries(dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.contains(".tmp-"))
-        {
-            let _ = std::fs::remove_dir_all(&p);
-        }
-    }
 }
 
 /// The fixed samples previews show, and the VAE that decodes them.

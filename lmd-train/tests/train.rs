@@ -110,6 +110,23 @@ fn training_logs_checkpoints_and_resumes_exactly() {
     d.blr = 0.01;
     let e = run(&d, true, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("another configuration"), "{e}");
+    // and names the setting that differs, with both values
+    assert!(e.contains("blr: 0.05 -> 0.01"), "{e}");
+
+    // regression: a damaged newest checkpoint is never loaded; resume falls back to the one
+    // before (step 8) and redoes the steps after it, with the same numbers
+    let ck = b.path().join("checkpoints/step-00000010/model.safetensors");
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0x55;
+    std::fs::write(&ck, bytes).unwrap();
+    let s = run(&c, true, &mut |_| {}).unwrap();
+    assert_eq!((s.first_step, s.last_step), (8, 10));
+    let mc = metrics(b.path());
+    assert_eq!(mc.len(), 10);
+    for (x, y) in ma.iter().zip(&mc) {
+        assert_eq!((x.step, x.loss, x.grad_norm), (y.step, y.loss, y.grad_norm));
+    }
 }
 
 #[test]

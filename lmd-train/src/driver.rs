@@ -1,0 +1,108 @@
+//! The step driver shared by pretraining (`train`) and fine-tuning (`finetune`): batches from
+//! the loader with the wait timed, one optimisation step from a loss, and the throughput of
+//! each logging interval.
+//!
+//! Rules:
+//! - One step is: the loss checked finite (else an error naming the step), backward, global
+//!   gradient-norm clipping, one AdamW update at the given learning rate. The caller computes
+//!   the loss (that is what differs between the programs) and the learning rate.
+//! - `samples_per_s` and `data_wait_fraction` cover the interval since the last logged line
+//!   (or [`Driver::reset_interval`]).
+
+use std::time::Instant;
+
+use lmd_data::loader::{EpochIter, LatentBatch};
+use lmd_model::candle::{Device, Tensor};
+
+use crate::optim::AdamW;
+use crate::{Error, Result};
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stepped {
+    pub loss: f64,
+    pub grad_norm: f64,
+}
+
+/// Throughput over a logging interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    pub samples_per_s: f64,
+    /// Fraction of the interval's wall time spent waiting for the loader.
+    pub data_wait_fraction: f64,
+}
+
+/// Runs the steps of one training job.
+pub struct Driver {
+    pub opt: AdamW,
+    grad_clip: f64,
+    log_every: u64,
+    since: Instant,
+    wait_s: f64,
+    samples: usize,
+}
+
+impl Driver {
+    pub fn new(opt: AdamW, grad_clip: f64, log_every: u64) -> Self {
+        Driver {
+            opt,
+            grad_clip,
+            log_every: log_every.max(1),
+            since: Instant::now(),
+            wait_s: 0.0,
+            samples: 0,
+        }
+    }
+
+    /// The next batch of the epoch (the wait counted), or `None` at its end.
+    pub fn next_batch(&mut self, it: &mut EpochIter<'_>) -> Option<Result<LatentBatch>> {
+        let t = Instant::now();
+        let b = it.next();
+        self.wait_s += t.elapsed().as_secs_f64();
+        b.map(|b| b.map_err(Error::from))
+    }
+
+    /// A batch's latents as a `[B, C, H, W]` tensor on `dev` (moved out of the batch).
+    pub fn latents(batch: &mut LatentBatch, dev: &Device) -> Result<Tensor> {
+        let data = std::mem::take(&mut batch.data);
+        Ok(Tensor::from_vec(data, batch.shape.to_vec(), dev)?)
+    }
+
+    /// One optimisation step from `loss` (a scalar) at learning rate `lr`; `step` is the
+    /// number of steps done before it (named in errors), `samples` the batch size.
+    pub fn step(&mut self, loss: &Tensor, step: u64, lr: f64, samples: usize) -> Result<Stepped> {
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(Error::Invalid(format!("loss is {value} at step {step}")));
+        }
+        let mut grads = loss.backward()?;
+        let grad_norm = self.opt.clip_grad_norm(&mut grads, self.grad_clip)?;
+        self.opt.step(&grads, lr)?;
+        self.samples += samples;
+        Ok(Stepped {
+            loss: value,
+            grad_norm,
+        })
+    }
+
+    /// Whether the step count `step` (after the step) is a logging step.
+    pub fn log_due(&self, step: u64) -> bool {
+        step.is_multiple_of(self.log_every)
+    }
+
+    /// The interval's throughput, and a new interval.
+    pub fn take_rates(&mut self) -> Rates {
+        let dt = self.since.elapsed().as_secs_f64().max(1e-9);
+        let r = Rates {
+            samples_per_s: self.samples as f64 / dt,
+            data_wait_fraction: self.wait_s / dt,
+        };
+        self.reset_interval();
+        r
+    }
+
+    /// Start a new interval (e.g. after an evaluation that should not count).
+    pub fn reset_interval(&mut self) {
+        (self.since, self.wait_s, self.samples) = (Instant::now(), 0.0, 0);
+    }
+}

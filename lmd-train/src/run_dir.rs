@@ -1,0 +1,447 @@
+//! The run directory of `lmd-train` and `lmd-finetune`: one layout, one set of rules.
+//!
+//! ```text
+//! OUT/config.json            the settings of the latest start (atomic)
+//! OUT/metrics.jsonl          one line per logged step; eval.jsonl for fine-tuning
+//! OUT/checkpoints/NAME/      model.safetensors, optimizer.safetensors, state.json, SHA256SUMS
+//! OUT/checkpoints/latest     the name of the newest checkpoint (pretraining)
+//! ```
+//!
+//! Rules:
+//! - Every file is written atomically (temporary, fsync, rename, directory fsync:
+//!   [`lmd_data::shard::writer::write_atomic`]); a checkpoint directory is filled under a
+//!   temporary name and renamed when complete, its `SHA256SUMS` written last.
+//! - Temporaries a killed run left behind (`*.tmp-*`) are removed when the run directory opens.
+//! - A checkpoint is verified against its `SHA256SUMS` before it is loaded. Resume takes the
+//!   newest checkpoint that verifies and says which ones it skipped; it never loads a damaged
+//!   one.
+//! - A resume with other settings is refused, naming each setting that differs (settings that do
+//!   not change the numbers, such as the output or logging, may change).
+//! - JSONL logs are cut back to the resume step when a run resumes, so no line is duplicated.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use lmd_data::shard::writer::write_atomic;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// The checksum file of a checkpoint directory (`sha256sum -c` reads it).
+pub const CHECKSUMS: &str = "SHA256SUMS";
+
+/// A run's output directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Create (or reopen) `root` and its `checkpoints/`, removing stale temporaries.
+    pub fn open(root: &Path) -> Result<Self> {
+        let dir = RunDir {
+            root: root.to_path_buf(),
+        };
+        std::fs::create_dir_all(dir.checkpoints())
+            .map_err(|e| Error::io(dir.checkpoints(), "create", e))?;
+        remove_stale_temporaries(&dir.checkpoints());
+        remove_stale_temporaries(root);
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    /// `config.json`: the settings of this start.
+    pub fn write_config<T: Serialize>(&self, cfg: &T) -> Result<()> {
+        write_json(&self.path("config.json"), cfg)
+    }
+
+    /// The JSONL log `name`, cut back to the lines with `step <= upto`, open for appending.
+    pub fn log(&self, name: &str, upto: u64) -> Result<JsonlLog> {
+        let path = self.path(name);
+        let kept: String = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= upto)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "open", e))?;
+        Ok(JsonlLog { path, file })
+    }
+
+    /// Write the checkpoint directory `dir` (e.g. `checkpoints/step-00000100`, or `best`)
+    /// completely or not at all: `fill` writes the files into a temporary directory, then
+    /// their checksums are written and the directory is renamed over `dir`.
+    pub fn save_dir(&self, dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.with_file_name(format!("{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
+        fill(&tmp)?;
+        write_checksums(&tmp)?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, "rename", e))?;
+        if let Some(parent) = dir.parent() {
+            if let Ok(f) = File::open(parent) {
+                let _ = f.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// A numbered pretraining checkpoint `checkpoints/step-NNNNNNNN`, then `latest` names it,
+    /// then all but the newest `keep` numbered checkpoints are removed (`keep == 0`: all kept).
+    pub fn save_step(
+        &self,
+        step: u64,
+        keep: usize,
+        fill: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let name = step_name(step);
+        let fin = self.checkpoints().join(&name);
+        self.save_dir(&fin, fill)?;
+        write_atomic(&self.checkpoints().join("latest"), name.as_bytes())?;
+        if keep > 0 {
+            let old = self.step_checkpoints()?;
+            let n = old.len().saturating_sub(keep);
+            for p in &old[..n] {
+                std::fs::remove_dir_all(p).map_err(|e| Error::io(p, "remove old checkpoint", e))?;
+            }
+        }
+        Ok(fin)
+    }
+
+    /// The numbered checkpoint directories, oldest first.
+    fn step_checkpoints(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.checkpoints();
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, "read directory", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("step-") && !n.contains(".tmp"))
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// The newest numbered checkpoint that verifies, trying the one `latest` names first.
+    /// Each one skipped is reported through `warn` with the reason.
+    pub fn resume_point(&self, warn: &mut dyn FnMut(&str)) -> Result<Option<PathBuf>> {
+        let mut candidates = self.step_checkpoints()?;
+        candidates.reverse();
+        if let Ok(name) = std::fs::read_to_string(self.checkpoints().join("latest")) {
+            let p = self.checkpoints().join(name.trim());
+            candidates.retain(|c| c != &p);
+            candidates.insert(0, p);
+        }
+        for (i, c) in candidates.iter().enumerate() {
+            if !c.is_dir() {
+                continue;
+            }
+            match verify_dir(c) {
+                Ok(()) => return Ok(Some(c.clone())),
+                Err(e) => warn(&format!(
+                    "{} does not verify ({e}); {}",
+                    c.display(),
+                    if i + 1 < candidates.len() {
+                        "trying an older checkpoint"
+                    } else {
+                        "no older checkpoint"
+                    }
+                )),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// `step-NNNNNNNN`.
+pub fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// An append-only JSONL log.
+pub struct JsonlLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl JsonlLog {
+    pub fn append<T: Serialize>(&mut self, line: &T) -> Result<()> {
+        writeln!(
+            self.file,
+            "{}",
+            serde_json::to_string(line).expect("serializes")
+        )
+        .map_err(|e| Error::io(&self.path, "write", e))
+    }
+}
+
+/// `v` as pretty JSON at `path`, atomically.
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    write_atomic(path, &serde_json::to_vec_pretty(v).expect("serializes"))?;
+    Ok(())
+}
+
+/// Read a JSON file, naming it in errors.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// The settings of `saved` and `now` (as JSON objects) that differ, except `run_only` ones:
+/// `name: saved -> now`, sorted. Empty when the two runs compute the same numbers.
+pub fn config_differences<T: Serialize>(saved: &T, now: &T, run_only: &[&str]) -> Vec<String> {
+    let obj = |v: &T| match serde_json::to_value(v).expect("serializes") {
+        serde_json::Value::Object(o) => o,
+        other => std::iter::once(("value".to_string(), other)).collect(),
+    };
+    let (a, b) = (obj(saved), obj(now));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| !run_only.contains(&k.as_str()))
+        .filter_map(|k| {
+            let (x, y) = (a.get(k), b.get(k));
+            (x != y).then(|| {
+                let show = |v: Option<&serde_json::Value>| {
+                    v.map_or("(unset)".to_string(), |v| v.to_string())
+                };
+                format!("{k}: {} -> {}", show(x), show(y))
+            })
+        })
+        .collect()
+}
+
+/// Refuse a resume whose settings differ from the checkpoint's, naming each setting.
+pub fn check_resume_config<T: Serialize>(
+    checkpoint: &Path,
+    saved: &T,
+    now: &T,
+    run_only: &[&str],
+) -> Result<()> {
+    let diff = config_differences(saved, now, run_only);
+    if diff.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{}: the checkpoint was made with another configuration; resume with the same one, or \
+         start a new run in another --out. Differences (checkpoint -> now): {}",
+        checkpoint.display(),
+        diff.join("; ")
+    )))
+}
+
+fn sha256_of(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// `SHA256SUMS` over the files of `dir` (in `sha256sum`'s format), written last.
+fn write_checksums(dir: &Path) -> Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, "read directory", e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != CHECKSUMS)
+        .collect();
+    names.sort();
+    let mut text = String::new();
+    for n in names {
+        text.push_str(&format!("{}  {n}\n", sha256_of(&dir.join(&n))?));
+    }
+    write_atomic(&dir.join(CHECKSUMS), text.as_bytes())?;
+    Ok(())
+}
+
+/// Check every file `SHA256SUMS` lists (the error names the first that is missing or differs).
+pub fn verify_dir(dir: &Path) -> Result<()> {
+    let sums = dir.join(CHECKSUMS);
+    let text = std::fs::read_to_string(&sums)
+        .map_err(|e| Error::io(&sums, "read (an incomplete checkpoint)", e))?;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let Some((want, name)) = line.split_once("  ") else {
+            return Err(Error::Invalid(format!(
+                "{}: malformed line {line:?}",
+                sums.display()
+            )));
+        };
+        let got = sha256_of(&dir.join(name))?;
+        if got != want {
+            return Err(Error::Invalid(format!(
+                "{}: checksum {got} differs from {want} in {CHECKSUMS}",
+                dir.join(name).display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Remove directories and files a killed run left half-written (`*.tmp-PID`).
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains(".tmp-"))
+        {
+            if p.is_dir() {
+                let _ = std::fs::remove_dir_all(&p);
+            } else {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(text: &'static str) -> impl FnOnce(&Path) -> Result<()> {
+        move |d: &Path| {
+            std::fs::write(d.join("model.safetensors"), text).unwrap();
+            write_json(&d.join("state.json"), &serde_json::json!({"step": 1}))
+        }
+    }
+
+    #[test]
+    fn a_damaged_latest_checkpoint_is_never_loaded_resume_falls_back_and_says_so() {
+        let t = tempfile::tempdir().unwrap();
+        let run = RunDir::open(t.path()).unwrap();
+        run.save_step(10, 0, fill("ten")).unwrap();
+        run.save_step(20, 0, fill("twenty")).unwrap();
+        let mut warnings = Vec::new();
+        let got = run
+            .resume_point(&mut |w| warnings.push(w.to_string()))
+            .unwrap();
+        assert_eq!(got.unwrap().file_name().unwrap(), "step-00000020");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // flip the newest checkpoint's weights: step 10 is taken, and the warning names 20
+        std::fs::write(
+            run.checkpoints().join("step-00000020/model.safetensors"),
+            "tw3nty",
+        )
+        .unwrap();
+        let got = run
+            .resume_point(&mut |w| warnings.push(w.to_string()))
+            .unwrap();
+        assert_eq!(got.unwrap().file_name().unwrap(), "step-00000010");
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("step-00000020") && warnings[0].contains("model.safetensors"),
+            "{warnings:?}"
+        );
+        // a checkpoint without its checksums (cut before SHA256SUMS) does not verify either
+        std::fs::remove_file(run.checkpoints().join("step-00000010").join(CHECKSUMS)).unwrap();
+        warnings.clear();
+        assert!(run
+            .resume_point(&mut |w| warnings.push(w.to_string()))
+            .unwrap()
+            .is_none());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_stale_temporaries_are_removed_on_open() {
+        let t = tempfile::tempdir().unwrap();
+        let run = RunDir::open(t.path()).unwrap();
+        for s in [1, 2, 3, 4] {
+            run.save_step(s, 2, fill("x")).unwrap();
+        }
+        let names: Vec<String> = run
+            .step_checkpoints()
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["step-00000003", "step-00000004"]);
+        let stale = run.checkpoints().join("step-00000005.tmp-999");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(t.path().join("metrics.jsonl.tmp-999-0"), "x").unwrap();
+        RunDir::open(t.path()).unwrap();
+        assert!(!stale.exists());
+        assert!(!t.path().join("metrics.jsonl.tmp-999-0").exists());
+    }
+
+    #[test]
+    fn logs_are_cut_back_to_the_resume_step() {
+        let t = tempfile::tempdir().unwrap();
+        let run = RunDir::open(t.path()).unwrap();
+        let mut log = run.log("metrics.jsonl", 0).unwrap();
+        for s in 1..=5u64 {
+            log.append(&serde_json::json!({"step": s})).unwrap();
+        }
+        drop(log);
+        let mut log = run.log("metrics.jsonl", 3).unwrap();
+        log.append(&serde_json::json!({"step": 4, "again": true}))
+            .unwrap();
+        let text = std::fs::read_to_string(run.path("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_resume_with_other_settings_names_each_one() {
+        let a = serde_json::json!({"lr": 1.0, "steps": 10, "out": "a", "seed": 1});
+        let b = serde_json::json!({"lr": 2.0, "steps": 10, "out": "b", "seed": 3});
+        let e = check_resume_config(Path::new("ck"), &a, &b, &["out"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lr: 1.0 -> 2.0") && e.contains("seed: 1 -> 3"),
+            "{e}"
+        );
+        assert!(!e.contains("out:") && !e.contains("steps:"), "{e}");
+        assert!(check_resume_config(Path::new("ck"), &a, &a, &[]).is_ok());
+    }
+}
