@@ -413,3 +413,37 @@ fn nan_loss_at_a_mask_ratio_that_masks_nothing_is_refused_naming_l() {
     };
     assert!(ok.validate_for(196).is_ok());
 }
+
+/// The parity tests run on the backend `LMD_KERNELS` selects (CI runs them twice: fused, and
+/// `LMD_KERNELS=candle`, the graph a GPU runs): this one fails if the setting were not honoured,
+/// so the second run cannot silently test the fused kernels again.
+#[test]
+fn parity_models_compute_on_the_backend_lmd_kernels_selects() {
+    let want = match std::env::var(lmd_model::KERNELS_ENV).as_deref() {
+        Ok("candle") => lmd_model::Backend::Candle,
+        Ok("ops") => lmd_model::Backend::Ops,
+        _ => lmd_model::Backend::Fused,
+    };
+    let cfg = lmd_model::MaeConfig::tiny();
+    let vm = VarMap::new();
+    let model = LatentMae::init(&cfg, &vm, 0, &Device::Cpu).unwrap();
+    assert_eq!(model.backend(), want);
+    let clf_cfg = lmd_model::ClassifierConfig {
+        encoder: cfg,
+        num_classes: 3,
+        global_pool: true,
+        drop_path: 0.0,
+        linear_probe: false,
+    };
+    let clf =
+        lmd_model::VitClassifier::init(&clf_cfg, &VarMap::new(), 0, 0.01, &Device::Cpu).unwrap();
+    assert_eq!(clf.backend(), want);
+    // f64 has no fused kernels: auto picks candle's ops whatever the setting allows
+    if want == lmd_model::Backend::Fused {
+        assert_eq!(
+            lmd_model::Backend::resolve(lmd_model::Kernels::Auto, &Device::Cpu, DType::F64)
+                .unwrap(),
+            lmd_model::Backend::Candle
+        );
+    }
+}
