@@ -9,7 +9,7 @@
 //!
 //! One TurboJPEG handle per thread, made on first use and reused (`thread_local`).
 
-use crate::decode::{check_pixels, has_jpeg_eoi, Rect, Rgb8};
+use crate::pixels::{check_pixels, has_jpeg_eoi, Rect, Rgb8};
 use std::cell::RefCell;
 use std::os::raw::c_int;
 use turbojpeg_sys as tj;

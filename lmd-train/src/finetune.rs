@@ -147,17 +147,7 @@ pub struct EvalResult {
     pub latents_per_s: f64,
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    pub step: u64,
-    pub epoch: u64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub samples_per_s: f64,
-    pub data_wait_fraction: f64,
-}
+pub use crate::metrics::StepMetrics;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {

@@ -13,6 +13,7 @@ pub mod experiment;
 pub mod export;
 pub mod finetune;
 pub mod inspect;
+pub mod metrics;
 pub mod optim;
 pub mod precompute;
 pub mod quickstart;

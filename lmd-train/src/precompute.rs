@@ -619,7 +619,40 @@ fn finish_summary(
         resumed_records,
     };
     write_json(&dir.join("summary.json"), &s)?;
+    if manifest.records == 0 {
+        return Err(nothing_written(dir, report));
+    }
     Ok(s)
+}
+
+/// The error of a run that wrote no record: the failed inputs named (the first few), the
+/// rest in `skipped.jsonl`.
+fn nothing_written(dir: &Path, report: &[ReportLine]) -> Error {
+    let failures: Vec<String> = report
+        .iter()
+        .filter_map(|l| match l {
+            ReportLine::ShardFailed {
+                source,
+                offset,
+                message,
+            } => Some(match offset {
+                Some(o) => format!("{source} at byte {o}: {message}"),
+                None => format!("{source}: {message}"),
+            }),
+            ReportLine::InputFailed { message } => Some(message.clone()),
+            ReportLine::Skip { .. } => None,
+        })
+        .collect();
+    let skipped = report.len() - failures.len();
+    let shown: Vec<&str> = failures.iter().take(5).map(String::as_str).collect();
+    Error::Invalid(format!(
+        "no record written to {}: {} failed inputs, {skipped} skipped samples{}{} (all in {})",
+        dir.display(),
+        failures.len(),
+        if shown.is_empty() { "" } else { ": " },
+        shown.join("; "),
+        dir.join("skipped.jsonl").display()
+    ))
 }
 
 /// Delete `NAME.tmp-PID-N` files left in `dir` by writers that were killed (their process is

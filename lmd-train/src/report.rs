@@ -10,7 +10,7 @@
 //! - [`plot_curves`]: loss, mask ratio and learning rate against the step, from `metrics.jsonl`
 //!   lines, as an SVG with three stacked panels (`plotters`, SVG backend: no font files needed).
 
-use crate::train::Metrics;
+use crate::metrics::Metrics;
 use crate::{Error, Result};
 use lmd_model::candle::{DType, Tensor, D};
 use lmd_model::vae::Vae;

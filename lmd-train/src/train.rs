@@ -117,19 +117,7 @@ pub(crate) fn resolve_model(preset: &str, model: Option<&MaeConfig>) -> Result<M
     }
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    pub step: u64,
-    pub epoch: u64,
-    pub loss: f64,
-    pub mask_ratio: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub samples_per_s: f64,
-    /// Fraction of the interval's wall time spent waiting for the loader.
-    pub data_wait_fraction: f64,
-}
+pub use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CkptState {

@@ -194,6 +194,14 @@ pub fn read_webdataset_shard(
             return false;
         }
     }
+    // An input that yields nothing (an empty file, text, a tar of end blocks only) is a failed
+    // input, not a silent success.
+    if members == 0 {
+        return f(fail(
+            Some(0),
+            "no tar members: an empty file or not a tar archive".into(),
+        ));
+    }
     // A complete tar ends with two zero blocks; a file that stops right after a member was cut
     // at a member boundary.
     if members > 0 && file_len.saturating_sub(last_end) < 1024 {
