@@ -28,4 +28,3 @@ pub struct StepMetrics {
     pub samples_per_s: f64,
     pub data_wait_fraction: f64,
 }
-

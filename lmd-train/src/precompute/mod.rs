@@ -1,0 +1,280 @@
+//! `lmd-precompute`: datasets -> latent shards, once, restartable.
+//!
+//! Flow: [`lmd_data::pipeline::Pipeline`] (reader -> decode/transform workers on other cores ->
+//! ordered batches) feeds this thread, which runs the VAE on each batch and appends records to
+//! the current [`ShardWriter`]; a shard is finished (atomically) every `records_per_shard`
+//! records. Decoding therefore runs ahead of the VAE, bounded by the pipeline's queues.
+//!
+//! Output directory (one per worker when `num_workers > 1`: `OUT/worker-III-of-NNN/`):
+//! `shard-000000.lmds ...`, `index.json` (manifest), `precompute.json` (the resolved config),
+//! `state.json` (resume point), `skipped.jsonl` (every skipped sample and failed shard),
+//! `summary.json`.
+//!
+//! Stages, each its own module: [`plan`] (inputs, transform, VAE and shard metadata, fixed before
+//! any image is read), decode ([`lmd_data::pipeline`], on other threads), [`encode`] (the VAE on
+//! this thread) and [`commit`] (records into shards, and the resume state beside them).
+//!
+//! Resume rules: shard `k` holds the `k`-th run of `records_per_shard` delivered samples in input
+//! order, so the output does not depend on timing. After each shard the skip report, manifest and
+//! state (the input position after the shard's last sample) are rewritten atomically, in that
+//! order. A rerun with the same config starts the inputs at that position and rewrites nothing
+//! that is complete; a rerun with another config is refused, naming the differences.
+
+mod commit;
+mod encode;
+mod plan;
+
+use crate::{Error, Result};
+use lmd_data::pipeline::{Pipeline, PipelineItem};
+use lmd_data::transform::{CropMode, Filter, TransformConfig};
+use lmd_data::DType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use commit::{failure_line, Output};
+use encode::Encoder;
+use plan::Plan;
+
+/// What each record stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Store {
+    /// The latent (the posterior mean for KL VAEs, scaled).
+    Latent,
+    /// The posterior mean (KL VAEs), scaled.
+    Mean,
+    /// Mean and log-variance (KL VAEs), both in the scaled space: sample `mean + exp(logvar/2)·ε`.
+    MeanLogvar,
+}
+
+/// The resolved configuration of a precompute job (saved as `precompute.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrecomputeConfig {
+    /// Inputs: shard patterns, ILSVRC tars, ImageFolder directories.
+    pub inputs: Vec<String>,
+    /// Input kind for all inputs (`wds`, `ilsvrc-train`, `ilsvrc-val`, `folder`); none: detected.
+    pub kind: Option<String>,
+    /// `LOC_synset_mapping.txt` for ILSVRC inputs.
+    pub synsets: Option<PathBuf>,
+    /// `LOC_val_solution.csv`: makes a flat tar an ILSVRC val input.
+    pub val_labels: Option<PathBuf>,
+    pub output: PathBuf,
+    /// `taesd` or `sd-vae`.
+    pub vae: String,
+    /// A directory, or `hf:OWNER/REPO[/SUBFOLDER]`; none: the VAE's default hub repository.
+    pub vae_weights: Option<PathBuf>,
+    pub size: u32,
+    /// `center` or `random-resized-crop`.
+    pub crop: String,
+    pub views: usize,
+    pub flip: bool,
+    pub filter: String,
+    pub store: Store,
+    pub dtype: DType,
+    pub records_per_shard: usize,
+    pub batch_size: usize,
+    pub decode_threads: usize,
+    pub device: String,
+    pub num_workers: usize,
+    pub worker_index: usize,
+    /// Samples without a label are skipped (`true`) or stored unlabelled (`false`).
+    pub require_labels: bool,
+    /// Stop after this many input samples (0: all). For trials and tests.
+    pub limit: u64,
+}
+
+impl Default for PrecomputeConfig {
+    fn default() -> Self {
+        PrecomputeConfig {
+            inputs: vec![],
+            kind: None,
+            synsets: None,
+            val_labels: None,
+            output: PathBuf::from("latents"),
+            vae: "taesd".into(),
+            vae_weights: None,
+            size: 224,
+            crop: "center".into(),
+            views: 1,
+            flip: false,
+            filter: "bilinear".into(),
+            store: Store::Latent,
+            dtype: DType::F16,
+            records_per_shard: 5000,
+            batch_size: 16,
+            decode_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            device: "cpu".into(),
+            num_workers: 1,
+            worker_index: 0,
+            require_labels: true,
+            limit: 0,
+        }
+    }
+}
+
+impl PrecomputeConfig {
+    /// Worker defaults from a Slurm array job (`SLURM_ARRAY_TASK_COUNT`, `SLURM_ARRAY_TASK_ID`
+    /// minus `SLURM_ARRAY_TASK_MIN`) or a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`; the
+    /// count must then be given).
+    pub fn worker_from_env() -> (Option<usize>, Option<usize>) {
+        let get = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        let count = get("SLURM_ARRAY_TASK_COUNT");
+        let index = match (get("SLURM_ARRAY_TASK_ID"), get("SLURM_ARRAY_TASK_MIN")) {
+            (Some(id), min) => Some(id - min.unwrap_or(0)),
+            _ => get("JOB_COMPLETION_INDEX"),
+        };
+        (count, index)
+    }
+
+    fn transform(&self) -> Result<TransformConfig> {
+        let crop = match self.crop.as_str() {
+            "center" => CropMode::Center,
+            "random-resized-crop" | "rrc" => CropMode::rrc_default(),
+            o => {
+                return Err(Error::Invalid(format!(
+                    "crop {o:?}: expected center or random-resized-crop"
+                )))
+            }
+        };
+        if crop == CropMode::Center && self.views != 1 {
+            return Err(Error::Invalid(
+                "--views > 1 needs --crop random-resized-crop".into(),
+            ));
+        }
+        Ok(TransformConfig {
+            size: self.size,
+            crop,
+            views: self.views.max(1),
+            flip: self.flip,
+            filter: self.filter.parse::<Filter>().map_err(Error::Invalid)?,
+        })
+    }
+
+    /// The directory this worker writes.
+    pub fn worker_dir(&self) -> PathBuf {
+        if self.num_workers > 1 {
+            self.output.join(format!(
+                "worker-{:03}-of-{:03}",
+                self.worker_index, self.num_workers
+            ))
+        } else {
+            self.output.clone()
+        }
+    }
+
+    /// Settings that decide the output; a rerun must match them to resume.
+    fn resume_key(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("serializes");
+        let o = v.as_object_mut().expect("object");
+        for k in ["batch_size", "decode_threads", "device", "output"] {
+            o.remove(k);
+        }
+        v
+    }
+}
+
+/// Resume point (`state.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    shards: usize,
+    records: usize,
+    next_seq: u64,
+    done: bool,
+}
+
+/// One line of `skipped.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ReportLine {
+    Skip {
+        source: String,
+        key: String,
+        offset: u64,
+        reason: String,
+    },
+    ShardFailed {
+        source: String,
+        offset: Option<u64>,
+        message: String,
+    },
+    InputFailed {
+        message: String,
+    },
+}
+
+/// What a run did (also `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub output: PathBuf,
+    pub written: usize,
+    pub skipped: usize,
+    pub skipped_by_reason: BTreeMap<String, usize>,
+    pub failed_shards: usize,
+    pub shards: usize,
+    pub bytes: u64,
+    pub bytes_per_image: f64,
+    pub wall_s: f64,
+    pub images_per_s: f64,
+    /// Images/s of the VAE while it was busy (the bound when decoding keeps up).
+    pub vae_images_per_s: f64,
+    /// Fraction of the wall time this thread waited for decoded batches.
+    pub data_wait_fraction: f64,
+    /// Records already present when this run started (resumed).
+    pub resumed_records: usize,
+}
+
+fn reason_class(r: &str) -> String {
+    let r = r.split(':').next().unwrap_or(r);
+    let r = r.split('(').next().unwrap_or(r).trim();
+    r.chars().take(60).collect()
+}
+
+/// Progress callback: (records written in this run, expected total for this run if known,
+/// last key).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, Option<u64>, &str);
+
+/// Run a precompute job: plan, then decode -> encode -> commit until the inputs end.
+pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
+    let plan = Plan::make(cfg)?;
+    let mut out = Output::open(cfg, &plan.meta)?;
+    let t_start = Instant::now();
+    if out.state.done {
+        return out.finish(t_start, 0.0, 0.0);
+    }
+    let start = out.state.next_seq;
+    let total = plan.expected(cfg, start);
+    let pipeline = Pipeline::start(plan.inputs.clone(), plan.pipeline(cfg, start));
+    let mut encoder = Encoder::new(&plan);
+    let mut wait_s = 0f64;
+    let mut t_wait = Instant::now();
+    for item in pipeline {
+        wait_s += t_wait.elapsed().as_secs_f64();
+        match item {
+            PipelineItem::Batch(b) => {
+                let records = encoder.encode(&b.items)?;
+                let last = b.items.last().map(|p| p.key.clone()).unwrap_or_default();
+                out.add_batch(b, records)?;
+                progress(out.written, total, &last);
+            }
+            PipelineItem::ShardFailed(f) => out.failed(failure_line(f)),
+            PipelineItem::InputFailed(m) => out.failed(ReportLine::InputFailed { message: m }),
+        }
+        t_wait = Instant::now();
+    }
+    let wall = t_start.elapsed().as_secs_f64();
+    let vae_ips = if encoder.busy_s > 0.0 {
+        out.written as f64 * plan.transform.variants() as f64 / encoder.busy_s
+    } else {
+        0.0
+    };
+    out.finish(t_start, vae_ips, wait_s / wall.max(1e-9))
+}
