@@ -23,7 +23,7 @@
 use crate::decode::{decode_rgb8_region_into, Rgb8, DEFAULT_MAX_PIXELS};
 use crate::source::{InputSpec, Labels, RawSample, ShardFailure, Skip, SourceEvent};
 use crate::transform::{prepare, TransformConfig};
-use async_channel::{bounded, Receiver};
+use async_channel::{bounded, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -140,190 +140,39 @@ impl Pipeline {
         let mut threads = Vec::new();
 
         // Reader: numbers events; samples go to the workers, everything else straight to the batcher.
+        let reader = Reader {
+            labels: cfg.labels,
+            start_seq: cfg.start_seq,
+            limit: cfg.limit,
+            split: (cfg.split.0.max(1), cfg.split.1),
+        };
         {
-            let done_tx = done_tx.clone();
-            let cancel = cancel.clone();
-            let labels = cfg.labels;
-            let (start_seq, limit) = (cfg.start_seq, cfg.limit);
-            let (nsplit, isplit) = (cfg.split.0.max(1), cfg.split.1);
+            let (done_tx, cancel) = (done_tx.clone(), cancel.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("lmd-reader".into())
-                    .spawn(move || {
-                        let mut seq = 0u64;
-                        let mut order = 0u64;
-                        for input in &inputs {
-                            let mut on_event = |ev: SourceEvent| -> bool {
-                                if cancel.load(Ordering::Relaxed) {
-                                    return false;
-                                }
-                                let s = seq;
-                                seq += 1;
-                                if limit > 0 && s >= limit {
-                                    return false;
-                                }
-                                if s < start_seq || s % nsplit != isplit {
-                                    return true;
-                                }
-                                let o = order;
-                                order += 1;
-                                match ev {
-                                    SourceEvent::Sample(x) => {
-                                        raw_tx.send_blocking((o, s, x)).is_ok()
-                                    }
-                                    SourceEvent::Skip(k) => {
-                                        done_tx.send_blocking((o, Outcome::Skipped(s, k))).is_ok()
-                                    }
-                                    SourceEvent::ShardFailed(f) => {
-                                        done_tx.send_blocking((o, Outcome::ShardFailed(f))).is_ok()
-                                    }
-                                }
-                            };
-                            if let Err(e) = input.read(labels, &mut on_event) {
-                                let o = order;
-                                order += 1;
-                                if done_tx
-                                    .send_blocking((o, Outcome::InputFailed(e.to_string())))
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                            if cancel.load(Ordering::Relaxed) {
-                                return;
-                            }
-                        }
-                    })
+                    .spawn(move || reader.run(&inputs, &raw_tx, &done_tx, &cancel))
                     .expect("spawn reader"),
             );
         }
-
         for w in 0..workers {
-            let raw_rx = raw_rx.clone();
-            let done_tx = done_tx.clone();
+            let (raw_rx, done_tx) = (raw_rx.clone(), done_tx.clone());
             let tcfg = cfg.transform.clone();
             let max_pixels = cfg.max_pixels;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("lmd-decode-{w}"))
-                    .spawn(move || {
-                        let mut resizer = fast_image_resize::Resizer::new();
-                        // Reused between images: no fresh pixel memory per decode.
-                        let mut img = Rgb8::default();
-                        while let Ok((order, seq, s)) = raw_rx.recv_blocking() {
-                            let out =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    decode_rgb8_region_into(
-                                        &s.image,
-                                        max_pixels,
-                                        |w, h| tcfg.source_region(w, h),
-                                        &mut img,
-                                    )
-                                    .and_then(|()| prepare(&img, &s.key, &tcfg, &mut resizer))
-                                }));
-                            let reason = match out {
-                                Ok(Ok(pixels)) => {
-                                    let p = Prepared {
-                                        seq,
-                                        key: s.key,
-                                        label: s.label,
-                                        source: s.source,
-                                        offset: s.offset,
-                                        pixels,
-                                    };
-                                    if done_tx.send_blocking((order, Outcome::Ready(p))).is_err() {
-                                        return;
-                                    }
-                                    continue;
-                                }
-                                Ok(Err(reason)) => reason,
-                                Err(panic) => {
-                                    let msg = panic
-                                        .downcast_ref::<String>()
-                                        .cloned()
-                                        .or_else(|| {
-                                            panic.downcast_ref::<&str>().map(|s| s.to_string())
-                                        })
-                                        .unwrap_or_default();
-                                    resizer = fast_image_resize::Resizer::new();
-                                    format!("worker panicked: {msg}")
-                                }
-                            };
-                            let skip = Skip {
-                                source: s.source,
-                                key: s.key,
-                                offset: s.offset,
-                                reason,
-                            };
-                            if done_tx
-                                .send_blocking((order, Outcome::Skipped(seq, skip)))
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                    })
+                    .spawn(move || decode_worker(&raw_rx, &done_tx, &tcfg, max_pixels))
                     .expect("spawn worker"),
             );
         }
         drop(done_tx);
         drop(raw_rx);
-
         let batch_size = cfg.batch_size.max(1);
         threads.push(
             std::thread::Builder::new()
                 .name("lmd-batcher".into())
-                .spawn(move || {
-                    let mut pending = std::collections::BTreeMap::new();
-                    let mut next = 0u64;
-                    let mut batch = Batch::default();
-                    while let Ok((seq, o)) = done_rx.recv_blocking() {
-                        pending.insert(seq, o);
-                        while let Some(o) = pending.remove(&next) {
-                            next += 1;
-                            let flush_then = |batch: &mut Batch, item: PipelineItem| -> bool {
-                                if (!batch.items.is_empty() || !batch.skipped.is_empty())
-                                    && out_tx
-                                        .send_blocking(PipelineItem::Batch(std::mem::take(batch)))
-                                        .is_err()
-                                {
-                                    return false;
-                                }
-                                out_tx.send_blocking(item).is_ok()
-                            };
-                            let ok = match o {
-                                Outcome::Ready(p) => {
-                                    batch.items.push(p);
-                                    if batch.items.len() == batch_size {
-                                        out_tx
-                                            .send_blocking(PipelineItem::Batch(std::mem::take(
-                                                &mut batch,
-                                            )))
-                                            .is_ok()
-                                    } else {
-                                        true
-                                    }
-                                }
-                                Outcome::Skipped(pos, s) => {
-                                    batch.skipped.push((pos, s));
-                                    true
-                                }
-                                Outcome::ShardFailed(f) => {
-                                    flush_then(&mut batch, PipelineItem::ShardFailed(f))
-                                }
-                                Outcome::InputFailed(e) => {
-                                    flush_then(&mut batch, PipelineItem::InputFailed(e))
-                                }
-                            };
-                            if !ok {
-                                return;
-                            }
-                        }
-                    }
-                    if !batch.items.is_empty() || !batch.skipped.is_empty() {
-                        let _ = out_tx.send_blocking(PipelineItem::Batch(batch));
-                    }
-                })
+                .spawn(move || batcher(&done_rx, &out_tx, batch_size))
                 .expect("spawn batcher"),
         );
         Pipeline {
@@ -341,6 +190,178 @@ impl Pipeline {
     /// Stop reading new samples (what is in flight still arrives).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The reader stage's settings.
+struct Reader {
+    labels: Labels,
+    start_seq: u64,
+    limit: u64,
+    /// (number of splits, this split)
+    split: (u64, u64),
+}
+
+impl Reader {
+    /// Read every input in order, numbering events; this run's samples go to the decode
+    /// workers, its skips and failures straight to the batcher. Stops early when cancelled or
+    /// when a consumer is gone.
+    fn run(
+        &self,
+        inputs: &[InputSpec],
+        raw_tx: &Sender<(u64, u64, RawSample)>,
+        done_tx: &Sender<(u64, Outcome)>,
+        cancel: &AtomicBool,
+    ) {
+        let (nsplit, isplit) = self.split;
+        let mut seq = 0u64;
+        let mut order = 0u64;
+        for input in inputs {
+            let mut on_event = |ev: SourceEvent| -> bool {
+                if cancel.load(Ordering::Relaxed) {
+                    return false;
+                }
+                let s = seq;
+                seq += 1;
+                if self.limit > 0 && s >= self.limit {
+                    return false;
+                }
+                if s < self.start_seq || s % nsplit != isplit {
+                    return true;
+                }
+                let o = order;
+                order += 1;
+                match ev {
+                    SourceEvent::Sample(x) => raw_tx.send_blocking((o, s, x)).is_ok(),
+                    SourceEvent::Skip(k) => {
+                        done_tx.send_blocking((o, Outcome::Skipped(s, k))).is_ok()
+                    }
+                    SourceEvent::ShardFailed(f) => {
+                        done_tx.send_blocking((o, Outcome::ShardFailed(f))).is_ok()
+                    }
+                }
+            };
+            if let Err(e) = input.read(self.labels, &mut on_event) {
+                let o = order;
+                order += 1;
+                if done_tx
+                    .send_blocking((o, Outcome::InputFailed(e.to_string())))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+    }
+}
+
+/// A decode worker: samples to prepared pixels (or a skip naming the reason; a panic in a
+/// decoder is caught and becomes a skip), until the reader is done.
+fn decode_worker(
+    raw_rx: &Receiver<(u64, u64, RawSample)>,
+    done_tx: &Sender<(u64, Outcome)>,
+    tcfg: &TransformConfig,
+    max_pixels: u64,
+) {
+    let mut resizer = fast_image_resize::Resizer::new();
+    // Reused between images: no fresh pixel memory per decode.
+    let mut img = Rgb8::default();
+    while let Ok((order, seq, s)) = raw_rx.recv_blocking() {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_rgb8_region_into(
+                &s.image,
+                max_pixels,
+                |w, h| tcfg.source_region(w, h),
+                &mut img,
+            )
+            .and_then(|()| prepare(&img, &s.key, tcfg, &mut resizer))
+        }));
+        let reason = match out {
+            Ok(Ok(pixels)) => {
+                let p = Prepared {
+                    seq,
+                    key: s.key,
+                    label: s.label,
+                    source: s.source,
+                    offset: s.offset,
+                    pixels,
+                };
+                if done_tx.send_blocking((order, Outcome::Ready(p))).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Err(reason)) => reason,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                resizer = fast_image_resize::Resizer::new();
+                format!("worker panicked: {msg}")
+            }
+        };
+        let skip = Skip {
+            source: s.source,
+            key: s.key,
+            offset: s.offset,
+            reason,
+        };
+        if done_tx
+            .send_blocking((order, Outcome::Skipped(seq, skip)))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The batcher: outcomes back into input order, images into batches of `batch_size` (skips
+/// ride with the batch they fall in); a shard or input failure flushes the batch before it.
+fn batcher(done_rx: &Receiver<(u64, Outcome)>, out_tx: &Sender<PipelineItem>, batch_size: usize) {
+    let mut pending = std::collections::BTreeMap::new();
+    let mut next = 0u64;
+    let mut batch = Batch::default();
+    let flush_then = |batch: &mut Batch, item: PipelineItem| -> bool {
+        if (!batch.items.is_empty() || !batch.skipped.is_empty())
+            && out_tx
+                .send_blocking(PipelineItem::Batch(std::mem::take(batch)))
+                .is_err()
+        {
+            return false;
+        }
+        out_tx.send_blocking(item).is_ok()
+    };
+    while let Ok((seq, o)) = done_rx.recv_blocking() {
+        pending.insert(seq, o);
+        while let Some(o) = pending.remove(&next) {
+            next += 1;
+            let ok = match o {
+                Outcome::Ready(p) => {
+                    batch.items.push(p);
+                    batch.items.len() < batch_size
+                        || out_tx
+                            .send_blocking(PipelineItem::Batch(std::mem::take(&mut batch)))
+                            .is_ok()
+                }
+                Outcome::Skipped(pos, s) => {
+                    batch.skipped.push((pos, s));
+                    true
+                }
+                Outcome::ShardFailed(f) => flush_then(&mut batch, PipelineItem::ShardFailed(f)),
+                Outcome::InputFailed(e) => flush_then(&mut batch, PipelineItem::InputFailed(e)),
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+    if !batch.items.is_empty() || !batch.skipped.is_empty() {
+        let _ = out_tx.send_blocking(PipelineItem::Batch(batch));
     }
 }
 
