@@ -5,10 +5,10 @@
 //! `lmd-bench` figures), [`testvectors`] (reading the PyTorch reference files).
 
 pub mod bench;
-pub mod bench_python;
 pub mod download;
 pub mod driver;
 pub mod error;
+pub mod eval;
 pub mod experiment;
 pub mod export;
 pub mod finetune;

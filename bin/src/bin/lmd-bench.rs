@@ -219,7 +219,7 @@ fn main() -> anyhow::Result<()> {
             package_dir,
             repeat,
         } => {
-            let opts = lmd_train::bench_python::PythonReaderBenchOptions {
+            let opts = lmd_train::bench::PythonReaderBenchOptions {
                 data,
                 records,
                 shared,
@@ -227,7 +227,7 @@ fn main() -> anyhow::Result<()> {
                 package_dir,
                 repeat,
             };
-            lmd_train::bench_python::python_reader(&opts, |v| println!("{v}"))?;
+            lmd_train::bench::python_reader(&opts, |v| println!("{v}"))?;
         }
         Cmd::Loader {
             data,

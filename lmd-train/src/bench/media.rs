@@ -1,0 +1,156 @@
+//! `lmd-bench vae` and `decode`: VAE throughput, and image decode + resize against Pillow.
+
+use crate::{Error, Result};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Options of `lmd-bench vae`.
+#[derive(Debug, Clone)]
+pub struct VaeBenchOptions {
+    /// `taesd` or `sd-vae`.
+    pub vae: String,
+    pub weights: PathBuf,
+    pub batch: usize,
+    pub size: usize,
+    /// Minimum seconds to time each direction (after one warm-up batch).
+    pub seconds: f64,
+}
+
+/// Run `lmd-bench vae`: encode and decode throughput on random images, one JSON line.
+pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+    use lmd_model::candle::{Device, Tensor};
+    let dev = Device::Cpu;
+    let vae = lmd_model::vae::load_vae(&opts.vae, &opts.weights, &dev)?;
+    let x = Tensor::rand(0f32, 1.0, (opts.batch, 3, opts.size, opts.size), &dev)?;
+    let x = vae.input_range().from_unit(&x)?;
+    let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        let t0 = Instant::now();
+        let mut n = 0usize;
+        while n == 0 || t0.elapsed().as_secs_f64() < opts.seconds {
+            f()?;
+            n += 1;
+        }
+        Ok((n * opts.batch) as f64 / t0.elapsed().as_secs_f64())
+    };
+    let z = vae.encode(&x)?.latent;
+    let enc = timed(&|| vae.encode(&x).map(|_| ()).map_err(Error::from))?;
+    let dec = timed(&|| vae.decode(&z).map(|_| ()).map_err(Error::from))?;
+    emit(json!({
+        "bench": "vae", "vae": opts.vae, "batch": opts.batch, "size": opts.size,
+        "encode_images_per_s": enc, "decode_images_per_s": dec,
+        "threads": lmd_model::candle::utils::get_num_threads(),
+    }));
+    Ok(())
+}
+
+/// Options of `lmd-bench decode`.
+#[derive(Debug, Clone)]
+pub struct DecodeBenchOptions {
+    /// A shard pattern, an ILSVRC tar or an ImageFolder directory.
+    pub input: String,
+    /// Thread counts to measure (one JSON line each).
+    pub threads: Vec<usize>,
+    pub size: u32,
+    /// Passes over the images per measurement.
+    pub repeat: usize,
+    /// `pillow_decode.py` to run on the same input in the same invocation (single tar inputs).
+    pub pillow_anchor: Option<PathBuf>,
+}
+
+/// Run `lmd-bench decode`: decode + Resize(S) + CenterCrop(S) to CHW f32, images/s.
+pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+    use lmd_data::source::{InputSpec, Labels, SourceEvent};
+    use lmd_data::transform::{prepare, TransformConfig};
+    let spec = InputSpec::detect(&opts.input, None, None)?;
+    let mut images = Vec::new();
+    spec.read(Labels::Optional, &mut |ev| {
+        if let SourceEvent::Sample(s) = ev {
+            images.push((s.key, s.image));
+        }
+        true
+    })?;
+    if images.is_empty() {
+        return Err(Error::Invalid(format!("{}: no images", opts.input)));
+    }
+    let cfg = TransformConfig {
+        size: opts.size,
+        ..Default::default()
+    };
+    let mut per_core_1 = None;
+    let mut pixels: Vec<u64> = images
+        .iter()
+        .filter_map(|(_, b)| lmd_data::decode::decode_rgb8(b, u64::MAX).ok())
+        .map(|i| i.width as u64 * i.height as u64)
+        .collect();
+    pixels.sort_unstable();
+    let median_mpx = pixels[pixels.len() / 2] as f64 / 1e6;
+    for &t in &opts.threads {
+        let t = t.max(1);
+        let t0 = Instant::now();
+        let failures = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for w in 0..t {
+                let (images, cfg, failures) = (&images, &cfg, &failures);
+                sc.spawn(move || {
+                    let mut resizer = lmd_data::transform::Resizer::new();
+                    let mut img = lmd_data::decode::Rgb8::default();
+                    for _ in 0..opts.repeat.max(1) {
+                        for (key, bytes) in images.iter().skip(w).step_by(t) {
+                            let ok = lmd_data::decode::decode_rgb8_region_into(
+                                bytes,
+                                lmd_data::decode::DEFAULT_MAX_PIXELS,
+                                |w, h| cfg.source_region(w, h),
+                                &mut img,
+                            )
+                            .and_then(|()| prepare(&img, key, cfg, &mut resizer));
+                            match ok {
+                                Ok(v) => {
+                                    std::hint::black_box(v);
+                                }
+                                Err(_) => {
+                                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        let n = images.len() * opts.repeat.max(1);
+        let ips = n as f64 / secs;
+        if t == 1 {
+            per_core_1 = Some(ips);
+        }
+        emit(json!({
+            "bench": "decode", "input": opts.input, "images": images.len(), "median_megapixels": median_mpx,
+            "threads": t, "size": opts.size, "images_per_s": ips, "images_per_s_per_thread": ips / t as f64,
+            "jpeg_decoder": lmd_data::decode::JPEG_DECODER,
+            "scaling_vs_1_thread": per_core_1.map(|b| ips / b / t as f64),
+            "failed": failures.load(std::sync::atomic::Ordering::Relaxed) / opts.repeat.max(1),
+        }));
+    }
+    if let Some(anchor) = &opts.pillow_anchor {
+        let out = std::process::Command::new("python3")
+            .arg(anchor)
+            .arg(&opts.input)
+            .output()
+            .map_err(|e| Error::io(anchor, "run", e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "pillow N images T s R images/s/core"
+        let rate = text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1] == "images/s/core")
+            .and_then(|w| w[0].parse::<f64>().ok());
+        emit(json!({
+            "bench": "decode", "baseline": "pillow", "input": opts.input, "threads": 1,
+            "images_per_s": rate, "ours_per_core_vs_pillow": rate.and_then(|r| per_core_1.map(|o| o / r)),
+            "stderr": String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""),
+        }));
+    }
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! `lmd-bench train-step` and `finetune-step`: full training steps of the models, with the
+//! `ops` backend (`--composite-baseline`) or PyTorch (`--torch-anchor`) as the baseline.
+
+use crate::{Error, Result};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Options of `lmd-bench train-step`.
+#[derive(Debug, Clone)]
+pub struct TrainStepOptions {
+    /// Model preset (default `tiny`: ViT-Ti, patch 2 on 4x28x28, decoder 128 x 4).
+    pub preset: String,
+    pub batch: usize,
+    /// Mask ratios to measure, one JSON line each.
+    pub ratios: Vec<f64>,
+    /// Timed steps per ratio (after one warm-up step).
+    pub steps: usize,
+    /// Also run this PyTorch baseline (`tools/torch_mae_train_step.py`, the `tiny` sizes) with
+    /// the same batch, ratios, steps and thread count, and report ours / PyTorch per ratio.
+    pub torch_anchor: Option<PathBuf>,
+    /// Also run each ratio with the fused block node switched off (every block as candle ops)
+    /// and report ours / that.
+    pub composite_baseline: bool,
+}
+
+impl Default for TrainStepOptions {
+    fn default() -> Self {
+        TrainStepOptions {
+            preset: "tiny".into(),
+            batch: 64,
+            ratios: vec![0.75, 0.15],
+            steps: 3,
+            torch_anchor: None,
+            composite_baseline: false,
+        }
+    }
+}
+
+/// A training step's forward to the loss, from a seed.
+type StepForward<'a> = dyn FnMut(u64) -> Result<lmd_model::candle::Tensor> + 'a;
+
+/// Full training steps timed: one warm-up step (seed 0), then `steps` timed ones (seeds 1..),
+/// each `forward(seed)` (to the loss), backward, and an AdamW update at `lr`. With a
+/// `baseline` (the same model over the same variables on the `ops` backend: every block as
+/// fused single-layer ops) the same steps run again through it.
+/// Returns the JSON fields (samples/s, the best step, seconds per phase, the last loss, and the
+/// baseline's samples/s with ours / that) and our samples/s.
+fn timed_steps(
+    (steps, batch): (usize, usize),
+    opt: &mut crate::optim::AdamW,
+    lr: f64,
+    forward: &mut StepForward<'_>,
+    baseline: Option<&mut StepForward<'_>>,
+) -> Result<(serde_json::Value, f64)> {
+    // total seconds, seconds in forward / backward / optimizer, the best step, the last loss
+    let mut measure = |forward: &mut StepForward<'_>| -> Result<(f64, [f64; 3], f64, f32)> {
+        let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
+            let t = Instant::now();
+            let loss = forward(seed)?;
+            let value = loss.to_scalar::<f32>()?;
+            phases[0] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let grads = loss.backward()?;
+            phases[1] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            opt.step(&grads, lr)?;
+            phases[2] += t.elapsed().as_secs_f64();
+            Ok(value)
+        };
+        step(0, &mut [0.0; 3])?;
+        let mut phases = [0f64; 3];
+        let t0 = Instant::now();
+        let (mut loss, mut best) = (0.0, f64::INFINITY);
+        for s in 0..steps {
+            let t = Instant::now();
+            loss = step(1 + s as u64, &mut phases)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok((t0.elapsed().as_secs_f64(), phases, best, loss))
+    };
+    let (secs, phases, best, loss) = measure(forward)?;
+    let rate = |secs: f64| (steps * batch) as f64 / secs;
+    let per_step = |v: f64| (v / steps as f64 * 1e3).round() / 1e3;
+    let mut fields = json!({
+        "samples_per_s": rate(secs), "s_per_step": secs / steps as f64, "best_s_per_step": best,
+        "forward_s": per_step(phases[0]), "backward_s": per_step(phases[1]),
+        "optimizer_s": per_step(phases[2]), "loss": loss,
+    });
+    if let Some(base) = baseline {
+        let (bsecs, _, _, _) = measure(base)?;
+        fields["composite_samples_per_s"] = json!(rate(bsecs));
+        fields["vs_composite"] = json!(bsecs / secs);
+    }
+    Ok((fields, rate(secs)))
+}
+
+/// `line` with `fields`' entries added.
+fn merged(mut line: serde_json::Value, fields: serde_json::Value) -> serde_json::Value {
+    if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), fields) {
+        l.extend(f);
+    }
+    line
+}
+
+/// Options of `lmd-bench finetune-step`.
+#[derive(Debug, Clone)]
+pub struct FinetuneStepOptions {
+    /// Encoder preset (default `tiny`).
+    pub preset: String,
+    pub batch: usize,
+    pub classes: usize,
+    /// Stochastic depth of the last block (MAE fine-tuning: 0.1).
+    pub drop_path: f64,
+    /// Timed steps (after one warm-up step).
+    pub steps: usize,
+    /// Also time the steps with the fused block node off, and report ours / that.
+    pub composite_baseline: bool,
+}
+
+impl Default for FinetuneStepOptions {
+    fn default() -> Self {
+        FinetuneStepOptions {
+            preset: "tiny".into(),
+            batch: 64,
+            classes: 10,
+            drop_path: 0.1,
+            steps: 3,
+            composite_baseline: false,
+        }
+    }
+}
+
+/// Run `lmd-bench finetune-step`: full fine-tuning steps of a VitClassifier (encoder with drop
+/// path, global pool, head; label-smoothed cross-entropy, backward, AdamW) on random latents.
+pub fn finetune_step(
+    opts: &FinetuneStepOptions,
+    mut emit: impl FnMut(serde_json::Value),
+) -> Result<()> {
+    use lmd_model::candle::{Device, Tensor};
+    let encoder = lmd_model::MaeConfig::preset(&opts.preset)
+        .ok_or_else(|| Error::Invalid(format!("unknown preset {:?}", opts.preset)))?;
+    let cfg = lmd_model::ClassifierConfig {
+        encoder,
+        num_classes: opts.classes,
+        global_pool: true,
+        drop_path: opts.drop_path,
+        linear_probe: false,
+    };
+    let dev = Device::Cpu;
+    let vm = candle_nn::VarMap::new();
+    let clf = lmd_model::VitClassifier::init(&cfg, &vm, 0, 2e-5, &dev)?;
+    let base = if opts.composite_baseline {
+        let vb =
+            lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
+        Some(lmd_model::VitClassifier::new_on(
+            &cfg,
+            lmd_model::Backend::Ops,
+            vb,
+        )?)
+    } else {
+        None
+    };
+    // the trainer's optimizer (AdamW with per-parameter weight decay and state)
+    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
+    let [h, w] = cfg.encoder.img_size;
+    let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.encoder.in_chans, h, w), &dev)?;
+    let labels: Vec<u32> = (0..opts.batch as u32)
+        .map(|i| i % opts.classes as u32)
+        .collect();
+    let y = Tensor::from_vec(labels, opts.batch, &dev)?;
+    let step = |clf: &lmd_model::VitClassifier, seed: u64| {
+        let logits = clf.forward_t(&x, Some(seed))?;
+        crate::finetune::cross_entropy(&logits, &y, 0.1)
+    };
+    let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
+    let (fields, _) = timed_steps(
+        (opts.steps, opts.batch),
+        &mut opt,
+        1e-4,
+        &mut |seed| step(&clf, seed),
+        base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
+    )?;
+    let line = json!({
+        "bench": "finetune-step", "preset": opts.preset, "batch": opts.batch,
+        "drop_path": opts.drop_path, "tokens": cfg.encoder.num_patches(), "steps": opts.steps,
+        "threads": lmd_model::candle::utils::get_num_threads(),
+    });
+    emit(merged(line, fields));
+    Ok(())
+}
+
+/// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
+pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+    use lmd_model::candle::{Device, Tensor};
+    let cfg = lmd_model::MaeConfig::preset(&opts.preset)
+        .ok_or_else(|| Error::Invalid(format!("unknown preset {:?}", opts.preset)))?;
+    let dev = Device::Cpu;
+    let vm = candle_nn::VarMap::new();
+    let model = lmd_model::LatentMae::init(&cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
+    let base = if opts.composite_baseline {
+        let vb =
+            lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
+        Some(
+            lmd_model::LatentMae::new_on(&cfg, lmd_model::Backend::Ops, vb)
+                .map_err(lmd_model::Error::from)?,
+        )
+    } else {
+        None
+    };
+    // the trainer's optimizer (AdamW with per-parameter weight decay and state)
+    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
+    let [h, w] = cfg.img_size;
+    let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
+        .map_err(lmd_model::Error::from)?;
+    if opts.torch_anchor.is_some() && opts.preset != "tiny" {
+        return Err(Error::Invalid(
+            "--torch-anchor mirrors the `tiny` preset only".into(),
+        ));
+    }
+    let threads = lmd_model::candle::utils::get_num_threads();
+    let mut ours = Vec::new();
+    for &ratio in &opts.ratios {
+        let step = |m: &lmd_model::LatentMae, seed: u64| -> Result<lmd_model::candle::Tensor> {
+            Ok(m.forward(&x, ratio, seed)
+                .map_err(lmd_model::Error::from)?
+                .loss)
+        };
+        let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
+        let (fields, rate) = timed_steps(
+            (opts.steps, opts.batch),
+            &mut opt,
+            1.5e-4,
+            &mut |seed| step(&model, seed),
+            base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
+        )?;
+        let line = json!({
+            "bench": "train-step", "preset": opts.preset, "mask_ratio": ratio, "batch": opts.batch,
+            "tokens": cfg.num_patches(), "steps": opts.steps, "threads": threads,
+        });
+        emit(merged(line, fields));
+        ours.push((ratio, rate));
+    }
+    if let Some(anchor) = &opts.torch_anchor {
+        let ratios: Vec<String> = opts.ratios.iter().map(|r| r.to_string()).collect();
+        let out = std::process::Command::new("python3")
+            .arg(anchor)
+            .args([
+                "--batch",
+                &opts.batch.to_string(),
+                "--steps",
+                &opts.steps.to_string(),
+            ])
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--ratios",
+                &ratios.join(","),
+            ])
+            .output()
+            .map_err(|e| Error::io(anchor, "run", e))?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "{}: {}",
+                anchor.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let r = v["mask_ratio"].as_f64();
+            let t = v["samples_per_s"].as_f64();
+            let o = ours.iter().find(|(x, _)| Some(*x) == r).map(|(_, s)| *s);
+            v["bench"] = json!("train-step");
+            v["ours_vs_pytorch"] = json!(o.zip(t).map(|(o, t)| o / t));
+            emit(v);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torch_anchor_lines_carry_ours_over_pytorch_and_failures_name_the_script() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in for tools/torch_mae_train_step.py: echoes the arguments it was given in the
+        // real script's line format, at 1 sample/s, after a line that is not JSON.
+        let script = dir.path().join("anchor.py");
+        std::fs::write(
+            &script,
+            "import json, sys\na = sys.argv\nv = lambda k: a[a.index(k) + 1]\nprint('warming up')\n\
+             for r in v('--ratios').split(','):\n    print(json.dumps({'baseline': 'pytorch', \
+             'mask_ratio': float(r), 'samples_per_s': 1.0, 'batch': int(v('--batch')), \
+             'threads': int(v('--threads'))}))\n",
+        )
+        .unwrap();
+        let mut opts = TrainStepOptions {
+            batch: 2,
+            ratios: vec![0.75, 0.5],
+            steps: 1,
+            torch_anchor: Some(script),
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        train_step(&opts, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        for (ours, torch) in lines[..2].iter().zip(&lines[2..]) {
+            assert_eq!(torch["baseline"], "pytorch");
+            assert_eq!(torch["mask_ratio"], ours["mask_ratio"]);
+            assert_eq!(torch["batch"], 2);
+            assert_eq!(torch["threads"], ours["threads"]);
+            // PyTorch "ran" at 1 sample/s, so the ratio is our own figure
+            assert_eq!(torch["ours_vs_pytorch"], ours["samples_per_s"]);
+        }
+
+        let bad = dir.path().join("bad.py");
+        std::fs::write(&bad, "import sys\nsys.exit('no module named torch')\n").unwrap();
+        opts.torch_anchor = Some(bad);
+        opts.ratios = vec![0.75];
+        let e = train_step(&opts, |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.py") && e.contains("no module named torch"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn composite_baseline_and_finetune_step_report_ours_over_the_baseline() {
+        // the composite baseline: a second figure per ratio, and their ratio
+        let opts2 = TrainStepOptions {
+            batch: 2,
+            ratios: vec![0.5],
+            steps: 1,
+            composite_baseline: true,
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        train_step(&opts2, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 1);
+        let (ours, base) = (
+            lines[0]["samples_per_s"].as_f64().unwrap(),
+            lines[0]["composite_samples_per_s"].as_f64().unwrap(),
+        );
+        let ratio = lines[0]["vs_composite"].as_f64().unwrap();
+        assert!(
+            base > 0.0 && (ratio - ours / base).abs() < 1e-6 * ratio,
+            "{lines:?}"
+        );
+
+        let mut lines = Vec::new();
+        let ft = FinetuneStepOptions {
+            batch: 4,
+            steps: 1,
+            drop_path: 0.5,
+            composite_baseline: true,
+            ..Default::default()
+        };
+        finetune_step(&ft, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["bench"], "finetune-step");
+        assert!(lines[0]["loss"].as_f64().unwrap().is_finite());
+        assert!(
+            lines[0]["vs_composite"].as_f64().unwrap() > 0.0,
+            "{lines:?}"
+        );
+    }
+}
