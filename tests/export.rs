@@ -89,16 +89,7 @@ fn keys(path: &Path) -> BTreeSet<String> {
 }
 
 fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    lmd_train::model::max_abs_diff(a, b).unwrap()
 }
 
 /// A trained-looking classifier saved as lmd-finetune does (`model.safetensors` +

@@ -178,20 +178,6 @@ impl VitClassifier {
         })
     }
 
-    /// Names of the encoder parameters (frozen in linear probing).
-    pub fn encoder_param_names(&self, varmap: &VarMap) -> Vec<String> {
-        let mut v: Vec<String> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .keys()
-            .filter(|n| is_encoder_param(n, &self.cfg))
-            .cloned()
-            .collect();
-        v.sort();
-        v
-    }
-
     /// Pooled, normalised features `[B, D]`. `drop_seed`: stochastic depth on (training),
     /// masks drawn from the seed; `None`: deterministic (evaluation).
     pub fn features(&self, x: &Tensor, drop_seed: Option<u64>) -> Result<Tensor> {

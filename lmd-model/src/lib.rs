@@ -26,3 +26,14 @@ pub use schedule::MaskSchedule;
 /// candle, re-exported so that callers use the same version.
 pub use candle_core as candle;
 pub use candle_nn;
+
+/// The largest absolute elementwise difference of two tensors of one shape, as f32: what the
+/// parity checks against the PyTorch reference vectors compare.
+pub fn max_abs_diff(a: &candle::Tensor, b: &candle::Tensor) -> candle::Result<f32> {
+    (a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(candle::DType::F32)?
+        .to_scalar::<f32>()
+}

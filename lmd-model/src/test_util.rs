@@ -4,12 +4,5 @@ use candle_core::Tensor;
 
 /// Largest absolute elementwise difference of two f32 tensors of one shape.
 pub(crate) fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    crate::max_abs_diff(a, b).unwrap()
 }

@@ -12,16 +12,7 @@ fn shared() -> Option<PathBuf> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    lmd_model::max_abs_diff(a, b).unwrap()
 }
 
 fn vector_files(prefix: &str, suffix: &str) -> Vec<PathBuf> {

@@ -264,6 +264,36 @@ fn resume_from(
     Ok(Some(st))
 }
 
+/// A fresh classifier (its encoder from `--pretrained`), and the step driver with its
+/// optimiser: linear probing trains `head.1` only (MAE freezes everything else, `fc_norm`
+/// included); fine-tuning everything, with layer-wise lr decay.
+fn classifier_and_driver(
+    cfg: &FinetuneConfig,
+    ccfg: &ClassifierConfig,
+    dev: &Device,
+) -> Result<(VitClassifier, VarMap, Driver)> {
+    let varmap = VarMap::new();
+    let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
+    let clf = VitClassifier::init(ccfg, &varmap, cfg.seed, head_std, dev)?;
+    if let Some(p) = &cfg.pretrained {
+        clf.load_pretrained(&varmap, p)?;
+    } else if cfg.linear_probe {
+        return Err(Error::Invalid(
+            "linear probing needs --pretrained (a frozen random encoder is not a result)".into(),
+        ));
+    }
+    let mut opt = AdamW::over_varmap(
+        &varmap,
+        |k| !cfg.linear_probe || k.starts_with("head.1."),
+        cfg.optimizer,
+    )?
+    .on_backend(clf.backend());
+    let (depth, ld) = (ccfg.encoder.depth, cfg.layer_decay);
+    opt.set_lr_scales(|n| layer_decay_scale(n, depth, ld));
+    let driver = Driver::new(opt, cfg.grad_clip, cfg.log_every);
+    Ok((clf, varmap, driver))
+}
+
 /// Fine-tune (or linear-probe). `on_log` sees every logged step, `on_eval` every evaluation.
 pub fn run(
     cfg: &FinetuneConfig,
@@ -281,26 +311,7 @@ pub fn run(
     let run = RunDir::open(&cfg.out)?;
     run.write_config(cfg)?;
     let dev = crate::device(&cfg.device)?;
-    let varmap = VarMap::new();
-    let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
-    let clf = VitClassifier::init(&ccfg, &varmap, cfg.seed, head_std, &dev)?;
-    if let Some(p) = &cfg.pretrained {
-        clf.load_pretrained(&varmap, p)?;
-    } else if cfg.linear_probe {
-        return Err(Error::Invalid(
-            "linear probing needs --pretrained (a frozen random encoder is not a result)".into(),
-        ));
-    }
-    // linear probing trains head.1 only (MAE freezes everything else, fc_norm included)
-    let mut opt = AdamW::over_varmap(
-        &varmap,
-        |k| !cfg.linear_probe || k.starts_with("head.1."),
-        cfg.optimizer,
-    )?
-    .on_backend(clf.backend());
-    let (depth, ld) = (ccfg.encoder.depth, cfg.layer_decay);
-    opt.set_lr_scales(|n| layer_decay_scale(n, depth, ld));
-    let mut driver = Driver::new(opt, cfg.grad_clip, cfg.log_every);
+    let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, &dev)?;
     let mut loader = LatentLoader::new(
         ds.clone(),
         LoaderConfig {

@@ -141,29 +141,9 @@ const RUN_ONLY_KEYS: [&str; 9] = [
 ];
 
 /// Open data directories: a dataset dir (with `index.json`) or a precompute output whose
-/// `worker-*` subdirectories are datasets.
+/// `worker-*` subdirectories are datasets ([`LatentDataset::discover`]).
 pub fn open_data(dirs: &[PathBuf]) -> Result<LatentDataset> {
-    let mut all = Vec::new();
-    for d in dirs {
-        if d.join(lmd_data::shard::MANIFEST_FILE).exists() {
-            all.push(d.clone());
-            continue;
-        }
-        let mut subs: Vec<PathBuf> = std::fs::read_dir(d)
-            .map_err(|e| Error::io(d, "read directory", e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join(lmd_data::shard::MANIFEST_FILE).exists())
-            .collect();
-        subs.sort();
-        if subs.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{}: no index.json (not a latent dataset)",
-                d.display()
-            )));
-        }
-        all.extend(subs);
-    }
-    Ok(LatentDataset::open_many(&all)?)
+    Ok(LatentDataset::discover(dirs)?)
 }
 
 /// What a run did.

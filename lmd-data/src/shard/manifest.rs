@@ -167,6 +167,13 @@ impl LatentDataset {
         Self::open_many(&[dir.as_ref().to_path_buf()])
     }
 
+    /// Open what the programs are given as data: each of `dirs` is a dataset directory (with
+    /// `index.json`) or a precompute output whose `worker-*` subdirectories are datasets (in name
+    /// order). Used by training, fine-tuning, evaluation and the benchmarks alike.
+    pub fn discover(dirs: &[PathBuf]) -> Result<Self> {
+        Self::open_many(&dataset_dirs(dirs)?)
+    }
+
     /// Open several dataset directories (e.g. the outputs of several precompute workers) as one;
     /// they must share a fingerprint.
     pub fn open_many(dirs: &[PathBuf]) -> Result<Self> {
@@ -268,4 +275,31 @@ impl LatentDataset {
         let (s, r) = self.locate(i)?;
         self.shards[s].get(r)
     }
+}
+
+/// The dataset directories `dirs` stand for: a directory with `index.json` itself, else its
+/// subdirectories that have one (a multi-worker precompute output), sorted; a directory with
+/// neither is an error naming it.
+pub fn dataset_dirs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut all = Vec::new();
+    for d in dirs {
+        if d.join(MANIFEST_FILE).exists() {
+            all.push(d.clone());
+            continue;
+        }
+        let mut subs: Vec<PathBuf> = std::fs::read_dir(d)
+            .map_err(|e| Error::io(d, "read directory", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(MANIFEST_FILE).exists())
+            .collect();
+        subs.sort();
+        if subs.is_empty() {
+            return Err(Error::InvalidInput {
+                context: d.display().to_string(),
+                detail: format!("no {MANIFEST_FILE} (not a latent dataset)"),
+            });
+        }
+        all.extend(subs);
+    }
+    Ok(all)
 }

@@ -259,18 +259,16 @@ impl CustomOp2 for BlockOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let saved = self.saved.lock().expect("lmd-block: poisoned lock").take();
         let grad = grad.contiguous()?;
-        let (dx, dpack) = with_data(x, "lmd-block", "x", |xs| {
-            with_data(pack, "lmd-block", "the packed parameters", |ps| {
-                with_data(&grad, "lmd-block", "the gradient", |gs| {
-                    let saved = saved.unwrap_or_else(|| {
-                        forward(&self.dims, xs, ps, self.keep.as_ref(), true)
-                            .1
-                            .expect("saved")
-                    });
-                    on_pool(|| backward(&self.dims, ps, self.keep.as_ref(), saved, gs))
-                })
-            })
-        })???;
+        let names = ["x", "the packed parameters", "the gradient"];
+        let (dx, dpack) = with_data(&[x, pack, &grad], "lmd-block", &names, |s| {
+            let (xs, ps, gs) = (s[0], s[1], s[2]);
+            let saved = saved.unwrap_or_else(|| {
+                forward(&self.dims, xs, ps, self.keep.as_ref(), true)
+                    .1
+                    .expect("saved")
+            });
+            on_pool(|| backward(&self.dims, ps, self.keep.as_ref(), saved, gs))
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dpack, pack.shape(), pack.device())?),

@@ -345,18 +345,8 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
-            let d = (ours - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert!(
-                d.to_scalar::<f32>().unwrap() < 1e-4,
-                "{n} {cin} {cout} {h} {w}"
-            );
+            let d = crate::max_abs_diff(&ours, &want).unwrap();
+            assert!(d < 1e-4, "{n} {cin} {cout} {h} {w}");
             let nob = conv3x3(&x, &k, None).unwrap();
             assert_eq!(nob.dims(), &[n, cout, h, w]);
         }

@@ -46,18 +46,23 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
-/// Run `f` on the f32 data of a contiguous CPU tensor.
+/// Run `f` on the f32 data of contiguous CPU tensors (`names` name them in errors), in the
+/// order given: what an op's backward reads.
 pub(crate) fn with_data<R>(
-    t: &Tensor,
+    ts: &[&Tensor],
     op: &str,
-    what: &str,
-    f: impl FnOnce(&[f32]) -> R,
+    names: &[&str],
+    f: impl FnOnce(&[&[f32]]) -> R,
 ) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok(f(f32_slice(s, layout, op, what)?)),
-        _ => candle_core::bail!("{op}: {what} must be on the CPU"),
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for ((storage, layout), what) in guards.iter().zip(names) {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(f32_slice(s, layout, op, what)?),
+            _ => candle_core::bail!("{op}: {what} must be on the CPU"),
+        }
     }
+    Ok(f(&slices))
 }
 
 /// Run `f` on a rayon worker thread. The gemms and row passes inside then fork from a worker

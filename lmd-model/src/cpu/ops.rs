@@ -69,17 +69,15 @@ impl CustomOp3 for LinearOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (dx, dw, db) = with_data(x, "lmd-linear", "x", |xs| {
-            with_data(w, "lmd-linear", "the weight", |ws| {
-                with_data(&g, "lmd-linear", "the gradient", |gs| {
-                    let mut dx = filled_later(xs.len());
-                    let mut dw = filled_later(ws.len());
-                    let mut db = filled_later(b.elem_count());
-                    on_pool(|| gemm::linear_backward(gs, xs, ws, &mut dx, (&mut dw, &mut db)));
-                    (dx, dw, db)
-                })
-            })
-        })???;
+        let names = ["x", "the weight", "the gradient"];
+        let (dx, dw, db) = with_data(&[x, w, &g], "lmd-linear", &names, |s| {
+            let (xs, ws, gs) = (s[0], s[1], s[2]);
+            let mut dx = filled_later(xs.len());
+            let mut dw = filled_later(ws.len());
+            let mut db = filled_later(b.elem_count());
+            on_pool(|| gemm::linear_backward(gs, xs, ws, &mut dx, (&mut dw, &mut db)));
+            (dx, dw, db)
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
@@ -151,20 +149,16 @@ impl CustomOp3 for LayerNormOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (dx, dw, db) = with_data(x, "lmd-layer-norm", "x", |xs| {
-            with_data(w, "lmd-layer-norm", "the weight", |ws| {
-                with_data(b, "lmd-layer-norm", "the bias", |bs| {
-                    with_data(&g, "lmd-layer-norm", "the gradient", |gs| {
-                        // the normalised rows again (cheaper to recompute than to keep)
-                        let (xhat, rstd, _) = ln_rows(xs, ws, bs, self.eps);
-                        let mut dx = vec![0f32; xs.len()];
-                        let (mut dw, mut db) = (filled_later(ws.len()), filled_later(ws.len()));
-                        on_pool(|| ln_backward(gs, ws, &xhat, &rstd, &mut dx, (&mut dw, &mut db)));
-                        (dx, dw, db)
-                    })
-                })
-            })
-        })????;
+        let names = ["x", "the weight", "the bias", "the gradient"];
+        let (dx, dw, db) = with_data(&[x, w, b, &g], "lmd-layer-norm", &names, |s| {
+            let (xs, ws, bs, gs) = (s[0], s[1], s[2], s[3]);
+            // the normalised rows again (cheaper to recompute than to keep)
+            let (xhat, rstd, _) = ln_rows(xs, ws, bs, self.eps);
+            let mut dx = vec![0f32; xs.len()];
+            let (mut dw, mut db) = (filled_later(ws.len()), filled_later(ws.len()));
+            on_pool(|| ln_backward(gs, ws, &xhat, &rstd, &mut dx, (&mut dw, &mut db)));
+            (dx, dw, db)
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
@@ -203,17 +197,17 @@ impl CustomOp1 for SoftmaxOp {
     fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let n = x.dim(D::Minus1)?.max(1);
         let g = g.contiguous()?;
-        let dx = with_data(res, "lmd-softmax", "the output", |p| {
-            with_data(&g, "lmd-softmax", "the gradient", |gs| {
-                let mut dx = gs.to_vec();
-                on_pool(|| {
-                    dx.par_chunks_mut(n * ROW_GROUP)
-                        .zip(p.par_chunks(n * ROW_GROUP))
-                        .for_each(|(d, p)| simd::softmax_backward_rows(d, p, n, 1.0))
-                });
-                dx
-            })
-        })??;
+        let names = ["the output", "the gradient"];
+        let dx = with_data(&[res, &g], "lmd-softmax", &names, |s| {
+            let (p, gs) = (s[0], s[1]);
+            let mut dx = gs.to_vec();
+            on_pool(|| {
+                dx.par_chunks_mut(n * ROW_GROUP)
+                    .zip(p.par_chunks(n * ROW_GROUP))
+                    .for_each(|(d, p)| simd::softmax_backward_rows(d, p, n, 1.0))
+            });
+            dx
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -242,13 +236,11 @@ impl CustomOp1 for GeluOp {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let g = g.contiguous()?;
-        let dx = with_data(x, "lmd-gelu-erf", "x", |xs| {
-            with_data(&g, "lmd-gelu-erf", "the gradient", |gs| {
-                let mut dx = gs.to_vec();
-                on_pool(|| gelu_backward(xs, &mut dx));
-                dx
-            })
-        })??;
+        let dx = with_data(&[x, &g], "lmd-gelu-erf", &["x", "the gradient"], |s| {
+            let mut dx = s[1].to_vec();
+            on_pool(|| gelu_backward(s[0], &mut dx));
+            dx
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
