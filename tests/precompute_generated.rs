@@ -103,7 +103,7 @@ fn shard_names(d: &Path) -> Vec<String> {
 fn generated_jpeg_tars_precompute_and_a_sigkilled_run_resumes_to_identical_shards() {
     let t = tempfile::tempdir().unwrap();
     let weights = random_taesd(t.path());
-    let input = jpeg_tars(t.path(), 2, 48);
+    let input = jpeg_tars(t.path(), 3, 80);
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     let out = precompute(&args(&weights, &input, &a));
     assert!(
@@ -112,12 +112,12 @@ fn generated_jpeg_tars_precompute_and_a_sigkilled_run_resumes_to_identical_shard
         String::from_utf8_lossy(&out.stderr)
     );
     let ds = LatentDataset::open(&a).unwrap();
-    assert_eq!(ds.len(), 96);
+    assert_eq!(ds.len(), 240);
     assert_eq!(ds.meta().latent_shape, [4, 4, 4]);
     let r = ds.get(5).unwrap();
     assert_eq!((r.key.as_str(), r.label), ("s00005", Some(0)));
     assert!(r.data.iter().all(|v| v.is_finite()) && r.data.iter().any(|&v| v != 0.0));
-    assert_eq!(shard_names(&a).len(), 12);
+    assert_eq!(shard_names(&a).len(), 30);
 
     // SIGKILL once the second shard is committed, then rerun the same command
     let mut child = Command::new(env!("CARGO_BIN_EXE_lmd-precompute"))
@@ -152,7 +152,7 @@ fn generated_jpeg_tars_precompute_and_a_sigkilled_run_resumes_to_identical_shard
             "{n} differs after resume"
         );
     }
-    assert_eq!(LatentDataset::open(&b).unwrap().len(), 96);
+    assert_eq!(LatentDataset::open(&b).unwrap().len(), 240);
 }
 
 #[test]

@@ -121,9 +121,9 @@ pub fn eval_checkpoint(
     checkpoint: &Path,
     data: &[PathBuf],
     batch: usize,
-    device: &str,
+    device: crate::DeviceSpec,
 ) -> Result<EvalResult> {
-    let clf = load_classifier(checkpoint, &crate::device(device)?)?;
+    let clf = load_classifier(checkpoint, &device.open()?)?;
     let ds = Arc::new(open_data(data)?);
     let [c, h, w] = ds.meta().latent_shape;
     let e = &clf.config().encoder;

@@ -66,7 +66,7 @@ pub struct FinetuneConfig {
     pub seed: u64,
     /// `cpu` or `cuda:N` (CUDA: a build with `--features cuda`; the fused CPU kernels fall
     /// back to composite candle ops there).
-    pub device: String,
+    pub device: crate::DeviceSpec,
     pub window: usize,
     pub log_every: u64,
     pub eval_batch_size: usize,
@@ -100,7 +100,7 @@ impl Default for FinetuneConfig {
             num_classes: None,
             grad_clip: 0.0,
             seed: 0,
-            device: "cpu".into(),
+            device: crate::DeviceSpec::Cpu,
             window: 8192,
             log_every: 10,
             eval_batch_size: 256,
@@ -310,7 +310,7 @@ pub fn run(
     let ccfg = classifier_config(cfg, &ds, &val)?;
     let run = RunDir::open(&cfg.out)?;
     run.write_config(cfg)?;
-    let dev = crate::device(&cfg.device)?;
+    let dev = cfg.device.open()?;
     let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, &dev)?;
     let mut loader = LatentLoader::new(
         ds.clone(),

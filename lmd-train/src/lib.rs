@@ -5,6 +5,7 @@
 //! `lmd-bench` figures), [`testvectors`] (reading the PyTorch reference files).
 
 pub mod bench;
+pub mod device;
 pub mod download;
 pub mod driver;
 pub mod error;
@@ -22,30 +23,14 @@ pub mod run_dir;
 pub mod testvectors;
 pub mod train;
 
+pub use device::DeviceSpec;
 pub use error::{Error, Result};
 pub use lmd_data as data;
 pub use lmd_model as model;
 
 /// A candle device from its name: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
 pub fn device(name: &str) -> Result<model::candle::Device> {
-    use model::candle::Device;
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let n = d
-                .strip_prefix("cuda:")
-                .map(|x| {
-                    x.parse()
-                        .map_err(|_| Error::Invalid(format!("device {d}: expected cuda:N")))
-                })
-                .transpose()?
-                .unwrap_or(0);
-            Device::new_cuda(n).map_err(|e| {
-                Error::Invalid(format!("device {d}: {e} (build with --features cuda)"))
-            })
-        }
-        d => Err(Error::Invalid(format!(
-            "device {d}: expected cpu or cuda:N"
-        ))),
-    }
+    name.parse::<DeviceSpec>()
+        .map_err(|e| Error::Invalid(e.to_string()))?
+        .open()
 }

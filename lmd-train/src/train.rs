@@ -52,7 +52,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu` or `cuda:N` (CUDA: a build with `--features cuda`; the fused CPU kernels fall
     /// back to composite candle ops there).
-    pub device: String,
+    pub device: crate::DeviceSpec,
     /// Loader shuffle window (records).
     pub window: usize,
     pub checkpoint_every: u64,
@@ -89,7 +89,7 @@ impl Default for TrainConfig {
             optimizer: AdamWConfig::default(),
             grad_clip: 3.0,
             seed: 0,
-            device: "cpu".into(),
+            device: crate::DeviceSpec::Cpu,
             window: 8192,
             checkpoint_every: 200,
             log_every: 10,
@@ -241,7 +241,7 @@ pub fn run(
     let ds = open_checked(cfg, &mcfg)?;
     let run = RunDir::open(&cfg.out)?;
     run.write_config(cfg)?;
-    let dev = crate::device(&cfg.device)?;
+    let dev = cfg.device.open()?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev)?;
     let opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());

@@ -100,7 +100,7 @@ fn quickstart_pretrains_finetunes_probes_and_evaluates() {
         &out.join("finetune/best/model.safetensors"),
         std::slice::from_ref(&val),
         256,
-        "cpu",
+        lmd_train::DeviceSpec::Cpu,
     )
     .unwrap();
     assert_eq!(

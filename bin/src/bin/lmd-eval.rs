@@ -20,7 +20,7 @@ struct Args {
     batch_size: usize,
     /// cpu or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: lmd_train::DeviceSpec,
     /// One JSON line instead of the summary.
     #[arg(long)]
     json: bool,
@@ -29,7 +29,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
-    let r = lmd_train::finetune::eval_checkpoint(&a.checkpoint, &a.data, a.batch_size, &a.device)?;
+    let r = lmd_train::finetune::eval_checkpoint(&a.checkpoint, &a.data, a.batch_size, a.device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

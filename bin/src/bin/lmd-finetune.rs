@@ -48,7 +48,7 @@ struct Args {
     seed: Option<u64>,
     /// cpu or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long)]
-    device: Option<String>,
+    device: Option<lmd_train::DeviceSpec>,
     /// Continue from the last finished epoch.
     #[arg(long)]
     resume: bool,

@@ -77,7 +77,7 @@ struct Args {
     decode_threads: Option<usize>,
     /// cpu or cuda:N.
     #[arg(long)]
-    device: Option<String>,
+    device: Option<lmd_train::DeviceSpec>,
     /// Number of workers splitting the inputs (default: $SLURM_ARRAY_TASK_COUNT or 1).
     #[arg(long)]
     num_workers: Option<usize>,

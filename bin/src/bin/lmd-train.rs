@@ -47,7 +47,7 @@ struct Args {
     seed: Option<u64>,
     /// cpu or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long)]
-    device: Option<String>,
+    device: Option<lmd_train::DeviceSpec>,
     /// VAE weights (directory or hf:OWNER/REPO) to decode the reconstruction previews to
     /// pixels; without it previews show latent channels in false colour.
     #[arg(long)]

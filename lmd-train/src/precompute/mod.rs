@@ -77,7 +77,7 @@ pub struct PrecomputeConfig {
     pub records_per_shard: usize,
     pub batch_size: usize,
     pub decode_threads: usize,
-    pub device: String,
+    pub device: crate::DeviceSpec,
     pub num_workers: usize,
     pub worker_index: usize,
     /// Samples without a label are skipped (`true`) or stored unlabelled (`false`).
@@ -108,7 +108,7 @@ impl Default for PrecomputeConfig {
             decode_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
-            device: "cpu".into(),
+            device: crate::DeviceSpec::Cpu,
             num_workers: 1,
             worker_index: 0,
             require_labels: true,

@@ -47,7 +47,7 @@ impl Plan {
                 None => InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()),
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let device = crate::device(&cfg.device)?;
+        let device = cfg.device.open()?;
         let weights = cfg.vae_weights.clone().unwrap_or_else(|| {
             PathBuf::from(format!(
                 "hf:{}",
