@@ -8,11 +8,13 @@ fn main() {
     let mut r = lmd_data::transform::Resizer::new();
     spec.read(Labels::Optional, &mut |ev| {
         if let SourceEvent::Sample(s) = ev {
-            let res = lmd_data::decode::decode_rgb8(&s.image, u64::MAX).and_then(|img| {
-                let d = (img.width, img.height);
-                lmd_data::transform::prepare(&img, &s.key, &cfg, &mut r)
-                    .map_err(|e| format!("{e} {d:?}"))
-            });
+            let res = lmd_data::decode::decode_rgb8(&s.image, u64::MAX)
+                .map_err(|e| e.to_string())
+                .and_then(|img| {
+                    let d = (img.width, img.height);
+                    lmd_data::transform::prepare(&img, &s.key, &cfg, &mut r)
+                        .map_err(|e| format!("{e} {d:?}"))
+                });
             if let Err(e) = res {
                 println!("{} {}", s.key, e);
             }

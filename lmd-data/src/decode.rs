@@ -9,9 +9,11 @@
 //! decoder can skip the rest (libjpeg-turbo: the iMCU columns left and right of it, its IDCT
 //! and colour conversion above it, everything below it); the result records where it sits.
 //!
-//! Errors are plain reasons (`String`), meant for the skip report.
+//! Errors are [`Error::Decode`] with the plain reason the skip report records.
 
 use std::io::Cursor;
+
+use crate::{Error, Result};
 
 use crate::pixels::{check_pixels, has_jpeg_eoi};
 pub use crate::pixels::{Rect, Rgb8};
@@ -27,7 +29,7 @@ pub const JPEG_DECODER: &str = if cfg!(feature = "turbojpeg") {
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// Decode `bytes` to RGB8, refusing images over `max_pixels`.
-pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, String> {
+pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8> {
     let mut out = Rgb8::default();
     decode_rgb8_into(bytes, max_pixels, &mut out)?;
     Ok(out)
@@ -35,7 +37,7 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, String> {
 
 /// [`decode_rgb8`] into `out`, reusing its buffer: a worker that keeps one `Rgb8` between images
 /// allocates (and the kernel zeroes) no new pixel memory per image. On error `out` is unspecified.
-pub fn decode_rgb8_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result<(), String> {
+pub fn decode_rgb8_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result<()> {
     decode_rgb8_region_into(bytes, max_pixels, |_, _| None, out)
 }
 
@@ -48,7 +50,17 @@ pub fn decode_rgb8_region_into(
     max_pixels: u64,
     region: impl FnOnce(u32, u32) -> Option<Rect>,
     out: &mut Rgb8,
-) -> Result<(), String> {
+) -> Result<()> {
+    decode_region(bytes, max_pixels, region, out).map_err(|reason| Error::Decode { reason })
+}
+
+/// [`decode_rgb8_region_into`] with the bare reason (what the pipeline's skip report keeps).
+pub(crate) fn decode_region(
+    bytes: &[u8],
+    max_pixels: u64,
+    region: impl FnOnce(u32, u32) -> Option<Rect>,
+    out: &mut Rgb8,
+) -> std::result::Result<(), String> {
     if bytes.is_empty() {
         return Err("empty image member".into());
     }
@@ -87,7 +99,11 @@ pub fn decode_rgb8_region_into(
 /// JPEG through zune-jpeg directly (the decoder `image` wraps): one header parse, no copy of
 /// the input, output straight into `out`'s buffer. Greyscale, YCCK and CMYK become RGB in the
 /// decoder, as they do through `image`.
-fn decode_jpeg_into(bytes: &[u8], max_pixels: u64, out: &mut Rgb8) -> Result<(), String> {
+fn decode_jpeg_into(
+    bytes: &[u8],
+    max_pixels: u64,
+    out: &mut Rgb8,
+) -> std::result::Result<(), String> {
     use zune_core::{bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions};
     let opts = DecoderOptions::default()
         .set_strict_mode(false)
@@ -164,10 +180,10 @@ mod tests {
                 .map(|(a, b)| a.abs_diff(*b))
                 .max();
             assert!(worst <= Some(4), "{worst:?}");
-            let e = decode_rgb8(&bytes, 100).unwrap_err();
+            let e = decode_rgb8(&bytes, 100).unwrap_err().to_string();
             assert!(e.contains("over the pixel limit"), "{e}");
             let cut = &bytes[..bytes.len() - 2];
-            let e = decode_rgb8(cut, DEFAULT_MAX_PIXELS).unwrap_err();
+            let e = decode_rgb8(cut, DEFAULT_MAX_PIXELS).unwrap_err().to_string();
             assert!(e.contains("truncated JPEG"), "{e}");
         }
     }
@@ -178,11 +194,15 @@ mod tests {
         let img = decode_rgb8(&p, DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!((img.width, img.height), (5, 3));
         assert_eq!(&img.data[..3], &[0, 0, 7]);
-        let e = decode_rgb8(&p, 10).unwrap_err();
+        let e = decode_rgb8(&p, 10).unwrap_err().to_string();
         assert!(e.contains("over the pixel limit"), "{e}");
         assert!(decode_rgb8(b"hello world, not an image", 100)
             .unwrap_err()
+            .to_string()
             .contains("not an image"));
-        assert!(decode_rgb8(&[], 100).unwrap_err().contains("empty"));
+        assert!(decode_rgb8(&[], 100)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
     }
 }

@@ -65,6 +65,12 @@ pub enum Error {
     /// The caller handed in something inconsistent (wrong length, mixed labels, ...).
     #[error("{context}: invalid input: {detail}")]
     InvalidInput { context: String, detail: String },
+    /// An image member that does not decode: the reason (the caller knows the file and key).
+    #[error("{reason}")]
+    Decode { reason: String },
+    /// An image that decoded but cannot be transformed (resize failure): the reason.
+    #[error("{key}: {reason}")]
+    Transform { key: String, reason: String },
     /// A dataset manifest problem (missing shard, size or fingerprint mismatch, ...).
     #[error("{path}: manifest: {detail}")]
     Manifest { path: PathBuf, detail: String },

@@ -20,7 +20,7 @@
 //!   sees its send fail and returns; `Drop` joins every thread. [`Pipeline::cancel`] stops the
 //!   reader early.
 
-use crate::decode::{decode_rgb8_region_into, Rgb8, DEFAULT_MAX_PIXELS};
+use crate::decode::{decode_region, Rgb8, DEFAULT_MAX_PIXELS};
 use crate::source::{InputSpec, Labels, RawSample, ShardFailure, Skip, SourceEvent};
 use crate::transform::{prepare, TransformConfig};
 use async_channel::{bounded, Receiver, Sender};
@@ -271,13 +271,18 @@ fn decode_worker(
     let mut img = Rgb8::default();
     while let Ok((order, seq, s)) = raw_rx.recv_blocking() {
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            decode_rgb8_region_into(
+            decode_region(
                 &s.image,
                 max_pixels,
                 |w, h| tcfg.source_region(w, h),
                 &mut img,
             )
-            .and_then(|()| prepare(&img, &s.key, tcfg, &mut resizer))
+            .and_then(|()| {
+                prepare(&img, &s.key, tcfg, &mut resizer).map_err(|e| match e {
+                    crate::Error::Transform { reason, .. } => reason,
+                    e => e.to_string(),
+                })
+            })
         }));
         let reason = match out {
             Ok(Ok(pixels)) => {

@@ -43,11 +43,15 @@ impl CropMode {
 }
 
 /// Resampling filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Filter {
+    #[default]
+    #[serde(alias = "bilinear-antialias")]
     Bilinear,
+    #[serde(alias = "bicubic-antialias")]
     Bicubic,
+    #[serde(alias = "lanczos")]
     Lanczos3,
     Nearest,
 }
@@ -73,17 +77,18 @@ impl Filter {
 }
 
 impl std::str::FromStr for Filter {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
         Ok(match s {
             "bilinear" | "bilinear-antialias" => Filter::Bilinear,
             "bicubic" | "bicubic-antialias" => Filter::Bicubic,
             "lanczos3" | "lanczos" => Filter::Lanczos3,
             "nearest" => Filter::Nearest,
             o => {
-                return Err(format!(
-                    "unknown filter {o:?} (bilinear, bicubic, lanczos3, nearest)"
-                ))
+                return Err(crate::Error::InvalidInput {
+                    context: "--filter".into(),
+                    detail: format!("unknown filter {o:?} (bilinear, bicubic, lanczos3, nearest)"),
+                })
             }
         })
     }
@@ -306,6 +311,18 @@ pub fn hwc_to_chw(hwc: &[u8], s: usize, flip: bool, out: &mut Vec<f32>) {
 
 /// All variants of one image, CHW f32 each, in layout order (view, then flip).
 pub fn prepare(
+    img: &Rgb8,
+    key: &str,
+    cfg: &TransformConfig,
+    resizer: &mut Resizer,
+) -> crate::Result<Vec<f32>> {
+    prepare_views(img, key, cfg, resizer).map_err(|reason| crate::Error::Transform {
+        key: key.to_string(),
+        reason,
+    })
+}
+
+fn prepare_views(
     img: &Rgb8,
     key: &str,
     cfg: &TransformConfig,

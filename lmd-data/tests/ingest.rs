@@ -2,7 +2,7 @@
 
 use lmd_data::decode::decode_rgb8;
 use lmd_data::pipeline::{Pipeline, PipelineConfig, PipelineItem, Prepared};
-use lmd_data::source::{InputSpec, Labels, Skip, SourceEvent};
+use lmd_data::source::{InputKind, InputSpec, Labels, Skip, SourceEvent};
 use lmd_data::transform::TransformConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -527,22 +527,22 @@ fn explicit_kinds_override_detection() {
     let a = make_shard(dir.path(), "k", 3, None);
     let p = a.to_str().unwrap();
     assert!(matches!(
-        InputSpec::with_kind(p, "wds", None, None).unwrap(),
+        InputSpec::with_kind(p, InputKind::Wds, None, None).unwrap(),
         InputSpec::WebDataset { .. }
     ));
     assert!(matches!(
-        InputSpec::with_kind(p, "ilsvrc-train", None, None).unwrap(),
+        InputSpec::with_kind(p, InputKind::IlsvrcTrain, None, None).unwrap(),
         InputSpec::IlsvrcTrain { .. }
     ));
-    let e = InputSpec::with_kind(p, "ilsvrc-val", None, None)
+    let e = InputSpec::with_kind(p, InputKind::IlsvrcVal, None, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("--val-labels"), "{e}");
-    let e = InputSpec::with_kind(p, "folder", None, None)
+    let e = InputSpec::with_kind(p, InputKind::Folder, None, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("directory"), "{e}");
-    assert!(InputSpec::with_kind(p, "zip", None, None).is_err());
+    assert!("zip".parse::<InputKind>().is_err());
 }
 
 /// Every image through `decode_rgb8_region_into` (only the part the center crop reads) and
@@ -680,7 +680,7 @@ fn imagefolder_inside_a_tgz_reads_like_the_fastai_imagenette_archive() {
     let input = format!("{}#imagenette2-160/train", tgz.display());
     let spec = InputSpec::detect(&input, None, None).unwrap();
     assert!(matches!(spec, InputSpec::ArchiveFolder { .. }), "{spec:?}");
-    let spec2 = InputSpec::with_kind(&input, "folder", None, None).unwrap();
+    let spec2 = InputSpec::with_kind(&input, InputKind::Folder, None, None).unwrap();
     assert_eq!(spec, spec2);
     let ev = events(&spec);
     let samples: Vec<_> = ev

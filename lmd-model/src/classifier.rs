@@ -63,7 +63,7 @@ impl VitClassifier {
     /// [`new`](Self::new) on a given backend.
     pub fn new_on(cfg: &ClassifierConfig, backend: Backend, vb: VarBuilder) -> Result<Self> {
         let e = &cfg.encoder;
-        e.validate().map_err(candle_core::Error::msg)?;
+        e.validate().map_err(candle_core::Error::wrap)?;
         if cfg.num_classes < 2 {
             candle_core::bail!("num_classes must be at least 2, not {}", cfg.num_classes);
         }

@@ -20,7 +20,7 @@ pub use backend::{Backend, Kernels, KERNELS_ENV};
 pub use checkpoint::{read_tensors, write_tensors, CheckpointFormat};
 pub use classifier::{ClassifierConfig, VitClassifier};
 pub use error::{Error, Result};
-pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};
+pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool, Preset};
 pub use schedule::MaskSchedule;
 
 /// candle, re-exported so that callers use the same version.

@@ -12,7 +12,7 @@ use crate::checkpoint::{save_varmap, set_vars};
 use crate::nn::{linear, LayerNorm, Linear};
 use crate::rng::SplitMix;
 use crate::vit::{gather_rows, Block, Encoder};
-use crate::Backend;
+use crate::{Backend, Error};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -96,30 +96,24 @@ impl MaeConfig {
 
     /// A preset by name: tiny, small, base, large, base_patch4.
     pub fn preset(name: &str) -> Option<Self> {
-        Some(match name {
-            "tiny" => Self::tiny(),
-            "small" => Self::small(),
-            "base" => Self::base(),
-            "large" => Self::large(),
-            "base_patch4" => Self::base_patch4(),
-            _ => return None,
-        })
+        name.parse::<Preset>().ok().map(Preset::config)
     }
 
     /// From the official MAE constructor arguments as JSON (`img_size` int or [h, w],
     /// `patch_size`, `in_chans`, `embed_dim`, `depth`, `num_heads`, `decoder_*`, `mlp_ratio`,
     /// `norm_pix_loss`, optional `norm_eps`), as stored in the metadata of our reference files.
-    pub fn from_mae_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
+    pub fn from_mae_json(v: &serde_json::Value) -> crate::Result<Self> {
         let get = |k: &str| {
             v.get(k)
                 .and_then(|x| x.as_u64())
                 .map(|x| x as usize)
-                .ok_or(format!("config lacks {k}"))
+                .ok_or_else(|| Error::Config(format!("MAE config lacks {k}")))
         };
+        let bad_size = || Error::Config("MAE config: img_size is not [h, w] integers".into());
         let img_size = match v.get("img_size") {
             Some(serde_json::Value::Array(a)) if a.len() == 2 => [
-                a[0].as_u64().ok_or("img_size")? as usize,
-                a[1].as_u64().ok_or("img_size")? as usize,
+                a[0].as_u64().ok_or_else(bad_size)? as usize,
+                a[1].as_u64().ok_or_else(bad_size)? as usize,
             ],
             _ => [get("img_size")?; 2],
         };
@@ -164,25 +158,92 @@ impl MaeConfig {
         self.patch_size * self.patch_size * self.in_chans
     }
 
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> crate::Result<()> {
         let p = self.patch_size;
         if p == 0 || !self.img_size[0].is_multiple_of(p) || !self.img_size[1].is_multiple_of(p) {
-            return Err(format!(
+            return Err(Error::Config(format!(
                 "img_size {:?} not divisible by patch_size {p}",
                 self.img_size
-            ));
+            )));
         }
         if !self.embed_dim.is_multiple_of(self.num_heads)
             || !self
                 .decoder_embed_dim
                 .is_multiple_of(self.decoder_num_heads)
         {
-            return Err("embedding widths must be divisible by their head counts".into());
+            return Err(Error::Config(
+                "embedding widths must be divisible by their head counts".into(),
+            ));
         }
         if !self.embed_dim.is_multiple_of(4) || !self.decoder_embed_dim.is_multiple_of(4) {
-            return Err("2D sin-cos positional embeddings need widths divisible by 4".into());
+            return Err(Error::Config(
+                "2D sin-cos positional embeddings need widths divisible by 4".into(),
+            ));
         }
         Ok(())
+    }
+}
+
+/// A named model size (`MaeConfig::tiny()` ...), as settings and flags name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    #[default]
+    Tiny,
+    Small,
+    Base,
+    Large,
+    BasePatch4,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 5] = [
+        Preset::Tiny,
+        Preset::Small,
+        Preset::Base,
+        Preset::Large,
+        Preset::BasePatch4,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Base => "base",
+            Preset::Large => "large",
+            Preset::BasePatch4 => "base_patch4",
+        }
+    }
+
+    pub fn config(self) -> MaeConfig {
+        match self {
+            Preset::Tiny => MaeConfig::tiny(),
+            Preset::Small => MaeConfig::small(),
+            Preset::Base => MaeConfig::base(),
+            Preset::Large => MaeConfig::large(),
+            Preset::BasePatch4 => MaeConfig::base_patch4(),
+        }
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+
+    fn from_str(s: &str) -> crate::Result<Preset> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s.trim())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown model preset {s:?} (expected tiny, small, base, large or base_patch4)"
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -246,7 +307,7 @@ impl LatentMae {
 
     /// [`new`](Self::new) on a given backend.
     pub fn new_on(cfg: &MaeConfig, backend: Backend, vb: VarBuilder) -> Result<Self> {
-        cfg.validate().map_err(candle_core::Error::msg)?;
+        cfg.validate().map_err(candle_core::Error::wrap)?;
         let (d, dd) = (cfg.embed_dim, cfg.decoder_embed_dim);
         let mask_token = vb.get_with_hints(
             (1, 1, dd),

@@ -98,11 +98,10 @@ impl MaskSchedule {
         }
     }
 
-    /// Check the parameters: ratios in [0, 1), ramp fractions in (0, 1], knots sorted.
     /// [`Self::validate`], and that every ratio the schedule reaches masks at least one of
     /// `num_patches` tokens (MAE keeps `int(L·(1-r))`, so only r = 0, or one so small that
     /// `1 - r` rounds to 1, masks nothing; the loss, a mean over masked patches, is then 0/0).
-    pub fn validate_for(&self, num_patches: usize) -> Result<(), String> {
+    pub fn validate_for(&self, num_patches: usize) -> crate::Result<()> {
         self.validate()?;
         let lowest = match self {
             MaskSchedule::Constant { ratio } => *ratio,
@@ -116,15 +115,21 @@ impl MaskSchedule {
         let l = num_patches;
         let keep = ((l as f64) * (1.0 - lowest)) as usize;
         if keep >= l {
-            return Err(format!(
+            return Err(crate::Error::Config(format!(
                 "mask ratio {lowest} masks none of the model's L = {l} patches (MAE keeps int(L*(1-r)) = {keep}): \
                  the loss would be 0/0; use ratios in (0, 1)"
-            ));
+            )));
         }
         Ok(())
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Check the parameters: ratios in [0, 1), ramp fractions in (0, 1], knots sorted.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.check()
+            .map_err(|e| crate::Error::Config(format!("mask schedule {}: {e}", self.name())))
+    }
+
+    fn check(&self) -> Result<(), String> {
         let ok_ratio = |r: f64| (0.0..1.0).contains(&r);
         let ok_ramp = |f: f64| f > 0.0 && f <= 1.0;
         match self {

@@ -395,7 +395,7 @@ fn nan_loss_at_a_mask_ratio_that_masks_nothing_is_refused_naming_l() {
         end: 0.75,
         ramp_fraction: 1.0,
     };
-    let e = s.validate_for(cfg.num_patches()).unwrap_err();
+    let e = s.validate_for(cfg.num_patches()).unwrap_err().to_string();
     assert!(e.contains("L = 16"), "{e}");
     let ok = lmd_model::MaskSchedule::Linear {
         start: 0.01,

@@ -280,7 +280,7 @@ fn infer_architecture(
         norm_pix_loss: false,
         norm_eps: 1e-6,
     };
-    cfg.validate().map_err(|e| invalid(o, e))?;
+    cfg.validate().map_err(|e| invalid(o, e.to_string()))?;
     Ok(cfg)
 }
 

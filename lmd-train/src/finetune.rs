@@ -37,7 +37,7 @@ use std::time::Instant;
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
     /// Encoder preset (tiny, small, base, large, base_patch4), unless `model` is given.
-    pub preset: String,
+    pub preset: lmd_model::Preset,
     pub model: Option<MaeConfig>,
     /// Pretrained MAE weights (an `lmd-train` checkpoint's `model.safetensors`, or an official
     /// MAE/LMD checkpoint converted to safetensors). None: train from scratch.
@@ -63,19 +63,17 @@ pub struct FinetuneConfig {
     pub num_classes: Option<usize>,
     /// Max global grad norm (0: none, MAE's fine-tuning default).
     pub grad_clip: f64,
-    pub seed: u64,
-    /// `cpu` or `cuda:N` (CUDA: a build with `--features cuda`; the fused CPU kernels fall
-    /// back to composite candle ops there).
-    pub device: crate::DeviceSpec,
+    /// Seed, device, logging (top-level keys: `seed`, `device`, `log_every`).
+    #[serde(flatten)]
+    pub run: crate::RunSettings,
     pub window: usize,
-    pub log_every: u64,
     pub eval_batch_size: usize,
 }
 
 impl Default for FinetuneConfig {
     fn default() -> Self {
         FinetuneConfig {
-            preset: "tiny".into(),
+            preset: lmd_model::Preset::Tiny,
             model: None,
             pretrained: None,
             data: vec![],
@@ -99,10 +97,8 @@ impl Default for FinetuneConfig {
             linear_probe: false,
             num_classes: None,
             grad_clip: 0.0,
-            seed: 0,
-            device: crate::DeviceSpec::Cpu,
+            run: crate::RunSettings::default(),
             window: 8192,
-            log_every: 10,
             eval_batch_size: 256,
         }
     }
@@ -129,7 +125,7 @@ impl FinetuneConfig {
     }
 
     pub fn encoder_config(&self) -> Result<MaeConfig> {
-        crate::train::resolve_model(&self.preset, self.model.as_ref())
+        crate::train::resolve_model(self.preset, self.model.as_ref())
     }
 }
 
@@ -200,7 +196,7 @@ fn classifier_config(
     val: &LatentDataset,
 ) -> Result<ClassifierConfig> {
     let enc = cfg.encoder_config()?;
-    enc.validate().map_err(Error::Invalid)?;
+    enc.validate()?;
     for (d, what) in [(ds, "training"), (val, "validation")] {
         let [c, h, w] = d.meta().latent_shape;
         if [c, h, w] != [enc.in_chans, enc.img_size[0], enc.img_size[1]] {
@@ -274,7 +270,7 @@ fn classifier_and_driver(
 ) -> Result<(VitClassifier, VarMap, Driver)> {
     let varmap = VarMap::new();
     let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
-    let clf = VitClassifier::init(ccfg, &varmap, cfg.seed, head_std, dev)?;
+    let clf = VitClassifier::init(ccfg, &varmap, cfg.run.seed, head_std, dev)?;
     if let Some(p) = &cfg.pretrained {
         clf.load_pretrained(&varmap, p)?;
     } else if cfg.linear_probe {
@@ -290,7 +286,7 @@ fn classifier_and_driver(
     .on_backend(clf.backend());
     let (depth, ld) = (ccfg.encoder.depth, cfg.layer_decay);
     opt.set_lr_scales(|n| layer_decay_scale(n, depth, ld));
-    let driver = Driver::new(opt, cfg.grad_clip, cfg.log_every);
+    let driver = Driver::new(opt, cfg.grad_clip, cfg.run.log_every);
     Ok((clf, varmap, driver))
 }
 
@@ -310,13 +306,13 @@ pub fn run(
     let ccfg = classifier_config(cfg, &ds, &val)?;
     let run = RunDir::open(&cfg.out)?;
     run.write_config(cfg)?;
-    let dev = cfg.device.open()?;
+    let dev = cfg.run.device.open()?;
     let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, &dev)?;
     let mut loader = LatentLoader::new(
         ds.clone(),
         LoaderConfig {
             batch_size: cfg.batch_size,
-            seed: cfg.seed,
+            seed: cfg.run.seed,
             window: cfg.window,
             ..Default::default()
         },
@@ -354,7 +350,7 @@ pub fn run(
                 let f = clf.features(&x, None)?.detach();
                 clf.head(&f)?
             } else {
-                let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
+                let seed = cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
                 clf.forward_t(&x, Some(seed))?
             };
             let loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;

@@ -20,11 +20,13 @@ pub mod precompute;
 pub mod quickstart;
 pub mod report;
 pub mod run_dir;
+pub mod settings;
 pub mod testvectors;
 pub mod train;
 
 pub use device::DeviceSpec;
 pub use error::{Error, Result};
+pub use settings::RunSettings;
 pub use lmd_data as data;
 pub use lmd_model as model;
 

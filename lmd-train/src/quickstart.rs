@@ -101,6 +101,15 @@ impl QuickstartConfig {
         }
     }
 
+    /// Seed and logging of every run of this pipeline.
+    fn run_settings(&self) -> crate::RunSettings {
+        crate::RunSettings {
+            seed: self.seed,
+            log_every: 10,
+            ..Default::default()
+        }
+    }
+
     /// The pretraining configuration of one quickstart (or experiment) run.
     pub fn pretrain_config(&self, data: PathBuf, out: PathBuf) -> TrainConfig {
         TrainConfig {
@@ -112,10 +121,9 @@ impl QuickstartConfig {
             batch_size: 64,
             blr: 1.5e-3,
             warmup_steps: (self.pretrain_steps / 20).max(1),
-            seed: self.seed,
+            run: self.run_settings(),
             window: 4096,
             checkpoint_every: (self.pretrain_steps / 3).max(1),
-            log_every: 10,
             keep_checkpoints: 1,
             ..Default::default()
         }
@@ -149,9 +157,8 @@ impl QuickstartConfig {
             val_data: vec![val],
             out,
             batch_size: 64,
-            seed: self.seed,
+            run: self.run_settings(),
             window: 4096,
-            log_every: 10,
             ..base
         }
     }

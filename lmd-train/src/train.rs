@@ -34,7 +34,7 @@ use std::time::Instant;
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Model preset (tiny, small, base, large, base_patch4), unless `model` is given.
-    pub preset: String,
+    pub preset: lmd_model::Preset,
     /// Full model configuration (overrides `preset`).
     pub model: Option<MaeConfig>,
     pub schedule: MaskSchedule,
@@ -49,14 +49,12 @@ pub struct TrainConfig {
     pub optimizer: AdamWConfig,
     /// Max global grad norm (0: no clipping).
     pub grad_clip: f64,
-    pub seed: u64,
-    /// `cpu` or `cuda:N` (CUDA: a build with `--features cuda`; the fused CPU kernels fall
-    /// back to composite candle ops there).
-    pub device: crate::DeviceSpec,
+    /// Seed, device, logging (top-level keys: `seed`, `device`, `log_every`).
+    #[serde(flatten)]
+    pub run: crate::RunSettings,
     /// Loader shuffle window (records).
     pub window: usize,
     pub checkpoint_every: u64,
-    pub log_every: u64,
     /// Stop (after checkpointing) once this step is reached, without changing the schedule.
     pub stop_after: Option<u64>,
     /// Checkpoints kept (the newest ones; 0 keeps all).
@@ -76,7 +74,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            preset: "tiny".into(),
+            preset: lmd_model::Preset::Tiny,
             model: None,
             schedule: MaskSchedule::lmd_cosine(),
             data: vec![],
@@ -88,11 +86,9 @@ impl Default for TrainConfig {
             warmup_steps: 50,
             optimizer: AdamWConfig::default(),
             grad_clip: 3.0,
-            seed: 0,
-            device: crate::DeviceSpec::Cpu,
+            run: crate::RunSettings::default(),
             window: 8192,
             checkpoint_every: 200,
-            log_every: 10,
             stop_after: None,
             keep_checkpoints: 3,
             preview_samples: 4,
@@ -104,17 +100,13 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn model_config(&self) -> Result<MaeConfig> {
-        resolve_model(&self.preset, self.model.as_ref())
+        resolve_model(self.preset, self.model.as_ref())
     }
 }
 
 /// `model` when given, else the named preset.
-pub(crate) fn resolve_model(preset: &str, model: Option<&MaeConfig>) -> Result<MaeConfig> {
-    match model {
-        Some(m) => Ok(m.clone()),
-        None => MaeConfig::preset(preset)
-            .ok_or_else(|| Error::Invalid(format!("unknown model preset {preset:?}"))),
-    }
+pub(crate) fn resolve_model(preset: lmd_model::Preset, model: Option<&MaeConfig>) -> Result<MaeConfig> {
+    Ok(model.cloned().unwrap_or_else(|| preset.config()))
 }
 
 pub use crate::metrics::Metrics;
@@ -168,10 +160,8 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 /// setting).
 fn validated(cfg: &TrainConfig) -> Result<MaeConfig> {
     let mcfg = cfg.model_config()?;
-    mcfg.validate().map_err(Error::Invalid)?;
-    cfg.schedule
-        .validate_for(mcfg.num_patches())
-        .map_err(|e| Error::Invalid(format!("schedule: {e}")))?;
+    mcfg.validate()?;
+    cfg.schedule.validate_for(mcfg.num_patches())?;
     if cfg.steps == 0 || cfg.batch_size == 0 {
         return Err(Error::Invalid(format!(
             "steps ({}) and batch_size ({}) must be at least 1",
@@ -241,16 +231,16 @@ pub fn run(
     let ds = open_checked(cfg, &mcfg)?;
     let run = RunDir::open(&cfg.out)?;
     run.write_config(cfg)?;
-    let dev = cfg.device.open()?;
+    let dev = cfg.run.device.open()?;
     let varmap = lmd_model::candle_nn::VarMap::new();
-    let model = LatentMae::init(&mcfg, &varmap, cfg.seed, &dev)?;
+    let model = LatentMae::init(&mcfg, &varmap, cfg.run.seed, &dev)?;
     let opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());
-    let mut driver = Driver::new(opt, cfg.grad_clip, cfg.log_every);
+    let mut driver = Driver::new(opt, cfg.grad_clip, cfg.run.log_every);
     let mut loader = LatentLoader::new(
         ds.clone(),
         LoaderConfig {
             batch_size: cfg.batch_size,
-            seed: cfg.seed,
+            seed: cfg.run.seed,
             window: cfg.window,
             ..Default::default()
         },
@@ -280,7 +270,7 @@ pub fn run(
             let mut batch = batch?;
             let x = Driver::latents(&mut batch, &dev)?;
             let ratio = cfg.schedule.ratio(step as usize, cfg.steps as usize);
-            let noise_seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
+            let noise_seed = cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
             let out = model.forward(&x, ratio, noise_seed)?;
             let lr = lr_at(step, cfg.steps, cfg.warmup_steps, lr_peak, cfg.min_lr);
             let done = driver.step(&out.loss, step, lr, cfg.batch_size)?;
@@ -342,8 +332,8 @@ impl Preview {
         let vae = match &cfg.vae_weights {
             None => None,
             Some(w) => {
-                let name = &loader.dataset().meta().vae.name;
-                Some(lmd_model::vae::load_vae(name, Path::new(w), dev)?)
+                let kind = loader.dataset().meta().vae.name.parse()?;
+                Some(lmd_model::vae::load_vae(kind, Path::new(w), dev)?)
             }
         };
         Ok(Preview { x: Some(x), vae })
@@ -353,7 +343,7 @@ impl Preview {
     fn write(&self, cfg: &TrainConfig, model: &LatentMae, step: u64) -> Result<()> {
         if let Some(x) = &self.x {
             let ratio = cfg.schedule.ratio(step as usize, cfg.steps as usize);
-            let r = crate::report::reconstruct(model, x, ratio, cfg.seed ^ 0x7072_6576)?;
+            let r = crate::report::reconstruct(model, x, ratio, cfg.run.seed ^ 0x7072_6576)?;
             let img = crate::report::reconstruction_grid(&r, self.vae.as_deref())?;
             let dir = cfg.out.join("previews");
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;

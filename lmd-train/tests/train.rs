@@ -42,7 +42,10 @@ fn cfg(data: &Path, out: &Path) -> TrainConfig {
         warmup_steps: 2,
         window: 32,
         checkpoint_every: 4,
-        log_every: 1,
+        run: lmd_train::RunSettings {
+            log_every: 1,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

@@ -35,7 +35,7 @@ enum Cmd {
     Vae {
         /// taesd or sd-vae.
         #[arg(long, default_value = "taesd")]
-        vae: String,
+        vae: lmd_train::model::vae::VaeKind,
         /// Weights directory (TAESD: taesd_{encoder,decoder}.safetensors; sd-vae: a diffusers vae/ folder).
         #[arg(long)]
         vae_weights: PathBuf,
@@ -109,7 +109,7 @@ enum Cmd {
         train_steps: u64,
         /// Model preset for --train-steps.
         #[arg(long, default_value = "tiny")]
-        preset: String,
+        preset: lmd_train::model::Preset,
     },
     /// LatentMae training steps (forward, backward, AdamW) in samples/s, one line per mask ratio.
     ///
@@ -118,7 +118,7 @@ enum Cmd {
     TrainStep {
         /// Model preset: tiny, small, base, large, base_patch4.
         #[arg(long, default_value = "tiny")]
-        preset: String,
+        preset: lmd_train::model::Preset,
         #[arg(long, default_value_t = 64)]
         batch: usize,
         /// Mask ratios (comma-separated).
@@ -143,7 +143,7 @@ enum Cmd {
     FinetuneStep {
         /// Encoder preset: tiny, small, base, large, base_patch4.
         #[arg(long, default_value = "tiny")]
-        preset: String,
+        preset: lmd_train::model::Preset,
         #[arg(long, default_value_t = 64)]
         batch: usize,
         #[arg(long, default_value_t = 10)]

@@ -84,6 +84,56 @@ pub enum Labels {
 /// Image member extensions, lowercase.
 pub const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "jpe"];
 
+/// The kind of an input, when it is given rather than detected (`--kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputKind {
+    /// WebDataset tar shards (a pattern).
+    #[serde(alias = "webdataset")]
+    Wds,
+    /// `ILSVRC2012_img_train.tar`: a tar of per-class tars.
+    IlsvrcTrain,
+    /// `ILSVRC2012_img_val.tar` with `LOC_val_solution.csv`.
+    IlsvrcVal,
+    /// An ImageFolder tree (a directory, or `ARCHIVE#ROOT`).
+    #[serde(alias = "imagefolder")]
+    Folder,
+}
+
+impl InputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputKind::Wds => "wds",
+            InputKind::IlsvrcTrain => "ilsvrc-train",
+            InputKind::IlsvrcVal => "ilsvrc-val",
+            InputKind::Folder => "folder",
+        }
+    }
+}
+
+impl std::str::FromStr for InputKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<InputKind> {
+        match s.trim() {
+            "wds" | "webdataset" => Ok(InputKind::Wds),
+            "ilsvrc-train" => Ok(InputKind::IlsvrcTrain),
+            "ilsvrc-val" => Ok(InputKind::IlsvrcVal),
+            "folder" | "imagefolder" => Ok(InputKind::Folder),
+            other => Err(Error::InvalidInput {
+                context: "--kind".into(),
+                detail: format!("unknown kind {other:?} (wds, ilsvrc-train, ilsvrc-val, folder)"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for InputKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One input of a precompute job.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -207,7 +257,7 @@ impl InputSpec {
     /// (needs `val_labels`) or `folder`.
     pub fn with_kind(
         path: &str,
-        kind: &str,
+        kind: InputKind,
         synsets: Option<&Path>,
         val_labels: Option<&Path>,
     ) -> Result<InputSpec> {
@@ -226,14 +276,14 @@ impl InputSpec {
             Ok(v[0].clone())
         };
         Ok(match kind {
-            "wds" | "webdataset" => InputSpec::WebDataset {
+            InputKind::Wds => InputSpec::WebDataset {
                 shards: expand_pattern(path)?,
             },
-            "ilsvrc-train" => InputSpec::IlsvrcTrain {
+            InputKind::IlsvrcTrain => InputSpec::IlsvrcTrain {
                 tar: single()?,
                 synsets: synsets.map(Path::to_path_buf),
             },
-            "ilsvrc-val" => InputSpec::IlsvrcVal {
+            InputKind::IlsvrcVal => InputSpec::IlsvrcVal {
                 tar: single()?,
                 solution: val_labels
                     .ok_or_else(|| {
@@ -242,11 +292,11 @@ impl InputSpec {
                     .to_path_buf(),
                 synsets: synsets.map(Path::to_path_buf),
             },
-            "folder" | "imagefolder" if split_archive_root(path).is_some() => {
+            InputKind::Folder if split_archive_root(path).is_some() => {
                 let (archive, root) = split_archive_root(path).expect("checked");
                 InputSpec::ArchiveFolder { archive, root }
             }
-            "folder" | "imagefolder" => {
+            InputKind::Folder => {
                 let p = Path::new(path);
                 if !p.is_dir() {
                     return Err(bad("--kind folder needs a directory".into()));
@@ -255,11 +305,7 @@ impl InputSpec {
                     root: p.to_path_buf(),
                 }
             }
-            other => {
-                return Err(bad(format!(
-                    "unknown kind {other:?} (wds, ilsvrc-train, ilsvrc-val, folder)"
-                )))
-            }
+
         })
     }
 
@@ -355,7 +401,7 @@ pub fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// Brace expansion (first brace group, recursively).
-pub fn expand_braces(s: &str) -> std::result::Result<Vec<String>, String> {
+pub(crate) fn expand_braces(s: &str) -> std::result::Result<Vec<String>, String> {
     let Some(open) = s.find('{') else {
         return Ok(vec![s.to_string()]);
     };

@@ -6,22 +6,23 @@
 //! `--vae-weights`, programs use the VAE's default repository: `taesd` -> `hf:madebyollin/taesd`,
 //! `sd-vae` -> `hf:stabilityai/sd-vae-ft-mse`.
 
+use super::VaeKind;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// The files a VAE needs from its weights directory.
-pub fn required_files(vae: &str) -> &'static [&'static str] {
+pub fn required_files(vae: VaeKind) -> &'static [&'static str] {
     match vae {
-        "taesd" => &["taesd_encoder.safetensors", "taesd_decoder.safetensors"],
-        _ => &["config.json", "diffusion_pytorch_model.safetensors"],
+        VaeKind::Taesd => &["taesd_encoder.safetensors", "taesd_decoder.safetensors"],
+        VaeKind::SdVae => &["config.json", "diffusion_pytorch_model.safetensors"],
     }
 }
 
 /// The default hub repository of a VAE.
-pub fn default_repo(vae: &str) -> &'static str {
+pub fn default_repo(vae: VaeKind) -> &'static str {
     match vae {
-        "taesd" => "madebyollin/taesd",
-        _ => "stabilityai/sd-vae-ft-mse",
+        VaeKind::Taesd => "madebyollin/taesd",
+        VaeKind::SdVae => "stabilityai/sd-vae-ft-mse",
     }
 }
 
@@ -46,7 +47,7 @@ pub fn parse_hub_spec(spec: &str) -> Option<(String, Option<String>)> {
 
 /// Resolve `spec` to a local directory holding `vae`'s files, downloading from the hub when
 /// `spec` names a repository rather than an existing directory.
-pub fn resolve_weights(vae: &str, spec: &str) -> Result<PathBuf> {
+pub fn resolve_weights(vae: VaeKind, spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.is_dir() {
         return Ok(p.to_path_buf());
@@ -118,14 +119,14 @@ mod tests {
         std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
         let dir = tempfile::tempdir().unwrap();
         std::env::set_var("HF_HOME", dir.path());
-        let e = resolve_weights("taesd", "hf:madebyollin/taesd")
+        let e = resolve_weights(VaeKind::Taesd, "hf:madebyollin/taesd")
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("madebyollin/taesd") && e.contains("--vae-weights DIR"),
             "{e}"
         );
-        let e = resolve_weights("taesd", "no-such-dir")
+        let e = resolve_weights(VaeKind::Taesd, "no-such-dir")
             .unwrap_err()
             .to_string();
         assert!(e.contains("taesd_encoder.safetensors"), "{e}");

@@ -16,6 +16,48 @@ use std::path::Path;
 pub use kl::{AutoencoderKl, KlConfig};
 pub use taesd::Taesd;
 
+/// Which VAE: `taesd` or `sd-vae` (also read: `sdvae`, `autoencoder-kl`), as settings, flags
+/// and shard metadata name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum VaeKind {
+    /// TAESD: tiny, the CPU default.
+    #[default]
+    #[serde(rename = "taesd")]
+    Taesd,
+    /// Stable Diffusion's AutoencoderKL (diffusers weights).
+    #[serde(rename = "sd-vae", alias = "sdvae", alias = "autoencoder-kl")]
+    SdVae,
+}
+
+impl VaeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VaeKind::Taesd => "taesd",
+            VaeKind::SdVae => "sd-vae",
+        }
+    }
+}
+
+impl std::str::FromStr for VaeKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<VaeKind> {
+        match s.trim() {
+            "taesd" => Ok(VaeKind::Taesd),
+            "sd-vae" | "sdvae" | "autoencoder-kl" => Ok(VaeKind::SdVae),
+            other => Err(Error::Config(format!(
+                "unknown VAE {other:?} (expected taesd or sd-vae)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for VaeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The pixel range a VAE's encoder expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputRange {
@@ -178,19 +220,16 @@ impl candle_core::Module for Conv {
 /// `taesd_decoder.safetensors`) or `sd-vae` (a diffusers `vae/` folder: `config.json`,
 /// `diffusion_pytorch_model.safetensors`). A path that does not exist but reads `OWNER/REPO`
 /// (or `hf:OWNER/REPO[/SUBFOLDER]`) is fetched from the Hugging Face hub (see [`hub`]).
-pub fn load_vae(name: &str, dir: &Path, dev: &candle_core::Device) -> Result<Box<dyn Vae>> {
+pub fn load_vae(kind: VaeKind, dir: &Path, dev: &candle_core::Device) -> Result<Box<dyn Vae>> {
     let resolved;
     let dir = if dir.is_dir() {
         dir
     } else {
-        resolved = hub::resolve_weights(name, &dir.to_string_lossy())?;
+        resolved = hub::resolve_weights(kind, &dir.to_string_lossy())?;
         resolved.as_path()
     };
-    match name {
-        "taesd" => Ok(Box::new(Taesd::load(dir, dev)?)),
-        "sd-vae" | "sdvae" | "autoencoder-kl" => Ok(Box::new(AutoencoderKl::load_dir(dir, dev)?)),
-        other => Err(Error::Config(format!(
-            "unknown VAE {other:?} (expected taesd or sd-vae)"
-        ))),
+    match kind {
+        VaeKind::Taesd => Ok(Box::new(Taesd::load(dir, dev)?)),
+        VaeKind::SdVae => Ok(Box::new(AutoencoderKl::load_dir(dir, dev)?)),
     }
 }

@@ -19,7 +19,7 @@ pub struct LoaderBenchOptions {
     /// Then train this many steps of `preset` on the same data and report the trainer's
     /// consumption and data-wait fraction (0: skip).
     pub train_steps: u64,
-    pub preset: String,
+    pub preset: lmd_model::Preset,
 }
 
 impl Default for LoaderBenchOptions {
@@ -31,7 +31,7 @@ impl Default for LoaderBenchOptions {
             window: 8192,
             seconds: 5.0,
             train_steps: 0,
-            preset: "tiny".into(),
+            preset: lmd_model::Preset::Tiny,
         }
     }
 }
@@ -103,7 +103,7 @@ pub fn loader(opts: &LoaderBenchOptions, mut emit: impl FnMut(serde_json::Value)
 
     if opts.train_steps > 0 {
         let cfg = crate::train::TrainConfig {
-            preset: opts.preset.clone(),
+            preset: opts.preset,
             data: data.clone(),
             out: scratch.join("run"),
             steps: opts.train_steps,
@@ -111,7 +111,10 @@ pub fn loader(opts: &LoaderBenchOptions, mut emit: impl FnMut(serde_json::Value)
             window: opts.window,
             warmup_steps: 1,
             checkpoint_every: u64::MAX,
-            log_every: opts.train_steps,
+            run: crate::RunSettings {
+                log_every: opts.train_steps,
+                ..Default::default()
+            },
             preview_samples: 0,
             ..Default::default()
         };

@@ -8,8 +8,7 @@ use std::time::Instant;
 /// Options of `lmd-bench vae`.
 #[derive(Debug, Clone)]
 pub struct VaeBenchOptions {
-    /// `taesd` or `sd-vae`.
-    pub vae: String,
+    pub vae: lmd_model::vae::VaeKind,
     pub weights: PathBuf,
     pub batch: usize,
     pub size: usize,
@@ -21,7 +20,7 @@ pub struct VaeBenchOptions {
 pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
     use lmd_model::candle::{Device, Tensor};
     let dev = Device::Cpu;
-    let vae = lmd_model::vae::load_vae(&opts.vae, &opts.weights, &dev)?;
+    let vae = lmd_model::vae::load_vae(opts.vae, &opts.weights, &dev)?;
     let x = Tensor::rand(0f32, 1.0, (opts.batch, 3, opts.size, opts.size), &dev)?;
     let x = vae.input_range().from_unit(&x)?;
     let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {

@@ -10,7 +10,7 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct TrainStepOptions {
     /// Model preset (default `tiny`: ViT-Ti, patch 2 on 4x28x28, decoder 128 x 4).
-    pub preset: String,
+    pub preset: lmd_model::Preset,
     pub batch: usize,
     /// Mask ratios to measure, one JSON line each.
     pub ratios: Vec<f64>,
@@ -27,7 +27,7 @@ pub struct TrainStepOptions {
 impl Default for TrainStepOptions {
     fn default() -> Self {
         TrainStepOptions {
-            preset: "tiny".into(),
+            preset: lmd_model::Preset::Tiny,
             batch: 64,
             ratios: vec![0.75, 0.15],
             steps: 3,
@@ -107,7 +107,7 @@ fn merged(mut line: serde_json::Value, fields: serde_json::Value) -> serde_json:
 #[derive(Debug, Clone)]
 pub struct FinetuneStepOptions {
     /// Encoder preset (default `tiny`).
-    pub preset: String,
+    pub preset: lmd_model::Preset,
     pub batch: usize,
     pub classes: usize,
     /// Stochastic depth of the last block (MAE fine-tuning: 0.1).
@@ -121,7 +121,7 @@ pub struct FinetuneStepOptions {
 impl Default for FinetuneStepOptions {
     fn default() -> Self {
         FinetuneStepOptions {
-            preset: "tiny".into(),
+            preset: lmd_model::Preset::Tiny,
             batch: 64,
             classes: 10,
             drop_path: 0.1,
@@ -138,8 +138,7 @@ pub fn finetune_step(
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
     use lmd_model::candle::{Device, Tensor};
-    let encoder = lmd_model::MaeConfig::preset(&opts.preset)
-        .ok_or_else(|| Error::Invalid(format!("unknown preset {:?}", opts.preset)))?;
+    let encoder = opts.preset.config();
     let cfg = lmd_model::ClassifierConfig {
         encoder,
         num_classes: opts.classes,
@@ -193,8 +192,7 @@ pub fn finetune_step(
 /// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
 pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
     use lmd_model::candle::{Device, Tensor};
-    let cfg = lmd_model::MaeConfig::preset(&opts.preset)
-        .ok_or_else(|| Error::Invalid(format!("unknown preset {:?}", opts.preset)))?;
+    let cfg = opts.preset.config();
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
     let model = lmd_model::LatentMae::init(&cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
@@ -213,7 +211,7 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let [h, w] = cfg.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
         .map_err(lmd_model::Error::from)?;
-    if opts.torch_anchor.is_some() && opts.preset != "tiny" {
+    if opts.torch_anchor.is_some() && opts.preset != lmd_model::Preset::Tiny {
         return Err(Error::Invalid(
             "--torch-anchor mirrors the `tiny` preset only".into(),
         ));

@@ -27,7 +27,9 @@ mod plan;
 use crate::{Error, Result};
 use lmd_data::pipeline::{Pipeline, PipelineItem};
 use lmd_data::transform::{CropMode, Filter, TransformConfig};
+use lmd_data::source::InputKind;
 use lmd_data::DType;
+use lmd_model::vae::VaeKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,6 +51,56 @@ pub enum Store {
     MeanLogvar,
 }
 
+impl std::str::FromStr for Store {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Store> {
+        match s.trim() {
+            "latent" => Ok(Store::Latent),
+            "mean" => Ok(Store::Mean),
+            "mean-logvar" => Ok(Store::MeanLogvar),
+            o => Err(Error::Invalid(format!(
+                "store {o:?}: expected latent, mean or mean-logvar"
+            ))),
+        }
+    }
+}
+
+/// How each image is cut: [`CropMode`] by name (the default scale and ratio ranges).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Crop {
+    /// Resize(S) + CenterCrop(S).
+    #[default]
+    Center,
+    /// RandomResizedCrop(S, scale 0.2-1, ratio 3/4-4/3), one per view.
+    #[serde(alias = "rrc")]
+    RandomResizedCrop,
+}
+
+impl Crop {
+    pub fn mode(self) -> CropMode {
+        match self {
+            Crop::Center => CropMode::Center,
+            Crop::RandomResizedCrop => CropMode::rrc_default(),
+        }
+    }
+}
+
+impl std::str::FromStr for Crop {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Crop> {
+        match s.trim() {
+            "center" => Ok(Crop::Center),
+            "random-resized-crop" | "rrc" => Ok(Crop::RandomResizedCrop),
+            o => Err(Error::Invalid(format!(
+                "crop {o:?}: expected center or random-resized-crop"
+            ))),
+        }
+    }
+}
+
 /// The resolved configuration of a precompute job (saved as `precompute.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -56,22 +108,20 @@ pub struct PrecomputeConfig {
     /// Inputs: shard patterns, ILSVRC tars, ImageFolder directories.
     pub inputs: Vec<String>,
     /// Input kind for all inputs (`wds`, `ilsvrc-train`, `ilsvrc-val`, `folder`); none: detected.
-    pub kind: Option<String>,
+    pub kind: Option<InputKind>,
     /// `LOC_synset_mapping.txt` for ILSVRC inputs.
     pub synsets: Option<PathBuf>,
     /// `LOC_val_solution.csv`: makes a flat tar an ILSVRC val input.
     pub val_labels: Option<PathBuf>,
     pub output: PathBuf,
-    /// `taesd` or `sd-vae`.
-    pub vae: String,
+    pub vae: VaeKind,
     /// A directory, or `hf:OWNER/REPO[/SUBFOLDER]`; none: the VAE's default hub repository.
     pub vae_weights: Option<PathBuf>,
     pub size: u32,
-    /// `center` or `random-resized-crop`.
-    pub crop: String,
+    pub crop: Crop,
     pub views: usize,
     pub flip: bool,
-    pub filter: String,
+    pub filter: Filter,
     pub store: Store,
     pub dtype: DType,
     pub records_per_shard: usize,
@@ -94,13 +144,13 @@ impl Default for PrecomputeConfig {
             synsets: None,
             val_labels: None,
             output: PathBuf::from("latents"),
-            vae: "taesd".into(),
+            vae: VaeKind::Taesd,
             vae_weights: None,
             size: 224,
-            crop: "center".into(),
+            crop: Crop::Center,
             views: 1,
             flip: false,
-            filter: "bilinear".into(),
+            filter: Filter::Bilinear,
             store: Store::Latent,
             dtype: DType::F16,
             records_per_shard: 5000,
@@ -136,15 +186,7 @@ impl PrecomputeConfig {
     }
 
     fn transform(&self) -> Result<TransformConfig> {
-        let crop = match self.crop.as_str() {
-            "center" => CropMode::Center,
-            "random-resized-crop" | "rrc" => CropMode::rrc_default(),
-            o => {
-                return Err(Error::Invalid(format!(
-                    "crop {o:?}: expected center or random-resized-crop"
-                )))
-            }
-        };
+        let crop = self.crop.mode();
         if crop == CropMode::Center && self.views != 1 {
             return Err(Error::Invalid(
                 "--views > 1 needs --crop random-resized-crop".into(),
@@ -155,7 +197,7 @@ impl PrecomputeConfig {
             crop,
             views: self.views.max(1),
             flip: self.flip,
-            filter: self.filter.parse::<Filter>().map_err(Error::Invalid)?,
+            filter: self.filter,
         })
     }
 

@@ -42,7 +42,7 @@ impl Plan {
             .iter()
             .map(|i| match &cfg.kind {
                 Some(k) => {
-                    InputSpec::with_kind(i, k, cfg.synsets.as_deref(), cfg.val_labels.as_deref())
+                    InputSpec::with_kind(i, *k, cfg.synsets.as_deref(), cfg.val_labels.as_deref())
                 }
                 None => InputSpec::detect(i, cfg.synsets.as_deref(), cfg.val_labels.as_deref()),
             })
@@ -51,10 +51,10 @@ impl Plan {
         let weights = cfg.vae_weights.clone().unwrap_or_else(|| {
             PathBuf::from(format!(
                 "hf:{}",
-                lmd_model::vae::hub::default_repo(&cfg.vae)
+                lmd_model::vae::hub::default_repo(cfg.vae)
             ))
         });
-        let vae = lmd_model::vae::load_vae(&cfg.vae, &weights, &device)?;
+        let vae = lmd_model::vae::load_vae(cfg.vae, &weights, &device)?;
         let meta = shard_meta(cfg, &transform, vae.as_ref())?;
         Ok(Plan {
             inputs,

@@ -1,0 +1,50 @@
+//! Settings every run shares, pretraining and fine-tuning alike: the seed, the device and how
+//! often a step is logged. Each program's config holds one [`RunSettings`], flattened: in TOML,
+//! in `config.json` and on the command line the keys stay top-level (`seed = 1`,
+//! `--device cuda:0`), while the code reads `cfg.run.seed`.
+
+use crate::DeviceSpec;
+use serde::{Deserialize, Serialize};
+
+/// The seed, device and logging interval of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunSettings {
+    /// Seeds the initial weights, the masking noise and the loader's order.
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA: a build with `--features cuda`).
+    pub device: DeviceSpec,
+    /// Log a metrics line every this many steps.
+    pub log_every: u64,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            seed: 0,
+            device: DeviceSpec::Cpu,
+            log_every: 10,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::finetune::FinetuneConfig;
+    use crate::train::TrainConfig;
+
+    #[test]
+    fn run_settings_read_as_top_level_keys_and_unknown_keys_are_still_refused() {
+        let c: TrainConfig = toml::from_str("seed = 7\nlog_every = 3\nsteps = 5\n").unwrap();
+        assert_eq!((c.run.seed, c.run.log_every, c.steps), (7, 3, 5));
+        assert_eq!(c.run.device, crate::DeviceSpec::Cpu);
+        let e = toml::from_str::<TrainConfig>("seed = 7\nstepz = 5\n").unwrap_err();
+        assert!(e.to_string().contains("stepz"), "{e}");
+        let e = toml::from_str::<FinetuneConfig>("epochs = 2\nseeed = 1\n").unwrap_err();
+        assert!(e.to_string().contains("seeed"), "{e}");
+        // config.json keeps the flat keys
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["seed"], 7);
+        assert!(v.get("run").is_none());
+    }
+}
