@@ -6,6 +6,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub mod settings;
+
 /// mimalloc's `mi_option_purge_delay` (position in `mi_option_e`, mimalloc v3 `mimalloc.h`).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -15,18 +17,6 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 pub fn init_allocator() {
     // SAFETY: sets a global mimalloc option; thread-safe and valid at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
-/// The settings a program starts from: `Default`, or the TOML file given with `--config`
-/// (errors name the file).
-pub fn load_config<T: serde::de::DeserializeOwned + Default>(
-    path: Option<&std::path::Path>,
-) -> anyhow::Result<T> {
-    let Some(p) = path else {
-        return Ok(T::default());
-    };
-    let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-    toml::from_str::<T>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
 }
 
 /// A progress bar over `len` `unit`s (`step`, `epoch`, ...) with elapsed time, ETA and a

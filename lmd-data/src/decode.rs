@@ -183,7 +183,9 @@ mod tests {
             let e = decode_rgb8(&bytes, 100).unwrap_err().to_string();
             assert!(e.contains("over the pixel limit"), "{e}");
             let cut = &bytes[..bytes.len() - 2];
-            let e = decode_rgb8(cut, DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+            let e = decode_rgb8(cut, DEFAULT_MAX_PIXELS)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("truncated JPEG"), "{e}");
         }
     }

@@ -99,15 +99,16 @@ impl std::fmt::Display for DType {
 }
 
 impl std::str::FromStr for DType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "f16" | "float16" | "half" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "f32" | "float32" | "float" => Ok(DType::F32),
-            other => Err(format!(
-                "unknown dtype {other:?} (expected f16, bf16 or f32)"
-            )),
+            other => Err(crate::Error::InvalidInput {
+                context: "dtype".into(),
+                detail: format!("unknown dtype {other:?} (expected f16, bf16 or f32)"),
+            }),
         }
     }
 }

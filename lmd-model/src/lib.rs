@@ -9,6 +9,7 @@ mod cpu;
 pub mod error;
 pub mod mae;
 pub mod nn;
+pub mod preset;
 mod rng;
 pub mod schedule;
 #[cfg(test)]
@@ -20,7 +21,8 @@ pub use backend::{Backend, Kernels, KERNELS_ENV};
 pub use checkpoint::{read_tensors, write_tensors, CheckpointFormat};
 pub use classifier::{ClassifierConfig, VitClassifier};
 pub use error::{Error, Result};
-pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool, Preset};
+pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};
+pub use preset::Preset;
 pub use schedule::MaskSchedule;
 
 /// candle, re-exported so that callers use the same version.

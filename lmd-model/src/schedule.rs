@@ -116,8 +116,9 @@ impl MaskSchedule {
         let keep = ((l as f64) * (1.0 - lowest)) as usize;
         if keep >= l {
             return Err(crate::Error::Config(format!(
-                "mask ratio {lowest} masks none of the model's L = {l} patches (MAE keeps int(L*(1-r)) = {keep}): \
-                 the loss would be 0/0; use ratios in (0, 1)"
+                "mask schedule {}: mask ratio {lowest} masks none of the model's L = {l} patches (MAE keeps int(L*(1-r)) = {keep}): \
+                 the loss would be 0/0; use ratios in (0, 1)",
+                self.name()
             )));
         }
         Ok(())
@@ -208,6 +209,19 @@ impl MaskSchedule {
                 start + (end - start) * (1.0 - x)
             }
         }
+    }
+}
+
+/// A schedule by name ([`MaskSchedule::by_name`]), for flags.
+impl std::str::FromStr for MaskSchedule {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<MaskSchedule> {
+        MaskSchedule::by_name(s.trim()).ok_or_else(|| {
+            crate::Error::Config(format!(
+                "unknown schedule {s:?} (constant, linear, piecewise, cosine)"
+            ))
+        })
     }
 }
 

@@ -112,15 +112,16 @@ pub fn splice(text: &str, block: &str) -> String {
 pub fn run(cfg: &ExperimentConfig, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
     let t0 = Instant::now();
     let out = cfg.base.out.clone();
+    // Every name resolved before any work.
+    let schedules = cfg
+        .schedules
+        .iter()
+        .map(|n| n.parse::<MaskSchedule>())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, "create", e))?;
     let lat = prepare_latents(&cfg.base, log)?;
     let mut rows = Vec::new();
-    for name in &cfg.schedules {
-        let schedule = MaskSchedule::by_name(name).ok_or_else(|| {
-            Error::Invalid(format!(
-                "unknown schedule {name:?} (constant, linear, piecewise, cosine)"
-            ))
-        })?;
+    for (name, schedule) in cfg.schedules.iter().zip(schedules) {
         log(&format!("== schedule {name} =="));
         let q = QuickstartConfig {
             schedule,

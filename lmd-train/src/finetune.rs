@@ -19,7 +19,7 @@
 
 use crate::driver::Driver;
 use crate::optim::{layer_decay_scale, lr_at, AdamW, AdamWConfig};
-use crate::run_dir::{check_resume_config, read_json, write_json, RunDir};
+use crate::run_dir::{load_checkpoint, write_json, RunDir};
 use crate::train::open_data;
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
@@ -248,11 +248,14 @@ fn resume_from(
         );
         return Ok(None);
     }
-    let st: State = read_json(&last.join("state.json"))?;
-    check_resume_config(&last, &st.config, cfg, &RUN_ONLY_KEYS)?;
-    let mut vm = varmap.clone();
-    vm.load(last.join("model.safetensors"))?;
-    opt.load(&last.join("optimizer.safetensors"))?;
+    let st: State = load_checkpoint(
+        &last,
+        cfg,
+        &RUN_ONLY_KEYS,
+        |s: &State| &s.config,
+        varmap,
+        opt,
+    )?;
     loader.set_state(LoaderState {
         epoch: st.epochs_done,
         batch: 0,
@@ -373,24 +376,19 @@ pub fn run(
             }
         }
         drop(it);
-        let mut ev = evaluate(&clf, &val, cfg.eval_batch_size)?;
-        (ev.epoch, ev.step) = (epoch + 1, step);
+        let ev = end_epoch(
+            cfg,
+            &run,
+            &clf,
+            &varmap,
+            &val,
+            &driver.opt,
+            &mut state,
+            epoch,
+            step,
+        )?;
         elog.append(&ev)?;
         on_eval(&ev);
-        if state.best.as_ref().is_none_or(|b| ev.top1 > b.top1) {
-            save_classifier(&run, &run.path("best"), &clf, &varmap, |d| {
-                write_json(&d.join("eval.json"), &ev)
-            })?;
-            state.best = Some(ev.clone());
-        }
-        state.epochs_done = epoch + 1;
-        state.step = step;
-        let last = run.checkpoints().join("last");
-        save_classifier(&run, &last, &clf, &varmap, |d| {
-            write_json(&d.join("state.json"), &state)?;
-            driver.opt.save(&d.join("optimizer.safetensors"))
-        })?;
-        plot(cfg)?;
         last_eval = Some(ev);
     }
     Ok(FinetuneSummary {
@@ -399,6 +397,39 @@ pub fn run(
         last: last_eval,
         wall_s: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// After epoch `epoch` (ending at `step`): evaluate, keep `best/` when it improved, write
+/// `checkpoints/last/` (weights, optimizer, state) and the curves.
+#[allow(clippy::too_many_arguments)]
+fn end_epoch(
+    cfg: &FinetuneConfig,
+    run: &RunDir,
+    clf: &VitClassifier,
+    varmap: &VarMap,
+    val: &Arc<LatentDataset>,
+    opt: &AdamW,
+    state: &mut State,
+    epoch: u64,
+    step: u64,
+) -> Result<EvalResult> {
+    let mut ev = evaluate(clf, val, cfg.eval_batch_size)?;
+    (ev.epoch, ev.step) = (epoch + 1, step);
+    if state.best.as_ref().is_none_or(|b| ev.top1 > b.top1) {
+        save_classifier(run, &run.path("best"), clf, varmap, |d| {
+            write_json(&d.join("eval.json"), &ev)
+        })?;
+        state.best = Some(ev.clone());
+    }
+    state.epochs_done = epoch + 1;
+    state.step = step;
+    let last = run.checkpoints().join("last");
+    save_classifier(run, &last, clf, varmap, |d| {
+        write_json(&d.join("state.json"), &*state)?;
+        opt.save(&d.join("optimizer.safetensors"))
+    })?;
+    plot(cfg)?;
+    Ok(ev)
 }
 
 /// Linear probing: the frozen encoder's feature mean and variance over one pass of the

@@ -108,16 +108,13 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
             }
         };
         opened += 1;
-        if let Some(m0) = &meta {
-            let diff = m0.differences(r.meta());
-            if !diff.is_empty() {
-                problems.push(Problem {
-                    shard: name.clone(),
-                    error: format!("metadata differs from the first shard: {}", diff.join("; ")),
-                });
-            }
-        } else {
-            meta = Some(r.meta().clone());
+        let m0 = meta.get_or_insert_with(|| r.meta().clone());
+        let diff = m0.differences(r.meta());
+        if !diff.is_empty() {
+            problems.push(Problem {
+                shard: name.clone(),
+                error: format!("metadata differs from the first shard: {}", diff.join("; ")),
+            });
         }
         records += r.len();
         blocks += r.num_blocks();
@@ -129,67 +126,33 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
             first_keys.push(r.key(i)?.to_owned());
         }
         if opts.verify {
-            for e in r.verify().errors {
-                problems.push(Problem {
-                    shard: name.clone(),
-                    error: e.to_string(),
-                });
-            }
-            if let Some(m) = &manifest {
-                let file = p
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if let Some(entry) = m.shards.iter().find(|s| s.file == file) {
-                    let data = std::fs::read(p).map_err(|e| crate::Error::io(p, "read", e))?;
-                    let h = format!("{:032x}", lmd_data::shard::format::checksum128(&data));
-                    if h != entry.xxh3_128 || data.len() as u64 != entry.bytes {
-                        problems.push(Problem {
-                            shard: name.clone(),
-                            error: format!(
-                                "file hash/size {h}/{} differs from index.json's {}/{}",
-                                data.len(),
-                                entry.xxh3_128,
-                                entry.bytes
-                            ),
-                        });
-                    }
-                }
-            }
+            problems.extend(verify_shard(&r, manifest.as_ref())?);
         }
     }
-    let meta = match meta {
-        Some(m) => m,
-        None => {
-            return Err(crate::Error::Invalid(format!(
-                "{}: no readable shard ({})",
-                opts.path.display(),
-                problems
-                    .iter()
-                    .map(|p| format!("{}: {}", p.shard, p.error))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )))
-        }
+    let Some(meta) = meta else {
+        return Err(crate::Error::Invalid(format!(
+            "{}: no readable shard ({})",
+            opts.path.display(),
+            problems
+                .iter()
+                .map(|p| format!("{}: {}", p.shard, p.error))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
     };
-    if let Some(m) = &manifest {
-        if m.fingerprint != meta.fingerprint() {
-            problems.push(Problem {
-                shard: opts.path.join(MANIFEST_FILE).display().to_string(),
-                error: format!(
-                    "fingerprint {} differs from the shards' {}",
-                    m.fingerprint,
-                    meta.fingerprint()
-                ),
-            });
-        }
+    match &manifest {
+        Some(m) if m.fingerprint != meta.fingerprint() => problems.push(Problem {
+            shard: opts.path.join(MANIFEST_FILE).display().to_string(),
+            error: format!(
+                "fingerprint {} differs from the shards' {}",
+                m.fingerprint,
+                meta.fingerprint()
+            ),
+        }),
+        _ => {}
     }
     let f32_bytes = (meta.record_elems() * 4) as f64;
-    let bpr = if records > 0 {
-        bytes as f64 / records as f64
-    } else {
-        0.0
-    };
+    let bpr = ratio(bytes as f64, records as f64);
     Ok(InspectReport {
         path: opts.path.display().to_string(),
         kind: if is_dir { "dataset" } else { "shard" },
@@ -208,15 +171,62 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
         fingerprint: meta.fingerprint(),
         bytes,
         bytes_per_record: bpr,
-        ratio_vs_f32: if f32_bytes > 0.0 {
-            bpr / f32_bytes
-        } else {
-            0.0
-        },
+        ratio_vs_f32: ratio(bpr, f32_bytes),
         first_keys,
         verified: opts.verify,
         problems,
     })
+}
+
+/// `a / b`, or 0 for an empty denominator.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// `--verify` on one shard: every block's checksum, and the file against `index.json`.
+fn verify_shard(
+    r: &ShardReader,
+    manifest: Option<&lmd_data::shard::Manifest>,
+) -> Result<Vec<Problem>> {
+    let shard = r.path().display().to_string();
+    let mut problems: Vec<Problem> = (r.verify().errors.iter())
+        .map(|e| Problem {
+            shard: shard.clone(),
+            error: e.to_string(),
+        })
+        .collect();
+    if let Some(m) = manifest {
+        problems.extend(check_file_hash(r.path(), m)?);
+    }
+    Ok(problems)
+}
+
+/// A shard's file hash and size against its `index.json` entry: a problem when they differ.
+fn check_file_hash(p: &std::path::Path, m: &lmd_data::shard::Manifest) -> Result<Option<Problem>> {
+    let file = p
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Some(entry) = m.shards.iter().find(|s| s.file == file) else {
+        return Ok(None);
+    };
+    let data = std::fs::read(p).map_err(|e| crate::Error::io(p, "read", e))?;
+    let h = format!("{:032x}", lmd_data::shard::format::checksum128(&data));
+    Ok(
+        (h != entry.xxh3_128 || data.len() as u64 != entry.bytes).then(|| Problem {
+            shard: p.display().to_string(),
+            error: format!(
+                "file hash/size {h}/{} differs from index.json's {}/{}",
+                data.len(),
+                entry.xxh3_128,
+                entry.bytes
+            ),
+        }),
+    )
 }
 
 impl std::fmt::Display for InspectReport {

@@ -26,9 +26,9 @@ pub mod train;
 
 pub use device::DeviceSpec;
 pub use error::{Error, Result};
-pub use settings::RunSettings;
 pub use lmd_data as data;
 pub use lmd_model as model;
+pub use settings::RunSettings;
 
 /// A candle device from its name: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
 pub fn device(name: &str) -> Result<model::candle::Device> {

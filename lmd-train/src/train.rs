@@ -18,7 +18,7 @@
 
 use crate::driver::Driver;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::run_dir::{check_resume_config, read_json, write_json, RunDir};
+use crate::run_dir::{load_checkpoint, write_json, RunDir};
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
 use lmd_data::shard::LatentDataset;
@@ -105,7 +105,10 @@ impl TrainConfig {
 }
 
 /// `model` when given, else the named preset.
-pub(crate) fn resolve_model(preset: lmd_model::Preset, model: Option<&MaeConfig>) -> Result<MaeConfig> {
+pub(crate) fn resolve_model(
+    preset: lmd_model::Preset,
+    model: Option<&MaeConfig>,
+) -> Result<MaeConfig> {
     Ok(model.cloned().unwrap_or_else(|| preset.config()))
 }
 
@@ -196,11 +199,14 @@ fn resume_from(
     let Some(ck) = run.resume_point(&mut |w| eprintln!("lmd-train: {w}"))? else {
         return Ok(None);
     };
-    let st: CkptState = read_json(&ck.join("state.json"))?;
-    check_resume_config(&ck, &st.config, cfg, &RUN_ONLY_KEYS)?;
-    let mut vm = varmap.clone();
-    vm.load(ck.join("model.safetensors"))?;
-    opt.load(&ck.join("optimizer.safetensors"))?;
+    let st: CkptState = load_checkpoint(
+        &ck,
+        cfg,
+        &RUN_ONLY_KEYS,
+        |s: &CkptState| &s.config,
+        varmap,
+        opt,
+    )?;
     loader.set_state(st.loader);
     Ok(Some(st.step))
 }

@@ -31,7 +31,7 @@ struct Args {
     /// Model preset (tiny, small, base, large, base_patch4) when no config is beside the
     /// checkpoint.
     #[arg(long)]
-    preset: Option<String>,
+    preset: Option<lmd_train::model::Preset>,
     /// Model config file: TOML as configs/mae-*.toml, or JSON (MaeConfig's fields or MAE's
     /// constructor arguments).
     #[arg(long)]
@@ -92,9 +92,7 @@ fn main() -> anyhow::Result<()> {
             };
             Some(cfg)
         }
-        (None, Some(name)) => Some(MaeConfig::preset(name).ok_or_else(|| {
-            anyhow::anyhow!("unknown preset {name:?} (tiny, small, base, large, base_patch4)")
-        })?),
+        (None, Some(preset)) => Some(preset.config()),
         (None, None) => None,
     };
     let o = ExportOptions {

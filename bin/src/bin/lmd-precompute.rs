@@ -1,7 +1,12 @@
 //! lmd-precompute: encode image datasets into latent shards, once.
 
 use clap::Parser;
-use lmd_train::precompute::{PrecomputeConfig, Store};
+use lmd_train::data::source::InputKind;
+use lmd_train::data::transform::Filter;
+use lmd_train::data::DType;
+use lmd_train::model::vae::VaeKind;
+use lmd_train::precompute::{Crop, PrecomputeConfig, Store};
+use serde::Serialize;
 use std::path::PathBuf;
 
 /// Encode image datasets (tar shards, ImageNet tars, folders) into latent shards, once.
@@ -18,19 +23,33 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "lmd-precompute", version)]
 struct Args {
-    /// Inputs: WebDataset shard patterns (`train-{000000..000146}.tar`, globs), an ILSVRC train
-    /// tar (tar of per-class tars), an ILSVRC val tar (with --val-labels), or an ImageFolder dir.
-    #[arg(long, num_args = 1..)]
-    input: Vec<String>,
-    /// Input kind, when detection guesses wrong: wds, ilsvrc-train, ilsvrc-val, folder.
-    #[arg(long, value_parser = ["wds", "ilsvrc-train", "ilsvrc-val", "folder"])]
-    kind: Option<String>,
-    /// Output directory.
-    #[arg(long)]
-    output: Option<PathBuf>,
     /// TOML config file (flags given here override it).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Keep samples without a label (stored unlabelled) instead of skipping them.
+    #[arg(long)]
+    unlabeled: bool,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    set: Settings,
+}
+
+/// The flags that set a [`PrecomputeConfig`] key of the same name (see `lmd_bin::settings`).
+#[derive(clap::Args, Serialize, Debug, Clone)]
+struct Settings {
+    /// Inputs: WebDataset shard patterns (`train-{000000..000146}.tar`, globs), an ILSVRC train
+    /// tar (tar of per-class tars), an ILSVRC val tar (with --val-labels), or an ImageFolder dir.
+    #[arg(long = "input", num_args = 1..)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    inputs: Vec<String>,
+    /// Input kind, when detection guesses wrong: wds, ilsvrc-train, ilsvrc-val, folder.
+    #[arg(long)]
+    kind: Option<InputKind>,
+    /// Output directory.
+    #[arg(long)]
+    output: Option<PathBuf>,
     /// LOC_synset_mapping.txt (official ImageNet class order) for ILSVRC inputs.
     #[arg(long)]
     synsets: Option<PathBuf>,
@@ -39,7 +58,7 @@ struct Args {
     val_labels: Option<PathBuf>,
     /// VAE: taesd (CPU default) or sd-vae (a diffusers AutoencoderKL).
     #[arg(long)]
-    vae: Option<String>,
+    vae: Option<VaeKind>,
     /// VAE weights: a directory (taesd_{encoder,decoder}.safetensors, or a diffusers vae/ folder
     /// with config.json), or hf:OWNER/REPO[/SUBFOLDER]. Default: hf:madebyollin/taesd for taesd,
     /// hf:stabilityai/sd-vae-ft-mse for sd-vae (needs internet once; cached by hf-hub).
@@ -50,22 +69,23 @@ struct Args {
     size: Option<u32>,
     /// center or random-resized-crop.
     #[arg(long)]
-    crop: Option<String>,
+    crop: Option<Crop>,
     /// Views per image (random-resized-crop only).
     #[arg(long)]
     views: Option<usize>,
     /// Also store each view flipped horizontally.
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     flip: bool,
     /// Resampling filter: bilinear, bicubic, lanczos3, nearest.
     #[arg(long)]
-    filter: Option<String>,
+    filter: Option<Filter>,
     /// What to store: latent, mean, mean-logvar (the last two need sd-vae).
-    #[arg(long, value_parser = ["latent", "mean", "mean-logvar"])]
-    store: Option<String>,
+    #[arg(long)]
+    store: Option<Store>,
     /// Storage dtype: f16 (default), bf16, f32.
     #[arg(long)]
-    dtype: Option<String>,
+    dtype: Option<DType>,
     /// Records per output shard.
     #[arg(long)]
     records_per_shard: Option<usize>,
@@ -84,73 +104,29 @@ struct Args {
     /// This worker's index (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, or $JOB_COMPLETION_INDEX, or 0).
     #[arg(long)]
     worker_index: Option<usize>,
-    /// Keep samples without a label (stored unlabelled) instead of skipping them.
-    #[arg(long)]
-    unlabeled: bool,
     /// Only the first N input samples (a trial run).
     #[arg(long)]
     limit: Option<u64>,
-    /// No progress bar.
-    #[arg(long)]
-    no_progress: bool,
+    /// Set by --unlabeled.
+    #[arg(skip)]
+    require_labels: Option<bool>,
+}
+
+/// The settings: defaults, then `--config`, then the job array's worker variables, then the
+/// flags.
+fn config(a: &Args) -> anyhow::Result<PrecomputeConfig> {
+    let mut set = a.set.clone();
+    let (env_n, env_i) = PrecomputeConfig::worker_from_env();
+    set.num_workers = set.num_workers.or(env_n);
+    set.worker_index = set.worker_index.or(env_i);
+    set.require_labels = a.unlabeled.then_some(false);
+    lmd_bin::settings::merge(&PrecomputeConfig::default(), a.config.as_deref(), &set)
 }
 
 fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
-    let mut cfg: PrecomputeConfig = lmd_bin::load_config(a.config.as_deref())?;
-    let (env_n, env_i) = PrecomputeConfig::worker_from_env();
-    if let Some(n) = env_n {
-        cfg.num_workers = n;
-    }
-    if let Some(i) = env_i {
-        cfg.worker_index = i;
-    }
-    if !a.input.is_empty() {
-        cfg.inputs = a.input.clone();
-    }
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { cfg.$f = v.into(); } )* };
-    }
-    set!(
-        output,
-        vae,
-        vae_weights,
-        size,
-        crop,
-        views,
-        filter,
-        records_per_shard,
-        batch_size,
-        decode_threads,
-        device
-    );
-    set!(num_workers, worker_index, limit);
-    if a.kind.is_some() {
-        cfg.kind = a.kind.clone();
-    }
-    if a.synsets.is_some() {
-        cfg.synsets = a.synsets.clone();
-    }
-    if a.val_labels.is_some() {
-        cfg.val_labels = a.val_labels.clone();
-    }
-    if a.flip {
-        cfg.flip = true;
-    }
-    if a.unlabeled {
-        cfg.require_labels = false;
-    }
-    if let Some(s) = &a.store {
-        cfg.store = match s.as_str() {
-            "mean" => Store::Mean,
-            "mean-logvar" => Store::MeanLogvar,
-            _ => Store::Latent,
-        };
-    }
-    if let Some(d) = &a.dtype {
-        cfg.dtype = d.parse().map_err(anyhow::Error::msg)?;
-    }
+    let cfg = config(&a)?;
     let bar = if a.no_progress {
         indicatif::ProgressBar::hidden()
     } else {
@@ -193,4 +169,96 @@ fn main() -> anyhow::Result<()> {
     );
     eprintln!("  output: {}", summary.output.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_sets_its_key_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "size = 64\nviews = 2\nrecords_per_shard = 10\n").unwrap();
+        let c = f.to_str().unwrap();
+        let a = Args::try_parse_from([
+            "lmd-precompute",
+            "--config",
+            c,
+            "--input",
+            "a.tar",
+            "b.tar",
+            "--kind",
+            "wds",
+            "--output",
+            "o",
+            "--synsets",
+            "s.txt",
+            "--val-labels",
+            "v.csv",
+            "--vae",
+            "sd-vae",
+            "--vae-weights",
+            "w",
+            "--size",
+            "128",
+            "--crop",
+            "random-resized-crop",
+            "--flip",
+            "--filter",
+            "bicubic",
+            "--store",
+            "mean-logvar",
+            "--dtype",
+            "bf16",
+            "--batch-size",
+            "3",
+            "--decode-threads",
+            "2",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "4",
+            "--worker-index",
+            "1",
+            "--limit",
+            "50",
+            "--unlabeled",
+        ])
+        .unwrap();
+        let cfg = config(&a).unwrap();
+        assert_eq!(cfg.inputs, ["a.tar", "b.tar"]);
+        assert_eq!(cfg.kind, Some(InputKind::Wds));
+        assert_eq!(cfg.output, PathBuf::from("o"));
+        assert_eq!(cfg.synsets, Some(PathBuf::from("s.txt")));
+        assert_eq!(cfg.val_labels, Some(PathBuf::from("v.csv")));
+        assert_eq!(
+            (cfg.vae, cfg.vae_weights.clone()),
+            (VaeKind::SdVae, Some("w".into()))
+        );
+        assert_eq!((cfg.size, cfg.views, cfg.records_per_shard), (128, 2, 10));
+        assert_eq!(
+            (cfg.crop, cfg.flip, cfg.filter),
+            (Crop::RandomResizedCrop, true, Filter::Bicubic)
+        );
+        assert_eq!((cfg.store, cfg.dtype), (Store::MeanLogvar, DType::BF16));
+        assert_eq!((cfg.batch_size, cfg.decode_threads), (3, 2));
+        assert_eq!((cfg.num_workers, cfg.worker_index, cfg.limit), (4, 1, 50));
+        assert!(!cfg.require_labels);
+        let a = Args::try_parse_from(["lmd-precompute", "--config", c]).unwrap();
+        let cfg = config(&a).unwrap();
+        assert_eq!((cfg.size, cfg.flip, cfg.require_labels), (64, false, true));
+        assert_eq!(cfg.crop, Crop::Center);
+        for bad in [
+            ["--crop", "square"],
+            ["--kind", "zip"],
+            ["--store", "all"],
+            ["--vae", "x"],
+        ] {
+            assert!(
+                Args::try_parse_from(["lmd-precompute", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 }

@@ -22,7 +22,7 @@ struct Args {
     pipeline: lmd_bin::PipelineArgs,
     /// Mask-ratio schedule for pretraining: constant, linear, piecewise, cosine.
     #[arg(long, default_value = "cosine")]
-    schedule: String,
+    schedule: lmd_train::model::MaskSchedule,
     /// Where the data comes from when no --train/--val is given and LMD_SHARED is unset
     /// (fast.ai's Imagenette 160 px; checked against its MD5).
     #[arg(long, default_value = lmd_train::download::IMAGENETTE_160_URL)]
@@ -36,12 +36,7 @@ fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
     let cfg = QuickstartConfig {
-        schedule: lmd_train::model::MaskSchedule::by_name(&a.schedule).ok_or_else(|| {
-            anyhow::anyhow!(
-                "unknown schedule {:?} (constant, linear, piecewise, cosine)",
-                a.schedule
-            )
-        })?,
+        schedule: a.schedule,
         download_url: a.download_url,
         cache_dir: a.cache_dir,
         ..a.pipeline.config(a.out)

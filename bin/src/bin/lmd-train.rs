@@ -1,7 +1,9 @@
 //! lmd-train: masked latent pretraining over latent shards.
 
 use clap::Parser;
+use lmd_train::model::{MaskSchedule, Preset};
 use lmd_train::train::TrainConfig;
+use serde::Serialize;
 use std::path::PathBuf;
 
 /// Pretrain a latent MAE on latent shards, with a progressive mask-ratio schedule.
@@ -19,8 +21,25 @@ struct Args {
     /// TOML config file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Or: total epochs over the data (converted to steps).
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    set: Settings,
+}
+
+/// The flags that set a [`TrainConfig`] key of the same name (see `lmd_bin::settings`).
+#[derive(clap::Args, Serialize, Debug)]
+struct Settings {
     /// Latent dataset directories (lmd-precompute outputs; worker-* subdirectories are found).
     #[arg(long, num_args = 1..)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     data: Vec<PathBuf>,
     /// Run directory.
     #[arg(long)]
@@ -28,21 +47,22 @@ struct Args {
     /// Total optimizer steps (the schedules span them).
     #[arg(long)]
     steps: Option<u64>,
-    /// Or: total epochs over the data (converted to steps).
-    #[arg(long)]
-    epochs: Option<u64>,
+    /// Write a checkpoint (and preview, curves) every this many steps.
     #[arg(long)]
     checkpoint_every: Option<u64>,
+    /// Log a metrics line every this many steps.
     #[arg(long)]
     log_every: Option<u64>,
-    /// Mask-ratio schedule: constant (MAE 0.75), linear, piecewise, cosine.
+    /// Mask-ratio schedule: constant (MAE 0.75), linear, piecewise, cosine (0.15 -> 0.75).
     #[arg(long)]
-    schedule: Option<String>,
+    schedule: Option<MaskSchedule>,
     /// Model preset: tiny, small, base, large, base_patch4.
     #[arg(long)]
-    preset: Option<String>,
+    preset: Option<Preset>,
+    /// Samples per step (per process).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Seed of the weights, masking noise and loader order.
     #[arg(long)]
     seed: Option<u64>,
     /// cpu or cuda:N (CUDA needs a build with --features cuda).
@@ -59,50 +79,23 @@ struct Args {
     /// .pth such as mae_pretrain_vit_base.pth; encoder-only files leave the decoder fresh).
     #[arg(long)]
     init: Option<PathBuf>,
-    /// Continue from the run directory's latest checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// No progress bar.
-    #[arg(long)]
-    no_progress: bool,
+}
+
+/// The settings: defaults, then `--config`, then the flags; `--epochs` counts the data.
+fn config(a: &Args) -> anyhow::Result<TrainConfig> {
+    let mut cfg: TrainConfig =
+        lmd_bin::settings::merge(&TrainConfig::default(), a.config.as_deref(), &a.set)?;
+    if let Some(e) = a.epochs {
+        let n = lmd_train::train::open_data(&cfg.data)?.len() as u64;
+        cfg.steps = e * (n / cfg.batch_size as u64).max(1);
+    }
+    Ok(cfg)
 }
 
 fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
-    let mut cfg: TrainConfig = lmd_bin::load_config(a.config.as_deref())?;
-    if !a.data.is_empty() {
-        cfg.data = a.data.clone();
-    }
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { cfg.$f = v; } )* };
-    }
-    set!(
-        out,
-        steps,
-        checkpoint_every,
-        log_every,
-        preset,
-        batch_size,
-        seed,
-        keep_checkpoints,
-        device
-    );
-    if a.init.is_some() {
-        cfg.init = a.init.clone();
-    }
-    if a.vae_weights.is_some() {
-        cfg.vae_weights = a.vae_weights.clone();
-    }
-    if let Some(s) = &a.schedule {
-        cfg.schedule = lmd_train::model::MaskSchedule::by_name(s).ok_or_else(|| {
-            anyhow::anyhow!("unknown schedule {s:?} (constant, linear, piecewise, cosine)")
-        })?;
-    }
-    if let Some(e) = a.epochs {
-        let n = lmd_train::train::open_data(&cfg.data)?.len() as u64;
-        cfg.steps = e * (n / cfg.batch_size as u64).max(1);
-    }
+    let cfg = config(&a)?;
     let bar = lmd_bin::progress_bar(cfg.steps, "step", a.no_progress);
     let mut on_log = |m: &lmd_train::train::Metrics| {
         bar.set_position(m.step);
@@ -122,4 +115,69 @@ fn main() -> anyhow::Result<()> {
         s.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_sets_its_key_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "steps = 3\nseed = 5\nbatch_size = 8\n").unwrap();
+        let c = f.to_str().unwrap();
+        let a = Args::try_parse_from([
+            "lmd-train",
+            "--config",
+            c,
+            "--data",
+            "d1",
+            "d2",
+            "--out",
+            "o",
+            "--steps",
+            "7",
+            "--checkpoint-every",
+            "2",
+            "--log-every",
+            "1",
+            "--schedule",
+            "constant",
+            "--preset",
+            "small",
+            "--seed",
+            "9",
+            "--device",
+            "cpu",
+            "--vae-weights",
+            "w",
+            "--keep-checkpoints",
+            "4",
+            "--init",
+            "i.pth",
+        ])
+        .unwrap();
+        let cfg = config(&a).unwrap();
+        assert_eq!(cfg.data, [PathBuf::from("d1"), PathBuf::from("d2")]);
+        assert_eq!(cfg.out, PathBuf::from("o"));
+        assert_eq!(
+            (cfg.steps, cfg.checkpoint_every, cfg.run.log_every),
+            (7, 2, 1)
+        );
+        assert_eq!(cfg.schedule, MaskSchedule::by_name("constant").unwrap());
+        assert_eq!(
+            (cfg.preset, cfg.run.seed, cfg.batch_size),
+            (Preset::Small, 9, 8)
+        );
+        assert_eq!(cfg.vae_weights.as_deref(), Some("w"));
+        assert_eq!(cfg.keep_checkpoints, 4);
+        assert_eq!(cfg.init, Some(PathBuf::from("i.pth")));
+        // without flags: the file over the defaults
+        let a = Args::try_parse_from(["lmd-train", "--config", c]).unwrap();
+        let cfg = config(&a).unwrap();
+        assert_eq!((cfg.steps, cfg.run.seed), (3, 5));
+        assert_eq!(cfg.schedule, TrainConfig::default().schedule);
+        assert!(Args::try_parse_from(["lmd-train", "--preset", "huge"]).is_err());
+    }
 }

@@ -13,6 +13,7 @@
 pub mod format;
 pub mod manifest;
 pub mod meta;
+mod open;
 pub mod reader;
 pub mod shuffle;
 pub mod writer;

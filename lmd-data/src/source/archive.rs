@@ -95,40 +95,9 @@ pub fn read_archive_folder(
             message,
         })
     };
-    let mut classes = std::collections::BTreeSet::new();
-    let mut ar = open()?;
-    let mut at = 0u64;
-    for e in ar
-        .entries()
-        .map_err(|e| Error::io(archive, "read tar", e))?
-    {
-        let e = match e {
-            Ok(e) => e,
-            Err(err) => {
-                f(failed(
-                    Some(at),
-                    format!("cannot read the archive through: {err}"),
-                ));
-                return Ok(());
-            }
-        };
-        at = e.raw_header_position();
-        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-        if let Some((c, _, _)) = folder_member(&name, root) {
-            classes.insert(c.to_string());
-        }
-    }
-    if classes.is_empty() {
-        return Err(Error::InvalidInput {
-            context: format!("{source}#{root}"),
-            detail: format!("no ImageFolder tree at {root:?} (members {root}/<class>/<image>)"),
-        });
-    }
-    let index: std::collections::HashMap<String, i64> = classes
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| (c, i as i64))
-        .collect();
+    let Some(index) = class_index(archive, root, &mut open()?, f)? else {
+        return Ok(());
+    };
     let mut ar = open()?;
     let mut at = 0u64;
     for e in ar
@@ -184,6 +153,53 @@ pub fn read_archive_folder(
         }
     }
     Ok(())
+}
+
+/// The first pass of [`read_archive_folder`]: the label of each class folder under `root`
+/// (sorted names), or `None` when the archive cannot be read through (reported to `f`).
+fn class_index(
+    archive: &Path,
+    root: &str,
+    ar: &mut tar::Archive<Box<dyn Read + Send>>,
+    f: &mut dyn FnMut(SourceEvent) -> bool,
+) -> Result<Option<std::collections::HashMap<String, i64>>> {
+    let source = archive.display().to_string();
+    let mut classes = std::collections::BTreeSet::new();
+    let mut at = 0u64;
+    for e in ar
+        .entries()
+        .map_err(|e| Error::io(archive, "read tar", e))?
+    {
+        let e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                f(SourceEvent::ShardFailed(ShardFailure {
+                    source: source.clone(),
+                    offset: Some(at),
+                    message: format!("cannot read the archive through: {err}"),
+                }));
+                return Ok(None);
+            }
+        };
+        at = e.raw_header_position();
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        if let Some((c, _, _)) = folder_member(&name, root) {
+            classes.insert(c.to_string());
+        }
+    }
+    if classes.is_empty() {
+        return Err(Error::InvalidInput {
+            context: format!("{source}#{root}"),
+            detail: format!("no ImageFolder tree at {root:?} (members {root}/<class>/<image>)"),
+        });
+    }
+    Ok(Some(
+        classes
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (c, i as i64))
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -51,6 +51,35 @@ fn stem_ext(name: &str) -> (String, String) {
     }
 }
 
+/// One image member as an event: the sample, or a failure naming the member when its bytes
+/// are cut short.
+fn member_event(
+    e: &mut impl Read,
+    size: u64,
+    name: &str,
+    (key, ext): (String, String),
+    label: i64,
+    source: &str,
+    offset: u64,
+) -> SourceEvent {
+    let mut buf = Vec::with_capacity(size as usize);
+    match e.read_to_end(&mut buf) {
+        Ok(_) => SourceEvent::Sample(RawSample {
+            key,
+            label: Some(label),
+            image: buf,
+            ext,
+            source: source.to_string(),
+            offset,
+        }),
+        Err(err) => SourceEvent::ShardFailed(ShardFailure {
+            source: source.to_string(),
+            offset: Some(offset),
+            message: format!("member {name:?} cut short: {err}"),
+        }),
+    }
+}
+
 /// Stream the train tar of per-class tars.
 pub fn read_ilsvrc_train(
     tar_path: &Path,
@@ -116,70 +145,73 @@ pub fn read_ilsvrc_train(
             }
             continue;
         };
-        let mut inner = tar::Archive::new(outer);
-        let inner_entries = match inner.entries() {
-            Ok(x) => x,
-            Err(e) => {
-                if !f(SourceEvent::ShardFailed(ShardFailure {
-                    source: inner_source,
-                    offset: Some(outer_off),
-                    message: format!("not a tar: {e}"),
-                })) {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        for e in inner_entries {
-            let mut e = match e {
-                Ok(e) => e,
-                Err(err) => {
-                    if !f(SourceEvent::ShardFailed(ShardFailure {
-                        source: inner_source.clone(),
-                        offset: Some(outer_off),
-                        message: format!("corrupt or truncated class tar: {err}"),
-                    })) {
-                        return Ok(());
-                    }
-                    break;
-                }
-            };
-            let iname = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-            let (key, ext) = stem_ext(&iname);
-            let offset = outer_off + e.raw_header_position();
-            let ev = if !e.header().entry_type().is_file() {
-                SourceEvent::Skip(Skip {
-                    source: inner_source.clone(),
-                    key,
-                    offset,
-                    reason: "not a regular file".into(),
-                })
-            } else if !IMAGE_EXTS.contains(&ext.as_str()) {
-                continue;
-            } else {
-                let mut buf = Vec::with_capacity(e.size() as usize);
-                match e.read_to_end(&mut buf) {
-                    Ok(_) => SourceEvent::Sample(RawSample {
-                        key,
-                        label: Some(label),
-                        image: buf,
-                        ext,
-                        source: inner_source.clone(),
-                        offset,
-                    }),
-                    Err(err) => SourceEvent::ShardFailed(ShardFailure {
-                        source: inner_source.clone(),
-                        offset: Some(offset),
-                        message: format!("member {iname:?} cut short: {err}"),
-                    }),
-                }
-            };
-            if !f(ev) {
-                return Ok(());
-            }
+        if !read_class_tar(outer, &inner_source, outer_off, label, f) {
+            return Ok(());
         }
     }
     Ok(())
+}
+
+/// The images of one class tar (`inner_source`, at `outer_off` in the train tar), labelled
+/// `label`; `false` when `f` asked to stop.
+fn read_class_tar(
+    outer: impl Read,
+    inner_source: &str,
+    outer_off: u64,
+    label: i64,
+    f: &mut dyn FnMut(SourceEvent) -> bool,
+) -> bool {
+    let mut inner = tar::Archive::new(outer);
+    let inner_entries = match inner.entries() {
+        Ok(x) => x,
+        Err(e) => {
+            return f(SourceEvent::ShardFailed(ShardFailure {
+                source: inner_source.to_string(),
+                offset: Some(outer_off),
+                message: format!("not a tar: {e}"),
+            }));
+        }
+    };
+    for e in inner_entries {
+        let mut e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                return f(SourceEvent::ShardFailed(ShardFailure {
+                    source: inner_source.to_string(),
+                    offset: Some(outer_off),
+                    message: format!("corrupt or truncated class tar: {err}"),
+                }));
+            }
+        };
+        let iname = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let (key, ext) = stem_ext(&iname);
+        let offset = outer_off + e.raw_header_position();
+        let ev = if !e.header().entry_type().is_file() {
+            SourceEvent::Skip(Skip {
+                source: inner_source.to_string(),
+                key,
+                offset,
+                reason: "not a regular file".into(),
+            })
+        } else if !IMAGE_EXTS.contains(&ext.as_str()) {
+            continue;
+        } else {
+            let size = e.size();
+            member_event(
+                &mut e,
+                size,
+                &iname,
+                (key, ext),
+                label,
+                inner_source,
+                offset,
+            )
+        };
+        if !f(ev) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Stream the flat val tar, labelled by `LOC_val_solution.csv`.
@@ -257,22 +289,16 @@ pub fn read_ilsvrc_val(
                     None => format!("no entry in {}", solution.display()),
                 }),
                 Some((_, label)) => {
-                    let mut buf = Vec::with_capacity(e.size() as usize);
-                    match e.read_to_end(&mut buf) {
-                        Ok(_) => SourceEvent::Sample(RawSample {
-                            key: key.clone(),
-                            label: Some(label),
-                            image: buf,
-                            ext,
-                            source: source.clone(),
-                            offset,
-                        }),
-                        Err(err) => SourceEvent::ShardFailed(ShardFailure {
-                            source: source.clone(),
-                            offset: Some(offset),
-                            message: format!("member {name:?} cut short: {err}"),
-                        }),
-                    }
+                    let size = e.size();
+                    member_event(
+                        &mut e,
+                        size,
+                        &name,
+                        (key.clone(), ext),
+                        label,
+                        &source,
+                        offset,
+                    )
                 }
             }
         };

@@ -305,7 +305,6 @@ impl InputSpec {
                     root: p.to_path_buf(),
                 }
             }
-
         })
     }
 

@@ -32,6 +32,22 @@ struct Pending {
     not_regular: bool,
 }
 
+impl Pending {
+    /// Keep a member of this sample: the first image, the `.cls` and `.json` labels.
+    fn add(&mut self, ext: &str, buf: Vec<u8>) {
+        let last = ext.rsplit('.').next().unwrap_or("");
+        if IMAGE_EXTS.contains(&last) {
+            if self.image.is_none() {
+                self.image = Some((last.to_string(), buf));
+            }
+        } else if ext == "cls" {
+            self.cls = Some(buf);
+        } else if ext == "json" {
+            self.json = Some(buf);
+        }
+    }
+}
+
 fn parse_label(p: &Pending) -> std::result::Result<Option<i64>, String> {
     if let Some(c) = &p.cls {
         let t = String::from_utf8_lossy(c);
@@ -164,53 +180,55 @@ pub fn read_webdataset_shard(
             p.not_regular = true;
             continue;
         }
-        let mut buf = Vec::with_capacity(e.size() as usize);
-        let read = e.read_to_end(&mut buf);
-        if read.is_err() || buf.len() as u64 != e.size() {
+        let size = e.size();
+        let buf = match read_whole(&mut e, size) {
+            Ok(b) => b,
             // The sample being read is incomplete: it is part of the shard failure.
-            let why = match read {
-                Err(err) => err.to_string(),
-                Ok(n) => format!("{n} of {} bytes", e.size()),
-            };
-            return f(fail(
-                Some(offset),
-                format!("truncated tar: member {name:?} cut short ({why})"),
-            ));
-        }
-        last_end = e.raw_file_position() + e.size().div_ceil(512) * 512;
-        let last = ext.rsplit('.').next().unwrap_or("");
-        if IMAGE_EXTS.contains(&last) {
-            if p.image.is_none() {
-                p.image = Some((last.to_string(), buf));
+            Err(why) => {
+                return f(fail(
+                    Some(offset),
+                    format!("truncated tar: member {name:?} cut short ({why})"),
+                ))
             }
-        } else if ext == "cls" {
-            p.cls = Some(buf);
-        } else if ext == "json" {
-            p.json = Some(buf);
-        }
+        };
+        last_end = e.raw_file_position() + e.size().div_ceil(512) * 512;
+        p.add(&ext, buf);
     }
     if let Some(p) = cur.take() {
         if !f(finish(p, &source, labels)) {
             return false;
         }
     }
-    // An input that yields nothing (an empty file, text, a tar of end blocks only) is a failed
-    // input, not a silent success.
+    match end_of_archive(members, file_len, last_end) {
+        Some((offset, message)) => f(fail(Some(offset), message.into())),
+        None => true,
+    }
+}
+
+/// All `size` bytes of a member, or why not.
+fn read_whole(e: &mut impl Read, size: u64) -> std::result::Result<Vec<u8>, String> {
+    let mut buf = Vec::with_capacity(size as usize);
+    match e.read_to_end(&mut buf) {
+        Err(err) => Err(err.to_string()),
+        Ok(n) if n as u64 != size => Err(format!("{n} of {size} bytes")),
+        Ok(_) => Ok(buf),
+    }
+}
+
+/// What is wrong with how a tar ended, if anything: no members at all (an empty file, text, a
+/// tar of end blocks only: a failed input, not a silent success), or a file that stops right
+/// after a member (a complete tar ends with two zero blocks: it was cut at a member boundary).
+fn end_of_archive(members: usize, file_len: u64, last_end: u64) -> Option<(u64, &'static str)> {
     if members == 0 {
-        return f(fail(
-            Some(0),
-            "no tar members: an empty file or not a tar archive".into(),
+        return Some((0, "no tar members: an empty file or not a tar archive"));
+    }
+    if file_len.saturating_sub(last_end) < 1024 {
+        return Some((
+            last_end,
+            "truncated tar: no end-of-archive blocks after the last member",
         ));
     }
-    // A complete tar ends with two zero blocks; a file that stops right after a member was cut
-    // at a member boundary.
-    if members > 0 && file_len.saturating_sub(last_end) < 1024 {
-        return f(fail(
-            Some(last_end),
-            "truncated tar: no end-of-archive blocks after the last member".into(),
-        ));
-    }
-    true
+    None
 }
 
 #[cfg(test)]

@@ -83,95 +83,18 @@ pub(crate) fn source_latents(
     Ok((lat, shape, "synthetic (LMD_SHARED not set)".into()))
 }
 
-pub(crate) fn bench_meta(dtype: DType, shape: [usize; 3]) -> ShardMeta {
-    lmd_data::synthetic::taesd_like_meta(
-        dtype,
-        RecordLayout::single(),
-        shape,
-        &format!("lmd-bench {}", env!("CARGO_PKG_VERSION")),
-    )
-}
-
-/// Run `lmd-bench shards`; returns the JSON lines (also meant to be printed as they are).
-pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
-    let (lat, shape, source) = source_latents(opts.shared.as_ref())?;
-    let distinct = lat.len();
-    let tmp;
-    let dir = match &opts.workdir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = std::env::temp_dir().join(format!("lmd-bench-{}", std::process::id()));
-            tmp
-        }
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;
-    let elems: usize = shape.iter().product();
-
-    // Compression: every block holds the distinct latents once (records_per_block = distinct),
-    // so no block can compress one latent against a copy of itself.
-    for (dtype, shuffle) in [
-        (DType::F32, false),
-        (DType::F32, true),
-        (DType::BF16, false),
-        (DType::BF16, true),
-        (DType::F16, false),
-        (DType::F16, true),
-    ] {
-        let path = dir.join(format!("size-{dtype}-{shuffle}.lmds"));
-        let mut w = ShardWriter::create(
-            &path,
-            bench_meta(dtype, shape),
-            WriterOptions {
-                records_per_block: Some(distinct),
-                byte_shuffle: shuffle,
-                ..Default::default()
-            },
-        )?;
-        let n = distinct * 8;
-        for i in 0..n {
-            w.push_f32(
-                &format!("k{i:08}"),
-                Some((i % 10) as i64),
-                &lat[i % distinct],
-            )?;
-        }
-        let info = w.finish()?;
-        let bpr = info.bytes as f64 / n as f64;
-        emit(json!({
-            "bench": "shards", "figure": "bytes_per_record", "dtype": dtype.name(), "byte_shuffle": shuffle,
-            "bytes_per_record": bpr, "raw_f32_bytes_per_record": elems * 4,
-            "ratio_vs_f32": bpr / (elems * 4) as f64, "records_per_block": distinct, "source": source,
-        }));
-        let _ = std::fs::remove_file(&path);
-    }
-
-    // Throughput shard: f16 + shuffle, blocks of `distinct` records.
-    let path = dir.join("throughput-f16.lmds");
-    let mut w = ShardWriter::create(
-        &path,
-        bench_meta(DType::F16, shape),
-        WriterOptions {
-            records_per_block: Some(distinct),
-            ..Default::default()
-        },
-    )?;
-    let n = opts.records.max(distinct);
-    let t0 = Instant::now();
-    for i in 0..n {
-        w.push_f32(
-            &format!("k{i:08}"),
-            Some((i % 10) as i64),
-            &lat[i % distinct],
-        )?;
-    }
-    let info = w.finish()?;
-    let write_s = t0.elapsed().as_secs_f64();
-    emit(
-        json!({"bench": "shards", "figure": "write", "dtype": "f16", "records": n,
-        "records_per_s": n as f64 / write_s, "file_bytes": info.bytes}),
-    );
-
-    let r = ShardReader::open(&path)?;
+/// The read figures of `lmd-bench shards` on the f16 shard at `path` (`n` records of `elems`
+/// values, blocks of `per_block`): sequential blocks against memcpy, sequential records as
+/// f32, random gets.
+fn read_figures(
+    path: &std::path::Path,
+    n: usize,
+    elems: usize,
+    per_block: usize,
+    random_gets: usize,
+    emit: &mut impl FnMut(serde_json::Value),
+) -> Result<()> {
+    let r = ShardReader::open(path)?;
     let raw_bytes = (n * elems * 2) as f64;
     // Warm the page cache so both sides read memory, not disk.
     let _ = r.verify();
@@ -220,7 +143,7 @@ pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value))
     // Random access: each get decompresses its block (a cache miss nearly always).
     let mut state = 12345u64;
     let t0 = Instant::now();
-    for _ in 0..opts.random_gets {
+    for _ in 0..random_gets {
         state = state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -229,10 +152,99 @@ pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value))
     }
     let rnd_s = t0.elapsed().as_secs_f64();
     emit(
-        json!({"bench": "shards", "figure": "random_get", "dtype": "f16", "gets": opts.random_gets,
-        "records_per_s": opts.random_gets as f64 / rnd_s, "records_per_block": distinct, "threads": 1}),
+        json!({"bench": "shards", "figure": "random_get", "dtype": "f16", "gets": random_gets,
+        "records_per_s": random_gets as f64 / rnd_s, "records_per_block": per_block, "threads": 1}),
     );
-    drop(r);
+    Ok(())
+}
+
+/// A shard of `n` records cycling through the distinct latents `lat`, in blocks of
+/// `lat.len()` records (so no block holds one latent twice).
+fn write_cycled(
+    path: &std::path::Path,
+    dtype: DType,
+    shape: [usize; 3],
+    byte_shuffle: bool,
+    lat: &[Vec<f32>],
+    n: usize,
+) -> Result<lmd_data::shard::writer::ShardInfo> {
+    let mut w = ShardWriter::create(
+        path,
+        bench_meta(dtype, shape),
+        WriterOptions {
+            records_per_block: Some(lat.len()),
+            byte_shuffle,
+            ..Default::default()
+        },
+    )?;
+    for i in 0..n {
+        w.push_f32(
+            &format!("k{i:08}"),
+            Some((i % 10) as i64),
+            &lat[i % lat.len()],
+        )?;
+    }
+    Ok(w.finish()?)
+}
+
+pub(crate) fn bench_meta(dtype: DType, shape: [usize; 3]) -> ShardMeta {
+    lmd_data::synthetic::taesd_like_meta(
+        dtype,
+        RecordLayout::single(),
+        shape,
+        &format!("lmd-bench {}", env!("CARGO_PKG_VERSION")),
+    )
+}
+
+/// Run `lmd-bench shards`; returns the JSON lines (also meant to be printed as they are).
+pub fn shards(opts: &ShardBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+    let (lat, shape, source) = source_latents(opts.shared.as_ref())?;
+    let distinct = lat.len();
+    let tmp;
+    let dir = match &opts.workdir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("lmd-bench-{}", std::process::id()));
+            tmp
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;
+    let elems: usize = shape.iter().product();
+
+    // Compression: every block holds the distinct latents once (records_per_block = distinct),
+    // so no block can compress one latent against a copy of itself.
+    for (dtype, shuffle) in [
+        (DType::F32, false),
+        (DType::F32, true),
+        (DType::BF16, false),
+        (DType::BF16, true),
+        (DType::F16, false),
+        (DType::F16, true),
+    ] {
+        let path = dir.join(format!("size-{dtype}-{shuffle}.lmds"));
+        let n = distinct * 8;
+        let info = write_cycled(&path, dtype, shape, shuffle, &lat, n)?;
+        let bpr = info.bytes as f64 / n as f64;
+        emit(json!({
+            "bench": "shards", "figure": "bytes_per_record", "dtype": dtype.name(), "byte_shuffle": shuffle,
+            "bytes_per_record": bpr, "raw_f32_bytes_per_record": elems * 4,
+            "ratio_vs_f32": bpr / (elems * 4) as f64, "records_per_block": distinct, "source": source,
+        }));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    // Throughput shard: f16 + shuffle, blocks of `distinct` records.
+    let path = dir.join("throughput-f16.lmds");
+    let n = opts.records.max(distinct);
+    let t0 = Instant::now();
+    let info = write_cycled(&path, DType::F16, shape, true, &lat, n)?;
+    let write_s = t0.elapsed().as_secs_f64();
+    emit(
+        json!({"bench": "shards", "figure": "write", "dtype": "f16", "records": n,
+        "records_per_s": n as f64 / write_s, "file_bytes": info.bytes}),
+    );
+
+    read_figures(&path, n, elems, distinct, opts.random_gets, &mut emit)?;
     let _ = std::fs::remove_file(&path);
     if opts.workdir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);

@@ -26,8 +26,8 @@ mod plan;
 
 use crate::{Error, Result};
 use lmd_data::pipeline::{Pipeline, PipelineItem};
-use lmd_data::transform::{CropMode, Filter, TransformConfig};
 use lmd_data::source::InputKind;
+use lmd_data::transform::{CropMode, Filter, TransformConfig};
 use lmd_data::DType;
 use lmd_model::vae::VaeKind;
 use serde::{Deserialize, Serialize};

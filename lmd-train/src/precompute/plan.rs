@@ -49,10 +49,7 @@ impl Plan {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let device = cfg.device.open()?;
         let weights = cfg.vae_weights.clone().unwrap_or_else(|| {
-            PathBuf::from(format!(
-                "hf:{}",
-                lmd_model::vae::hub::default_repo(cfg.vae)
-            ))
+            PathBuf::from(format!("hf:{}", lmd_model::vae::hub::default_repo(cfg.vae)))
         });
         let vae = lmd_model::vae::load_vae(cfg.vae, &weights, &device)?;
         let meta = shard_meta(cfg, &transform, vae.as_ref())?;
