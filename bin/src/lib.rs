@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub mod flags;
 pub mod settings;
 
 /// mimalloc's `mi_option_purge_delay` (position in `mi_option_e`, mimalloc v3 `mimalloc.h`).
@@ -46,9 +47,10 @@ pub struct PipelineArgs {
     /// Labelled validation inputs.
     #[arg(long, num_args = 1..)]
     pub val: Vec<String>,
-    /// Already precomputed latents (skip the precompute stage).
+    /// Already precomputed training latents (skip the precompute stage).
     #[arg(long)]
     pub train_latents: Option<std::path::PathBuf>,
+    /// Already precomputed validation latents.
     #[arg(long)]
     pub val_latents: Option<std::path::PathBuf>,
     /// TAESD weights: a directory or hf:OWNER/REPO (default: $LMD_SHARED/weights/taesd, else
@@ -58,15 +60,19 @@ pub struct PipelineArgs {
     /// Image size (latents are size/8 square; the model follows).
     #[arg(long, default_value_t = 64)]
     pub size: u32,
-    /// Use at most this many training / validation images (0: all).
+    /// Use at most this many training images (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit_train: u64,
+    /// Use at most this many validation images (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit_val: u64,
+    /// Pretraining steps (batch 64).
     #[arg(long, default_value_t = 600)]
     pub pretrain_steps: u64,
+    /// Fine-tuning epochs.
     #[arg(long, default_value_t = 15)]
     pub finetune_epochs: u64,
+    /// Linear-probing epochs.
     #[arg(long, default_value_t = 15)]
     pub linprobe_epochs: u64,
 }

@@ -39,8 +39,10 @@ enum Cmd {
         /// Weights directory (TAESD: taesd_{encoder,decoder}.safetensors; sd-vae: a diffusers vae/ folder).
         #[arg(long)]
         vae_weights: PathBuf,
+        /// Images per encode/decode call.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Image side in pixels.
         #[arg(long, default_value_t = 224)]
         size: usize,
         /// Minimum seconds timed per direction.
@@ -55,6 +57,7 @@ enum Cmd {
         /// Thread counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2])]
         threads: Vec<usize>,
+        /// Output side of the resize + center crop.
         #[arg(long, default_value_t = 224)]
         size: u32,
         /// Passes over the images per measurement.
@@ -95,6 +98,7 @@ enum Cmd {
         /// Records of the synthetic dataset.
         #[arg(long, default_value_t = 4096)]
         records: usize,
+        /// Samples per batch.
         #[arg(long, default_value_t = 64)]
         batch: usize,
         /// Shuffle window (records).
@@ -119,6 +123,7 @@ enum Cmd {
         /// Model preset: tiny, small, base, large, base_patch4.
         #[arg(long, default_value = "tiny")]
         preset: lmd_train::model::Preset,
+        /// Samples per batch.
         #[arg(long, default_value_t = 64)]
         batch: usize,
         /// Mask ratios (comma-separated).
@@ -144,8 +149,10 @@ enum Cmd {
         /// Encoder preset: tiny, small, base, large, base_patch4.
         #[arg(long, default_value = "tiny")]
         preset: lmd_train::model::Preset,
+        /// Samples per batch.
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Classes of the classifier head.
         #[arg(long, default_value_t = 10)]
         classes: usize,
         /// Stochastic depth rate of the last block.

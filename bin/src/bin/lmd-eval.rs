@@ -16,6 +16,7 @@ struct Args {
     /// Labelled latent dataset directories.
     #[arg(long, num_args = 1.., required = true)]
     data: Vec<PathBuf>,
+    /// Samples per evaluation batch.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     /// cpu or cuda:N (CUDA needs a build with --features cuda).

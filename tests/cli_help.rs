@@ -1,0 +1,103 @@
+//! Every flag of every program has a help line: `-h` (the one-line form of `--help`) of each program (and of each
+//! `lmd-bench` subcommand) lists no option without a description.
+
+use std::process::Command;
+
+const PROGRAMS: [(&str, &str); 9] = [
+    ("lmd-precompute", env!("CARGO_BIN_EXE_lmd-precompute")),
+    ("lmd-train", env!("CARGO_BIN_EXE_lmd-train")),
+    ("lmd-finetune", env!("CARGO_BIN_EXE_lmd-finetune")),
+    ("lmd-eval", env!("CARGO_BIN_EXE_lmd-eval")),
+    ("lmd-inspect", env!("CARGO_BIN_EXE_lmd-inspect")),
+    ("lmd-quickstart", env!("CARGO_BIN_EXE_lmd-quickstart")),
+    ("lmd-experiment", env!("CARGO_BIN_EXE_lmd-experiment")),
+    ("lmd-export", env!("CARGO_BIN_EXE_lmd-export")),
+    ("lmd-bench", env!("CARGO_BIN_EXE_lmd-bench")),
+];
+
+fn help(exe: &str, args: &[&str]) -> String {
+    let out = Command::new(exe).args(args).arg("-h").output().unwrap();
+    assert!(out.status.success(), "{exe} {args:?} -h failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Options in the `Options:` section of a clap help text that have no description: neither
+/// on the option's line (after two spaces) nor on the next line, indented deeper (clap's layout
+/// when a description is too long for one line).
+fn undocumented(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut in_options = false;
+    let mut bad = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.ends_with(':') && !line.starts_with(' ') {
+            in_options = line.ends_with("Options:");
+            continue;
+        }
+        let t = line.trim_start();
+        if !in_options || !t.starts_with('-') {
+            continue;
+        }
+        // a default or the list of values is not a description
+        let t = t.split(" [default: ").next().unwrap_or(t);
+        let t = t.split(" [possible values: ").next().unwrap_or(t);
+        let same_line = t.split("  ").skip(1).any(|p| !p.trim().is_empty());
+        let next_line = lines.get(i + 1).is_some_and(|n| {
+            let nt = n.trim_start();
+            !nt.is_empty() && !nt.starts_with('-') && indent(n) > indent(line)
+        });
+        if !same_line && !next_line {
+            bad.push(t.trim_end().to_string());
+        }
+    }
+    bad
+}
+
+/// The subcommands a clap help text lists under `Commands:` (without `help`).
+fn subcommands(text: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut on = false;
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            on = line == "Commands:";
+            continue;
+        }
+        if let Some(name) = line.split_whitespace().next().filter(|_| on) {
+            if name != "help" {
+                v.push(name.to_string());
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn the_check_finds_an_undocumented_flag() {
+    let text = "Usage: x\n\nOptions:\n      --good <G>  Does things\n      --bad <B>\n  -h, --help  Print help\n";
+    assert_eq!(undocumented(text), ["--bad <B>"]);
+    let dflt = "Options:\n      --n <N>  [default: 3]\n";
+    assert_eq!(undocumented(dflt), ["--n <N>"]);
+    let long = "Options:\n      --good <G>\n          Does things\n      --bad\n      --last\n";
+    assert_eq!(undocumented(long), ["--bad", "--last"]);
+}
+
+#[test]
+fn every_flag_of_every_program_has_a_help_line() {
+    let mut bad = Vec::new();
+    for (name, exe) in PROGRAMS {
+        let top = help(exe, &[]);
+        for o in undocumented(&top) {
+            bad.push(format!("{name}: {o}"));
+        }
+        for sub in subcommands(&top) {
+            for o in undocumented(&help(exe, &[&sub])) {
+                bad.push(format!("{name} {sub}: {o}"));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "flags without a help line:\n{}",
+        bad.join("\n")
+    );
+}
