@@ -65,12 +65,9 @@ pub struct Settings {
     /// Encoder preset: tiny, small, base, large, base_patch4 (must match the checkpoint).
     #[arg(long)]
     pub preset: Option<Preset>,
-    /// Seed of the head, drop path and loader order.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// cpu or cuda:N (CUDA needs a build with --features cuda).
-    #[arg(long)]
-    pub device: Option<lmd_train::DeviceSpec>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: super::RunFlags,
 }
 
 /// The settings: defaults (the linear-probe ones with --linear-probe and no --config), then
@@ -89,22 +86,21 @@ mod tests {
 
     #[test]
     fn every_flag_sets_its_key_over_the_file() {
-        let (_dir, c) = crate::flags::config_file("epochs = 3\nblr = 0.5\nwindow = 16\n");
-        let c = c.as_str();
-        let line = [
-            "lmd-finetune --config {c} --data t --val-data v1 v2 --pretrained p.pth --out o ",
-            "--linear-probe --epochs 4 --batch-size 32 --blr 0.25 --preset base_patch4 ",
-            "--seed 2 --device cpu",
-        ]
-        .concat()
-        .replace("{c}", c);
-        let a = Args::try_parse_from(line.split(' ')).unwrap();
+        let (_dir, _, a) = crate::flags::parse_with_config::<Args>(
+            "epochs = 3\nblr = 0.5\nwindow = 16\n",
+            &[
+                "lmd-finetune --config {c} --data t --val-data v1 v2 --pretrained p.pth --out o ",
+                "--linear-probe --epochs 4 --batch-size 32 --blr 0.25 --preset base_patch4 ",
+                "--seed 2 --device cpu --log-every 7",
+            ],
+        );
         let cfg = config(&a).unwrap();
         assert_eq!(cfg.data, [PathBuf::from("t")]);
         assert_eq!(cfg.val_data, [PathBuf::from("v1"), PathBuf::from("v2")]);
         assert_eq!(cfg.pretrained, Some(PathBuf::from("p.pth")));
         assert_eq!(cfg.out, PathBuf::from("o"));
         assert!(cfg.linear_probe);
+        assert_eq!(cfg.run.log_every, 7);
         assert_eq!((cfg.epochs, cfg.batch_size, cfg.blr), (4, 32, 0.25));
         assert_eq!(
             (cfg.preset, cfg.run.seed, cfg.window),

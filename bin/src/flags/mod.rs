@@ -6,12 +6,35 @@ pub mod finetune;
 pub mod precompute;
 pub mod train;
 
-/// A TOML file holding `text` in a fresh temporary directory (kept while the guard lives).
+use serde::Serialize;
+
+/// The flags of [`lmd_train::RunSettings`] (seed, device, logging), shared by lmd-train and
+/// lmd-finetune and flattened into their settings, as `RunSettings` is into their configs.
+#[derive(clap::Args, Serialize, Debug, Clone)]
+pub struct RunFlags {
+    /// Seed of the initial weights, the masking and drop-path noise and the loader's order.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// cpu or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<lmd_train::DeviceSpec>,
+    /// Log a metrics line every this many steps.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_every: Option<u64>,
+}
+
+/// Parse the command line `line` (its pieces joined; `{c}` stands for the config file), with a
+/// config file holding `toml` in a fresh temporary directory (kept while the guard lives).
 #[cfg(test)]
-fn config_file(text: &str) -> (tempfile::TempDir, String) {
+fn parse_with_config<A: clap::Parser>(toml: &str, line: &[&str]) -> (tempfile::TempDir, String, A) {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("c.toml");
-    std::fs::write(&f, text).unwrap();
-    let path = f.to_str().unwrap().to_string();
-    (dir, path)
+    std::fs::write(&f, toml).unwrap();
+    let c = f.to_str().unwrap().to_string();
+    let line = line.concat().replace("{c}", &c);
+    let a = A::try_parse_from(line.split(' ')).unwrap();
+    (dir, c, a)
 }

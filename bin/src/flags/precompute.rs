@@ -129,18 +129,17 @@ mod tests {
 
     #[test]
     fn every_flag_sets_its_key_over_the_file() {
-        let (_dir, c) = crate::flags::config_file("size = 64\nviews = 2\nrecords_per_shard = 10\n");
+        let (_dir, c, a) = crate::flags::parse_with_config::<Args>(
+            "size = 64\nviews = 2\nrecords_per_shard = 10\n",
+            &[
+                "lmd-precompute --config {c} --input a.tar b.tar --kind wds --output o ",
+                "--synsets s.txt --val-labels v.csv --vae sd-vae --vae-weights w --size 128 ",
+                "--crop random-resized-crop --flip --filter bicubic --store mean-logvar --dtype ",
+                "bf16 --batch-size 3 --decode-threads 2 --device cpu --num-workers 4 ",
+                "--worker-index 1 --limit 50 --unlabeled",
+            ],
+        );
         let c = c.as_str();
-        let line = [
-            "lmd-precompute --config {c} --input a.tar b.tar --kind wds --output o ",
-            "--synsets s.txt --val-labels v.csv --vae sd-vae --vae-weights w --size 128 ",
-            "--crop random-resized-crop --flip --filter bicubic --store mean-logvar --dtype ",
-            "bf16 --batch-size 3 --decode-threads 2 --device cpu --num-workers 4 ",
-            "--worker-index 1 --limit 50 --unlabeled",
-        ]
-        .concat()
-        .replace("{c}", c);
-        let a = Args::try_parse_from(line.split(' ')).unwrap();
         let cfg = config(&a).unwrap();
         assert_eq!(cfg.inputs, ["a.tar", "b.tar"]);
         assert_eq!(cfg.kind, Some(InputKind::Wds));

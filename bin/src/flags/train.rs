@@ -50,9 +50,6 @@ pub struct Settings {
     /// Write a checkpoint (and preview, curves) every this many steps.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Log a metrics line every this many steps.
-    #[arg(long)]
-    pub log_every: Option<u64>,
     /// Mask-ratio schedule: constant (MAE 0.75), linear, piecewise, cosine (0.15 -> 0.75).
     #[arg(long)]
     pub schedule: Option<MaskSchedule>,
@@ -62,12 +59,6 @@ pub struct Settings {
     /// Samples per step (per process).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Seed of the weights, masking noise and loader order.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// cpu or cuda:N (CUDA needs a build with --features cuda).
-    #[arg(long)]
-    pub device: Option<lmd_train::DeviceSpec>,
     /// VAE weights (directory or hf:OWNER/REPO) to decode the reconstruction previews to
     /// pixels; without it previews show latent channels in false colour.
     #[arg(long)]
@@ -79,6 +70,9 @@ pub struct Settings {
     /// .pth such as mae_pretrain_vit_base.pth; encoder-only files leave the decoder fresh).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: super::RunFlags,
 }
 
 /// The settings: defaults, then `--config`, then the flags; `--epochs` counts the data.
@@ -98,16 +92,15 @@ mod tests {
 
     #[test]
     fn every_flag_sets_its_key_over_the_file() {
-        let (_dir, c) = crate::flags::config_file("steps = 3\nseed = 5\nbatch_size = 8\n");
+        let (_dir, c, a) = crate::flags::parse_with_config::<Args>(
+            "steps = 3\nseed = 5\nbatch_size = 8\n",
+            &[
+                "lmd-train --config {c} --data d1 d2 --out o --steps 7 --checkpoint-every 2 ",
+                "--log-every 1 --schedule constant --preset small --seed 9 --device cpu ",
+                "--vae-weights w --keep-checkpoints 4 --init i.pth",
+            ],
+        );
         let c = c.as_str();
-        let line = [
-            "lmd-train --config {c} --data d1 d2 --out o --steps 7 --checkpoint-every 2 ",
-            "--log-every 1 --schedule constant --preset small --seed 9 --device cpu ",
-            "--vae-weights w --keep-checkpoints 4 --init i.pth",
-        ]
-        .concat()
-        .replace("{c}", c);
-        let a = Args::try_parse_from(line.split(' ')).unwrap();
         let cfg = config(&a).unwrap();
         assert_eq!(cfg.data, [PathBuf::from("d1"), PathBuf::from("d2")]);
         assert_eq!(cfg.out, PathBuf::from("o"));
