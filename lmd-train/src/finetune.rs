@@ -309,7 +309,7 @@ pub fn run(
     let ccfg = classifier_config(cfg, &ds, &val)?;
     let run = RunDir::open(&cfg.out)?;
     run.write_config(cfg)?;
-    let dev = cfg.run.device.open()?;
+    let dev = cfg.run.open_device()?;
     let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, &dev)?;
     let mut loader = LatentLoader::new(
         ds.clone(),

@@ -133,17 +133,20 @@ impl AdamW {
 
     /// Global L2 norm of the gradients; scales them down to `max_norm` when above it
     /// (`max_norm <= 0`: no clipping). Returns the norm before clipping.
+    ///
+    /// The squares are summed on the parameters' device (in f64) and read back once: one host
+    /// synchronisation per step, not one per parameter.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-        let mut sq = 0f64;
-        for p in &self.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                sq += g
-                    .sqr()
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.to_dtype(DType::F64))
-                    .and_then(|t| t.to_scalar::<f64>())?;
-            }
-        }
+        let parts = self
+            .params
+            .iter()
+            .filter_map(|p| grads.get(p.var.as_tensor()))
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<lmd_model::candle::Result<Vec<_>>>()?;
+        let sq = match parts.is_empty() {
+            true => 0.0,
+            false => Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?,
+        };
         let norm = sq.sqrt();
         if max_norm > 0.0 && norm > max_norm {
             let s = max_norm / (norm + 1e-6);

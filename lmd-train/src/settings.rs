@@ -1,7 +1,8 @@
 //! Settings every run shares, pretraining and fine-tuning alike: the seed, the device and how
 //! often a step is logged. Each program's config holds one [`RunSettings`], flattened: in TOML,
 //! in `config.json` and on the command line the keys stay top-level (`seed = 1`,
-//! `--device cuda:0`), while the code reads `cfg.run.seed`.
+//! `--device cuda:0`), while the code reads `cfg.run.seed`. The device is opened here, once per
+//! run ([`RunSettings::open_device`]), with the matmul precision stated in the run's config.
 
 use crate::DeviceSpec;
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,20 @@ pub struct RunSettings {
     pub device: DeviceSpec,
     /// Log a metrics line every this many steps.
     pub log_every: u64,
+    /// TF32 tensor-core products for f32 matmuls on a GPU (candle's reduced-precision switch,
+    /// PyTorch's `allow_tf32`); nothing changes on the CPU.
+    pub tf32: bool,
+}
+
+impl RunSettings {
+    /// The run's device, opened once, with the matmul precision these settings ask for.
+    pub fn open_device(&self) -> crate::Result<lmd_model::candle::Device> {
+        let dev = self.device.open()?;
+        if dev.is_cuda() {
+            lmd_model::candle::cuda::set_gemm_reduced_precision_f32(self.tf32);
+        }
+        Ok(dev)
+    }
 }
 
 impl Default for RunSettings {
@@ -24,6 +39,7 @@ impl Default for RunSettings {
             seed: 0,
             device: DeviceSpec::Cpu,
             log_every: 10,
+            tf32: true,
         }
     }
 }

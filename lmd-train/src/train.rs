@@ -237,7 +237,7 @@ pub fn run(
     let ds = open_checked(cfg, &mcfg)?;
     let run = RunDir::open(&cfg.out)?;
     run.write_config(cfg)?;
-    let dev = cfg.run.device.open()?;
+    let dev = cfg.run.open_device()?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let model = LatentMae::init(&mcfg, &varmap, cfg.run.seed, &dev)?;
     let opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());

@@ -24,6 +24,10 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_every: Option<u64>,
+    /// TF32 tensor-core matmuls for f32 on a GPU: true (default) or false.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tf32: Option<bool>,
 }
 
 /// Parse the command line `line` (its pieces joined; `{c}` stands for the config file), with a

@@ -97,7 +97,7 @@ mod tests {
             &[
                 "lmd-train --config {c} --data d1 d2 --out o --steps 7 --checkpoint-every 2 ",
                 "--log-every 1 --schedule constant --preset small --seed 9 --device cpu ",
-                "--vae-weights w --keep-checkpoints 4 --init i.pth",
+                "--vae-weights w --keep-checkpoints 4 --init i.pth --tf32 false",
             ],
         );
         let c = c.as_str();
@@ -116,6 +116,7 @@ mod tests {
         assert_eq!(cfg.vae_weights.as_deref(), Some("w"));
         assert_eq!(cfg.keep_checkpoints, 4);
         assert_eq!(cfg.init, Some(PathBuf::from("i.pth")));
+        assert!(!cfg.run.tf32 && TrainConfig::default().run.tf32);
         // without flags: the file over the defaults
         let a = Args::try_parse_from(["lmd-train", "--config", c]).unwrap();
         let cfg = config(&a).unwrap();
