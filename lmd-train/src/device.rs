@@ -64,12 +64,21 @@ impl From<DeviceSpec> for String {
 }
 
 impl DeviceSpec {
-    /// The candle device (CUDA: an error saying how to build with it, when it is not there).
+    /// The candle device. CUDA in a build without it: an error saying how to build with it; in
+    /// a CUDA build on a machine without a usable GPU: the driver's error, naming the device.
     pub fn open(self) -> Result<Device> {
+        let hint = if cfg!(feature = "cuda") {
+            "no usable GPU: this needs an NVIDIA driver for CUDA 13 and the device to exist"
+        } else {
+            "this build has no CUDA: build with --features cuda (see scripts/cuda-env.sh)"
+        };
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-                Error::Invalid(format!("device {self}: {e} (build with --features cuda)"))
+                // the driver's words only, not the backtrace candle attaches under RUST_BACKTRACE
+                let e = e.to_string();
+                let e = e.lines().next().unwrap_or_default();
+                Error::Invalid(format!("device {self}: {e} ({hint})"))
             }),
         }
     }
@@ -97,5 +106,14 @@ mod tests {
         );
         assert!(serde_json::from_str::<DeviceSpec>("\"tpu\"").is_err());
         assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+    }
+
+    /// (A CUDA build's refusal without a GPU is checked in CI, against a stub driver: .ci/run.)
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn cuda_in_a_cpu_build_is_refused_saying_how_to_build_it() {
+        let e = DeviceSpec::Cuda(1).open().unwrap_err().to_string();
+        assert!(e.contains("device cuda:1") && e.contains("--features cuda"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
     }
 }
