@@ -113,7 +113,10 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     fn cuda_in_a_cpu_build_is_refused_saying_how_to_build_it() {
         let e = DeviceSpec::Cuda(1).open().unwrap_err().to_string();
-        assert!(e.contains("device cuda:1") && e.contains("--features cuda"), "{e}");
+        assert!(
+            e.contains("device cuda:1") && e.contains("--features cuda"),
+            "{e}"
+        );
         assert_eq!(e.lines().count(), 1, "{e}");
     }
 }
