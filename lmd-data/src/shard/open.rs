@@ -49,6 +49,15 @@ fn truncated(path: &Path, b: &[u8], detail: String) -> Error {
     }
 }
 
+fn checksum(path: &Path, what: &str, stored: u64, computed: u64) -> Error {
+    Error::Checksum {
+        path: path.to_path_buf(),
+        what: what.into(),
+        stored,
+        computed,
+    }
+}
+
 /// Check the whole file `b` except the block payloads.
 pub(super) fn check(path: &Path, b: &[u8]) -> Result<Opened> {
     let (meta, data_start) = header(path, b)?;
@@ -101,12 +110,7 @@ fn header(path: &Path, b: &[u8]) -> Result<(ShardMeta, usize)> {
     let stored = u64_at(b, 16);
     let computed = format::checksum(meta_bytes);
     if stored != computed {
-        return Err(Error::Checksum {
-            path: path.to_path_buf(),
-            what: "header".into(),
-            stored,
-            computed,
-        });
+        return Err(checksum(path, "header", stored, computed));
     }
     let meta: ShardMeta = serde_json::from_slice(meta_bytes)
         .map_err(|e| Error::corrupt(path, "header", format!("metadata JSON: {e}")))?;
@@ -115,7 +119,6 @@ fn header(path: &Path, b: &[u8]) -> Result<(ShardMeta, usize)> {
 
 /// The footer, after checking that the file ends with one.
 fn footer(path: &Path, b: &[u8], data_start: usize) -> Result<Footer> {
-    // Footer.
     if b.len() < data_start + format::FOOTER || &b[b.len() - 8..] != END_MAGIC {
         return Err(truncated(path, b, scan_blocks(b, data_start)));
     }
@@ -123,12 +126,7 @@ fn footer(path: &Path, b: &[u8], data_start: usize) -> Result<Footer> {
     let stored = u64_at(f, 32);
     let computed = format::checksum(&f[0..32]);
     if stored != computed {
-        return Err(Error::Checksum {
-            path: path.to_path_buf(),
-            what: "footer".into(),
-            stored,
-            computed,
-        });
+        return Err(checksum(path, "footer", stored, computed));
     }
     let index_offset = u64_at(f, 0);
     let index_len = u64_at(f, 8);
@@ -163,12 +161,7 @@ fn index(path: &Path, b: &[u8], meta: &ShardMeta, data_start: usize, f: &Footer)
     let index_comp = &b[index_offset as usize..footer_start];
     let computed = format::checksum(index_comp);
     if computed != index_sum {
-        return Err(Error::Checksum {
-            path: path.to_path_buf(),
-            what: "index".into(),
-            stored: index_sum,
-            computed,
-        });
+        return Err(checksum(path, "index", index_sum, computed));
     }
     let index = zstd::decode_all(index_comp)
         .map_err(|e| Error::corrupt(path, "index", format!("zstd: {e}")))?;
