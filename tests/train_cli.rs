@@ -172,10 +172,10 @@ fn numbers(v: &[serde_json::Value], keys: &[&str]) -> Vec<Vec<serde_json::Value>
         .collect()
 }
 
-#[test]
-fn sigkilled_finetune_resumes_from_the_last_epoch_to_the_same_results() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (train, val) = (tmp.path().join("train"), tmp.path().join("val"));
+/// Fine-tuning data (384 training, 128 validation records) and [`FT_CONFIG`] in `tmp`, and a
+/// command line over them: `ft(out, resume, extra args)`.
+fn finetune_setup(tmp: &Path) -> impl Fn(&Path, bool, &[&str]) -> Command {
+    let (train, val) = (tmp.join("train"), tmp.join("val"));
     let spec = SyntheticSpec {
         records: 384,
         ..Default::default()
@@ -190,22 +190,30 @@ fn sigkilled_finetune_resumes_from_the_last_epoch_to_the_same_results() {
         },
     )
     .unwrap();
-    let cfg = tmp.path().join("ft.toml");
+    let cfg = tmp.join("ft.toml");
     std::fs::write(&cfg, FT_CONFIG).unwrap();
-    let ft = |out: &Path, resume: bool| {
+    move |out: &Path, resume: bool, extra: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_lmd-finetune"));
         c.args(["--config".as_ref(), cfg.as_os_str()])
             .args(["--data".as_ref(), train.as_os_str()])
             .args(["--val-data".as_ref(), val.as_os_str()])
             .args(["--out".as_ref(), out.as_os_str()])
             .arg("--no-progress")
+            .args(extra)
             .env("RAYON_NUM_THREADS", "2")
             .env("CANDLE_NUM_THREADS", "2");
         if resume {
             c.arg("--resume");
         }
         c
-    };
+    }
+}
+
+#[test]
+fn sigkilled_finetune_resumes_from_the_last_epoch_to_the_same_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let setup = finetune_setup(tmp.path());
+    let ft = |out: &Path, resume: bool| setup(out, resume, &[]);
     let a = tmp.path().join("a");
     assert!(ft(&a, false).status().unwrap().success());
     let (ea, ma) = (
@@ -366,4 +374,59 @@ fn init_from_an_exported_pth_starts_from_those_weights_and_an_encoder_only_file_
             assert_ne!(got["decoder_embed.weight"], want["decoder_embed.weight"]);
         }
     }
+}
+
+/// `lmd-finetune --precision bf16`: it learns as the f32 run does (the same data, seed and
+/// schedule), the config records the precision, and the checkpoints hold f32 weights.
+#[test]
+fn bf16_finetune_learns_like_f32_and_writes_f32_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ft = finetune_setup(tmp.path());
+    let (a, b) = (tmp.path().join("f32"), tmp.path().join("bf16"));
+    assert!(ft(&a, false, &[]).status().unwrap().success());
+    assert!(ft(&b, false, &["--precision", "bf16"])
+        .status()
+        .unwrap()
+        .success());
+    let (ea, eb) = (lines(&a.join("eval.jsonl")), lines(&b.join("eval.jsonl")));
+    assert_eq!((ea.len(), eb.len()), (4, 4));
+    let (la, lb) = (
+        lines(&a.join("metrics.jsonl")),
+        lines(&b.join("metrics.jsonl")),
+    );
+    let loss = |v: &[serde_json::Value], r: std::ops::Range<usize>| -> f64 {
+        v[r].iter().map(|m| m["loss"].as_f64().unwrap()).sum()
+    };
+    let n = lb.len();
+    assert!(
+        loss(&lb, n - 6..n) < loss(&lb, 0..6),
+        "bf16 loss does not fall"
+    );
+    for (x, y) in ea.iter().zip(&eb) {
+        let (ta, tb) = (x["top1"].as_f64().unwrap(), y["top1"].as_f64().unwrap());
+        let (va, vb) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!(
+            (ta - tb).abs() <= 0.1 && (va - vb).abs() < 0.1 * va,
+            "epoch {}: f32 top1 {ta} loss {va}, bf16 top1 {tb} loss {vb}",
+            x["epoch"]
+        );
+    }
+    let cfg = std::fs::read_to_string(b.join("config.json")).unwrap();
+    assert!(cfg.contains("\"precision\": \"bf16\""), "{cfg}");
+    let w = lmd_train::model::read_tensors(
+        &b.join("checkpoints/last/model.safetensors"),
+        &lmd_train::model::candle::Device::Cpu,
+    )
+    .unwrap();
+    assert!(w
+        .values()
+        .all(|t| t.dtype() == lmd_train::model::candle::DType::F32));
+    // f16 is refused before any work
+    let out = ft(&tmp.path().join("f16"), false, &["--precision", "f16"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loss scaling"), "{err}");
+    assert!(!tmp.path().join("f16").exists());
 }

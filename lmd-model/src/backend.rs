@@ -11,10 +11,19 @@
 //!   tests check the graph a GPU runs.
 //! - Asking for fused kernels where they do not exist (a GPU, f64, bf16) is an error that names
 //!   the device and dtype, never a silent fallback.
+//! - Mixed precision is a backend too ([`Backend::CandleBf16`], from [`Backend::for_training`]):
+//!   f32 weights stay the model's; [`linear`](Backend::linear), the attention products and the
+//!   convolutions cast their operands to bf16 and return bf16 (their backward casts the
+//!   gradients back to f32, so the master weights get f32 gradients); [`layer_norm`]
+//!   (Backend::layer_norm) and [`softmax_last_dim`](Backend::softmax_last_dim) compute in f32.
+//!   A model returns a branch to its f32 residual stream, a concatenation or a loss through
+//!   [`full`](Backend::full): PyTorch autocast's rules, which promote `f32 + bf16` to f32.
 
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::Precision;
 use serde::{Deserialize, Serialize};
 
 /// The environment variable read by [`Kernels::Auto`].
@@ -90,6 +99,9 @@ pub enum Backend {
     Ops,
     /// candle's ops (any device and dtype).
     Candle,
+    /// candle's ops in mixed precision: bf16 matmuls and convolutions, f32 weights, norms,
+    /// softmax and residual stream.
+    CandleBf16,
 }
 
 impl Backend {
@@ -112,6 +124,24 @@ impl Backend {
         }
     }
 
+    /// The backend for a model with f32 (master) weights on `dev` that computes in
+    /// `precision`: [`resolve`](Self::resolve) for f32, [`Backend::CandleBf16`] for bf16 (the
+    /// fused kernels have no bf16: asking for them is refused), f16 refused
+    /// ([`Precision::check_trainable`]).
+    pub fn for_training(
+        kernels: Kernels,
+        dev: &Device,
+        precision: Precision,
+    ) -> crate::Result<Backend> {
+        match precision.check_trainable()? {
+            Precision::Bf16 => match Backend::resolve(kernels, dev, DType::BF16)? {
+                Backend::Candle => Ok(Backend::CandleBf16),
+                b => unreachable!("resolve gave {b} for bf16"),
+            },
+            _ => Backend::resolve(kernels, dev, DType::F32),
+        }
+    }
+
     /// [`resolve`](Self::resolve) with [`Kernels::Auto`] for a model built from `vb`, as a
     /// candle error (for the models' `new(cfg, vb)`).
     pub fn of(vb: &candle_nn::VarBuilder) -> Result<Backend> {
@@ -123,6 +153,32 @@ impl Backend {
             Backend::Fused => "fused",
             Backend::Ops => "ops",
             Backend::Candle => "candle",
+            Backend::CandleBf16 => "candle-bf16",
+        }
+    }
+
+    /// The dtype the products compute in where it is not the weights' (mixed precision).
+    pub fn half_dtype(self) -> Option<DType> {
+        match self {
+            Backend::CandleBf16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// `x` in the products' dtype (unchanged unless mixed).
+    fn half(self, x: &Tensor) -> Result<Tensor> {
+        match self.half_dtype() {
+            Some(d) => x.to_dtype(d),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `x` back in the residual stream's dtype: f32 under mixed precision, unchanged otherwise.
+    /// Every product's output that joins the stream, a concatenation or a loss passes here.
+    pub fn full(self, x: &Tensor) -> Result<Tensor> {
+        match self.half_dtype() {
+            Some(_) => x.to_dtype(DType::F32),
+            None => Ok(x.clone()),
         }
     }
 
@@ -132,7 +188,7 @@ impl Backend {
     }
 
     fn cpu_ops(self) -> bool {
-        self != Backend::Candle
+        matches!(self, Backend::Fused | Backend::Ops)
     }
 
     /// Whether a transformer block runs as one fused node ([`crate::cpu::block`]).
@@ -145,6 +201,7 @@ impl Backend {
         if self.cpu_ops() {
             return crate::cpu::ops::linear(x, w, b);
         }
+        let (x, w, b) = (&self.half(x)?, &self.half(w)?, &self.half(b)?);
         let dims = x.dims();
         let (inp, out) = (dims[dims.len() - 1], w.dim(0)?);
         let rows = x.elem_count() / inp.max(1);
@@ -160,6 +217,7 @@ impl Backend {
             return crate::cpu::ops::layer_norm(x, w, b, eps);
         }
         // candle-nn's fused layer_norm records no backward: primitive ops only
+        let x = &self.full(x)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -174,6 +232,7 @@ impl Backend {
         }
         // candle-nn's softmax_last_dim records no backward; the max shift is detached (it
         // cancels)
+        let x = &self.full(x)?;
         let m = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&m)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -193,7 +252,7 @@ impl Backend {
         if self.cpu_ops() {
             crate::cpu::ops::batched_matmul(a, b)
         } else {
-            a.matmul(b)
+            self.half(a)?.matmul(&self.half(b)?)
         }
     }
 
@@ -203,9 +262,9 @@ impl Backend {
         if self.cpu_ops() {
             return crate::cpu::conv::conv3x3(x, w, b);
         }
-        let y = x.conv2d(w, 1, 1, 1, 1)?;
+        let y = self.half(x)?.conv2d(&self.half(w)?, 1, 1, 1, 1)?;
         match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(b) => y.broadcast_add(&self.half(b)?.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
         }
     }

@@ -107,7 +107,23 @@ impl VitClassifier {
         head_std: f64,
         dev: &Device,
     ) -> Result<Self> {
-        let model = Self::new(cfg, VarBuilder::from_varmap(varmap, DType::F32, dev))?;
+        let backend = Backend::resolve(crate::Kernels::Auto, dev, DType::F32)
+            .map_err(candle_core::Error::wrap)?;
+        Self::init_on(cfg, backend, varmap, seed, head_std, dev)
+    }
+
+    /// [`init`](Self::init) on a given backend (f32 weights: [`Backend::for_training`] picks
+    /// mixed precision).
+    pub fn init_on(
+        cfg: &ClassifierConfig,
+        backend: Backend,
+        varmap: &VarMap,
+        seed: u64,
+        head_std: f64,
+        dev: &Device,
+    ) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, dev);
+        let model = Self::new_on(cfg, backend, vb)?;
         crate::mae::reinit_seeded(&cfg.encoder, varmap, seed)?;
         let mut rng = SplitMix(seed ^ 0x4845_4144);
         let w = &model.head.weight;
@@ -195,16 +211,18 @@ impl VitClassifier {
 
     /// The head on features: `[B, D]` -> `[B, K]` (linear probe: normalised by the stored
     /// feature statistics first, BatchNorm1d(affine=False, eps=1e-6) in eval mode).
+    /// Logits in f32 under any precision.
     pub fn head(&self, feats: &Tensor) -> Result<Tensor> {
-        match &self.feature_stats {
+        let logits = match &self.feature_stats {
             Some((mean, var)) => {
                 let f = feats
                     .broadcast_sub(mean)?
                     .broadcast_div(&(var + 1e-6)?.sqrt()?)?;
-                self.head.forward(&f)
+                self.head.forward(&f)?
             }
-            None => self.head.forward(feats),
-        }
+            None => self.head.forward(feats)?,
+        };
+        self.backend.full(&logits)
     }
 
     /// Logits `[B, K]`.

@@ -9,6 +9,7 @@ mod cpu;
 pub mod error;
 pub mod mae;
 pub mod nn;
+pub mod precision;
 pub mod preset;
 mod rng;
 pub mod schedule;
@@ -22,6 +23,7 @@ pub use checkpoint::{read_tensors, write_tensors, CheckpointFormat};
 pub use classifier::{ClassifierConfig, VitClassifier};
 pub use error::{Error, Result};
 pub use mae::{LatentMae, MaeConfig, MaeOutput, Masking, Pool};
+pub use precision::Precision;
 pub use preset::Preset;
 pub use schedule::MaskSchedule;
 

@@ -294,8 +294,22 @@ impl LatentMae {
 
     /// A freshly initialised model (MAE's init) in `varmap`, reproducible from `seed`.
     pub fn init(cfg: &MaeConfig, varmap: &VarMap, seed: u64, dev: &Device) -> Result<Self> {
+        let backend = Backend::resolve(crate::Kernels::Auto, dev, DType::F32)
+            .map_err(candle_core::Error::wrap)?;
+        Self::init_on(cfg, backend, varmap, seed, dev)
+    }
+
+    /// [`init`](Self::init) on a given backend (f32 weights: [`Backend::for_training`] picks
+    /// mixed precision).
+    pub fn init_on(
+        cfg: &MaeConfig,
+        backend: Backend,
+        varmap: &VarMap,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, dev);
-        let model = Self::new(cfg, vb)?;
+        let model = Self::new_on(cfg, backend, vb)?;
         reinit_seeded(cfg, varmap, seed)?;
         Ok(model)
     }
@@ -444,7 +458,8 @@ impl LatentMae {
 
     /// Decoder: `[B, 1 + keep, D]` -> `[B, L, p·p·C]`.
     pub fn forward_decoder(&self, latent: &Tensor, masking: &Masking) -> Result<Tensor> {
-        let x = self.decoder_embed.forward(latent)?;
+        let k = self.backend;
+        let x = k.full(&self.decoder_embed.forward(latent)?)?;
         let (b, n1, dd) = x.dims3()?;
         let l = self.cfg.num_patches();
         let masked = l + 1 - n1;
@@ -460,7 +475,7 @@ impl LatentMae {
         for blk in &self.decoder_blocks {
             x = blk.forward(&x)?;
         }
-        let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
+        let x = k.full(&self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?)?;
         x.i((.., 1..))
     }
 

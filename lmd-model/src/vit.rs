@@ -61,11 +61,12 @@ pub struct PatchEmbed {
     patch: usize,
     grid: (usize, usize),
     dim: usize,
+    backend: Backend,
 }
 
 impl PatchEmbed {
     /// MAE's init: xavier_uniform over the flattened conv weight, zero bias.
-    pub fn new(cfg: &MaeConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &MaeConfig, backend: Backend, vb: VarBuilder) -> Result<Self> {
         let (c, p, d) = (cfg.in_chans, cfg.patch_size, cfg.embed_dim);
         let bound = (6.0 / (c * p * p + d) as f64).sqrt();
         let w = vb.get_with_hints(
@@ -83,6 +84,7 @@ impl PatchEmbed {
             patch: p,
             grid: cfg.grid(),
             dim: d,
+            backend,
         })
     }
 }
@@ -96,8 +98,8 @@ impl Module for PatchEmbed {
             .reshape((n, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))? // n h w c p q
             .reshape((n * gh * gw, c * p * p))?;
-        cols.matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?
+        self.backend
+            .linear(&cols, &self.weight, &self.bias)?
             .reshape((n, gh * gw, self.dim))
     }
 }
@@ -211,13 +213,12 @@ impl Block {
 
     /// The block from candle ops (each with a backward): any device and dtype.
     pub(crate) fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc2.forward(
-            &self
-                .backend
-                .gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?,
-        )?;
-        x + h
+        let k = self.backend;
+        let x = (x + k.full(&self.attn.forward(&self.norm1.forward(x)?)?)?)?;
+        let h = self
+            .fc2
+            .forward(&k.gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+        x + k.full(&h)?
     }
 
     /// Forward with stochastic depth (timm's `DropPath`): each residual branch is kept per
@@ -258,14 +259,13 @@ impl Block {
         let factor = |k: &Vec<f32>| -> Result<Tensor> {
             Tensor::from_vec(k.clone(), (b, 1, 1), x.device())?.to_dtype(x.dtype())
         };
-        let a = self.attn.forward(&self.norm1.forward(x)?)?;
+        let k = self.backend;
+        let a = k.full(&self.attn.forward(&self.norm1.forward(x)?)?)?;
         let x = (x + a.broadcast_mul(&factor(&keep[0])?)?)?;
-        let h = self.fc2.forward(
-            &self
-                .backend
-                .gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?,
-        )?;
-        let h = h.broadcast_mul(&factor(&keep[1])?)?;
+        let h = self
+            .fc2
+            .forward(&k.gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+        let h = k.full(&h)?.broadcast_mul(&factor(&keep[1])?)?;
         x + h
     }
 }
@@ -336,7 +336,7 @@ impl Encoder {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Encoder {
-            patch_embed: PatchEmbed::new(cfg, vb.pp("patch_embed"))?,
+            patch_embed: PatchEmbed::new(cfg, backend, vb.pp("patch_embed"))?,
             cls_token,
             pos_embed: pos_table(d, cfg.grid(), vb)?,
             blocks,
@@ -368,7 +368,8 @@ impl Encoder {
         let b = x.dim(0)?;
         let patches = self
             .patch_embed
-            .forward(x)?
+            .backend
+            .full(&self.patch_embed.forward(x)?)?
             .broadcast_add(&self.pos_embed.i((.., 1..))?)?;
         let patches = match keep {
             Some(ids) => gather_rows(&patches, ids)?,

@@ -273,7 +273,8 @@ fn classifier_and_driver(
 ) -> Result<(VitClassifier, VarMap, Driver)> {
     let varmap = VarMap::new();
     let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
-    let clf = VitClassifier::init(ccfg, &varmap, cfg.run.seed, head_std, dev)?;
+    let backend = cfg.run.backend(dev)?;
+    let clf = VitClassifier::init_on(ccfg, backend, &varmap, cfg.run.seed, head_std, dev)?;
     if let Some(p) = &cfg.pretrained {
         clf.load_pretrained(&varmap, p)?;
     } else if cfg.linear_probe {
@@ -301,6 +302,7 @@ pub fn run(
     on_eval: &mut dyn FnMut(&EvalResult),
 ) -> Result<FinetuneSummary> {
     let t0 = Instant::now();
+    cfg.run.precision.check_trainable()?;
     let ds = Arc::new(open_data(&cfg.data)?);
     if cfg.val_data.is_empty() {
         return Err(Error::Invalid("no validation data (--val-data)".into()));

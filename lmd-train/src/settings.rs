@@ -2,9 +2,11 @@
 //! often a step is logged. Each program's config holds one [`RunSettings`], flattened: in TOML,
 //! in `config.json` and on the command line the keys stay top-level (`seed = 1`,
 //! `--device cuda:0`), while the code reads `cfg.run.seed`. The device is opened here, once per
-//! run ([`RunSettings::open_device`]), with the matmul precision stated in the run's config.
+//! run ([`RunSettings::open_device`]), with the matmul precision stated in the run's config, and
+//! the precision becomes the model's backend here ([`RunSettings::backend`]).
 
 use crate::DeviceSpec;
+use lmd_model::{Backend, Kernels, Precision};
 use serde::{Deserialize, Serialize};
 
 /// The seed, device and logging interval of a run.
@@ -20,6 +22,10 @@ pub struct RunSettings {
     /// TF32 tensor-core products for f32 matmuls on a GPU (candle's reduced-precision switch,
     /// PyTorch's `allow_tf32`); nothing changes on the CPU.
     pub tf32: bool,
+    /// `f32`, or `bf16`: mixed precision (bf16 matmuls and activations in the forward and
+    /// backward, f32 master weights, AdamW moments, LayerNorm, softmax and loss; checkpoints
+    /// in f32). `f16` is refused (no loss scaling).
+    pub precision: Precision,
 }
 
 impl RunSettings {
@@ -31,6 +37,12 @@ impl RunSettings {
         }
         Ok(dev)
     }
+
+    /// The compute path of this run's model on `dev`: the one place the precision is turned
+    /// into a backend.
+    pub fn backend(&self, dev: &lmd_model::candle::Device) -> crate::Result<Backend> {
+        Ok(Backend::for_training(Kernels::Auto, dev, self.precision)?)
+    }
 }
 
 impl Default for RunSettings {
@@ -40,6 +52,7 @@ impl Default for RunSettings {
             device: DeviceSpec::Cpu,
             log_every: 10,
             tf32: true,
+            precision: Precision::F32,
         }
     }
 }

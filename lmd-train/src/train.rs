@@ -165,6 +165,7 @@ fn validated(cfg: &TrainConfig) -> Result<MaeConfig> {
     let mcfg = cfg.model_config()?;
     mcfg.validate()?;
     cfg.schedule.validate_for(mcfg.num_patches())?;
+    cfg.run.precision.check_trainable()?;
     if cfg.steps == 0 || cfg.batch_size == 0 {
         return Err(Error::Invalid(format!(
             "steps ({}) and batch_size ({}) must be at least 1",
@@ -239,7 +240,8 @@ pub fn run(
     run.write_config(cfg)?;
     let dev = cfg.run.open_device()?;
     let varmap = lmd_model::candle_nn::VarMap::new();
-    let model = LatentMae::init(&mcfg, &varmap, cfg.run.seed, &dev)?;
+    let backend = cfg.run.backend(&dev)?;
+    let model = LatentMae::init_on(&mcfg, backend, &varmap, cfg.run.seed, &dev)?;
     let opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());
     let mut driver = Driver::new(opt, cfg.grad_clip, cfg.run.log_every);
     let mut loader = LatentLoader::new(

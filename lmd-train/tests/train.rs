@@ -191,3 +191,58 @@ fn nonsense_settings_are_refused_before_any_work_naming_the_setting() {
     assert!(e.contains("steps (0)"), "{e}");
     assert!(!out.exists(), "nothing written for a refused run");
 }
+
+/// `--precision bf16`: the loss falls as the f32 run's does, the weights, optimiser state and
+/// checkpoints stay f32 (loading as an f32 model), and a stopped bf16 run resumes exactly.
+#[test]
+fn bf16_training_follows_f32_keeps_f32_checkpoints_and_resumes_exactly() {
+    use lmd_train::model::{candle::DType, candle::Device, LatentMae, Precision};
+    let data = tempfile::tempdir().unwrap();
+    make_data(data.path(), 80);
+    let f32_out = tempfile::tempdir().unwrap();
+    run(&cfg(data.path(), f32_out.path()), false, &mut |_| {}).unwrap();
+    let bf16_out = tempfile::tempdir().unwrap();
+    let mut c = cfg(data.path(), bf16_out.path());
+    c.run.precision = Precision::Bf16;
+    run(&c, false, &mut |_| {}).unwrap();
+    let (m32, m16) = (metrics(f32_out.path()), metrics(bf16_out.path()));
+    assert_eq!(m16.len(), 10);
+    for (a, b) in m32.iter().zip(&m16) {
+        assert!(
+            (a.loss - b.loss).abs() < 0.03 * a.loss,
+            "step {}: f32 loss {} vs bf16 {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    let first: f64 = m16[..3].iter().map(|m| m.loss).sum();
+    let last: f64 = m16[7..].iter().map(|m| m.loss).sum();
+    assert!(last < first, "bf16: {first} -> {last}");
+    // bf16 is really on: not the f32 numbers
+    assert!(m32.iter().zip(&m16).any(|(a, b)| a.loss != b.loss));
+    let cfg_json = std::fs::read_to_string(bf16_out.path().join("config.json")).unwrap();
+    assert!(cfg_json.contains("\"precision\": \"bf16\""), "{cfg_json}");
+    let ck = bf16_out.path().join("checkpoints/step-00000010");
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let t = lmd_train::model::read_tensors(&ck.join(f), &Device::Cpu).unwrap();
+        assert!(!t.is_empty());
+        // (the optimiser's step count is an f64 scalar)
+        for (name, t) in t.iter().filter(|(n, _)| n.as_str() != "step") {
+            assert_eq!(t.dtype(), DType::F32, "{f}: {name}");
+        }
+    }
+    let mcfg = c.model.clone().unwrap();
+    LatentMae::load(&mcfg, &ck.join("model.safetensors"), &Device::Cpu).unwrap();
+
+    let again = tempfile::tempdir().unwrap();
+    let mut d = cfg(data.path(), again.path());
+    d.run.precision = Precision::Bf16;
+    d.stop_after = Some(6);
+    run(&d, false, &mut |_| {}).unwrap();
+    d.stop_after = None;
+    assert_eq!(run(&d, true, &mut |_| {}).unwrap().first_step, 6);
+    for (x, y) in m16.iter().zip(&metrics(again.path())) {
+        assert_eq!((x.step, x.loss, x.grad_norm), (y.step, y.loss, y.grad_norm));
+    }
+}

@@ -28,6 +28,10 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tf32: Option<bool>,
+    /// f32, or bf16: mixed precision (bf16 matmuls, f32 master weights, norms and loss).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<lmd_train::model::Precision>,
 }
 
 /// Parse the command line `line` (its pieces joined; `{c}` stands for the config file), with a
