@@ -398,9 +398,12 @@ fn bf16_finetune_learns_like_f32_and_writes_f32_checkpoints() {
         v[r].iter().map(|m| m["loss"].as_f64().unwrap()).sum()
     };
     let n = lb.len();
+    assert_eq!(la.len(), n);
+    let (end32, end16) = (loss(&la, n - 6..n), loss(&lb, n - 6..n));
+    assert!(end16 < loss(&lb, 0..6), "bf16 loss does not fall");
     assert!(
-        loss(&lb, n - 6..n) < loss(&lb, 0..6),
-        "bf16 loss does not fall"
+        (end32 - end16).abs() < 0.1 * end32,
+        "last 6 steps' loss: f32 {end32}, bf16 {end16}"
     );
     for (x, y) in ea.iter().zip(&eb) {
         let (ta, tb) = (x["top1"].as_f64().unwrap(), y["top1"].as_f64().unwrap());
