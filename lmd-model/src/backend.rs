@@ -232,10 +232,20 @@ impl Backend {
         }
         // candle-nn's softmax_last_dim records no backward; the max shift is detached (it
         // cancels)
-        let x = &self.full(x)?;
+        // (and in f32: a half-precision input, e.g. a bf16 VAE's attention, is widened for the
+        // sum and narrowed back; mixed precision keeps the f32 result)
+        let dtype = x.dtype();
+        let x = &match dtype {
+            DType::BF16 | DType::F16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
         let m = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&m)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        let y = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        match self.half_dtype() {
+            Some(_) => Ok(y),
+            None => y.to_dtype(dtype),
+        }
     }
 
     /// Exact (erf) GELU.
@@ -262,12 +272,25 @@ impl Backend {
         if self.cpu_ops() {
             return crate::cpu::conv::conv3x3(x, w, b);
         }
-        let y = self.half(x)?.conv2d(&self.half(w)?, 1, 1, 1, 1)?;
+        let y = conv2d(&self.half(x)?, &self.half(w)?, 1, 1)?;
         match b {
             Some(b) => y.broadcast_add(&self.half(b)?.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
         }
     }
+}
+
+/// candle's `conv2d`, with bf16 on the CPU (where candle has no bf16 gemm for convolutions)
+/// widened to f32 for the product and rounded back: the result a GPU's bf16 convolution with
+/// f32 accumulation gives.
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::BF16 {
+        let y = x
+            .to_dtype(DType::F32)?
+            .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
+        return y.to_dtype(DType::BF16);
+    }
+    x.conv2d(w, padding, stride, 1, 1)
 }
 
 impl std::fmt::Display for Backend {

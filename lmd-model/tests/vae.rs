@@ -94,7 +94,7 @@ fn parity_sdvae_all_vector_files() {
             name: "sd-vae".into(),
             weights: vec![],
         };
-        let vae = AutoencoderKl::load_file(&cfg, &w, &dev, id).unwrap();
+        let vae = AutoencoderKl::load_file(&cfg, &w, &dev, id, lmd_model::Precision::F32).unwrap();
         let vp = PathBuf::from(w.to_string_lossy().replace(".weights.", ".vectors."));
         let t = candle_core::safetensors::load(&vp, &dev).unwrap();
         let (mean, logvar) = vae.encode_moments(&t["x"]).unwrap();
@@ -202,4 +202,64 @@ fn missing_or_mismatched_weights_are_named() {
         e.contains("taesd_encoder.safetensors") && e.contains("0.weight"),
         "{e}"
     );
+}
+
+/// The root-mean-square difference relative to the reference's root-mean-square.
+fn rel_rms(a: &Tensor, reference: &Tensor) -> f32 {
+    let rms = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    rms(&(a - reference).unwrap()) / rms(reference).max(1e-12)
+}
+
+/// The VAEs in bf16 and f16 (what the GPU encodes in) against the PyTorch f32 vectors, through
+/// the `Vae` interface (f32 in, f32 latents out). Stated tolerances, as a fraction of the
+/// reference latents' largest magnitude: TAESD 2% in bf16 and 0.5% in f16; SD-VAE's
+/// posterior mean 3% in bf16 (8 significant bits through ~30 layers).
+#[test]
+#[ignore = "needs LMD_SHARED"]
+fn parity_vaes_in_bf16_and_f16_within_stated_tolerances() {
+    use lmd_model::vae::Vae;
+    use lmd_model::Precision;
+    let sh = shared().expect("needs LMD_SHARED: run with --include-ignored where it is set");
+    let dev = Device::Cpu;
+    let taesd_file = vector_files("taesd_", ".safetensors").remove(0);
+    let t = candle_core::safetensors::load(&taesd_file, &dev).unwrap();
+    let x = (t["images"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .permute((0, 3, 1, 2))
+        .unwrap()
+        / 255.0)
+        .unwrap();
+    for (p, tol) in [(Precision::Bf16, 0.02), (Precision::F16, 0.005)] {
+        let vae = Taesd::load_in(&sh.join("weights/taesd"), &dev, p).unwrap();
+        let lat = vae.encode(&x).unwrap().latent;
+        assert_eq!(lat.dtype(), DType::F32);
+        let d = rel_rms(&lat, &t["latents"]);
+        eprintln!("taesd {p}: latents within {d:.2e} of f32 PyTorch (relative)");
+        assert!(d > 0.0 && d < tol, "taesd {p}: {d}");
+        let img = vae.decode(&t["latents"]).unwrap();
+        assert_eq!(img.dtype(), DType::F32);
+    }
+    let w = vector_files("sdvae_", ".weights.safetensors").remove(0);
+    let cfg: KlConfig = serde_json::from_str(&metadata(&w)["config"]).unwrap();
+    let id = VaeId {
+        name: "sd-vae".into(),
+        weights: vec![],
+    };
+    let vae = AutoencoderKl::load_file(&cfg, &w, &dev, id, Precision::Bf16).unwrap();
+    let vp = PathBuf::from(w.to_string_lossy().replace(".weights.", ".vectors."));
+    let v = candle_core::safetensors::load(&vp, &dev).unwrap();
+    let enc = vae.encode(&v["x"]).unwrap();
+    let want = (&v["mean"] * cfg.scaling_factor).unwrap();
+    let d = rel_rms(&enc.latent, &want);
+    eprintln!("sd-vae bf16: posterior mean within {d:.2e} of f32 PyTorch (relative)");
+    assert!(d > 0.0 && d < 0.03, "sd-vae bf16: {d}");
 }

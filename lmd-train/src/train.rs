@@ -341,7 +341,12 @@ impl Preview {
             None => None,
             Some(w) => {
                 let kind = loader.dataset().meta().vae.name.parse()?;
-                Some(lmd_model::vae::load_vae(kind, Path::new(w), dev)?)
+                Some(lmd_model::vae::load_vae(
+                    kind,
+                    Path::new(w),
+                    dev,
+                    lmd_model::Precision::F32,
+                )?)
             }
         };
         Ok(Preview { x: Some(x), vae })

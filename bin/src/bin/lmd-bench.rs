@@ -48,6 +48,12 @@ enum Cmd {
         /// Minimum seconds timed per direction.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// cpu or cuda:N (CUDA needs a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: lmd_train::DeviceSpec,
+        /// The VAE's compute precision: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        precision: lmd_train::model::Precision,
     },
     /// Image decode + Resize(S) + CenterCrop(S) to CHW f32, images/s (one line per thread count).
     Decode {
@@ -192,8 +198,12 @@ fn main() -> anyhow::Result<()> {
             batch,
             size,
             seconds,
+            device,
+            precision,
         } => {
             let opts = lmd_train::bench::VaeBenchOptions {
+                device,
+                precision,
                 vae,
                 weights: vae_weights,
                 batch,

@@ -98,6 +98,10 @@ pub struct Settings {
     /// cpu or cuda:N.
     #[arg(long)]
     pub device: Option<lmd_train::DeviceSpec>,
+    /// The VAE's compute precision: f32 (default), bf16 or f16 (a GPU's fast paths; the
+    /// stored latents keep --dtype).
+    #[arg(long)]
+    pub vae_precision: Option<lmd_train::model::Precision>,
     /// Number of workers splitting the inputs (default: $SLURM_ARRAY_TASK_COUNT or 1).
     #[arg(long)]
     pub num_workers: Option<usize>,
@@ -135,7 +139,7 @@ mod tests {
                 "lmd-precompute --config {c} --input a.tar b.tar --kind wds --output o ",
                 "--synsets s.txt --val-labels v.csv --vae sd-vae --vae-weights w --size 128 ",
                 "--crop random-resized-crop --flip --filter bicubic --store mean-logvar --dtype ",
-                "bf16 --batch-size 3 --decode-threads 2 --device cpu --num-workers 4 ",
+                "bf16 --batch-size 3 --decode-threads 2 --device cpu --vae-precision f16 --num-workers 4 ",
                 "--worker-index 1 --limit 50 --unlabeled",
             ],
         );
@@ -157,6 +161,7 @@ mod tests {
         );
         assert_eq!((cfg.store, cfg.dtype), (Store::MeanLogvar, DType::BF16));
         assert_eq!((cfg.batch_size, cfg.decode_threads), (3, 2));
+        assert_eq!(cfg.vae_precision, lmd_train::model::Precision::F16);
         assert_eq!((cfg.num_workers, cfg.worker_index, cfg.limit), (4, 1, 50));
         assert!(!cfg.require_labels);
         let a = Args::try_parse_from(["lmd-precompute", "--config", c]).unwrap();

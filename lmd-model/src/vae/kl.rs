@@ -10,8 +10,8 @@ use super::{
     build_err, load_tensors, sha256_file, weights_err, Conv, Encoded, InputRange, Vae, VaeId,
     WeightHash,
 };
-use crate::Backend;
 use crate::Result;
+use crate::{Backend, Precision};
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{GroupNorm, Linear, VarBuilder};
 use std::path::Path;
@@ -367,6 +367,8 @@ pub struct AutoencoderKl {
     quant_conv: Option<Conv>,
     post_quant_conv: Option<Conv>,
     id: VaeId,
+    /// The weights' dtype, which `encode`/`decode` compute in (f32 in, f32 out).
+    dtype: candle_core::DType,
 }
 
 impl AutoencoderKl {
@@ -377,6 +379,7 @@ impl AutoencoderKl {
         }
         let backend = Backend::of(&vb)?;
         Ok(AutoencoderKl {
+            dtype: vb.dtype(),
             encoder: Encoder::new(backend, cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(backend, cfg, vb.pp("decoder"))?,
             quant_conv: if cfg.use_quant_conv {
@@ -394,8 +397,9 @@ impl AutoencoderKl {
         })
     }
 
-    /// Load a diffusers `vae/` folder: `config.json` + `diffusion_pytorch_model.safetensors`.
-    pub fn load_dir(dir: &Path, dev: &Device) -> Result<Self> {
+    /// Load a diffusers `vae/` folder: `config.json` + `diffusion_pytorch_model.safetensors`,
+    /// computing in `precision` (inference: the weights in that dtype).
+    pub fn load_dir(dir: &Path, dev: &Device, precision: Precision) -> Result<Self> {
         let cpath = dir.join("config.json");
         let text = std::fs::read_to_string(&cpath)
             .map_err(|e| weights_err(&cpath, format!("cannot read: {e}")))?;
@@ -409,13 +413,19 @@ impl AutoencoderKl {
                 sha256: sha256_file(&wpath)?,
             }],
         };
-        Self::load_file(&cfg, &wpath, dev, id)
+        Self::load_file(&cfg, &wpath, dev, id, precision)
     }
 
-    /// Load weights from one safetensors file with diffusers names.
-    pub fn load_file(cfg: &KlConfig, path: &Path, dev: &Device, id: VaeId) -> Result<Self> {
+    /// Load weights from one safetensors file with diffusers names, computing in `precision`.
+    pub fn load_file(
+        cfg: &KlConfig,
+        path: &Path,
+        dev: &Device,
+        id: VaeId,
+        precision: Precision,
+    ) -> Result<Self> {
         let t = load_tensors(path, dev)?;
-        let vb = VarBuilder::from_tensors(t, candle_core::DType::F32, dev);
+        let vb = VarBuilder::from_tensors(t, precision.dtype(), dev);
         Self::new(cfg, vb, id).map_err(|e| build_err(path, e))
     }
 
@@ -449,7 +459,9 @@ impl Vae for AutoencoderKl {
     /// Latent = scaled posterior mean; `mean_logvar` in the scaled space
     /// (`logvar + 2·ln(scaling_factor)`), so `z = mean + exp(logvar/2)·ε` needs no further scaling.
     fn encode(&self, x: &Tensor) -> Result<Encoded> {
-        let (mean, logvar) = self.encode_moments(x)?;
+        let f32 = candle_core::DType::F32;
+        let (mean, logvar) = self.encode_moments(&x.to_dtype(self.dtype)?)?;
+        let (mean, logvar) = (mean.to_dtype(f32)?, logvar.to_dtype(f32)?);
         let s = self.cfg.scaling_factor;
         let mean = (mean * s)?;
         let logvar = (logvar + 2.0 * s.ln())?;
@@ -460,7 +472,8 @@ impl Vae for AutoencoderKl {
     }
 
     fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let x = self.decode_raw(&(z / self.cfg.scaling_factor)?)?;
+        let z = (z / self.cfg.scaling_factor)?.to_dtype(self.dtype)?;
+        let x = self.decode_raw(&z)?.to_dtype(candle_core::DType::F32)?;
         Ok(x.affine(0.5, 0.5)?.clamp(0f32, 1f32)?)
     }
 

@@ -208,7 +208,7 @@ impl candle_core::Module for Conv {
         if k == 3 && self.stride == 1 && self.padding == 1 {
             return self.backend.conv3x3(x, &self.weight, self.bias.as_ref());
         }
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = crate::backend::conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -220,7 +220,13 @@ impl candle_core::Module for Conv {
 /// `taesd_decoder.safetensors`) or `sd-vae` (a diffusers `vae/` folder: `config.json`,
 /// `diffusion_pytorch_model.safetensors`). A path that does not exist but reads `OWNER/REPO`
 /// (or `hf:OWNER/REPO[/SUBFOLDER]`) is fetched from the Hugging Face hub (see [`hub`]).
-pub fn load_vae(kind: VaeKind, dir: &Path, dev: &candle_core::Device) -> Result<Box<dyn Vae>> {
+/// It computes in `precision` (f32 images in, f32 latents out whatever it is).
+pub fn load_vae(
+    kind: VaeKind,
+    dir: &Path,
+    dev: &candle_core::Device,
+    precision: crate::Precision,
+) -> Result<Box<dyn Vae>> {
     let resolved;
     let dir = if dir.is_dir() {
         dir
@@ -229,7 +235,7 @@ pub fn load_vae(kind: VaeKind, dir: &Path, dev: &candle_core::Device) -> Result<
         resolved.as_path()
     };
     match kind {
-        VaeKind::Taesd => Ok(Box::new(Taesd::load(dir, dev)?)),
-        VaeKind::SdVae => Ok(Box::new(AutoencoderKl::load_dir(dir, dev)?)),
+        VaeKind::Taesd => Ok(Box::new(Taesd::load_in(dir, dev, precision)?)),
+        VaeKind::SdVae => Ok(Box::new(AutoencoderKl::load_dir(dir, dev, precision)?)),
     }
 }

@@ -8,7 +8,7 @@
 use super::{
     build_err, load_tensors, sha256_file, Conv, Encoded, InputRange, Vae, VaeId, WeightHash,
 };
-use crate::{Backend, Result};
+use crate::{Backend, Precision, Result};
 use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use std::path::Path;
@@ -77,6 +77,8 @@ pub struct Taesd {
     encoder: Vec<Layer>,
     decoder: Vec<Layer>,
     id: VaeId,
+    /// The weights' dtype, which `encode`/`decode` compute in (f32 in, f32 out).
+    dtype: candle_core::DType,
 }
 
 /// Encoder layer indices that are Blocks; 2, 6, 10 are stride-2 convs; 0 and 14 plain convs.
@@ -117,18 +119,25 @@ fn build_decoder(backend: Backend, dec: VarBuilder) -> candle_core::Result<Vec<L
 }
 
 impl Taesd {
-    /// Build from VarBuilders of the two files (any dtype on disk; f32 compute).
+    /// Build from VarBuilders of the two files (any dtype on disk; compute in `enc`'s dtype).
     pub fn new(enc: VarBuilder, dec: VarBuilder, id: VaeId) -> candle_core::Result<Self> {
         let backend = Backend::of(&enc)?;
+        let dtype = enc.dtype();
         Ok(Taesd {
             encoder: build_encoder(backend, enc)?,
             decoder: build_decoder(backend, dec)?,
             id,
+            dtype,
         })
     }
 
-    /// Load `taesd_encoder.safetensors` and `taesd_decoder.safetensors` from `dir`.
+    /// Load `taesd_encoder.safetensors` and `taesd_decoder.safetensors` from `dir`, in f32.
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        Self::load_in(dir, dev, Precision::F32)
+    }
+
+    /// [`load`](Self::load), computing in `precision` (inference: the weights in that dtype).
+    pub fn load_in(dir: &Path, dev: &Device, precision: Precision) -> Result<Self> {
         let ep = dir.join("taesd_encoder.safetensors");
         let dp = dir.join("taesd_decoder.safetensors");
         let et = load_tensors(&ep, dev)?;
@@ -146,13 +155,15 @@ impl Taesd {
                 },
             ],
         };
-        let evb = VarBuilder::from_tensors(et, candle_core::DType::F32, dev);
-        let dvb = VarBuilder::from_tensors(dt, candle_core::DType::F32, dev);
+        let dtype = precision.dtype();
+        let evb = VarBuilder::from_tensors(et, dtype, dev);
+        let dvb = VarBuilder::from_tensors(dt, dtype, dev);
         let backend = Backend::of(&evb).map_err(|e| build_err(&ep, e))?;
         Ok(Taesd {
             encoder: build_encoder(backend, evb).map_err(|e| build_err(&ep, e))?,
             decoder: build_decoder(backend, dvb).map_err(|e| build_err(&dp, e))?,
             id,
+            dtype,
         })
     }
 
@@ -177,14 +188,16 @@ impl Taesd {
 
 impl Vae for Taesd {
     fn encode(&self, x: &Tensor) -> Result<Encoded> {
+        let f32 = candle_core::DType::F32;
         Ok(Encoded {
-            latent: self.encode_raw(x)?,
+            latent: self.encode_raw(&x.to_dtype(self.dtype)?)?.to_dtype(f32)?,
             mean_logvar: None,
         })
     }
 
     fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        Ok(self.decode_raw(z)?.clamp(0f32, 1f32)?)
+        let x = self.decode_raw(&z.to_dtype(self.dtype)?)?;
+        Ok(x.to_dtype(candle_core::DType::F32)?.clamp(0f32, 1f32)?)
     }
 
     fn input_range(&self) -> InputRange {

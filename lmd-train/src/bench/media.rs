@@ -14,13 +14,17 @@ pub struct VaeBenchOptions {
     pub size: usize,
     /// Minimum seconds to time each direction (after one warm-up batch).
     pub seconds: f64,
+    /// Where it runs (`cuda:N` in a CUDA build).
+    pub device: crate::DeviceSpec,
+    /// The VAE's compute precision (f32 in and out whatever it is).
+    pub precision: lmd_model::Precision,
 }
 
 /// Run `lmd-bench vae`: encode and decode throughput on random images, one JSON line.
 pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
-    use lmd_model::candle::{Device, Tensor};
-    let dev = Device::Cpu;
-    let vae = lmd_model::vae::load_vae(opts.vae, &opts.weights, &dev)?;
+    use lmd_model::candle::Tensor;
+    let dev = opts.device.open()?;
+    let vae = lmd_model::vae::load_vae(opts.vae, &opts.weights, &dev, opts.precision)?;
     let x = Tensor::rand(0f32, 1.0, (opts.batch, 3, opts.size, opts.size), &dev)?;
     let x = vae.input_range().from_unit(&x)?;
     let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
@@ -34,10 +38,13 @@ pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> R
         Ok((n * opts.batch) as f64 / t0.elapsed().as_secs_f64())
     };
     let z = vae.encode(&x)?.latent;
-    let enc = timed(&|| vae.encode(&x).map(|_| ()).map_err(Error::from))?;
-    let dec = timed(&|| vae.decode(&z).map(|_| ()).map_err(Error::from))?;
+    // each call ends with the device drained, so GPU work is inside the timing
+    let sync = || dev.synchronize().map_err(lmd_model::Error::from);
+    let enc = timed(&|| Ok(vae.encode(&x).map(|_| ())?).and_then(|_| Ok(sync()?)))?;
+    let dec = timed(&|| Ok(vae.decode(&z).map(|_| ())?).and_then(|_| Ok(sync()?)))?;
     emit(json!({
         "bench": "vae", "vae": opts.vae, "batch": opts.batch, "size": opts.size,
+        "device": opts.device.to_string(), "precision": opts.precision,
         "encode_images_per_s": enc, "decode_images_per_s": dec,
         "threads": lmd_model::candle::utils::get_num_threads(),
     }));

@@ -128,6 +128,8 @@ pub struct PrecomputeConfig {
     pub batch_size: usize,
     pub decode_threads: usize,
     pub device: crate::DeviceSpec,
+    /// The VAE's compute precision (bf16/f16 on a GPU); the stored format is `dtype`.
+    pub vae_precision: lmd_model::Precision,
     pub num_workers: usize,
     pub worker_index: usize,
     /// Samples without a label are skipped (`true`) or stored unlabelled (`false`).
@@ -159,6 +161,7 @@ impl Default for PrecomputeConfig {
                 .map(|n| n.get())
                 .unwrap_or(1),
             device: crate::DeviceSpec::Cpu,
+            vae_precision: lmd_model::Precision::F32,
             num_workers: 1,
             worker_index: 0,
             require_labels: true,

@@ -51,7 +51,7 @@ impl Plan {
         let weights = cfg.vae_weights.clone().unwrap_or_else(|| {
             PathBuf::from(format!("hf:{}", lmd_model::vae::hub::default_repo(cfg.vae)))
         });
-        let vae = lmd_model::vae::load_vae(cfg.vae, &weights, &device)?;
+        let vae = lmd_model::vae::load_vae(cfg.vae, &weights, &device, cfg.vae_precision)?;
         let meta = shard_meta(cfg, &transform, vae.as_ref())?;
         Ok(Plan {
             inputs,
