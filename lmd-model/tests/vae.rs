@@ -35,6 +35,17 @@ fn metadata(path: &std::path::Path) -> std::collections::HashMap<String, String>
     m.metadata().clone().unwrap_or_default()
 }
 
+/// A vector file's images, u8 `[N, H, W, 3]`, as `[N, 3, H, W]` f32 in [0, 1].
+fn unit_images(t: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    (t["images"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .permute((0, 3, 1, 2))
+        .unwrap()
+        / 255.0)
+        .unwrap()
+}
+
 #[test]
 #[ignore = "needs LMD_SHARED"]
 fn parity_taesd_all_vector_files() {
@@ -46,14 +57,7 @@ fn parity_taesd_all_vector_files() {
     assert!(!files.is_empty());
     for f in files {
         let t = candle_core::safetensors::load(&f, &dev).unwrap();
-        // images u8 [N, H, W, 3] -> [N, 3, H, W] in [0, 1]
-        let x = (t["images"]
-            .to_dtype(DType::F32)
-            .unwrap()
-            .permute((0, 3, 1, 2))
-            .unwrap()
-            / 255.0)
-            .unwrap();
+        let x = unit_images(&t);
         let lat = vae.encode_raw(&x).unwrap();
         let d_enc = max_abs(&lat, &t["latents"]);
         let rec = vae.decode_raw(&t["latents"]).unwrap();
@@ -231,13 +235,7 @@ fn parity_vaes_in_bf16_and_f16_within_stated_tolerances() {
     let dev = Device::Cpu;
     let taesd_file = vector_files("taesd_", ".safetensors").remove(0);
     let t = candle_core::safetensors::load(&taesd_file, &dev).unwrap();
-    let x = (t["images"]
-        .to_dtype(DType::F32)
-        .unwrap()
-        .permute((0, 3, 1, 2))
-        .unwrap()
-        / 255.0)
-        .unwrap();
+    let x = unit_images(&t);
     for (p, tol) in [(Precision::Bf16, 0.02), (Precision::F16, 0.005)] {
         let vae = Taesd::load_in(&sh.join("weights/taesd"), &dev, p).unwrap();
         let lat = vae.encode(&x).unwrap().latent;
