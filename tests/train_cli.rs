@@ -136,6 +136,84 @@ fn sigkilled_training_resumes_to_the_uninterrupted_loss_sequence() {
     }
 }
 
+#[test]
+fn sigterm_writes_a_checkpoint_at_the_next_step_and_exits_75_and_the_rerun_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data, &SyntheticSpec::default()).unwrap();
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let run = |out: &Path, resume: bool| {
+        let mut c = train(&cfg, &data, out, resume);
+        c.args(["--steps", "60"]);
+        c
+    };
+    let a = tmp.path().join("a");
+    assert!(run(&a, false).status().unwrap().success());
+    let ma = metrics(&a);
+    // stopped by SIGTERM between checkpoints (none before step 80 here)
+    let b = tmp.path().join("b");
+    let mut child = run(&b, false)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metrics(&b).len() < 20 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("SIGTERM") && err.contains("--resume"), "{err}");
+    let stopped = metrics(&b).last().unwrap().step;
+    assert!((20..60).contains(&stopped), "stopped at {stopped}");
+    assert_eq!(
+        latest(&b),
+        Some(stopped),
+        "the checkpoint is the stop step's"
+    );
+    assert!(run(&b, true).status().unwrap().success());
+    let mb = metrics(&b);
+    assert_eq!(mb.len(), ma.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!((x.step, x.loss, x.lr), (y.step, y.loss, y.lr));
+    }
+}
+
+/// Started by a launcher (its variables, here set by hand) in a build without MPI: refused
+/// before any work, rather than N ranks each training alone into the same directory.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_under_mpirun_refuses_to_start_and_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    for program in [
+        env!("CARGO_BIN_EXE_lmd-train"),
+        env!("CARGO_BIN_EXE_lmd-finetune"),
+    ] {
+        let o = Command::new(program)
+            .args(["--data", "nowhere", "--out", out.to_str().unwrap()])
+            .env("OMPI_COMM_WORLD_RANK", "1")
+            .env("OMPI_COMM_WORLD_SIZE", "2")
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("rank 1 of 2") && err.contains("--features mpi"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}
+
 const FT_CONFIG: &str = r#"
 epochs = 4
 batch_size = 32

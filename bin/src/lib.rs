@@ -20,6 +20,51 @@ pub fn init_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// How a job's `main` ended.
+pub enum Ended {
+    /// Done.
+    Finished,
+    /// Stopped by a signal after writing a checkpoint: exit with
+    /// [`lmd_train::dist::EXIT_STOPPED`] so a requeue or a rerun resumes.
+    Stopped,
+}
+
+/// The `main` of a program that may run as one rank of many (`lmd-train`, `lmd-finetune`):
+/// the job from the environment ([`lmd_train::dist::Job::from_env`]), then `body`. A failure
+/// is printed (prefixed with the rank under several) and ends every rank, so no peer waits
+/// forever in a collective; a stop by signal exits with `EXIT_STOPPED`.
+pub fn job_main(
+    program: &str,
+    body: impl FnOnce(&lmd_train::dist::Job) -> anyhow::Result<Ended>,
+) -> ! {
+    init_allocator();
+    let job = match lmd_train::dist::Job::from_env() {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = match body(&job) {
+        Ok(Ended::Finished) => 0,
+        Ok(Ended::Stopped) => lmd_train::dist::EXIT_STOPPED,
+        Err(e) => {
+            let who = match job.dist.world_size() {
+                1 => String::new(),
+                n => format!(" (rank {} of {n})", job.dist.rank()),
+            };
+            eprintln!("{program}{who}: error: {e:#}");
+            if job.dist.world_size() > 1 {
+                job.fail(1);
+            }
+            1
+        }
+    };
+    // MPI is finalised when the job drops, before the exit
+    drop(job);
+    std::process::exit(code)
+}
+
 /// A progress bar over `len` `unit`s (`step`, `epoch`, ...) with elapsed time, ETA and a
 /// message; hidden when `hidden` (`--no-progress`).
 pub fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {

@@ -197,9 +197,17 @@ impl VitClassifier {
     /// Pooled, normalised features `[B, D]`. `drop_seed`: stochastic depth on (training),
     /// masks drawn from the seed; `None`: deterministic (evaluation).
     pub fn features(&self, x: &Tensor, drop_seed: Option<u64>) -> Result<Tensor> {
-        let drop = drop_seed.map(|seed| DropPath {
+        self.features_at(x, drop_seed.map(|s| (s, 0)))
+    }
+
+    /// [`features`](Self::features) with stochastic depth drawn per sample from
+    /// `(seed, first + i)` (`first`: the batch's global position, so masks do not depend on the
+    /// number of data-parallel ranks).
+    pub fn features_at(&self, x: &Tensor, drop: Option<(u64, u64)>) -> Result<Tensor> {
+        let drop = drop.map(|(seed, first)| DropPath {
             max_rate: self.cfg.drop_path,
             seed,
+            first,
         });
         let x = self.encoder.forward(x, None, drop)?;
         if self.cfg.global_pool {
@@ -228,6 +236,11 @@ impl VitClassifier {
     /// Logits `[B, K]`.
     pub fn forward_t(&self, x: &Tensor, drop_seed: Option<u64>) -> Result<Tensor> {
         self.head(&self.features(x, drop_seed)?)
+    }
+
+    /// Logits `[B, K]` with stochastic depth from `(seed, first + i)` per sample.
+    pub fn forward_at(&self, x: &Tensor, seed: u64, first: u64) -> Result<Tensor> {
+        self.head(&self.features_at(x, Some((seed, first)))?)
     }
 
     /// Save parameters and `pos_embed` with MAE's fine-tuning names, atomically.
@@ -322,8 +335,9 @@ mod tests {
         let t1 = clf.features(&x, Some(3)).unwrap().to_vec2::<f32>().unwrap();
         let t2 = clf.features(&x, Some(3)).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(t1, t2);
-        // every parameter gets a gradient through a cross-entropy-like loss
-        let logits = clf.forward_t(&x, Some(5)).unwrap();
+        // every parameter gets a gradient through a cross-entropy-like loss (a seed whose
+        // stochastic depth keeps each branch for at least one of the 3 samples)
+        let logits = clf.forward_t(&x, Some(7)).unwrap();
         let loss = candle_nn::ops::log_softmax(&logits, 1)
             .unwrap()
             .mean_all()

@@ -442,11 +442,15 @@ impl LatentMae {
         })
     }
 
-    /// Seeded uniform noise `[B, L]` (the same stream for the same seed).
-    pub fn noise(&self, batch: usize, seed: u64) -> Result<Tensor> {
+    /// Seeded uniform noise `[B, L]`: row `i` from the stream of sample `first + i` (see
+    /// [`forward_at`](Self::forward_at)).
+    pub fn noise(&self, batch: usize, seed: u64, first: u64) -> Result<Tensor> {
         let l = self.cfg.num_patches();
-        let mut rng = SplitMix(seed);
-        let v: Vec<f32> = (0..batch * l).map(|_| rng.uniform() as f32).collect();
+        let mut v: Vec<f32> = Vec::with_capacity(batch * l);
+        for i in 0..batch as u64 {
+            let mut rng = SplitMix::for_sample(seed, first + i);
+            v.extend((0..l).map(|_| rng.uniform() as f32));
+        }
         Tensor::from_vec(v, (batch, l), self.encoder.pos_embed().device())
     }
 
@@ -512,9 +516,22 @@ impl LatentMae {
         })
     }
 
-    /// Full forward with noise drawn from `seed`.
+    /// Full forward with noise drawn from `seed` (the batch's samples numbered from 0).
     pub fn forward(&self, x: &Tensor, mask_ratio: f64, seed: u64) -> Result<MaeOutput> {
-        let noise = self.noise(x.dim(0)?, seed)?;
+        self.forward_at(x, mask_ratio, seed, 0)
+    }
+
+    /// Full forward with each sample's noise drawn from `(seed, first + i)`: `first` is the
+    /// batch's global position (data-parallel ranks pass their offset in the global batch, so
+    /// the masks do not depend on the number of ranks).
+    pub fn forward_at(
+        &self,
+        x: &Tensor,
+        mask_ratio: f64,
+        seed: u64,
+        first: u64,
+    ) -> Result<MaeOutput> {
+        let noise = self.noise(x.dim(0)?, seed, first)?;
         self.forward_with_noise(x, &noise, mask_ratio)
     }
 
@@ -575,4 +592,24 @@ pub fn reinit_seeded(cfg: &MaeConfig, varmap: &VarMap, seed: u64) -> Result<()> 
         var.set(&t)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_noise_depends_on_the_samples_global_position_not_on_the_batch_split() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let cfg = crate::Preset::Tiny.config();
+        let m = LatentMae::init(&cfg, &vm, 0, &dev).unwrap();
+        let whole: Vec<Vec<f32>> = m.noise(4, 9, 100).unwrap().to_vec2().unwrap();
+        let a: Vec<Vec<f32>> = m.noise(2, 9, 100).unwrap().to_vec2().unwrap();
+        let b: Vec<Vec<f32>> = m.noise(2, 9, 102).unwrap().to_vec2().unwrap();
+        assert_eq!(whole, [a, b].concat());
+        assert_ne!(whole[0], whole[1]);
+        let other: Vec<Vec<f32>> = m.noise(1, 10, 100).unwrap().to_vec2().unwrap();
+        assert_ne!(whole[0], other[0]);
+    }
 }

@@ -6,6 +6,15 @@
 pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
+    /// The stream of one sample: from `(seed, sample)`, where `sample` is the sample's global
+    /// position in the run (step x global batch + offset). Data-parallel ranks draw each
+    /// sample's numbers from its own stream, so a result does not depend on how the samples
+    /// were split across ranks.
+    pub(crate) fn for_sample(seed: u64, sample: u64) -> Self {
+        let mut s = SplitMix(seed ^ SplitMix(sample ^ 0x5341_4d50_4c45).next());
+        SplitMix(s.next())
+    }
+
     pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

@@ -227,25 +227,26 @@ impl Block {
         &self,
         x: &Tensor,
         rate: f64,
-        rng: &mut SplitMix,
+        rngs: &mut [SplitMix],
     ) -> Result<Tensor> {
         if rate <= 0.0 {
             return self.forward(x);
         }
-        let b = x.dim(0)?;
-        // one factor per sample and branch, attention's drawn first
-        let mut draw = || -> Vec<f32> {
-            (0..b)
-                .map(|_| {
-                    if rng.uniform() < 1.0 - rate {
-                        (1.0 / (1.0 - rate)) as f32
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
-        let keep = [draw(), draw()];
+        // one factor per sample and branch, each sample from its own stream, attention's
+        // drawn first
+        let mut keep = [
+            Vec::with_capacity(rngs.len()),
+            Vec::with_capacity(rngs.len()),
+        ];
+        for rng in rngs.iter_mut() {
+            for k in keep.iter_mut() {
+                k.push(if rng.uniform() < 1.0 - rate {
+                    (1.0 / (1.0 - rate)) as f32
+                } else {
+                    0.0
+                });
+            }
+        }
         self.run(x, Some(keep))
     }
 
@@ -282,6 +283,9 @@ impl Module for Block {
 pub struct DropPath {
     pub max_rate: f64,
     pub seed: u64,
+    /// The global position of the batch's first sample: sample `i` draws its masks from the
+    /// stream of `(seed, first + i)`.
+    pub first: u64,
 }
 
 /// Gather rows per sample: `x [B, N, D]`, `ids[b]` -> `[B, ids.len(), D]`.
@@ -383,7 +387,13 @@ impl Encoder {
     /// The blocks over `x [B, N, D]`, with stochastic depth when `drop` is given.
     pub fn blocks(&self, mut x: Tensor, drop: Option<DropPath>) -> Result<Tensor> {
         let n = self.blocks.len();
-        let mut rng = drop.map(|d| (d.max_rate, SplitMix(d.seed)));
+        let b = x.dim(0)? as u64;
+        let mut rng = drop.map(|d| {
+            let streams: Vec<SplitMix> = (0..b)
+                .map(|i| SplitMix::for_sample(d.seed, d.first + i))
+                .collect();
+            (d.max_rate, streams)
+        });
         for (i, blk) in self.blocks.iter().enumerate() {
             x = match rng.as_mut() {
                 Some((max_rate, r)) if *max_rate > 0.0 => {

@@ -201,10 +201,10 @@ fn architecture(
     let mut up = Some(dir);
     for _ in 0..4 {
         let Some(d) = up else { break };
-        if let Ok(s) = std::fs::read_to_string(d.join("config.json")) {
-            if let Ok(c) = serde_json::from_str::<crate::train::TrainConfig>(&s) {
-                return c.model_config();
-            }
+        if let Ok(c) =
+            crate::run_dir::read_config::<crate::train::TrainConfig>(&d.join("config.json"))
+        {
+            return c.model_config();
         }
         up = d.parent();
     }

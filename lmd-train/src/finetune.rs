@@ -17,9 +17,10 @@
 //! `--resume` continues from the last finished epoch) and `best/` (`model.safetensors`,
 //! `classifier.json`, `eval.json`), which `lmd-eval` reads.
 
+use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{layer_decay_scale, lr_at, AdamW, AdamWConfig};
-use crate::run_dir::{load_checkpoint, write_json, RunDir};
+use crate::run_dir::{write_json, RunDir};
 use crate::train::open_data;
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
@@ -138,8 +139,19 @@ struct State {
     /// Epochs finished.
     epochs_done: u64,
     step: u64,
+    /// Batches of epoch `epochs_done` already done (a checkpoint a stop signal wrote
+    /// mid-epoch; 0 at an epoch's end).
+    #[serde(default)]
+    batch_in_epoch: u64,
     best: Option<EvalResult>,
     config: FinetuneConfig,
+    /// The world size that wrote it (its global batch: `config.batch_size` x this).
+    #[serde(default = "one")]
+    world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What a run did.
@@ -149,6 +161,8 @@ pub struct FinetuneSummary {
     pub best: Option<EvalResult>,
     pub last: Option<EvalResult>,
     pub wall_s: f64,
+    /// The signal that stopped the run early (after a checkpoint of the step it reached).
+    pub stopped_by: Option<i32>,
 }
 
 /// Write a classifier directory (`best`, `checkpoints/last`) completely or not at all: the
@@ -228,39 +242,48 @@ fn classifier_config(
     })
 }
 
-/// Resume from `checkpoints/last` when it verifies (model, optimizer, epochs done); a damaged
-/// one is reported and not loaded (the run starts over).
-fn resume_from(
-    run: &RunDir,
+/// Where a resumed run continues: `checkpoints/last` when it verifies (rank 0 decides, every
+/// rank reads it); a damaged one is reported and not loaded (the run starts over). Returns the
+/// state and the settings of this start with the per-rank batch that keeps the checkpoint's
+/// global batch.
+fn resume_point(
+    job: &Job,
+    run: Option<&RunDir>,
     cfg: &FinetuneConfig,
-    varmap: &VarMap,
-    opt: &mut AdamW,
-    loader: &mut LatentLoader,
-) -> Result<Option<State>> {
-    let last = run.checkpoints().join("last");
-    if !last.join("state.json").exists() {
-        return Ok(None);
+) -> Result<Option<(PathBuf, State, FinetuneConfig)>> {
+    let mut picked = None;
+    if let Some(run) = run {
+        let last = run.checkpoints().join("last");
+        if last.join("state.json").exists() {
+            match crate::run_dir::verify_dir(&last) {
+                Ok(()) => picked = Some(last),
+                Err(e) => eprintln!(
+                    "lmd-finetune: {} does not verify ({e}); no older checkpoint: starting over",
+                    last.display()
+                ),
+            }
+        }
     }
-    if let Err(e) = crate::run_dir::verify_dir(&last) {
+    let Some(ck) = job.dist.broadcast_json(&picked)? else {
+        return Ok(None);
+    };
+    let st: State = crate::run_dir::read_json(&ck.join("state.json"))?;
+    let world = job.dist.world_size();
+    let mut now = cfg.clone();
+    now.batch_size =
+        crate::run_dir::resume_batch(st.config.batch_size, st.world_size, cfg.batch_size, world)?;
+    if now.batch_size != cfg.batch_size && job.dist.is_root() {
         eprintln!(
-            "lmd-finetune: {} does not verify ({e}); no older checkpoint: starting over",
-            last.display()
+            "lmd-finetune: resuming the global batch {} at {world} ranks: {} per rank",
+            st.config.batch_size * st.world_size,
+            now.batch_size
         );
-        return Ok(None);
     }
-    let st: State = load_checkpoint(
-        &last,
-        cfg,
-        &RUN_ONLY_KEYS,
-        |s: &State| &s.config,
-        varmap,
-        opt,
-    )?;
-    loader.set_state(LoaderState {
-        epoch: st.epochs_done,
-        batch: 0,
-    });
-    Ok(Some(st))
+    let (mut saved, mut asked) = (st.config.clone(), now.clone());
+    saved.batch_size *= st.world_size;
+    asked.batch_size *= world;
+    crate::run_dir::check_resume_config(&ck, &saved, &asked, &RUN_ONLY_KEYS)?;
+    Ok(Some((ck, st, now)))
 }
 
 /// A fresh classifier (its encoder from `--pretrained`), and the step driver with its
@@ -294,8 +317,22 @@ fn classifier_and_driver(
     Ok((clf, varmap, driver))
 }
 
-/// Fine-tune (or linear-probe). `on_log` sees every logged step, `on_eval` every evaluation.
+/// Fine-tune (or linear-probe) in this process alone. `on_log` sees every logged step,
+/// `on_eval` every evaluation.
 pub fn run(
+    cfg: &FinetuneConfig,
+    resume: bool,
+    on_log: &mut dyn FnMut(&StepMetrics),
+    on_eval: &mut dyn FnMut(&EvalResult),
+) -> Result<FinetuneSummary> {
+    run_job(&Job::single(), cfg, resume, on_log, on_eval)
+}
+
+/// Fine-tune as one rank of `job` (data-parallel under several ranks, see [`crate::dist`]):
+/// `cfg.batch_size` is per rank; rank 0 evaluates, writes the run directory and calls the
+/// callbacks while the others wait.
+pub fn run_job(
+    job: &Job,
     cfg: &FinetuneConfig,
     resume: bool,
     on_log: &mut dyn FnMut(&StepMetrics),
@@ -309,9 +346,29 @@ pub fn run(
     }
     let val = Arc::new(open_data(&cfg.val_data)?);
     let ccfg = classifier_config(cfg, &ds, &val)?;
-    let run = RunDir::open(&cfg.out)?;
-    run.write_config(cfg)?;
-    let dev = cfg.run.open_device()?;
+    let (rank, world, root) = (job.dist.rank(), job.dist.world_size(), job.dist.is_root());
+    let run = match root {
+        true => Some(RunDir::open(&cfg.out)?),
+        false => None,
+    };
+    let resumed = match resume {
+        true => resume_point(job, run.as_ref(), cfg)?,
+        false => None,
+    };
+    let cfg = &resumed
+        .as_ref()
+        .map_or_else(|| cfg.clone(), |r| r.2.clone());
+    let global_batch = cfg.batch_size * world;
+    if let Some(run) = &run {
+        run.write_config(
+            cfg,
+            crate::run_dir::WorldRecord {
+                world_size: world,
+                global_batch,
+            },
+        )?;
+    }
+    let dev = cfg.run.open_device_for(&job.dist)?;
     let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, &dev)?;
     let mut loader = LatentLoader::new(
         ds.clone(),
@@ -319,31 +376,54 @@ pub fn run(
             batch_size: cfg.batch_size,
             seed: cfg.run.seed,
             window: cfg.window,
+            rank,
+            world_size: world,
             ..Default::default()
         },
     )?;
     let bpe = loader.batches_per_epoch() as u64;
     let total = cfg.epochs * bpe;
     let warmup = (cfg.warmup_epochs * bpe as f64).round() as u64;
-    let lr_peak = cfg.blr * cfg.batch_size as f64 / 256.0;
-    let resumed = match resume {
-        true => resume_from(&run, cfg, &varmap, &mut driver.opt, &mut loader)?,
-        false => None,
-    };
-    let mut state = resumed.unwrap_or(State {
+    let lr_peak = cfg.blr * global_batch as f64 / 256.0;
+    let mut state = State {
         epochs_done: 0,
         step: 0,
+        batch_in_epoch: 0,
         best: None,
         config: cfg.clone(),
-    });
+        world_size: world,
+    };
+    if let Some((ck, st, _)) = &resumed {
+        let mut vm = varmap.clone();
+        vm.load(ck.join("model.safetensors"))?;
+        driver.opt.load(&ck.join("optimizer.safetensors"))?;
+        loader.set_state(LoaderState {
+            epoch: st.epochs_done,
+            batch: st.batch_in_epoch,
+        });
+        state = State {
+            config: cfg.clone(),
+            world_size: world,
+            ..st.clone()
+        };
+    }
+    job.dist
+        .check_same("the parameters at the start", driver.opt.param_hash()?)?;
     if cfg.linear_probe && state.epochs_done == 0 {
         set_feature_stats(&clf, &varmap, &loader)?;
     }
     // logs: keep what precedes the resume point
-    let mut mlog = run.log("metrics.jsonl", state.step)?;
-    let mut elog = run.log("eval.jsonl", state.step)?;
+    let (mut mlog, mut elog) = match &run {
+        Some(run) => (
+            Some(run.log("metrics.jsonl", state.step)?),
+            Some(run.log("eval.jsonl", state.step)?),
+        ),
+        None => (None, None),
+    };
     let mut last_eval = None;
+    let mut stopped_by = None;
     let mut step = state.step;
+    let drop_seed = cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     for epoch in state.epochs_done..cfg.epochs {
         driver.reset_interval();
         let mut it = loader.epoch();
@@ -355,12 +435,13 @@ pub fn run(
                 let f = clf.features(&x, None)?.detach();
                 clf.head(&f)?
             } else {
-                let seed = cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
-                clf.forward_t(&x, Some(seed))?
+                // stochastic depth per sample from its global position
+                let first = step * global_batch as u64 + (rank * cfg.batch_size) as u64;
+                clf.forward_at(&x, drop_seed, first)?
             };
             let loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
             let lr = lr_at(step, total, warmup, lr_peak, cfg.min_lr);
-            let done = driver.step(&loss, step, lr, cfg.batch_size)?;
+            let done = driver.step(job, &loss, step, lr, cfg.batch_size)?;
             step += 1;
             if driver.log_due(step) {
                 let rates = driver.take_rates();
@@ -372,32 +453,68 @@ pub fn run(
                     grad_norm: done.grad_norm,
                     samples_per_s: rates.samples_per_s,
                     data_wait_fraction: rates.data_wait_fraction,
+                    comm_fraction: rates.comm_fraction,
                 };
-                mlog.append(&line)?;
-                on_log(&line);
+                if let Some(mlog) = mlog.as_mut() {
+                    mlog.append(&line)?;
+                    on_log(&line);
+                }
+            }
+            if let Some(sig) = done.stop {
+                // a mid-epoch checkpoint: weights, optimizer and the loader's place
+                job.dist.check_same(
+                    &format!("the parameters after step {step}"),
+                    driver.opt.param_hash()?,
+                )?;
+                (state.epochs_done, state.step) = (epoch, step);
+                state.batch_in_epoch = it.state().batch;
+                if let Some(run) = &run {
+                    save_last(run, &clf, &varmap, &driver.opt, &state)?;
+                    eprintln!(
+                        "lmd-finetune: {} received: stopped after step {step} (epoch {}) with a \
+                         checkpoint; rerun the command with --resume to continue",
+                        crate::dist::signal_name(sig),
+                        epoch + 1
+                    );
+                }
+                stopped_by = Some(sig);
+                break;
             }
         }
         drop(it);
-        let ev = end_epoch(
-            cfg,
-            &run,
-            &clf,
-            &varmap,
-            &val,
-            &driver.opt,
-            &mut state,
-            epoch,
-            step,
+        if stopped_by.is_some() {
+            break;
+        }
+        job.dist.check_same(
+            &format!("the parameters after epoch {}", epoch + 1),
+            driver.opt.param_hash()?,
         )?;
-        elog.append(&ev)?;
-        on_eval(&ev);
-        last_eval = Some(ev);
+        if let (Some(run), Some(elog)) = (&run, elog.as_mut()) {
+            let ev = end_epoch(
+                cfg,
+                run,
+                &clf,
+                &varmap,
+                &val,
+                &driver.opt,
+                &mut state,
+                epoch,
+                step,
+            )?;
+            elog.append(&ev)?;
+            on_eval(&ev);
+            last_eval = Some(ev);
+        }
+        // the others wait for rank 0's evaluation and checkpoint
+        job.dist.comm().barrier()?;
     }
+    job.dist.comm().barrier()?;
     Ok(FinetuneSummary {
         out: cfg.out.clone(),
         best: state.best,
         last: last_eval,
         wall_s: t0.elapsed().as_secs_f64(),
+        stopped_by,
     })
 }
 
@@ -423,15 +540,25 @@ fn end_epoch(
         })?;
         state.best = Some(ev.clone());
     }
-    state.epochs_done = epoch + 1;
-    state.step = step;
-    let last = run.checkpoints().join("last");
-    save_classifier(run, &last, clf, varmap, |d| {
-        write_json(&d.join("state.json"), &*state)?;
-        opt.save(&d.join("optimizer.safetensors"))
-    })?;
+    (state.epochs_done, state.step, state.batch_in_epoch) = (epoch + 1, step, 0);
+    save_last(run, clf, varmap, opt, state)?;
     plot(cfg)?;
     Ok(ev)
+}
+
+/// `checkpoints/last/`: weights, optimizer, state.
+fn save_last(
+    run: &RunDir,
+    clf: &VitClassifier,
+    varmap: &VarMap,
+    opt: &AdamW,
+    state: &State,
+) -> Result<()> {
+    let last = run.checkpoints().join("last");
+    save_classifier(run, &last, clf, varmap, |d| {
+        write_json(&d.join("state.json"), state)?;
+        opt.save(&d.join("optimizer.safetensors"))
+    })
 }
 
 /// Linear probing: the frozen encoder's feature mean and variance over one pass of the

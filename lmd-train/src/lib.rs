@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod dist;
 pub mod download;
 pub mod driver;
 pub mod error;

@@ -15,6 +15,10 @@ pub struct Metrics {
     pub samples_per_s: f64,
     /// Fraction of the interval's wall time spent waiting for the loader.
     pub data_wait_fraction: f64,
+    /// Fraction of the interval's wall time spent in collectives (gradient all-reduce; 0 on
+    /// one process).
+    #[serde(default)]
+    pub comm_fraction: f64,
 }
 
 /// One line of fine-tuning's `metrics.jsonl`.
@@ -27,4 +31,6 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     pub samples_per_s: f64,
     pub data_wait_fraction: f64,
+    #[serde(default)]
+    pub comm_fraction: f64,
 }

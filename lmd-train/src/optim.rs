@@ -89,6 +89,23 @@ impl AdamW {
 
     /// Update on `backend` (the model's: [`lmd_model::LatentMae::backend`]) instead of the
     /// one resolved from the parameters' device and dtype.
+    /// The optimised variables, in the optimiser's (fixed) order.
+    pub fn vars(&self) -> Vec<&Var> {
+        self.params.iter().map(|p| &p.var).collect()
+    }
+
+    /// An order-fixed hash of the parameters' bytes (the ranks' agreement check).
+    pub fn param_hash(&self) -> Result<u64> {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for p in &self.params {
+            let t = p.var.as_tensor().flatten_all()?.to_dtype(DType::F32)?;
+            for x in t.to_vec1::<f32>()? {
+                h.update(&x.to_le_bytes());
+            }
+        }
+        Ok(h.digest())
+    }
+
     pub fn on_backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
         self

@@ -279,6 +279,7 @@ mod tests {
             grad_norm: 1.0,
             samples_per_s: 10.0,
             data_wait_fraction: 0.0,
+            comm_fraction: 0.0,
         }
     }
 

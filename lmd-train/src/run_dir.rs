@@ -62,9 +62,16 @@ impl RunDir {
         self.root.join("checkpoints")
     }
 
-    /// `config.json`: the settings of this start.
-    pub fn write_config<T: Serialize>(&self, cfg: &T) -> Result<()> {
-        write_json(&self.path("config.json"), cfg)
+    /// `config.json`: the settings of this start, with the job's world size and global batch
+    /// (`world_size`, `global_batch`; [`read_config`] leaves them out again).
+    pub fn write_config<T: Serialize>(&self, cfg: &T, world: WorldRecord) -> Result<()> {
+        let mut v =
+            serde_json::to_value(cfg).map_err(|e| Error::Invalid(format!("config.json: {e}")))?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("world_size".into(), world.world_size.into());
+            o.insert("global_batch".into(), world.global_batch.into());
+        }
+        write_json(&self.path("config.json"), &v)
     }
 
     /// The JSONL log `name`, cut back to the lines with `step <= upto`, open for appending.
@@ -180,6 +187,64 @@ impl RunDir {
         }
         Ok(None)
     }
+}
+
+/// What `config.json` records of the job besides the settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct WorldRecord {
+    pub world_size: usize,
+    /// Per-rank batch x world size.
+    pub global_batch: usize,
+}
+
+/// A run's `config.json` as its settings type (the job record left out).
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("world_size");
+        o.remove("global_batch");
+    }
+    serde_json::from_value(v).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// The per-rank batch of a resumed run at `world` ranks, from the checkpoint's global batch
+/// (`saved_batch` per rank x `saved_world`) and the batch asked for now: the global batch never
+/// changes on resume. `asked` is accepted when it gives that global batch, or when it is the
+/// checkpoint's own per-rank batch (the same command rerun at another world size: each rank
+/// then takes global / world). Anything else, or a global batch `world` does not divide, is
+/// refused naming both numbers.
+pub fn resume_batch(
+    saved_batch: usize,
+    saved_world: usize,
+    asked: usize,
+    world: usize,
+) -> Result<usize> {
+    let global = saved_batch * saved_world;
+    if asked * world == global {
+        return Ok(asked);
+    }
+    if asked != saved_batch {
+        return Err(Error::Invalid(format!(
+            "the checkpoint's global batch is {global} ({saved_batch} per rank x {saved_world}); \
+             batch_size {asked} x {world} ranks gives {}: resume with batch_size {}{}",
+            asked * world,
+            global / world.max(1),
+            if global % world != 0 {
+                " (not a whole number: use a world size that divides it)"
+            } else {
+                ""
+            }
+        )));
+    }
+    if global % world != 0 {
+        return Err(Error::Invalid(format!(
+            "the checkpoint's global batch {global} ({saved_batch} per rank x {saved_world}) \
+             cannot be split over {world} ranks: resume at a world size that divides {global}"
+        )));
+    }
+    Ok(global / world)
 }
 
 /// `step-NNNNNNNN`.
@@ -358,6 +423,22 @@ fn remove_stale_temporaries(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_keeps_the_global_batch_across_world_sizes() {
+        // 2 x 16 resumed at 1 rank: the same command (16) or the consistent 32
+        assert_eq!(resume_batch(16, 2, 16, 1).unwrap(), 32);
+        assert_eq!(resume_batch(16, 2, 32, 1).unwrap(), 32);
+        // 1 x 32 at 2 ranks; 4 x 8 at 4 ranks: unchanged
+        assert_eq!(resume_batch(32, 1, 32, 2).unwrap(), 16);
+        assert_eq!(resume_batch(8, 4, 8, 4).unwrap(), 8);
+        // a batch that contradicts, named with both numbers
+        let e = resume_batch(16, 2, 20, 1).unwrap_err().to_string();
+        assert!(e.contains("32") && e.contains("20"), "{e}");
+        // a world size that does not divide the global batch
+        let e = resume_batch(16, 2, 16, 3).unwrap_err().to_string();
+        assert!(e.contains("32") && e.contains("3 ranks"), "{e}");
+    }
 
     fn fill(text: &'static str) -> impl FnOnce(&Path) -> Result<()> {
         move |d: &Path| {

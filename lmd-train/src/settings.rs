@@ -38,6 +38,19 @@ impl RunSettings {
         Ok(dev)
     }
 
+    /// The device of one rank of `dist`: under a launcher `cuda` means `cuda:LOCAL_RANK`
+    /// ([`crate::dist::Dist::device_for`]).
+    pub fn open_device_for(
+        &self,
+        dist: &crate::dist::Dist,
+    ) -> crate::Result<lmd_model::candle::Device> {
+        RunSettings {
+            device: dist.device_for(self.device),
+            ..self.clone()
+        }
+        .open_device()
+    }
+
     /// The compute path of this run's model on `dev`: the one place the precision is turned
     /// into a backend.
     pub fn backend(&self, dev: &lmd_model::candle::Device) -> crate::Result<Backend> {

@@ -1,9 +1,15 @@
 //! `lmd-train`: masked latent pretraining over latent shards.
 //!
 //! Each step: a batch from [`LatentLoader`], the mask ratio from the schedule at `step/steps`,
-//! LatentMae forward with masking noise seeded by `(seed, step)`, backward, global grad-norm
-//! clipping, AdamW at MAE's per-step warmup + half-cosine learning rate
-//! (`lr = blr · batch / 256`).
+//! LatentMae forward with each sample's masking noise seeded by `(seed, global sample
+//! position)`, backward, global grad-norm clipping, AdamW at MAE's per-step warmup +
+//! half-cosine learning rate (`lr = blr · global batch / 256`).
+//!
+//! Data parallel (see [`crate::dist`]): under `mpirun`/`srun` every rank takes `batch_size`
+//! samples of each global batch (`batch_size x world`), gradients are averaged, rank 0 writes
+//! the run directory; a resume at another world size keeps the checkpoint's global batch and
+//! continues its sample order. SIGTERM/SIGUSR1 write a checkpoint at the next step boundary and
+//! stop ([`TrainSummary::stopped_by`]).
 //!
 //! Run directory: `config.json` (resolved), `metrics.jsonl` (one line per logged step),
 //! `checkpoints/step-NNNNNNNN/{model,optimizer}.safetensors + state.json` and
@@ -16,9 +22,10 @@
 //! written (see [`crate::report`]). `--resume` restores weights, optimizer
 //! moments, step and loader position: the loss sequence continues as if never stopped.
 
+use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::run_dir::{load_checkpoint, write_json, RunDir};
+use crate::run_dir::{resume_batch, write_json, RunDir, WorldRecord};
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
 use lmd_data::shard::LatentDataset;
@@ -119,6 +126,13 @@ struct CkptState {
     step: u64,
     loader: LoaderState,
     config: TrainConfig,
+    /// The world size that wrote it (its global batch: `config.batch_size` x this).
+    #[serde(default = "one")]
+    world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Settings that may change between a run and its resumption (they do not change the numbers).
@@ -149,6 +163,8 @@ pub struct TrainSummary {
     pub last_step: u64,
     pub final_loss: f64,
     pub wall_s: f64,
+    /// The signal that stopped the run early (after writing a checkpoint at `last_step`).
+    pub stopped_by: Option<i32>,
 }
 
 /// The checkpoint directory `checkpoints/latest` names, if it exists (not verified: resuming
@@ -188,33 +204,53 @@ fn open_checked(cfg: &TrainConfig, mcfg: &MaeConfig) -> Result<Arc<LatentDataset
     Ok(ds)
 }
 
-/// Load the newest checkpoint that verifies (model, optimizer, loader position) and return its
-/// step; `None` when there is none (a fresh start).
-fn resume_from(
-    run: &RunDir,
+/// Where a resumed run continues: rank 0 picks the newest checkpoint that verifies and every
+/// rank reads the same one (the run directory must be on a filesystem all ranks see). Returns
+/// the checkpoint and its state, and the settings of this start with the per-rank batch that
+/// keeps the checkpoint's global batch ([`crate::run_dir::resume_batch`]).
+fn resume_point(
+    job: &Job,
+    run: Option<&RunDir>,
     cfg: &TrainConfig,
-    varmap: &lmd_model::candle_nn::VarMap,
-    opt: &mut AdamW,
-    loader: &mut LatentLoader,
-) -> Result<Option<u64>> {
-    let Some(ck) = run.resume_point(&mut |w| eprintln!("lmd-train: {w}"))? else {
+) -> Result<Option<(PathBuf, CkptState, TrainConfig)>> {
+    let picked = match run {
+        Some(run) => run.resume_point(&mut |w| eprintln!("lmd-train: {w}"))?,
+        None => None,
+    };
+    let Some(ck) = job.dist.broadcast_json(&picked)? else {
         return Ok(None);
     };
-    let st: CkptState = load_checkpoint(
-        &ck,
-        cfg,
-        &RUN_ONLY_KEYS,
-        |s: &CkptState| &s.config,
-        varmap,
-        opt,
-    )?;
-    loader.set_state(st.loader);
-    Ok(Some(st.step))
+    let st: CkptState = crate::run_dir::read_json(&ck.join("state.json"))?;
+    let world = job.dist.world_size();
+    let mut now = cfg.clone();
+    now.batch_size = resume_batch(st.config.batch_size, st.world_size, cfg.batch_size, world)?;
+    if now.batch_size != cfg.batch_size && job.dist.is_root() {
+        eprintln!(
+            "lmd-train: resuming the global batch {} of {} at {world} ranks: {} per rank",
+            st.config.batch_size * st.world_size,
+            ck.display(),
+            now.batch_size
+        );
+    }
+    // the settings compared with the global batch in place of the per-rank one
+    let (mut saved, mut asked) = (st.config.clone(), now.clone());
+    saved.batch_size *= st.world_size;
+    asked.batch_size *= world;
+    crate::run_dir::check_resume_config(&ck, &saved, &asked, &RUN_ONLY_KEYS)?;
+    Ok(Some((ck, st, now)))
 }
 
-/// Initialise from `--init` (a fresh run only), saying what was loaded.
-fn init_from(model: &LatentMae, varmap: &lmd_model::candle_nn::VarMap, init: &Path) -> Result<()> {
+/// Initialise from `--init` (a fresh run only), saying what was loaded (rank 0).
+fn init_from(
+    model: &LatentMae,
+    varmap: &lmd_model::candle_nn::VarMap,
+    init: &Path,
+    say: bool,
+) -> Result<()> {
     let names = model.init_from(varmap, init)?;
+    if !say {
+        return Ok(());
+    }
     eprintln!(
         "lmd-train: initialised {} tensors from {}{}",
         names.len(),
@@ -228,17 +264,49 @@ fn init_from(model: &LatentMae, varmap: &lmd_model::candle_nn::VarMap, init: &Pa
     Ok(())
 }
 
-/// Train. `on_log` sees every logged line (progress bars).
+/// Train in this process alone. `on_log` sees every logged line (progress bars).
 pub fn run(
+    cfg: &TrainConfig,
+    resume: bool,
+    on_log: &mut dyn FnMut(&Metrics),
+) -> Result<TrainSummary> {
+    run_job(&Job::single(), cfg, resume, on_log)
+}
+
+/// Train as one rank of `job` (data-parallel under several ranks: see [`crate::dist`]).
+/// `cfg.batch_size` is per rank; rank 0 writes the run directory and calls `on_log`.
+pub fn run_job(
+    job: &Job,
     cfg: &TrainConfig,
     resume: bool,
     on_log: &mut dyn FnMut(&Metrics),
 ) -> Result<TrainSummary> {
     let mcfg = validated(cfg)?;
     let ds = open_checked(cfg, &mcfg)?;
-    let run = RunDir::open(&cfg.out)?;
-    run.write_config(cfg)?;
-    let dev = cfg.run.open_device()?;
+    let (rank, world) = (job.dist.rank(), job.dist.world_size());
+    let root = job.dist.is_root();
+    let run = match root {
+        true => Some(RunDir::open(&cfg.out)?),
+        false => None,
+    };
+    let resumed = match resume {
+        true => resume_point(job, run.as_ref(), cfg)?,
+        false => None,
+    };
+    let cfg = &resumed
+        .as_ref()
+        .map_or_else(|| cfg.clone(), |r| r.2.clone());
+    let global_batch = cfg.batch_size * world;
+    if let Some(run) = &run {
+        run.write_config(
+            cfg,
+            WorldRecord {
+                world_size: world,
+                global_batch,
+            },
+        )?;
+    }
+    let dev = cfg.run.open_device_for(&job.dist)?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let backend = cfg.run.backend(&dev)?;
     let model = LatentMae::init_on(&mcfg, backend, &varmap, cfg.run.seed, &dev)?;
@@ -250,26 +318,45 @@ pub fn run(
             batch_size: cfg.batch_size,
             seed: cfg.run.seed,
             window: cfg.window,
+            rank,
+            world_size: world,
             ..Default::default()
         },
     )?;
-    let resumed = match resume {
-        true => resume_from(&run, cfg, &varmap, &mut driver.opt, &mut loader)?,
+    let mut step = 0;
+    match &resumed {
+        Some((ck, st, _)) => {
+            let mut vm = varmap.clone();
+            vm.load(ck.join("model.safetensors"))?;
+            driver.opt.load(&ck.join("optimizer.safetensors"))?;
+            loader.set_state(st.loader);
+            step = st.step;
+        }
+        None => {
+            if let Some(init) = &cfg.init {
+                init_from(&model, &varmap, init, root)?;
+            }
+        }
+    }
+    job.dist
+        .check_same("the parameters at the start", driver.opt.param_hash()?)?;
+    let preview = match root {
+        true => Some(Preview::new(cfg, &loader, &dev)?),
         false => None,
     };
-    if let (Some(init), None) = (&cfg.init, resumed) {
-        init_from(&model, &varmap, init)?;
-    }
-    let mut step = resumed.unwrap_or(0);
-    let preview = Preview::new(cfg, &loader, &dev)?;
     // metrics.jsonl: keep what precedes the resume point
-    let mut log = run.log("metrics.jsonl", step)?;
-    let lr_peak = cfg.blr * cfg.batch_size as f64 / 256.0;
+    let mut log = match &run {
+        Some(run) => Some(run.log("metrics.jsonl", step)?),
+        None => None,
+    };
+    let lr_peak = cfg.blr * global_batch as f64 / 256.0;
     let first_step = step;
     let t0 = Instant::now();
     let mut last_loss = f64::NAN;
+    let mut stopped_by = None;
     let stop = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
-    while step < stop {
+    let noise_seed = cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    'outer: while step < stop {
         let mut it = loader.epoch();
         while step < stop {
             let Some(batch) = driver.next_batch(&mut it) else {
@@ -278,13 +365,14 @@ pub fn run(
             let mut batch = batch?;
             let x = Driver::latents(&mut batch, &dev)?;
             let ratio = cfg.schedule.ratio(step as usize, cfg.steps as usize);
-            let noise_seed = cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
-            let out = model.forward(&x, ratio, noise_seed)?;
+            // each sample's mask from its global position: step x global batch + offset
+            let first = step * global_batch as u64 + (rank * cfg.batch_size) as u64;
+            let out = model.forward_at(&x, ratio, noise_seed, first)?;
             let lr = lr_at(step, cfg.steps, cfg.warmup_steps, lr_peak, cfg.min_lr);
-            let done = driver.step(&out.loss, step, lr, cfg.batch_size)?;
+            let done = driver.step(job, &out.loss, step, lr, cfg.batch_size)?;
             step += 1;
             last_loss = done.loss;
-            if driver.log_due(step) || step == stop {
+            if driver.log_due(step) || step == stop || done.stop.is_some() {
                 let rates = driver.take_rates();
                 let line = Metrics {
                     step,
@@ -295,31 +383,56 @@ pub fn run(
                     grad_norm: done.grad_norm,
                     samples_per_s: rates.samples_per_s,
                     data_wait_fraction: rates.data_wait_fraction,
+                    comm_fraction: rates.comm_fraction,
                 };
-                log.append(&line)?;
-                on_log(&line);
+                if let Some(log) = log.as_mut() {
+                    log.append(&line)?;
+                    on_log(&line);
+                }
             }
-            if step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop {
+            let due = step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop;
+            if due || done.stop.is_some() {
+                job.dist.check_same(
+                    &format!("the parameters after step {step}"),
+                    driver.opt.param_hash()?,
+                )?;
                 let state = CkptState {
                     step,
                     loader: it.state(),
                     config: cfg.clone(),
+                    world_size: world,
                 };
-                run.save_step(step, cfg.keep_checkpoints, |dir| {
-                    model.save(&varmap, &dir.join("model.safetensors"))?;
-                    driver.opt.save(&dir.join("optimizer.safetensors"))?;
-                    write_json(&dir.join("state.json"), &state)
-                })?;
-                preview.write(cfg, &model, step)?;
+                if let (Some(run), Some(preview)) = (&run, &preview) {
+                    run.save_step(step, cfg.keep_checkpoints, |dir| {
+                        model.save(&varmap, &dir.join("model.safetensors"))?;
+                        driver.opt.save(&dir.join("optimizer.safetensors"))?;
+                        write_json(&dir.join("state.json"), &state)
+                    })?;
+                    preview.write(cfg, &model, step)?;
+                }
+            }
+            if let Some(sig) = done.stop {
+                if root {
+                    eprintln!(
+                        "lmd-train: {} received: stopped after step {step} with a checkpoint; \
+                         rerun the command with --resume to continue",
+                        crate::dist::signal_name(sig)
+                    );
+                }
+                stopped_by = Some(sig);
+                break 'outer;
             }
         }
     }
+    // no rank leaves before rank 0 has written the last checkpoint
+    job.dist.comm().barrier()?;
     Ok(TrainSummary {
         out: cfg.out.clone(),
         first_step,
         last_step: step,
         final_loss: last_loss,
         wall_s: t0.elapsed().as_secs_f64(),
+        stopped_by,
     })
 }
 

@@ -2,12 +2,17 @@
 
 use clap::Parser;
 use lmd_bin::flags::finetune::{config, Args};
+use lmd_bin::Ended;
 
-fn main() -> anyhow::Result<()> {
-    lmd_bin::init_allocator();
+fn main() {
     let a = Args::parse();
-    let cfg = config(&a)?;
-    let bar = lmd_bin::progress_bar(cfg.epochs, "epoch", a.no_progress);
+    lmd_bin::job_main("lmd-finetune", |job| body(&a, job))
+}
+
+fn body(a: &Args, job: &lmd_train::dist::Job) -> anyhow::Result<Ended> {
+    let cfg = config(a)?;
+    let root = job.dist.is_root();
+    let bar = lmd_bin::progress_bar(cfg.epochs, "epoch", a.no_progress || !root);
     let mut on_log = |s: &lmd_train::finetune::StepMetrics| {
         bar.set_message(format!(
             "step {} loss {:.4} lr {:.2e} {:.1} samples/s",
@@ -30,7 +35,7 @@ fn main() -> anyhow::Result<()> {
             bar.println(line);
         }
     };
-    let s = lmd_train::finetune::run(&cfg, a.resume, &mut on_log, &mut on_eval)?;
+    let s = lmd_train::finetune::run_job(job, &cfg, a.resume, &mut on_log, &mut on_eval)?;
     bar.finish_and_clear();
     if let Some(b) = &s.best {
         eprintln!(
@@ -41,5 +46,8 @@ fn main() -> anyhow::Result<()> {
             s.out.join("best").display()
         );
     }
-    Ok(())
+    Ok(match s.stopped_by {
+        Some(_) => Ended::Stopped,
+        None => Ended::Finished,
+    })
 }

@@ -56,7 +56,9 @@ pub struct Settings {
     /// Model preset: tiny, small, base, large, base_patch4.
     #[arg(long)]
     pub preset: Option<Preset>,
-    /// Samples per step (per process).
+    /// Samples per step on each rank (the global batch is this x the world size; MAE's lr rule
+    /// uses the global one). On --resume at another world size the checkpoint's global batch
+    /// is kept.
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// VAE weights (directory or hf:OWNER/REPO) to decode the reconstruction previews to
@@ -75,13 +77,14 @@ pub struct Settings {
     pub run: super::RunFlags,
 }
 
-/// The settings: defaults, then `--config`, then the flags; `--epochs` counts the data.
-pub fn config(a: &Args) -> anyhow::Result<TrainConfig> {
+/// The settings: defaults, then `--config`, then the flags; `--epochs` counts the data in
+/// global batches (`batch_size` x `world` ranks).
+pub fn config(a: &Args, world: usize) -> anyhow::Result<TrainConfig> {
     let mut cfg: TrainConfig =
         crate::settings::merge(&TrainConfig::default(), a.config.as_deref(), &a.set)?;
     if let Some(e) = a.epochs {
         let n = lmd_train::train::open_data(&cfg.data)?.len() as u64;
-        cfg.steps = e * (n / cfg.batch_size as u64).max(1);
+        cfg.steps = e * (n / (cfg.batch_size * world.max(1)) as u64).max(1);
     }
     Ok(cfg)
 }
@@ -101,7 +104,7 @@ mod tests {
             ],
         );
         let c = c.as_str();
-        let cfg = config(&a).unwrap();
+        let cfg = config(&a, 1).unwrap();
         assert_eq!(cfg.data, [PathBuf::from("d1"), PathBuf::from("d2")]);
         assert_eq!(cfg.out, PathBuf::from("o"));
         assert_eq!(
@@ -119,7 +122,7 @@ mod tests {
         assert!(!cfg.run.tf32 && TrainConfig::default().run.tf32);
         // without flags: the file over the defaults
         let a = Args::try_parse_from(["lmd-train", "--config", c]).unwrap();
-        let cfg = config(&a).unwrap();
+        let cfg = config(&a, 1).unwrap();
         assert_eq!((cfg.steps, cfg.run.seed), (3, 5));
         assert_eq!(cfg.schedule, TrainConfig::default().schedule);
         assert!(Args::try_parse_from(["lmd-train", "--preset", "huge"]).is_err());

@@ -77,16 +77,22 @@ fn fused_block_with_drop_path_matches_composite() {
     let composite = block.forward_composite_keep(x.as_tensor(), &keep).unwrap();
     assert_same(&fused, &composite, &x, vars, 33);
     // the drop-path forward of the block takes the fused path and draws the same factors
-    let mut r1 = crate::rng::SplitMix(5);
-    let mut r2 = crate::rng::SplitMix(5);
+    // (one stream per sample, each drawing attention's factor then the MLP's)
+    let mut r1: Vec<_> = (0..b as u64)
+        .map(|i| crate::rng::SplitMix::for_sample(5, i))
+        .collect();
+    let mut r2: Vec<_> = (0..b as u64)
+        .map(|i| crate::rng::SplitMix::for_sample(5, i))
+        .collect();
     let y = block
         .forward_drop_path(x.as_tensor(), 0.5, &mut r1)
         .unwrap();
-    let keep: [Vec<f32>; 2] = std::array::from_fn(|_| {
-        (0..b)
-            .map(|_| if r2.uniform() < 0.5 { 2.0 } else { 0.0 })
-            .collect()
-    });
+    let mut keep: [Vec<f32>; 2] = [vec![], vec![]];
+    for r in r2.iter_mut() {
+        for k in keep.iter_mut() {
+            k.push(if r.uniform() < 0.5 { 2.0 } else { 0.0 });
+        }
+    }
     let want = block.forward_composite_keep(x.as_tensor(), &keep).unwrap();
     assert!(maxdiff(&y, &want) < 2e-5);
     let err = super::block(

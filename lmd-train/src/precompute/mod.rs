@@ -172,20 +172,32 @@ impl Default for PrecomputeConfig {
 
 impl PrecomputeConfig {
     /// Worker defaults from a Slurm array job (`SLURM_ARRAY_TASK_COUNT`, `SLURM_ARRAY_TASK_ID`
-    /// minus `SLURM_ARRAY_TASK_MIN`) or a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`; the
-    /// count must then be given).
+    /// minus `SLURM_ARRAY_TASK_MIN`), an MPI launcher (`mpirun`, `srun --mpi=...`: rank and
+    /// world size, see [`crate::dist::LaunchEnv`]; precompute needs no collective, so no MPI
+    /// build either), the tasks of one `srun` step (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`), or
+    /// a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`; the count must then be given).
     pub fn worker_from_env() -> (Option<usize>, Option<usize>) {
-        let get = |k: &str| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-        };
-        let count = get("SLURM_ARRAY_TASK_COUNT");
-        let index = match (get("SLURM_ARRAY_TASK_ID"), get("SLURM_ARRAY_TASK_MIN")) {
-            (Some(id), min) => Some(id - min.unwrap_or(0)),
-            _ => get("JOB_COMPLETION_INDEX"),
-        };
-        (count, index)
+        Self::worker_from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// [`worker_from_env`](Self::worker_from_env) over a variable lookup.
+    pub fn worker_from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> (Option<usize>, Option<usize>) {
+        let num = |k: &str| get(k).and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some(count) = num("SLURM_ARRAY_TASK_COUNT") {
+            let index =
+                num("SLURM_ARRAY_TASK_ID").map(|id| id - num("SLURM_ARRAY_TASK_MIN").unwrap_or(0));
+            return (Some(count), index);
+        }
+        let launch = crate::dist::LaunchEnv::from_lookup(&get);
+        if launch.launcher != crate::dist::Launcher::None {
+            return (Some(launch.world_size), Some(launch.rank));
+        }
+        if let (Some(n), Some(i)) = (num("SLURM_STEP_NUM_TASKS"), num("SLURM_PROCID")) {
+            return (Some(n), Some(i));
+        }
+        (None, num("JOB_COMPLETION_INDEX"))
     }
 
     fn transform(&self) -> Result<TransformConfig> {
@@ -322,4 +334,31 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
         0.0
     };
     out.finish(t_start, vae_ips, wait_s / wall.max(1e-9))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrecomputeConfig;
+    use std::collections::HashMap;
+
+    fn workers(pairs: &[(&str, &str)]) -> (Option<usize>, Option<usize>) {
+        let m: HashMap<&str, &str> = pairs.iter().copied().collect();
+        PrecomputeConfig::worker_from_lookup(|k| m.get(k).map(|v| v.to_string()))
+    }
+
+    #[test]
+    fn workers_come_from_an_array_job_a_launcher_an_srun_step_or_an_indexed_job() {
+        assert_eq!(workers(&[]), (None, None));
+        let array = [
+            ("SLURM_ARRAY_TASK_COUNT", "8"),
+            ("SLURM_ARRAY_TASK_ID", "12"),
+            ("SLURM_ARRAY_TASK_MIN", "10"),
+        ];
+        assert_eq!(workers(&array), (Some(8), Some(2)));
+        let mpirun = [("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "4")];
+        assert_eq!(workers(&mpirun), (Some(4), Some(3)));
+        let srun = [("SLURM_STEP_NUM_TASKS", "16"), ("SLURM_PROCID", "5")];
+        assert_eq!(workers(&srun), (Some(16), Some(5)));
+        assert_eq!(workers(&[("JOB_COMPLETION_INDEX", "7")]), (None, Some(7)));
+    }
 }

@@ -1,0 +1,479 @@
+//! Data-parallel training under OpenMPI's `mpirun` (the `mpi` feature; CI installs
+//! `libopenmpi-dev openmpi-bin`): 2 ranks x batch 16 follow 1 rank x batch 32; a run killed
+//! at one world size resumes at another to the uninterrupted loss sequence; a rank SIGKILLed
+//! ends the job naming it; SIGUSR1 to mpirun checkpoints and stops; fine-tuning at 2 ranks
+//! reaches 1 rank's top-1. Synthetic latents, 2 cores.
+//!
+//! OpenMPI as root needs `OMPI_ALLOW_RUN_AS_ROOT=1` + `OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1` (set
+//! here for every run; harmless otherwise), `--oversubscribe` past the core count, and pins
+//! each rank to one core unless `--bind-to none`: each rank is given one thread here, so the
+//! 2-rank runs use the 2 cores as 1 rank with 2 threads does.
+#![cfg(feature = "mpi")]
+
+use lmd_train::data::synthetic::{write_dataset, SyntheticSpec};
+use lmd_train::train::Metrics;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = r#"
+steps = 50
+blr = 1.5e-3
+warmup_steps = 5
+checkpoint_every = 10
+log_every = 1
+window = 128
+keep_checkpoints = 0
+preview_samples = 0
+[model]
+in_chans = 4
+img_size = [8, 8]
+patch_size = 2
+embed_dim = 64
+depth = 2
+num_heads = 2
+decoder_embed_dim = 32
+decoder_depth = 1
+decoder_num_heads = 2
+mlp_ratio = 4.0
+norm_pix_loss = true
+"#;
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    data: PathBuf,
+    cfg: PathBuf,
+}
+
+fn setup(records: usize) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let data = root.join("data");
+    write_dataset(
+        &data,
+        &SyntheticSpec {
+            records,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = root.join("cfg.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    Setup {
+        _tmp: tmp,
+        root,
+        data,
+        cfg,
+    }
+}
+
+/// `program ARGS` under `mpirun -np N` (N > 0), or alone (N = 0: no launcher), one thread per
+/// rank when N = 2 (two threads alone), in its own process group.
+fn launch(np: usize, program: &str, args: &[&std::ffi::OsStr]) -> Command {
+    let threads = if np >= 2 { "1" } else { "2" };
+    let mut c = if np == 0 {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args([
+            "-np",
+            &np.to_string(),
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+        ])
+        .args(["-x", "RAYON_NUM_THREADS", "-x", "CANDLE_NUM_THREADS"])
+        .arg(program);
+        c
+    };
+    c.args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", threads)
+        .env("CANDLE_NUM_THREADS", threads)
+        .process_group(0);
+    c
+}
+
+fn train(s: &Setup, np: usize, out: &Path, batch: usize, resume: bool) -> Command {
+    let batch = batch.to_string();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--config".as_ref(),
+        s.cfg.as_os_str(),
+        "--data".as_ref(),
+        s.data.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--batch-size".as_ref(),
+        batch.as_ref(),
+        "--no-progress".as_ref(),
+    ];
+    if resume {
+        args.push("--resume".as_ref());
+    }
+    launch(np, env!("CARGO_BIN_EXE_lmd-train"), &args)
+}
+
+fn metrics(out: &Path) -> Vec<Metrics> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn ok(o: Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what}: {:?}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Same steps, losses within relative `tol`.
+fn assert_same_losses(a: &[Metrics], b: &[Metrics], tol: f64) {
+    assert_eq!(a.len(), b.len(), "number of logged steps");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step);
+        let rel = (x.loss - y.loss).abs() / x.loss.abs().max(1e-12);
+        assert!(
+            rel <= tol,
+            "step {}: loss {} vs {} (relative {rel:.2e})",
+            x.step,
+            x.loss,
+            y.loss
+        );
+        assert_eq!(x.lr, y.lr, "step {}: lr", x.step);
+    }
+}
+
+/// The final checkpoint's tensors.
+fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
+    let name = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let p = out
+        .join("checkpoints")
+        .join(name.trim())
+        .join("model.safetensors");
+    let bytes = std::fs::read(p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let f = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (n, f)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn kill_group(child: &mut Child) {
+    // SIGKILL the whole process group: mpirun and every rank
+    unsafe_kill(-(child.id() as i32), 9);
+    child.wait().unwrap();
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    let st = Command::new("kill")
+        .args([format!("-{sig}"), "--".into(), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+/// Wait until `out`'s latest checkpoint is at least `step`, then SIGKILL the job.
+fn kill_after_checkpoint(child: &mut Child, out: &Path, step: u64) {
+    let t0 = Instant::now();
+    loop {
+        let latest = std::fs::read_to_string(out.join("checkpoints/latest"))
+            .ok()
+            .and_then(|s| s.trim().strip_prefix("step-")?.parse::<u64>().ok());
+        if latest.is_some_and(|l| l >= step) {
+            kill_group(child);
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint in 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn two_ranks_of_16_give_the_loss_sequence_and_parameters_of_one_rank_of_32() {
+    let s = setup(512);
+    let (a, b) = (s.root.join("one"), s.root.join("two"));
+    ok(train(&s, 0, &a, 32, false).output().unwrap(), "1 x 32");
+    let o = train(&s, 2, &b, 16, false).output().unwrap();
+    ok(o, "2 x 16");
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), 50);
+    assert_same_losses(&ma, &mb, 1e-5);
+    assert!(ma.last().unwrap().loss < ma[0].loss, "the loss falls");
+    // the global throughput and the communication share are logged
+    assert!(mb
+        .iter()
+        .all(|m| m.samples_per_s > 0.0 && m.comm_fraction > 0.0));
+    assert!(ma.iter().all(|m| m.comm_fraction == 0.0));
+    // the parameters at the end (each rank's equal rank 0's: checked inside at every
+    // checkpoint) equal the one-rank run's within floating-point reduction: AdamW normalises
+    // each update to about lr (peak 1.5e-3 x 32 / 256 = 1.9e-4), so a gradient summed in
+    // another order moves a parameter whose gradient is rounding noise (the attention's key
+    // bias: softmax ignores it) by a step's size in a random direction; allowed: two steps of
+    // the 50 (the loss sequence above is the tight check)
+    let (wa, wb) = (weights(&a), weights(&b));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, xa), (nb, xb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        let d = xa
+            .iter()
+            .zip(xb)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(d < 2.0 * 1.875e-4, "{na}: max difference {d}");
+    }
+    // config.json records the world size and the global batch
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (c["world_size"].as_u64(), c["global_batch"].as_u64()),
+        (Some(2), Some(32))
+    );
+    assert_eq!(c["batch_size"].as_u64(), Some(16));
+}
+
+#[test]
+fn a_run_killed_at_two_ranks_resumes_at_one_and_one_at_one_resumes_at_two() {
+    let s = setup(512);
+    let reference = s.root.join("ref");
+    ok(
+        train(&s, 0, &reference, 32, false).output().unwrap(),
+        "reference",
+    );
+    let want = metrics(&reference);
+
+    // 2 x 16, killed after the step-20 checkpoint, resumed at 1 rank with the same command:
+    // the global batch 32 comes from the checkpoint
+    let b = s.root.join("two-then-one");
+    let mut child = train(&s, 2, &b, 16, false).spawn().unwrap();
+    kill_after_checkpoint(&mut child, &b, 20);
+    let o = train(&s, 0, &b, 16, true).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(o, "resume at 1 rank");
+    assert!(
+        err.contains("32 of") || err.contains("32 per rank"),
+        "{err}"
+    );
+    assert_same_losses(&want, &metrics(&b), 1e-5);
+
+    // 1 x 32, killed, resumed at 2 ranks (16 each)
+    let c = s.root.join("one-then-two");
+    let mut child = train(&s, 0, &c, 32, false).spawn().unwrap();
+    kill_after_checkpoint(&mut child, &c, 20);
+    ok(
+        train(&s, 2, &c, 32, true).output().unwrap(),
+        "resume at 2 ranks",
+    );
+    assert_same_losses(&want, &metrics(&c), 1e-5);
+
+    // a batch that contradicts the checkpoint's global batch is refused naming both
+    let o = train(&s, 2, &c, 10, true).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("global batch is 32") && err.contains("20"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
+    let s = setup(512);
+    let out = s.root.join("run");
+    let mut cmd = train(&s, 2, &out, 16, false);
+    cmd.args(["--steps", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    while metrics(&out).len() < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rank1 = rank_pid(child.id(), 1).expect("rank 1's process");
+    unsafe_kill(rank1, 9);
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t1.elapsed() > Duration::from_secs(60) {
+            kill_group(&mut child);
+            panic!("the job still runs 60 s after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rank 1"), "{err}");
+    // nothing is left running
+    std::thread::sleep(Duration::from_millis(500));
+    let left = Command::new("pgrep")
+        .args(["-f", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
+/// The pid of the rank `rank` among the descendants of `parent` (read from each process's
+/// `OMPI_COMM_WORLD_RANK`).
+fn rank_pid(parent: u32, rank: usize) -> Option<i32> {
+    let mut stack = vec![parent as i32];
+    while let Some(p) = stack.pop() {
+        let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).ok()?;
+        for k in kids
+            .split_whitespace()
+            .filter_map(|k| k.parse::<i32>().ok())
+        {
+            let env = std::fs::read(format!("/proc/{k}/environ")).unwrap_or_default();
+            let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+            if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+                return Some(k);
+            }
+            stack.push(k);
+        }
+    }
+    None
+}
+
+#[test]
+fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_exactly() {
+    let s = setup(512);
+    let reference = s.root.join("ref");
+    ok(
+        train(&s, 0, &reference, 32, false).output().unwrap(),
+        "reference",
+    );
+    let out = s.root.join("run");
+    let mut child = train(&s, 2, &out, 16, false)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metrics(&out).len() < 13 {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    unsafe_kill(child.id() as i32, 10); // SIGUSR1 to mpirun, which forwards it to the ranks
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("SIGUSR1"), "{err}");
+    let stopped = metrics(&out).last().unwrap().step;
+    assert!(stopped < 50, "stopped at {stopped}");
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert_eq!(
+        latest.trim(),
+        format!("step-{stopped:08}"),
+        "a checkpoint at the stop"
+    );
+    ok(train(&s, 2, &out, 16, true).output().unwrap(), "rerun");
+    assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
+}
+
+const FT_CONFIG: &str = r#"
+epochs = 3
+blr = 2e-3
+warmup_epochs = 0.5
+drop_path = 0.1
+log_every = 4
+window = 128
+eval_batch_size = 64
+[model]
+in_chans = 4
+img_size = [8, 8]
+patch_size = 2
+embed_dim = 64
+depth = 2
+num_heads = 2
+decoder_embed_dim = 32
+decoder_depth = 1
+decoder_num_heads = 2
+mlp_ratio = 4.0
+norm_pix_loss = true
+"#;
+
+#[test]
+fn finetuning_at_two_ranks_reaches_the_top1_of_one_rank_with_the_same_global_batch() {
+    let s = setup(384);
+    let val = s.root.join("val");
+    write_dataset(
+        &val,
+        &SyntheticSpec {
+            records: 128,
+            first_index: 100_000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = s.root.join("ft.toml");
+    std::fs::write(&cfg, FT_CONFIG).unwrap();
+    let ft = |np: usize, out: &Path, batch: &str| {
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--data".as_ref(),
+            s.data.as_os_str(),
+            "--val-data".as_ref(),
+            val.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+            "--batch-size".as_ref(),
+            batch.as_ref(),
+            "--no-progress".as_ref(),
+        ];
+        launch(np, env!("CARGO_BIN_EXE_lmd-finetune"), &args)
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (s.root.join("ft1"), s.root.join("ft2"));
+    ok(ft(0, &a, "32"), "1 x 32");
+    ok(ft(2, &b, "16"), "2 x 16");
+    let evals = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("eval.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["top1"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (ea, eb) = (evals(&a), evals(&b));
+    assert_eq!(ea.len(), 3);
+    assert!(ea[2] > 0.3, "it learns: {ea:?}");
+    for (x, y) in ea.iter().zip(&eb) {
+        assert!((x - y).abs() <= 2.0 / 128.0, "top-1 {ea:?} vs {eb:?}");
+    }
+}
