@@ -231,14 +231,14 @@ pub fn resume_batch(
              batch_size {asked} x {world} ranks gives {}: resume with batch_size {}{}",
             asked * world,
             global / world.max(1),
-            if global % world != 0 {
+            if !global.is_multiple_of(world) {
                 " (not a whole number: use a world size that divides it)"
             } else {
                 ""
             }
         )));
     }
-    if global % world != 0 {
+    if !global.is_multiple_of(world) {
         return Err(Error::Invalid(format!(
             "the checkpoint's global batch {global} ({saved_batch} per rank x {saved_world}) \
              cannot be split over {world} ranks: resume at a world size that divides {global}"
