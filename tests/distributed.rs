@@ -401,7 +401,7 @@ fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_
     assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
 }
 
-const FT_CONFIG: &str = r#"
+const FT_SETTINGS: &str = r#"
 epochs = 3
 blr = 2e-3
 warmup_epochs = 0.5
@@ -409,19 +409,13 @@ drop_path = 0.1
 log_every = 4
 window = 128
 eval_batch_size = 64
-[model]
-in_chans = 4
-img_size = [8, 8]
-patch_size = 2
-embed_dim = 64
-depth = 2
-num_heads = 2
-decoder_embed_dim = 32
-decoder_depth = 1
-decoder_num_heads = 2
-mlp_ratio = 4.0
-norm_pix_loss = true
 "#;
+
+/// Fine-tuning's settings with the pretraining config's `[model]` table.
+fn ft_config() -> String {
+    let model = &CONFIG[CONFIG.find("[model]").unwrap()..];
+    format!("{FT_SETTINGS}{model}")
+}
 
 #[test]
 fn finetuning_at_two_ranks_reaches_the_top1_of_one_rank_with_the_same_global_batch() {
@@ -437,7 +431,7 @@ fn finetuning_at_two_ranks_reaches_the_top1_of_one_rank_with_the_same_global_bat
     )
     .unwrap();
     let cfg = s.root.join("ft.toml");
-    std::fs::write(&cfg, FT_CONFIG).unwrap();
+    std::fs::write(&cfg, ft_config()).unwrap();
     let ft = |np: usize, out: &Path, batch: &str| {
         let args: Vec<&std::ffi::OsStr> = vec![
             "--config".as_ref(),

@@ -105,6 +105,12 @@ impl Default for FinetuneConfig {
     }
 }
 
+impl crate::run_dir::PerRankBatch for FinetuneConfig {
+    fn batch_size(&mut self) -> &mut usize {
+        &mut self.batch_size
+    }
+}
+
 impl FinetuneConfig {
     /// The linear-probing defaults (MAE's `main_linprobe.py`, with AdamW instead of LARS).
     pub fn linear_probe() -> Self {
@@ -268,21 +274,15 @@ fn resume_point(
         return Ok(None);
     };
     let st: State = crate::run_dir::read_json(&ck.join("state.json"))?;
-    let world = job.dist.world_size();
-    let mut now = cfg.clone();
-    now.batch_size =
-        crate::run_dir::resume_batch(st.config.batch_size, st.world_size, cfg.batch_size, world)?;
-    if now.batch_size != cfg.batch_size && job.dist.is_root() {
-        eprintln!(
-            "lmd-finetune: resuming the global batch {} at {world} ranks: {} per rank",
-            st.config.batch_size * st.world_size,
-            now.batch_size
-        );
-    }
-    let (mut saved, mut asked) = (st.config.clone(), now.clone());
-    saved.batch_size *= st.world_size;
-    asked.batch_size *= world;
-    crate::run_dir::check_resume_config(&ck, &saved, &asked, &RUN_ONLY_KEYS)?;
+    let now = crate::run_dir::resumed_settings(
+        job,
+        "lmd-finetune",
+        &ck,
+        &st.config,
+        st.world_size,
+        cfg,
+        &RUN_ONLY_KEYS,
+    )?;
     Ok(Some((ck, st, now)))
 }
 

@@ -25,7 +25,7 @@
 use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::run_dir::{resume_batch, write_json, RunDir, WorldRecord};
+use crate::run_dir::{resumed_settings, write_json, PerRankBatch, RunDir, WorldRecord};
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
 use lmd_data::shard::LatentDataset;
@@ -102,6 +102,12 @@ impl Default for TrainConfig {
             vae_weights: None,
             init: None,
         }
+    }
+}
+
+impl PerRankBatch for TrainConfig {
+    fn batch_size(&mut self) -> &mut usize {
+        &mut self.batch_size
     }
 }
 
@@ -221,22 +227,15 @@ fn resume_point(
         return Ok(None);
     };
     let st: CkptState = crate::run_dir::read_json(&ck.join("state.json"))?;
-    let world = job.dist.world_size();
-    let mut now = cfg.clone();
-    now.batch_size = resume_batch(st.config.batch_size, st.world_size, cfg.batch_size, world)?;
-    if now.batch_size != cfg.batch_size && job.dist.is_root() {
-        eprintln!(
-            "lmd-train: resuming the global batch {} of {} at {world} ranks: {} per rank",
-            st.config.batch_size * st.world_size,
-            ck.display(),
-            now.batch_size
-        );
-    }
-    // the settings compared with the global batch in place of the per-rank one
-    let (mut saved, mut asked) = (st.config.clone(), now.clone());
-    saved.batch_size *= st.world_size;
-    asked.batch_size *= world;
-    crate::run_dir::check_resume_config(&ck, &saved, &asked, &RUN_ONLY_KEYS)?;
+    let now = resumed_settings(
+        job,
+        "lmd-train",
+        &ck,
+        &st.config,
+        st.world_size,
+        cfg,
+        &RUN_ONLY_KEYS,
+    )?;
     Ok(Some((ck, st, now)))
 }
 
