@@ -13,6 +13,20 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// The gradient all-reduce of data-parallel training (flat buckets from tensors) beside
+    /// MPI's own MPI_Allreduce on a plain buffer of the same size: bus bandwidth (GB/s) and
+    /// the ratio. Run under `mpirun -np 2 lmd-bench allreduce` (a build with --features mpi).
+    Allreduce {
+        /// f32 values per all-reduce, one line each.
+        #[arg(long, num_args = 1.., default_values_t = [1usize << 16, 1 << 20, 1 << 22, 1 << 24])]
+        sizes: Vec<usize>,
+        /// Timed repetitions per size.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Tensors the gradient is split into.
+        #[arg(long, default_value_t = 64)]
+        tensors: usize,
+    },
     /// Latent shard format: bytes per record by dtype, sequential and random read speed.
     ///
     /// Uses the real TAESD latents in $LMD_SHARED/testvectors when present (else synthetic
@@ -178,6 +192,19 @@ fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let args = Args::parse();
     match args.cmd {
+        Cmd::Allreduce {
+            sizes,
+            iters,
+            tensors,
+        } => {
+            let job = lmd_train::dist::Job::from_env()?;
+            let opts = lmd_train::bench::AllreduceBenchOptions {
+                sizes,
+                iters,
+                tensors,
+            };
+            lmd_train::bench::allreduce(&job.dist, &opts, |v| println!("{v}"))?;
+        }
         Cmd::Shards {
             records,
             random_gets,

@@ -1,14 +1,16 @@
 //! `lmd-bench` figures. Each figure is one JSON object (one line on stdout), with any baseline
 //! measured in the same invocation so that ratios survive a noisy machine. One module per
 //! subcommand family: [`shards`], [`steps`] (train-step, finetune-step), [`media`] (vae,
-//! decode), [`loader`], [`python`] (python-reader).
+//! decode), [`loader`], [`python`] (python-reader), [`allreduce`] (under mpirun).
 
+pub mod allreduce;
 pub mod loader;
 pub mod media;
 pub mod python;
 pub mod shards;
 pub mod steps;
 
+pub use allreduce::{allreduce, AllreduceBenchOptions};
 pub use loader::{loader, LoaderBenchOptions};
 pub use media::{decode, vae, DecodeBenchOptions, VaeBenchOptions};
 pub use python::{python_reader, PythonReaderBenchOptions};

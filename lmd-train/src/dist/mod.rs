@@ -36,8 +36,13 @@ use crate::{DeviceSpec, Error, Result};
 pub trait Collective {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
+    /// Element-wise sum over ranks of `send` into `recv` (MPI_Allreduce itself).
+    fn all_reduce_into_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
     /// Element-wise sum over ranks, in place; every rank gets the result.
-    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        let send = buf.to_vec();
+        self.all_reduce_into_f32(&send, buf)
+    }
     /// Element-wise sum over ranks, in place (losses, counts, flags).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// `root`'s bytes to every rank (the length travels too).
@@ -58,6 +63,10 @@ impl Collective for Single {
     }
     fn world_size(&self) -> usize {
         1
+    }
+    fn all_reduce_into_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        recv.copy_from_slice(send);
+        Ok(())
     }
     fn all_reduce_sum_f32(&self, _: &mut [f32]) -> Result<()> {
         Ok(())

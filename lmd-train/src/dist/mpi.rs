@@ -43,10 +43,9 @@ impl Collective for Mpi {
     fn world_size(&self) -> usize {
         self.world.size() as usize
     }
-    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let send = buf.to_vec();
+    fn all_reduce_into_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         self.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+            .all_reduce_into(send, recv, SystemOperation::sum());
         Ok(())
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
