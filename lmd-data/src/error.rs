@@ -71,6 +71,14 @@ pub enum Error {
     /// An image that decoded but cannot be transformed (resize failure): the reason.
     #[error("{key}: {reason}")]
     Transform { key: String, reason: String },
+    /// An object-store request that failed (after its retries): the URL, the operation, and
+    /// for reads the byte offset reached.
+    #[error("{url}: {op}: {detail}")]
+    Storage {
+        url: String,
+        op: &'static str,
+        detail: String,
+    },
     /// A dataset manifest problem (missing shard, size or fingerprint mismatch, ...).
     #[error("{path}: manifest: {detail}")]
     Manifest { path: PathBuf, detail: String },

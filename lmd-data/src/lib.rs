@@ -14,6 +14,7 @@ pub mod pipeline;
 mod pixels;
 pub mod shard;
 pub mod source;
+pub mod storage;
 pub mod synthetic;
 pub mod transform;
 #[cfg(feature = "turbojpeg")]

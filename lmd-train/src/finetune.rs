@@ -21,7 +21,6 @@ use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{layer_decay_scale, lr_at, AdamW, AdamWConfig};
 use crate::run_dir::{write_json, RunDir};
-use crate::train::open_data;
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
 use lmd_data::shard::LatentDataset;
@@ -188,12 +187,14 @@ fn save_classifier(
 }
 
 /// Settings that may change between a fine-tuning run and its resumption.
-const RUN_ONLY_KEYS: [&str; 5] = [
+const RUN_ONLY_KEYS: [&str; 7] = [
     "out",
     "log_every",
     "eval_batch_size",
     "pretrained",
     "device",
+    "cache_dir",
+    "cache_limit",
 ];
 
 /// The labels of a batch as a `[B]` tensor (a record without one is an error).
@@ -340,11 +341,13 @@ pub fn run_job(
 ) -> Result<FinetuneSummary> {
     let t0 = Instant::now();
     cfg.run.precision.check_trainable()?;
-    let ds = Arc::new(open_data(&cfg.data)?);
+    let cache = cfg.run.cache()?;
+    let say = job.dist.is_root();
+    let ds = Arc::new(crate::train::open_data_cached(&cfg.data, &cache, say)?);
     if cfg.val_data.is_empty() {
         return Err(Error::Invalid("no validation data (--val-data)".into()));
     }
-    let val = Arc::new(open_data(&cfg.val_data)?);
+    let val = Arc::new(crate::train::open_data_cached(&cfg.val_data, &cache, say)?);
     let ccfg = classifier_config(cfg, &ds, &val)?;
     let (rank, world, root) = (job.dist.rank(), job.dist.world_size(), job.dist.is_root());
     let run = match root {
@@ -408,7 +411,7 @@ pub fn run_job(
         };
     }
     job.dist
-        .check_same("the parameters at the start", driver.opt.param_hash()?)?;
+        .check_same("the parameters at the start", || driver.opt.param_hash())?;
     if cfg.linear_probe && state.epochs_done == 0 {
         set_feature_stats(&clf, &varmap, &loader)?;
     }
@@ -462,10 +465,10 @@ pub fn run_job(
             }
             if let Some(sig) = done.stop {
                 // a mid-epoch checkpoint: weights, optimizer and the loader's place
-                job.dist.check_same(
-                    &format!("the parameters after step {step}"),
-                    driver.opt.param_hash()?,
-                )?;
+                job.dist
+                    .check_same(&format!("the parameters after step {step}"), || {
+                        driver.opt.param_hash()
+                    })?;
                 (state.epochs_done, state.step) = (epoch, step);
                 state.batch_in_epoch = it.state().batch;
                 if let Some(run) = &run {
@@ -485,10 +488,10 @@ pub fn run_job(
         if stopped_by.is_some() {
             break;
         }
-        job.dist.check_same(
-            &format!("the parameters after epoch {}", epoch + 1),
-            driver.opt.param_hash()?,
-        )?;
+        job.dist
+            .check_same(&format!("the parameters after epoch {}", epoch + 1), || {
+                driver.opt.param_hash()
+            })?;
         if let (Some(run), Some(elog)) = (&run, elog.as_mut()) {
             let ev = end_epoch(
                 cfg,

@@ -26,9 +26,30 @@ pub struct RunSettings {
     /// backward, f32 master weights, AdamW moments, LayerNorm, softmax and loss; checkpoints
     /// in f32). `f16` is refused (no loss scaling).
     pub precision: Precision,
+    /// Where remote (`s3://`, `gs://`, `az://`) datasets are cached; none: `$LMD_CACHE_DIR`,
+    /// else `~/.cache/lmd/shards`.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// The most the cache may hold (`200G`, `500M`; `0`: no limit); none: `$LMD_CACHE_LIMIT`.
+    pub cache_limit: Option<String>,
 }
 
+/// Settings of [`RunSettings`] that never change the numbers (allowed to differ on resume).
+pub const RUN_ONLY_SETTINGS: [&str; 2] = ["cache_dir", "cache_limit"];
+
 impl RunSettings {
+    /// The cache remote datasets are read through: these settings over the environment's.
+    pub fn cache(&self) -> crate::Result<lmd_data::storage::Cache> {
+        let mut c = lmd_data::storage::Cache::default();
+        if let Some(d) = &self.cache_dir {
+            c.dir = d.clone();
+        }
+        if let Some(l) = &self.cache_limit {
+            c.limit = lmd_data::storage::parse_size(l)
+                .map_err(|e| crate::Error::Invalid(format!("--cache-limit: {e}")))?;
+        }
+        Ok(c)
+    }
+
     /// The run's device, opened once, with the matmul precision these settings ask for.
     pub fn open_device(&self) -> crate::Result<lmd_model::candle::Device> {
         let dev = self.device.open()?;
@@ -66,6 +87,8 @@ impl Default for RunSettings {
             log_every: 10,
             tf32: true,
             precision: Precision::F32,
+            cache_dir: None,
+            cache_limit: None,
         }
     }
 }

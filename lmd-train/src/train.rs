@@ -143,7 +143,7 @@ fn one() -> usize {
 
 /// Settings that may change between a run and its resumption (they do not change the numbers).
 /// (`device` may change too: the run continues, though not bit-identically across devices.)
-const RUN_ONLY_KEYS: [&str; 9] = [
+const RUN_ONLY_KEYS: [&str; 11] = [
     "init",
     "device",
     "stop_after",
@@ -153,12 +153,34 @@ const RUN_ONLY_KEYS: [&str; 9] = [
     "keep_checkpoints",
     "preview_samples",
     "vae_weights",
+    "cache_dir",
+    "cache_limit",
 ];
 
 /// Open data directories: a dataset dir (with `index.json`) or a precompute output whose
 /// `worker-*` subdirectories are datasets ([`LatentDataset::discover`]).
 pub fn open_data(dirs: &[PathBuf]) -> Result<LatentDataset> {
     Ok(LatentDataset::discover(dirs)?)
+}
+
+/// [`open_data`] for a run: remote datasets come through `cache` (said on stderr by rank 0).
+pub fn open_data_cached(
+    dirs: &[PathBuf],
+    cache: &lmd_data::storage::Cache,
+    say: bool,
+) -> Result<LatentDataset> {
+    let (ds, st) = LatentDataset::discover_cached(dirs, cache)?;
+    if say && st.hits + st.fetched > 0 {
+        eprintln!(
+            "data cache {}: {} shards fetched ({:.1} MB), {} already cached, {} evicted",
+            cache.dir.display(),
+            st.fetched,
+            st.bytes_fetched as f64 / 1e6,
+            st.hits,
+            st.evicted
+        );
+    }
+    Ok(ds)
 }
 
 /// What a run did.
@@ -199,7 +221,7 @@ fn validated(cfg: &TrainConfig) -> Result<MaeConfig> {
 
 /// The training data, checked against the model's input shape.
 fn open_checked(cfg: &TrainConfig, mcfg: &MaeConfig) -> Result<Arc<LatentDataset>> {
-    let ds = Arc::new(open_data(&cfg.data)?);
+    let ds = Arc::new(open_data_cached(&cfg.data, &cfg.run.cache()?, true)?);
     let [c, h, w] = ds.meta().latent_shape;
     if [c, h, w] != [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]] {
         return Err(Error::Invalid(format!(
@@ -338,7 +360,7 @@ pub fn run_job(
         }
     }
     job.dist
-        .check_same("the parameters at the start", driver.opt.param_hash()?)?;
+        .check_same("the parameters at the start", || driver.opt.param_hash())?;
     let preview = match root {
         true => Some(Preview::new(cfg, &loader, &dev)?),
         false => None,
@@ -391,10 +413,10 @@ pub fn run_job(
             }
             let due = step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop;
             if due || done.stop.is_some() {
-                job.dist.check_same(
-                    &format!("the parameters after step {step}"),
-                    driver.opt.param_hash()?,
-                )?;
+                job.dist
+                    .check_same(&format!("the parameters after step {step}"), || {
+                        driver.opt.param_hash()
+                    })?;
                 let state = CkptState {
                     step,
                     loader: it.state(),

@@ -48,5 +48,14 @@ fn main() -> anyhow::Result<()> {
         summary.data_wait_fraction * 100.0
     );
     eprintln!("  output: {}", summary.output.display());
+    match summary.split {
+        lmd_train::precompute::Split::ByFile { files, of } => {
+            eprintln!("  split by file: this worker read {files} of {of} input files")
+        }
+        lmd_train::precompute::Split::BySample => eprintln!(
+            "  split by sample: fewer input files than workers, each read all and kept its share"
+        ),
+        lmd_train::precompute::Split::Single => {}
+    }
     Ok(())
 }

@@ -32,6 +32,16 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precision: Option<lmd_train::model::Precision>,
+    /// Local cache for remote datasets (--data s3://...): default $LMD_CACHE_DIR, else
+    /// ~/.cache/lmd/shards. Shards are fetched once, checksummed, and reused across runs.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// The most the cache may hold (e.g. 200G; 0: no limit; default $LMD_CACHE_LIMIT):
+    /// least recently used shards of other datasets are deleted first.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_limit: Option<String>,
 }
 
 /// Parse the command line `line` (its pieces joined; `{c}` stands for the config file), with a

@@ -41,15 +41,22 @@ pub struct Args {
 pub struct Settings {
     /// Inputs: WebDataset shard patterns (`train-{000000..000146}.tar`, globs), an ILSVRC train
     /// tar (tar of per-class tars), an ILSVRC val tar (with --val-labels), or an ImageFolder dir.
+    /// Tars may be URLs (s3://, gs://, az://, http(s)://), streamed; globs in s3/gs/az URLs
+    /// are expanded by listing.
     #[arg(long = "input", num_args = 1..)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<String>,
     /// Input kind, when detection guesses wrong: wds, ilsvrc-train, ilsvrc-val, folder.
     #[arg(long)]
     pub kind: Option<InputKind>,
-    /// Output directory.
+    /// Output directory, or a URL prefix (s3://BUCKET/PREFIX, gs://, az://): each shard is
+    /// uploaded once finished, before the manifest and the resume state name it.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Local directory for shards before their upload to a remote --output (default: the
+    /// system temp dir). Holds about one shard.
+    #[arg(long)]
+    pub staging_dir: Option<PathBuf>,
     /// LOC_synset_mapping.txt (official ImageNet class order) for ILSVRC inputs.
     #[arg(long)]
     pub synsets: Option<PathBuf>,
@@ -140,7 +147,7 @@ mod tests {
                 "--synsets s.txt --val-labels v.csv --vae sd-vae --vae-weights w --size 128 ",
                 "--crop random-resized-crop --flip --filter bicubic --store mean-logvar --dtype ",
                 "bf16 --batch-size 3 --decode-threads 2 --device cpu --vae-precision f16 --num-workers 4 ",
-                "--worker-index 1 --limit 50 --unlabeled",
+                "--worker-index 1 --limit 50 --unlabeled --staging-dir st",
             ],
         );
         let c = c.as_str();
@@ -164,6 +171,7 @@ mod tests {
         assert_eq!(cfg.vae_precision, lmd_train::model::Precision::F16);
         assert_eq!((cfg.num_workers, cfg.worker_index, cfg.limit), (4, 1, 50));
         assert!(!cfg.require_labels);
+        assert_eq!(cfg.staging_dir, Some(PathBuf::from("st")));
         let a = Args::try_parse_from(["lmd-precompute", "--config", c]).unwrap();
         let cfg = config(&a).unwrap();
         assert_eq!((cfg.size, cfg.flip, cfg.require_labels), (64, false, true));

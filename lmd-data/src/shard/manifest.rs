@@ -64,7 +64,13 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = Self::path_in(dir);
         let text = std::fs::read(&path).map_err(|e| Error::io(&path, "read", e))?;
-        let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::Manifest {
+        Self::from_slice(&path, &text)
+    }
+
+    /// Parse the manifest `text` read from `path` (a file or a URL, for messages).
+    pub fn from_slice(path: &Path, text: &[u8]) -> Result<Self> {
+        let path = path.to_path_buf();
+        let m: Manifest = serde_json::from_slice(text).map_err(|e| Error::Manifest {
             path: path.clone(),
             detail: format!("invalid JSON: {e}"),
         })?;
@@ -171,7 +177,30 @@ impl LatentDataset {
     /// `index.json`) or a precompute output whose `worker-*` subdirectories are datasets (in name
     /// order). Used by training, fine-tuning, evaluation and the benchmarks alike.
     pub fn discover(dirs: &[PathBuf]) -> Result<Self> {
-        Self::open_many(&dataset_dirs(dirs)?)
+        Ok(Self::discover_cached(dirs, &crate::storage::Cache::default())?.0)
+    }
+
+    /// [`discover`](Self::discover) where any of `dirs` may be a URL: remote datasets are
+    /// read through `cache` (see [`crate::storage::Cache`]), local ones in place.
+    pub fn discover_cached(
+        dirs: &[PathBuf],
+        cache: &crate::storage::Cache,
+    ) -> Result<(Self, crate::storage::CacheStats)> {
+        let mut local = Vec::new();
+        let mut stats = crate::storage::CacheStats::default();
+        for d in dataset_dirs(dirs)? {
+            if crate::storage::is_url(&d.to_string_lossy()) {
+                let (l, st) = cache.mirror(&d)?;
+                stats.hits += st.hits;
+                stats.fetched += st.fetched;
+                stats.bytes_fetched += st.bytes_fetched;
+                stats.evicted += st.evicted;
+                local.push(l);
+            } else {
+                local.push(d);
+            }
+        }
+        Ok((Self::open_many(&local)?, stats))
     }
 
     /// Open several dataset directories (e.g. the outputs of several precompute workers) as one;
@@ -283,6 +312,35 @@ impl LatentDataset {
 pub fn dataset_dirs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut all = Vec::new();
     for d in dirs {
+        if crate::storage::is_url(&d.to_string_lossy()) {
+            // a dataset prefix, or a precompute output with worker-* datasets under it
+            let prefix = format!("{}/", d.to_string_lossy().trim_end_matches('/'));
+            let mut found: Vec<PathBuf> = crate::storage::list(&prefix)?
+                .into_iter()
+                .filter_map(|o| {
+                    let s = o.location.to_string_lossy().into_owned();
+                    let rest = s.strip_prefix(&prefix)?.strip_suffix(MANIFEST_FILE)?;
+                    (rest.is_empty()
+                        || (rest.ends_with('/') && !rest[..rest.len() - 1].contains('/')))
+                    .then(|| PathBuf::from(s.trim_end_matches(MANIFEST_FILE).trim_end_matches('/')))
+                })
+                .collect();
+            found.sort();
+            if found
+                .first()
+                .is_some_and(|f| f.to_string_lossy() == prefix.trim_end_matches('/'))
+            {
+                found.truncate(1);
+            }
+            if found.is_empty() {
+                return Err(Error::InvalidInput {
+                    context: d.display().to_string(),
+                    detail: format!("no {MANIFEST_FILE} under it (not a latent dataset)"),
+                });
+            }
+            all.extend(found);
+            continue;
+        }
         if d.join(MANIFEST_FILE).exists() {
             all.push(d.clone());
             continue;

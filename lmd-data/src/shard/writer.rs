@@ -388,17 +388,23 @@ pub(crate) fn sync_parent_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A fresh temporary name beside `path`: `NAME.tmp-PID-N` (never taken for `NAME`; removed by
+/// whoever finds it with its process gone).
+pub fn temp_name(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(
+    path.with_file_name(format!(
         "{name}.tmp-{}-{}",
         std::process::id(),
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    ))
+}
+
+/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_name(path);
     let res = (|| {
         let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
         f.write_all(bytes)

@@ -8,7 +8,7 @@
 
 use super::{RawSample, ShardFailure, Skip, SourceEvent, IMAGE_EXTS};
 use crate::{Error, Result};
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 /// A tar input: the file's bytes, decompressed when it is gzip.
@@ -19,15 +19,12 @@ pub struct TarStream {
     pub gzip: bool,
 }
 
-/// Open `path` as a tar stream (see the module doc).
+/// Open `path` (a file or a URL, streamed) as a tar stream (see the module doc).
 pub fn open_tar_stream(path: &Path) -> std::io::Result<TarStream> {
-    let mut f = std::fs::File::open(path)?;
-    let mut magic = [0u8; 2];
-    let n = f.read(&mut magic)?;
-    use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(0))?;
-    let buf = BufReader::with_capacity(1 << 20, f);
-    Ok(if n == 2 && magic == [0x1f, 0x8b] {
+    let raw = crate::storage::open_read(path).map_err(std::io::Error::other)?;
+    let mut buf = BufReader::with_capacity(1 << 20, raw);
+    let gzip = buf.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gzip {
         TarStream {
             reader: Box::new(BufReader::with_capacity(
                 1 << 20,

@@ -13,7 +13,7 @@ use std::path::Path;
 
 /// WordNet ids in label order from `LOC_synset_mapping.txt` (`WNID description` per line).
 pub fn read_synsets(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+    let text = String::from_utf8_lossy(&crate::storage::read(path)?).into_owned();
     let ids: Vec<String> = text
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -35,8 +35,8 @@ fn index_of(ids: &[String]) -> HashMap<String, i64> {
         .collect()
 }
 
-fn open_tar(path: &Path) -> Result<tar::Archive<std::io::BufReader<std::fs::File>>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
+fn open_tar(path: &Path) -> Result<tar::Archive<std::io::BufReader<Box<dyn Read + Send>>>> {
+    let f = crate::storage::open_read(path)?;
     Ok(tar::Archive::new(std::io::BufReader::with_capacity(
         1 << 20,
         f,
@@ -90,8 +90,18 @@ pub fn read_ilsvrc_train(
     let ids = match synsets {
         Some(p) => read_synsets(p)?,
         None => {
-            // First pass over the outer headers only (seeking past the class tars).
-            let mut ar = open_tar(tar_path)?;
+            // First pass over the outer headers only (seeking past the class tars): a local
+            // file only, a remote one would be read through twice.
+            if crate::storage::is_url(&source) {
+                return Err(Error::InvalidInput {
+                    context: source,
+                    detail: "a remote ILSVRC train tar needs --synsets LOC_synset_mapping.txt \
+                             (without it the class order takes a whole extra pass over the tar)"
+                        .into(),
+                });
+            }
+            let f = std::fs::File::open(tar_path).map_err(|e| Error::io(tar_path, "open", e))?;
+            let mut ar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
             let mut ids: Vec<String> = ar
                 .entries_with_seek()
                 .map_err(|e| Error::io(tar_path, "read tar", e))?
@@ -221,7 +231,7 @@ pub fn read_ilsvrc_val(
     synsets: Option<&Path>,
     f: &mut dyn FnMut(SourceEvent) -> bool,
 ) -> Result<()> {
-    let text = std::fs::read_to_string(solution).map_err(|e| Error::io(solution, "read", e))?;
+    let text = String::from_utf8_lossy(&crate::storage::read(solution)?).into_owned();
     let mut wnid_of: HashMap<String, String> = HashMap::new();
     for (n, line) in text.lines().enumerate().skip(1) {
         let Some((id, pred)) = line.split_once(',') else {

@@ -212,6 +212,10 @@ impl InputSpec {
             n
         }
         let tar_members = |path: &Path, keys: bool| -> Option<u64> {
+            // remote tars: counting would read them through
+            if crate::storage::is_url(path.to_str()?) {
+                return None;
+            }
             // plain tars: seek past the data; gzip streams must be read through
             let stream = open_tar_stream(path).ok()?;
             if stream.gzip {
@@ -361,7 +365,8 @@ fn first_member_is_tar(path: &Path) -> Result<bool> {
 }
 
 /// Expand a shard pattern: brace ranges (`train-{000000..000146}.tar`, zero-padded as written),
-/// brace lists (`{a,b}`), then glob wildcards. A plain existing path is itself. Sorted, no
+/// brace lists (`{a,b}`), then glob wildcards (for URLs, by listing the prefix before the first
+/// wildcard). A plain existing path is itself. Sorted, no
 /// duplicates; an empty expansion is an error naming the pattern.
 pub fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -369,7 +374,13 @@ pub fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
         context: pattern.to_string(),
         detail: d,
     })? {
-        if p.contains(['*', '?', '[']) {
+        if crate::storage::is_url(&p) {
+            if p.contains(['*', '?', '[']) {
+                out.extend(crate::storage::glob_remote(&p)?);
+            } else {
+                out.push(PathBuf::from(p));
+            }
+        } else if p.contains(['*', '?', '[']) {
             let paths = glob::glob(&p).map_err(|e| Error::InvalidInput {
                 context: pattern.to_string(),
                 detail: format!("bad glob: {e}"),
@@ -388,6 +399,10 @@ pub fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
         });
     }
     for p in &out {
+        if crate::storage::is_url(&p.to_string_lossy()) {
+            // a missing object is reported when it is opened (one GET, not a HEAD each)
+            continue;
+        }
         if !p.exists() {
             return Err(Error::io(
                 p,

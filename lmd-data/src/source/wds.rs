@@ -129,7 +129,7 @@ pub fn read_webdataset_shard(
     let file_len = if stream.gzip {
         u64::MAX
     } else {
-        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+        crate::storage::size_of(path).ok().flatten().unwrap_or(0)
     };
     let mut ar = tar::Archive::new(stream.reader);
     let entries = match ar.entries() {

@@ -254,11 +254,13 @@ impl Dist {
     }
 
     /// Refuse unless every rank's `hash` equals rank 0's (parameters after loading, at each
-    /// checkpoint): names the first rank that differs.
-    pub fn check_same(&self, what: &str, hash: u64) -> Result<()> {
+    /// checkpoint): names the first rank that differs. The hash is computed only under
+    /// several ranks.
+    pub fn check_same(&self, what: &str, hash: impl FnOnce() -> Result<u64>) -> Result<()> {
         if self.world_size() == 1 {
             return Ok(());
         }
+        let hash = hash()?;
         let root = self.broadcast_json(&hash)?;
         let mut differs = vec![0f64; self.world_size()];
         differs[self.rank()] = (hash != root) as u8 as f64;
@@ -340,7 +342,7 @@ mod tests {
         let d = Dist::single();
         assert_eq!((d.rank(), d.world_size(), d.is_root()), (0, 1, true));
         assert_eq!(d.broadcast_json(&vec![1u32, 2]).unwrap(), vec![1, 2]);
-        d.check_same("parameters", 42).unwrap();
+        d.check_same("parameters", || Ok(42)).unwrap();
         assert_eq!(d.device_for(DeviceSpec::Cuda(0)), DeviceSpec::Cuda(0));
         assert!(d.cpu_threads() >= 1);
         let mut v = [1.0f32, 2.0];

@@ -12,19 +12,31 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lmd_data::pipeline::{Batch, Prepared};
-use lmd_data::shard::{writer::write_atomic, Manifest, ShardMeta, ShardWriter, WriterOptions};
+use lmd_data::shard::{
+    writer::write_atomic, Manifest, ShardMeta, ShardWriter, WriterOptions, MANIFEST_FILE,
+};
 use lmd_data::source::{ShardFailure, Skip};
+use lmd_data::storage;
 use serde::Deserialize;
 
 use super::{reason_class, PrecomputeConfig, ReportLine, State, Summary};
 use crate::run_dir::write_json;
 use crate::{Error, Result};
 
+/// Files of an output directory beside the shards, published in this order after each shard.
+const REPORT: &str = "skipped.jsonl";
+const STATE: &str = "state.json";
+const CONFIG: &str = "precompute.json";
+const SUMMARY: &str = "summary.json";
+
 /// A worker's output directory, open for appending records.
 pub(super) struct Output<'a> {
     cfg: &'a PrecomputeConfig,
     meta: ShardMeta,
+    /// Where files are written first (the destination itself when it is local).
     dir: PathBuf,
+    /// The destination when it is a URL: each file is uploaded from `dir` once complete.
+    remote: Option<PathBuf>,
     pub(super) manifest: Manifest,
     pub(super) state: State,
     report: Vec<ReportLine>,
@@ -41,9 +53,24 @@ pub(super) struct Output<'a> {
 impl<'a> Output<'a> {
     /// Open (or resume) `cfg.worker_dir()` for shards described by `meta`.
     pub(super) fn open(cfg: &'a PrecomputeConfig, meta: &ShardMeta) -> Result<Self> {
-        let dir = cfg.worker_dir();
+        let dest = cfg.worker_dir();
+        let remote = storage::is_url(&dest.to_string_lossy()).then(|| dest.clone());
+        let dir = match &remote {
+            Some(url) => cfg.staging_dir(url),
+            None => dest,
+        };
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
         remove_stale_temporaries(&dir)?;
+        if let Some(url) = &remote {
+            // the destination's files are the truth: a rerun anywhere resumes from them
+            for name in [CONFIG, STATE, MANIFEST_FILE, REPORT] {
+                let local = dir.join(name);
+                match storage::read_opt(&storage::join(url, name))? {
+                    Some(b) => write_atomic(&local, &b)?,
+                    None => storage::remove(&local)?,
+                }
+            }
+        }
         refuse_other_config(&dir, cfg)?;
         let mut manifest = match Manifest::load(&dir) {
             Ok(m) => {
@@ -58,11 +85,12 @@ impl<'a> Output<'a> {
             }
             Err(_) => Manifest::new(meta.clone()),
         };
-        write_json(&dir.join("precompute.json"), cfg)?;
-        let state: State = read_json(&dir.join("state.json"))?.unwrap_or_default();
+        write_json(&dir.join(CONFIG), cfg)?;
+        publish(&dir, remote.as_deref(), CONFIG)?;
+        let state: State = read_json(&dir.join(STATE))?.unwrap_or_default();
         // Keep only the shards the state vouches for (a later one may be rewritten identically).
         manifest.shards.truncate(state.shards);
-        let report: Vec<ReportLine> = match std::fs::read_to_string(dir.join("skipped.jsonl")) {
+        let report: Vec<ReportLine> = match std::fs::read_to_string(dir.join(REPORT)) {
             Ok(t) => t
                 .lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
@@ -73,9 +101,18 @@ impl<'a> Output<'a> {
         // once and the repeat reported as a skip).
         let mut seen = HashSet::new();
         for e in &manifest.shards {
-            let r = lmd_data::shard::ShardReader::open(dir.join(&e.file))?;
+            let local = dir.join(&e.file);
+            if let Some(url) = &remote {
+                // committed shards live at the destination: fetch each once for its keys
+                storage::download(&storage::join(url, &e.file), &local)?;
+            }
+            let r = lmd_data::shard::ShardReader::open(&local)?;
             for i in 0..r.len() {
                 seen.insert(r.key(i)?.to_string());
+            }
+            if remote.is_some() {
+                drop(r);
+                storage::remove(&local)?;
             }
         }
         Ok(Output {
@@ -91,6 +128,7 @@ impl<'a> Output<'a> {
             resumed_records: state.records,
             state,
             dir,
+            remote,
         })
     }
 
@@ -155,14 +193,33 @@ impl<'a> Output<'a> {
         };
         let wmeta = w.meta().clone();
         let info = w.finish()?;
+        let file = info
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // the shard is complete at the destination before anything names it
+        self.publish(&file)?;
         self.report.append(&mut self.pending);
-        write_report(&self.dir.join("skipped.jsonl"), &self.report)?;
+        write_report(&self.dir.join(REPORT), &self.report)?;
+        self.publish(REPORT)?;
         self.manifest.add(&info, &wmeta)?;
         self.manifest.save(&self.dir)?;
+        self.publish(MANIFEST_FILE)?;
         self.state.shards += 1;
         self.state.records += info.records;
         self.state.next_seq = self.last_seq + 1;
-        write_json(&self.dir.join("state.json"), &self.state)
+        write_json(&self.dir.join(STATE), &self.state)?;
+        self.publish(STATE)?;
+        if self.remote.is_some() {
+            storage::remove(&self.dir.join(&file))?;
+        }
+        Ok(())
+    }
+
+    /// Upload `dir/name` to the remote destination (nothing for a local one).
+    fn publish(&self, name: &str) -> Result<()> {
+        publish(&self.dir, self.remote.as_deref(), name)
     }
 
     /// The last shard, the final report, `done` in the state, and the summary.
@@ -171,21 +228,31 @@ impl<'a> Output<'a> {
         t_start: Instant,
         vae_ips: f64,
         wait_frac: f64,
+        split: super::Split,
     ) -> Result<Summary> {
         if !self.state.done {
             self.commit()?;
             self.report.append(&mut self.pending);
-            write_report(&self.dir.join("skipped.jsonl"), &self.report)?;
+            write_report(&self.dir.join(REPORT), &self.report)?;
+            self.publish(REPORT)?;
             if self.manifest.shards.is_empty() {
                 self.manifest.save(&self.dir)?;
+                self.publish(MANIFEST_FILE)?;
             }
             self.state.done = true;
-            write_json(&self.dir.join("state.json"), &self.state)?;
+            write_json(&self.dir.join(STATE), &self.state)?;
+            self.publish(STATE)?;
         }
-        self.summary(t_start, vae_ips, wait_frac)
+        self.summary(t_start, vae_ips, wait_frac, split)
     }
 
-    fn summary(&self, t_start: Instant, vae_ips: f64, wait_frac: f64) -> Result<Summary> {
+    fn summary(
+        &self,
+        t_start: Instant,
+        vae_ips: f64,
+        wait_frac: f64,
+        split: super::Split,
+    ) -> Result<Summary> {
         let mut by_reason = BTreeMap::new();
         let (mut skipped, mut failed) = (0, 0);
         for l in &self.report {
@@ -200,7 +267,7 @@ impl<'a> Output<'a> {
         let wall = t_start.elapsed().as_secs_f64();
         let m = &self.manifest;
         let s = Summary {
-            output: self.dir.clone(),
+            output: self.remote.clone().unwrap_or_else(|| self.dir.clone()),
             written: self.written,
             skipped,
             skipped_by_reason: by_reason,
@@ -217,10 +284,12 @@ impl<'a> Output<'a> {
             vae_images_per_s: vae_ips,
             data_wait_fraction: wait_frac,
             resumed_records: self.resumed_records,
+            split,
         };
-        write_json(&self.dir.join("summary.json"), &s)?;
+        write_json(&self.dir.join(SUMMARY), &s)?;
+        self.publish(SUMMARY)?;
         if m.records == 0 {
-            return Err(nothing_written(&self.dir, &self.report));
+            return Err(nothing_written(&s.output, &self.report));
         }
         Ok(s)
     }
@@ -290,7 +359,7 @@ fn nothing_written(dir: &Path, report: &[ReportLine]) -> Error {
         failures.len(),
         if shown.is_empty() { "" } else { ": " },
         shown.join("; "),
-        dir.join("skipped.jsonl").display()
+        storage::join(dir, REPORT).display()
     ))
 }
 
@@ -334,6 +403,14 @@ pub(super) fn failure_line(f: ShardFailure) -> ReportLine {
         source: f.source,
         offset: f.offset,
         message: f.message,
+    }
+}
+
+/// Upload `dir/name` to `remote/name` when the destination is remote.
+fn publish(dir: &Path, remote: Option<&Path>, name: &str) -> Result<()> {
+    match remote {
+        Some(url) => Ok(storage::upload(&dir.join(name), &storage::join(url, name))?),
+        None => Ok(()),
     }
 }
 

@@ -23,6 +23,7 @@
 mod commit;
 mod encode;
 mod plan;
+pub use plan::Split;
 
 use crate::{Error, Result};
 use lmd_data::pipeline::{Pipeline, PipelineItem};
@@ -136,6 +137,10 @@ pub struct PrecomputeConfig {
     pub require_labels: bool,
     /// Stop after this many input samples (0: all). For trials and tests.
     pub limit: u64,
+    /// Local directory where shards are written before their upload to a remote `output`
+    /// (none: `<temp>/lmd-staging/<hash of the URL>`). A finished shard is deleted here once
+    /// uploaded, so this holds about one shard.
+    pub staging_dir: Option<PathBuf>,
 }
 
 impl Default for PrecomputeConfig {
@@ -166,6 +171,7 @@ impl Default for PrecomputeConfig {
             worker_index: 0,
             require_labels: true,
             limit: 0,
+            staging_dir: None,
         }
     }
 }
@@ -216,23 +222,39 @@ impl PrecomputeConfig {
         })
     }
 
-    /// The directory this worker writes.
+    /// The directory (or URL prefix) this worker writes.
     pub fn worker_dir(&self) -> PathBuf {
         if self.num_workers > 1 {
-            self.output.join(format!(
-                "worker-{:03}-of-{:03}",
-                self.worker_index, self.num_workers
-            ))
+            lmd_data::storage::join(
+                &self.output,
+                &format!("worker-{:03}-of-{:03}", self.worker_index, self.num_workers),
+            )
         } else {
             self.output.clone()
         }
+    }
+
+    /// Where this worker stages shards for the remote destination `url`.
+    pub(crate) fn staging_dir(&self, url: &std::path::Path) -> PathBuf {
+        let base = self
+            .staging_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("lmd-staging"));
+        let h = xxhash_rust::xxh3::xxh3_64(url.to_string_lossy().as_bytes());
+        base.join(format!("{h:016x}"))
     }
 
     /// Settings that decide the output; a rerun must match them to resume.
     fn resume_key(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("serializes");
         let o = v.as_object_mut().expect("object");
-        for k in ["batch_size", "decode_threads", "device", "output"] {
+        for k in [
+            "batch_size",
+            "decode_threads",
+            "device",
+            "output",
+            "staging_dir",
+        ] {
             o.remove(k);
         }
         v
@@ -287,6 +309,10 @@ pub struct Summary {
     pub data_wait_fraction: f64,
     /// Records already present when this run started (resumed).
     pub resumed_records: usize,
+    /// How this worker's share of the inputs was chosen (by file, or by sample when there
+    /// are fewer input files than workers).
+    #[serde(flatten)]
+    pub split: plan::Split,
 }
 
 fn reason_class(r: &str) -> String {
@@ -301,11 +327,21 @@ pub type Progress<'a> = &'a mut dyn FnMut(usize, Option<u64>, &str);
 
 /// Run a precompute job: plan, then decode -> encode -> commit until the inputs end.
 pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
+    run_inner(cfg, progress).map_err(|e| match lmd_data::storage::first_fault() {
+        // a lost server fails uploads too: name the read that failed as well
+        Some(f) if f.to_string() != e.to_string() => {
+            Error::Invalid(format!("{e} (and a read failed before: {f})"))
+        }
+        _ => e,
+    })
+}
+
+fn run_inner(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
     let plan = Plan::make(cfg)?;
     let mut out = Output::open(cfg, &plan.meta)?;
     let t_start = Instant::now();
     if out.state.done {
-        return out.finish(t_start, 0.0, 0.0);
+        return out.finish(t_start, 0.0, 0.0, plan.split);
     }
     let start = out.state.next_seq;
     let total = plan.expected(cfg, start);
@@ -315,6 +351,11 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
     let mut t_wait = Instant::now();
     for item in pipeline {
         wait_s += t_wait.elapsed().as_secs_f64();
+        // a lost connection is not a damaged input: stop before committing anything after it
+        // (the rerun resumes at the last committed shard)
+        if let Some(e) = lmd_data::storage::first_fault() {
+            return Err(e.into());
+        }
         match item {
             PipelineItem::Batch(b) => {
                 let records = encoder.encode(&b.items)?;
@@ -327,13 +368,16 @@ pub fn run(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> {
         }
         t_wait = Instant::now();
     }
+    if let Some(e) = lmd_data::storage::first_fault() {
+        return Err(e.into());
+    }
     let wall = t_start.elapsed().as_secs_f64();
     let vae_ips = if encoder.busy_s > 0.0 {
         out.written as f64 * plan.transform.variants() as f64 / encoder.busy_s
     } else {
         0.0
     };
-    out.finish(t_start, vae_ips, wait_s / wall.max(1e-9))
+    out.finish(t_start, vae_ips, wait_s / wall.max(1e-9), plan.split)
 }
 
 #[cfg(test)]

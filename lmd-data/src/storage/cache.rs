@@ -1,0 +1,204 @@
+//! A local cache of remote latent datasets: training reads `s3://.../latents` from local
+//! memory-mapped copies, fetched once and reused across epochs and runs.
+//!
+//! Layout: `CACHE/<xxh3 of the URL>/` holds the dataset's shards under their own names and its
+//! `index.json`, written last. Rules:
+//! - The remote manifest is read on every open (one GET); a shard whose local copy has the
+//!   manifest's size is used as is (it was verified when it arrived), any other is fetched
+//!   (to a temporary, its XXH3-128 checked against the manifest, then renamed into place).
+//! - Each use touches the shard's modification time; when the cache holds more than its limit,
+//!   the least recently used shards of other datasets are deleted first. A dataset larger than
+//!   the limit on its own is refused before anything is fetched, naming both sizes.
+
+use super::{join, read};
+use crate::shard::{Manifest, MANIFEST_FILE};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Where remote datasets are cached, and how much they may take (bytes; 0: no limit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cache {
+    pub dir: PathBuf,
+    pub limit: u64,
+}
+
+/// What opening one remote dataset through the cache did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Shards served from the cache.
+    pub hits: usize,
+    /// Shards fetched.
+    pub fetched: usize,
+    pub bytes_fetched: u64,
+    /// Shards of other datasets deleted to stay under the limit.
+    pub evicted: usize,
+}
+
+impl Default for Cache {
+    /// `$LMD_CACHE_DIR`, else `$XDG_CACHE_HOME/lmd/shards`, else `~/.cache/lmd/shards`; limit
+    /// `$LMD_CACHE_LIMIT` (e.g. `200G`), else none.
+    fn default() -> Self {
+        let dir = std::env::var_os("LMD_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lmd/shards"))
+            })
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lmd/shards"))
+            })
+            .unwrap_or_else(|| std::env::temp_dir().join("lmd-cache"));
+        let limit = std::env::var("LMD_CACHE_LIMIT")
+            .ok()
+            .and_then(|v| parse_size(&v).ok())
+            .unwrap_or(0);
+        Cache { dir, limit }
+    }
+}
+
+/// `123`, `64K`, `500M`, `200G`, `1.5T` (powers of 1024) as bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("size {s:?}: unknown unit {c:?} (K, M, G, T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number with an optional K/M/G/T"))?;
+    if v.is_nan() || v < 0.0 {
+        return Err(format!("size {s:?}: negative"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+impl Cache {
+    /// The local copy of the remote dataset `url` (a prefix holding `index.json`), brought up to
+    /// date (see the module rules).
+    pub fn mirror(&self, url: &Path) -> Result<(PathBuf, CacheStats)> {
+        let name = format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(url.to_string_lossy().as_bytes())
+        );
+        let local = self.dir.join(name);
+        std::fs::create_dir_all(&local).map_err(|e| Error::io(&local, "create directory", e))?;
+        let murl = join(url, MANIFEST_FILE);
+        let bytes = read(&murl)?;
+        let m = Manifest::from_slice(&murl, &bytes)?;
+        if self.limit > 0 && m.bytes > self.limit {
+            return Err(Error::InvalidInput {
+                context: url.display().to_string(),
+                detail: format!(
+                    "the dataset takes {} bytes, more than the cache limit of {} bytes \
+                     (raise --cache-limit)",
+                    m.bytes, self.limit
+                ),
+            });
+        }
+        let mut st = CacheStats::default();
+        let keep: Vec<PathBuf> = m.shards.iter().map(|s| local.join(&s.file)).collect();
+        // room first, so the fetches do not overshoot the limit
+        st.evicted = self.evict(&keep, m.bytes)?;
+        for (s, lp) in m.shards.iter().zip(&keep) {
+            let have = std::fs::metadata(lp).map(|x| x.len()).ok();
+            if have == Some(s.bytes) {
+                st.hits += 1;
+            } else {
+                let src = join(url, &s.file);
+                let tmp = crate::shard::writer::temp_name(lp);
+                super::download(&src, &tmp)?;
+                let data = std::fs::read(&tmp).map_err(|e| Error::io(&tmp, "read", e))?;
+                let sum = format!("{:032x}", crate::shard::format::checksum128(&data));
+                if sum != s.xxh3_128 || data.len() as u64 != s.bytes {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(Error::Storage {
+                        url: src.display().to_string(),
+                        op: "verify",
+                        detail: format!(
+                            "{} bytes, XXH3-128 {sum}; the manifest says {} bytes, {}",
+                            data.len(),
+                            s.bytes,
+                            s.xxh3_128
+                        ),
+                    });
+                }
+                std::fs::rename(&tmp, lp).map_err(|e| Error::io(lp, "rename", e))?;
+                st.fetched += 1;
+                st.bytes_fetched += s.bytes;
+            }
+            touch(lp);
+        }
+        crate::shard::writer::write_atomic(&local.join(MANIFEST_FILE), &bytes)?;
+        Ok((local, st))
+    }
+
+    /// Delete least-recently-used shards (not in `keep`) until `incoming` more bytes fit.
+    fn evict(&self, keep: &[PathBuf], incoming: u64) -> Result<usize> {
+        if self.limit == 0 {
+            return Ok(0);
+        }
+        let mut files: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
+        let mut kept = 0u64;
+        for d in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+                let p = f.path();
+                if p.extension().is_none_or(|e| e != "lmds") {
+                    continue;
+                }
+                let Ok(md) = f.metadata() else { continue };
+                if keep.contains(&p) {
+                    kept += md.len();
+                    continue;
+                }
+                let t = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                files.push((t, md.len(), p));
+            }
+        }
+        files.sort();
+        let mut total = kept + files.iter().map(|f| f.1).sum::<u64>();
+        // what is already here of this dataset counts once
+        let need = incoming.saturating_sub(kept);
+        let mut n = 0;
+        for (_, len, p) in files {
+            if total + need <= self.limit {
+                break;
+            }
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, "evict", e))?;
+            total -= len;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+fn touch(p: &Path) {
+    if let Ok(f) = std::fs::File::options().append(true).open(p) {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert!(parse_size("5Q").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}
