@@ -84,6 +84,30 @@ fn shards_of(dir: &Path) -> Result<(Vec<PathBuf>, Option<Manifest>, Vec<Problem>
 /// Inspect a shard or dataset. Errors only when nothing can be read at all; damaged shards are
 /// listed in `problems`.
 pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
+    if lmd_data::storage::is_url(&opts.path.to_string_lossy()) {
+        // a remote shard is fetched to a temporary file, a remote dataset through the cache
+        let tmp = std::env::temp_dir().join(format!("lmd-inspect-{}", std::process::id()));
+        let local = if opts
+            .path
+            .extension()
+            .is_some_and(|x| x == lmd_data::shard::format::EXTENSION)
+        {
+            std::fs::create_dir_all(&tmp).map_err(|e| crate::Error::io(&tmp, "create", e))?;
+            let p = tmp.join(opts.path.file_name().unwrap_or_default());
+            lmd_data::storage::download(&opts.path, &p)?;
+            p
+        } else {
+            lmd_data::storage::Cache::default().mirror(&opts.path)?.0
+        };
+        let report = run(&InspectOptions {
+            path: local,
+            ..opts.clone()
+        });
+        let _ = std::fs::remove_dir_all(&tmp);
+        let mut report = report?;
+        report.path = opts.path.display().to_string();
+        return Ok(report);
+    }
     let is_dir = opts.path.is_dir();
     let (paths, manifest, mut problems) = if is_dir {
         shards_of(&opts.path)?

@@ -192,6 +192,77 @@ fn touch(p: &Path) {
 mod tests {
     use super::*;
 
+    use crate::synthetic::{write_dataset, SyntheticSpec};
+
+    fn dataset(dir: &Path, seed: u64) -> u64 {
+        let m = write_dataset(
+            dir,
+            &SyntheticSpec {
+                records: 64,
+                records_per_shard: 16,
+                seed,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        m.bytes
+    }
+
+    // The cache reads its source through `storage`, so a local directory stands in for a
+    // remote prefix here; tests/object_store.rs runs the same code against an S3 server.
+    #[test]
+    fn a_second_open_is_served_from_the_cache_and_a_corrupt_arrival_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        dataset(&src, 1);
+        let c = Cache {
+            dir: t.path().join("cache"),
+            limit: 0,
+        };
+        let (local, st) = c.mirror(&src).unwrap();
+        assert_eq!((st.fetched, st.hits), (4, 0));
+        let (again, st) = c.mirror(&src).unwrap();
+        assert_eq!((again, st.fetched, st.hits), (local.clone(), 0, 4));
+        assert_eq!(crate::shard::LatentDataset::open(&local).unwrap().len(), 64);
+        // damage one shard at the source (same size) and drop the cached copy
+        let victim = src.join("shard-000002.lmds");
+        let mut b = std::fs::read(&victim).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0xff;
+        std::fs::write(&victim, b).unwrap();
+        std::fs::remove_file(local.join("shard-000002.lmds")).unwrap();
+        let e = c.mirror(&src).unwrap_err().to_string();
+        assert!(
+            e.contains("shard-000002.lmds") && e.contains("verify"),
+            "{e}"
+        );
+        assert!(!local.join("shard-000002.lmds").exists());
+    }
+
+    #[test]
+    fn least_recently_used_datasets_make_room_and_one_too_large_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        let size = dataset(&a, 1).max(dataset(&b, 2));
+        // room for one dataset and half of another
+        let mut c = Cache {
+            dir: t.path().join("cache"),
+            limit: size + size / 2,
+        };
+        let (la, _) = c.mirror(&a).unwrap();
+        let (lb, st) = c.mirror(&b).unwrap();
+        assert_eq!(st.fetched, 4);
+        assert!(st.evicted >= 2, "{st:?}");
+        let left = (0..4)
+            .filter(|i| la.join(format!("shard-{i:06}.lmds")).exists())
+            .count();
+        assert!(left <= 2, "{left} shards of a kept");
+        assert!((0..4).all(|i| lb.join(format!("shard-{i:06}.lmds")).exists()));
+        c.limit = size / 2;
+        let e = c.mirror(&a).unwrap_err().to_string();
+        assert!(e.contains("cache limit"), "{e}");
+    }
+
     #[test]
     fn sizes_parse_with_binary_units() {
         assert_eq!(parse_size("123").unwrap(), 123);
