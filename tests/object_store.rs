@@ -589,3 +589,78 @@ fn a_server_lost_mid_precompute_fails_naming_the_url_and_the_rerun_completes_ide
             .unwrap();
     assert_eq!(summary["failed_shards"], 0, "{summary}");
 }
+
+#[test]
+#[ignore = "needs moto_server (pip install 'moto[server]')"]
+fn a_large_file_goes_up_in_parts_and_comes_back_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    create_bucket("big");
+    // past the multipart threshold, not a multiple of the part size
+    let n = storage::MULTIPART_BYTES * 2 + 12345;
+    let bytes: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+    let src = tmp.path().join("big.bin");
+    std::fs::write(&src, &bytes).unwrap();
+    let url = Path::new("s3://big/x/big.bin");
+    storage::upload(&src, url).unwrap();
+    assert_eq!(storage::size_of(url).unwrap(), Some(n as u64));
+    let back = tmp.path().join("back.bin");
+    assert_eq!(storage::download(url, &back).unwrap(), n as u64);
+    assert!(std::fs::read(&back).unwrap() == bytes, "the object differs");
+    // the parts went up as a multipart upload (moto records its POSTs)
+    let text = std::fs::read_to_string(&moto().recording).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"POST\"") && l.contains("/big/x/big.bin?uploads")),
+        "no multipart upload was started"
+    );
+    assert_eq!(
+        storage::size_of(Path::new("s3://big/x/none")).unwrap(),
+        None
+    );
+}
+
+#[test]
+#[ignore = "needs python3 and LMD_SHARED"]
+fn precompute_reads_http_urls_like_local_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tars = tmp.path().join("tars");
+    make_tars(&tars);
+    let port = free_port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(&tars)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, "python3 -m http.server");
+    let out = tmp.path().join("from-http");
+    let o = precompute(
+        &format!("http://127.0.0.1:{port}/part-{{0..3}}.tar"),
+        &out.to_string_lossy(),
+        &[],
+        &[],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    ok(&o, "precompute from http");
+    let one = tmp.path().join("one");
+    ok(
+        &precompute(
+            &tars.join("part-*.tar").to_string_lossy(),
+            &one.to_string_lossy(),
+            &[],
+            &[],
+        ),
+        "local",
+    );
+    let cache = tmp.path().join("cache");
+    assert_eq!(records(&out, &cache), records(&one, &cache));
+}

@@ -57,7 +57,10 @@ pub fn loader(opts: &LoaderBenchOptions, mut emit: impl FnMut(serde_json::Value)
     } else {
         (opts.data.clone(), "given")
     };
+    // opening includes fetching a remote dataset into the cache ($LMD_CACHE_DIR)
+    let t_open = Instant::now();
     let ds = std::sync::Arc::new(crate::train::open_data(&data)?);
+    let open_s = t_open.elapsed().as_secs_f64();
     let rec_f32_bytes = ds.meta().tensor_elems() * 4;
     let file_bytes: u64 = ds.shards().iter().map(|s| s.file_bytes()).sum();
 
@@ -99,6 +102,7 @@ pub fn loader(opts: &LoaderBenchOptions, mut emit: impl FnMut(serde_json::Value)
         "gb_per_s": samples_per_s * rec_f32_bytes as f64 / 1e9,
         "file_mb_per_s": samples_per_s * (file_bytes as f64 / ds.len() as f64) / 1e6,
         "sequential_records_per_s": seq_rps, "ratio_vs_sequential": samples_per_s / seq_rps,
+        "open_s": open_s,
     }));
 
     if opts.train_steps > 0 {
