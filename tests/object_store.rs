@@ -229,6 +229,28 @@ fn records(dir: &Path, cache: &Path) -> BTreeMap<String, (Option<i64>, Vec<f32>)
         .collect()
 }
 
+/// Assert that the dataset `out` (a path or URL) holds exactly the records of a one-worker local
+/// precompute of `tars/part-*.tar` (run here, into `tmp/one`).
+fn assert_same_as_local(tmp: &Path, tars: &Path, out: &Path) {
+    let one = tmp.join("one");
+    ok(
+        &precompute(
+            &tars.join("part-*.tar").to_string_lossy(),
+            &one.to_string_lossy(),
+            &[],
+            &[],
+        ),
+        "local one-worker precompute",
+    );
+    let cache = tmp.join("cache");
+    assert_eq!(
+        records(out, &cache),
+        records(&one, &cache),
+        "{} differs from a local run",
+        out.display()
+    );
+}
+
 #[test]
 #[ignore = "needs moto_server (pip install 'moto[server]') and LMD_SHARED"]
 fn precompute_from_s3_tars_to_s3_latents_equals_a_local_run() {
@@ -315,21 +337,10 @@ fn two_workers_over_four_files_each_read_only_their_two() {
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 4, "{per_worker:?}");
-    // together they wrote exactly the records of a one-worker run
-    let one = tmp.path().join("one");
-    ok(
-        &precompute(
-            &tmp.path().join("tars/part-*.tar").to_string_lossy(),
-            &one.to_string_lossy(),
-            &[],
-            &[],
-        ),
-        "one worker",
-    );
-    let cache = tmp.path().join("cache");
-    assert_eq!(
-        records(Path::new("s3://split/lat"), &cache),
-        records(&one, &cache)
+    assert_same_as_local(
+        tmp.path(),
+        &tmp.path().join("tars"),
+        Path::new("s3://split/lat"),
     );
 }
 
@@ -438,7 +449,8 @@ fn a_missing_bucket_is_one_clear_line_before_any_work() {
 }
 
 /// A TCP proxy from a local port to moto that can be cut: after `cut_after` bytes from the
-/// server it closes every connection and stops accepting (connection refused).
+/// server it closes every connection and stops accepting (connection refused). Bytes from the
+/// server are paced at `bytes_per_s` (0: unpaced), so the client commits work as data comes.
 struct Proxy {
     port: u16,
     dead: Arc<AtomicBool>,
@@ -446,7 +458,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(port: u16, cut_after: u64) -> Proxy {
+    fn start(port: u16, cut_after: u64, bytes_per_s: u64) -> Proxy {
         // the port of a proxy just cut is free once its thread saw the cut
         let t0 = Instant::now();
         let listener = loop {
@@ -502,6 +514,11 @@ impl Proxy {
                                 if b.write_all(&buf[..n]).is_err() {
                                     break;
                                 }
+                                if count && bytes_per_s > 0 {
+                                    std::thread::sleep(Duration::from_secs_f64(
+                                        n as f64 / bytes_per_s as f64,
+                                    ));
+                                }
                             }
                             let _ = a.shutdown(std::net::Shutdown::Both);
                             let _ = b.shutdown(std::net::Shutdown::Both);
@@ -533,7 +550,8 @@ fn a_server_lost_mid_precompute_fails_naming_the_url_and_the_rerun_completes_ide
                 .len()
         })
         .sum();
-    let proxy = Proxy::start(0, tar_bytes / 2);
+    // paced so that shards are committed while the tars stream; cut at 3/4 of them
+    let proxy = Proxy::start(0, tar_bytes * 3 / 4, tar_bytes / 3);
     let port = proxy.port;
     let env = |port: u16| {
         let mut e = client_env(port);
@@ -561,7 +579,7 @@ fn a_server_lost_mid_precompute_fails_naming_the_url_and_the_rerun_completes_ide
     );
     assert!(err.contains("retries") || err.contains("byte"), "{err}");
     // a restarted proxy (the server back): the rerun completes
-    let proxy2 = Proxy::start(port, u64::MAX);
+    let proxy2 = Proxy::start(port, u64::MAX, 0);
     let o = precompute(
         "s3://cut/in/part-{0..3}.tar",
         "s3://cut/lat",
@@ -569,25 +587,20 @@ fn a_server_lost_mid_precompute_fails_naming_the_url_and_the_rerun_completes_ide
         &env(proxy2.port),
     );
     ok(&o, "rerun");
-    let one = tmp.path().join("one");
-    ok(
-        &precompute(
-            &tmp.path().join("tars/part-*.tar").to_string_lossy(),
-            &one.to_string_lossy(),
-            &[],
-            &[],
-        ),
-        "uninterrupted",
-    );
-    let cache = tmp.path().join("cache");
-    assert_eq!(
-        records(Path::new("s3://cut/lat"), &cache),
-        records(&one, &cache)
+    assert_same_as_local(
+        tmp.path(),
+        &tmp.path().join("tars"),
+        Path::new("s3://cut/lat"),
     );
     let summary: serde_json::Value =
         serde_json::from_slice(&storage::read(Path::new("s3://cut/lat/summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["failed_shards"], 0, "{summary}");
+    // the rerun kept what the cut run had committed
+    assert!(
+        summary["resumed_records"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
 }
 
 #[test]
@@ -651,16 +664,5 @@ fn precompute_reads_http_urls_like_local_files() {
     let _ = server.kill();
     let _ = server.wait();
     ok(&o, "precompute from http");
-    let one = tmp.path().join("one");
-    ok(
-        &precompute(
-            &tars.join("part-*.tar").to_string_lossy(),
-            &one.to_string_lossy(),
-            &[],
-            &[],
-        ),
-        "local",
-    );
-    let cache = tmp.path().join("cache");
-    assert_eq!(records(&out, &cache), records(&one, &cache));
+    assert_same_as_local(tmp.path(), &tars, &out);
 }
