@@ -220,8 +220,8 @@ fn validated(cfg: &TrainConfig) -> Result<MaeConfig> {
 }
 
 /// The training data, checked against the model's input shape.
-fn open_checked(cfg: &TrainConfig, mcfg: &MaeConfig) -> Result<Arc<LatentDataset>> {
-    let ds = Arc::new(open_data_cached(&cfg.data, &cfg.run.cache()?, true)?);
+fn open_checked(cfg: &TrainConfig, mcfg: &MaeConfig, say: bool) -> Result<Arc<LatentDataset>> {
+    let ds = Arc::new(open_data_cached(&cfg.data, &cfg.run.cache()?, say)?);
     let [c, h, w] = ds.meta().latent_shape;
     if [c, h, w] != [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]] {
         return Err(Error::Invalid(format!(
@@ -303,7 +303,7 @@ pub fn run_job(
     on_log: &mut dyn FnMut(&Metrics),
 ) -> Result<TrainSummary> {
     let mcfg = validated(cfg)?;
-    let ds = open_checked(cfg, &mcfg)?;
+    let ds = open_checked(cfg, &mcfg, job.dist.is_root())?;
     let (rank, world) = (job.dist.rank(), job.dist.world_size());
     let root = job.dist.is_root();
     let run = match root {
