@@ -71,7 +71,7 @@ fn precompute_roundtrip_matches_a_direct_taesd_encode() {
     ok(&precompute(&args));
     let ds = LatentDataset::open(dir.path()).unwrap();
     assert_eq!(ds.len(), 40);
-    assert_eq!(ds.shards().len(), 3); // 16 + 16 + 8
+    assert_eq!(ds.num_shards(), 3); // 16 + 16 + 8
     let meta = ds.meta();
     assert_eq!(meta.latent_shape, [4, 8, 8]);
     assert_eq!(meta.preprocessing.size, 64);

@@ -60,6 +60,11 @@ pub struct LoaderState {
     pub epoch: u64,
     /// Batches of this epoch already handed out (on this rank).
     pub batch: u64,
+    /// The shard-group size this epoch's order was drawn with
+    /// ([`LatentDataset::group_bytes`]; 0: one group). Kept so that a resumed epoch keeps its
+    /// order even if the cache limit changed; the next epoch takes the dataset's.
+    #[serde(default)]
+    pub group_bytes: u64,
 }
 
 /// One batch: `data` is `[B, C, H, W]` f32.
@@ -135,11 +140,11 @@ impl LatentLoader {
                 ),
             });
         }
-        Ok(LatentLoader {
-            ds,
-            cfg,
-            state: LoaderState::default(),
-        })
+        let state = LoaderState {
+            group_bytes: ds.group_bytes(),
+            ..LoaderState::default()
+        };
+        Ok(LatentLoader { ds, cfg, state })
     }
 
     pub fn dataset(&self) -> &LatentDataset {
@@ -161,24 +166,63 @@ impl LatentLoader {
 
     /// The global record order of `epoch` (all ranks).
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        if !self.cfg.shuffle {
-            return (0..self.ds.len()).collect();
+        self.epoch_plan(epoch).0
+    }
+
+    /// The group size `epoch` is drawn with: the state's for the current epoch, else the
+    /// dataset's.
+    fn group_bytes_of(&self, epoch: u64) -> u64 {
+        if epoch == self.state.epoch {
+            self.state.group_bytes
+        } else {
+            self.ds.group_bytes()
         }
-        let mut units: Vec<(usize, usize)> = Vec::new(); // (global first record, count)
-        let mut base = 0;
-        for s in self.ds.shards() {
-            for (first, n) in s.block_ranges() {
-                units.push((base + first, n));
-            }
-            base += s.len();
+    }
+
+    /// The global record order of `epoch` and the shard groups it reads in turn. With
+    /// `group_bytes` 0 there is one group of all shards; otherwise the shards are shuffled
+    /// and cut into consecutive groups of at most `group_bytes` streamed bytes, and the blocks
+    /// and windows are shuffled within each group, so records of group `g` all come before
+    /// those of `g + 1`.
+    fn epoch_plan(&self, epoch: u64) -> (Vec<usize>, Vec<Vec<usize>>) {
+        let n = self.ds.num_shards();
+        let group_bytes = self.group_bytes_of(epoch);
+        let starts: Vec<usize> = (0..n)
+            .scan(0, |acc, s| {
+                let st = *acc;
+                *acc += self.ds.shard_len(s);
+                Some(st)
+            })
+            .collect();
+        if !self.cfg.shuffle {
+            let groups = cut_groups(&self.ds, (0..n).collect(), group_bytes);
+            return ((0..self.ds.len()).collect(), groups);
         }
         let mut rng = Rng::new(self.cfg.seed, epoch, 0x5eed);
-        rng.shuffle(&mut units);
-        let mut order: Vec<usize> = units.iter().flat_map(|&(f, n)| f..f + n).collect();
-        for w in order.chunks_mut(self.cfg.window.max(1)) {
-            rng.shuffle(w);
+        let groups = if group_bytes == 0 {
+            vec![(0..n).collect()]
+        } else {
+            let mut shards: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut shards);
+            cut_groups(&self.ds, shards, group_bytes)
+        };
+        let mut order = Vec::with_capacity(self.ds.len());
+        for g in &groups {
+            // (global first record, count)
+            let mut units: Vec<(usize, usize)> = Vec::new();
+            for &s in g {
+                for (first, c) in self.ds.block_ranges(s) {
+                    units.push((starts[s] + first, c));
+                }
+            }
+            rng.shuffle(&mut units);
+            let mut part: Vec<usize> = units.iter().flat_map(|&(f, c)| f..f + c).collect();
+            for w in part.chunks_mut(self.cfg.window.max(1)) {
+                rng.shuffle(w);
+            }
+            order.extend(part);
         }
-        order
+        (order, groups)
     }
 
     /// This rank's record indices for batch `b` of `epoch`.
@@ -199,10 +243,11 @@ impl LatentLoader {
             self.state = LoaderState {
                 epoch: self.state.epoch + 1,
                 batch: 0,
+                group_bytes: self.ds.group_bytes(),
             };
         }
         let epoch = self.state.epoch;
-        let order = self.epoch_order(epoch);
+        let (order, groups) = self.epoch_plan(epoch);
         let plan: Vec<(u64, Vec<usize>)> = (self.state.batch..self.batches_per_epoch() as u64)
             .map(|b| (b, self.batch_indices(&order, b)))
             .collect();
@@ -213,11 +258,18 @@ impl LatentLoader {
             .name("lmd-loader".into())
             .spawn(move || {
                 let mut cache = BlockCache::new(&ds, &plan);
-                for (b, idx) in plan {
-                    let batch = make_batch_cached(&ds, seed, epoch, b, &idx, &mut cache);
+                let mut shards = ShardWindow::new(ds.clone(), groups, &plan);
+                for (i, (b, idx)) in plan.iter().enumerate() {
+                    // a shard that cannot be fetched ends the epoch; a bad block costs its batch
+                    if let Err(e) = shards.before(i) {
+                        let _ = tx.send_blocking(Err(e));
+                        return;
+                    }
+                    let batch = make_batch_cached(&ds, seed, epoch, *b, idx, &mut cache);
                     if tx.send_blocking(batch).is_err() {
                         return;
                     }
+                    shards.after(i);
                 }
             })
             .expect("spawn loader");
@@ -225,6 +277,172 @@ impl LatentLoader {
             loader: self,
             rx,
             worker: Some(worker),
+        }
+    }
+}
+
+/// Cut `shards` (in order) into consecutive groups of at most `group_bytes` streamed bytes
+/// (at least one shard each); `group_bytes` 0: one group.
+fn cut_groups(ds: &LatentDataset, shards: Vec<usize>, group_bytes: u64) -> Vec<Vec<usize>> {
+    if group_bytes == 0 {
+        return vec![shards];
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0u64;
+    for s in shards {
+        let b = ds.streamed_bytes(s);
+        match groups.last_mut() {
+            Some(g) if bytes + b <= group_bytes => {
+                g.push(s);
+                bytes += b;
+            }
+            _ => {
+                groups.push(vec![s]);
+                bytes = b;
+            }
+        }
+    }
+    groups
+}
+
+/// The shard groups of a streamed epoch, held as the batches need them: group `g + 1` is
+/// fetched in the background (thread `lmd-fetch`) while group `g` is read, and group `g` is let
+/// go once no later batch needs it; so at most two groups (about the cache limit) are held, and
+/// more only while one batch spans more than two. A dataset that is not streamed has one group
+/// and nothing to fetch.
+struct ShardWindow {
+    ds: Arc<LatentDataset>,
+    groups: Vec<Vec<usize>>,
+    /// (lowest, highest) group each batch of the plan reads.
+    span: Vec<(usize, usize)>,
+    want: Option<async_channel::Sender<usize>>,
+    done: async_channel::Receiver<(usize, Result<()>)>,
+    fetcher: Option<std::thread::JoinHandle<()>>,
+    /// Groups asked for: `0..asked`; fetched: `0..ready`; let go: `0..released`.
+    asked: usize,
+    ready: usize,
+    released: usize,
+}
+
+impl ShardWindow {
+    fn new(ds: Arc<LatentDataset>, groups: Vec<Vec<usize>>, plan: &[(u64, Vec<usize>)]) -> Self {
+        let streamed = ds.group_bytes() > 0 || groups.len() > 1;
+        let mut group_of = vec![0usize; ds.num_shards()];
+        for (g, ss) in groups.iter().enumerate() {
+            for &s in ss {
+                group_of[s] = g;
+            }
+        }
+        let span = plan
+            .iter()
+            .map(|(_, idx)| {
+                idx.iter()
+                    .filter_map(|&i| ds.locate(i).ok())
+                    .map(|(s, _)| group_of[s])
+                    .fold((usize::MAX, 0), |(lo, hi), g| (lo.min(g), hi.max(g)))
+            })
+            .collect();
+        let (want_tx, want_rx) = async_channel::unbounded::<usize>();
+        let (done_tx, done) = async_channel::unbounded();
+        let fetcher = streamed.then(|| {
+            let ds = ds.clone();
+            let groups = groups.clone();
+            std::thread::Builder::new()
+                .name("lmd-fetch".into())
+                .spawn(move || {
+                    while let Ok(g) = want_rx.recv_blocking() {
+                        let r = groups[g].iter().try_for_each(|&s| ds.reader(s).map(drop));
+                        if done_tx.send_blocking((g, r)).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .expect("spawn fetcher")
+        });
+        let mut w = ShardWindow {
+            ds,
+            groups,
+            span,
+            want: Some(want_tx),
+            done,
+            fetcher,
+            asked: 0,
+            ready: 0,
+            released: 0,
+        };
+        if w.fetcher.is_some() {
+            // start with the groups before the first batch's, let go at once, and two ahead
+            let first = w.span.first().map_or(0, |s| s.0);
+            w.released = first.min(w.groups.len());
+            w.asked = w.released;
+            w.ready = w.released;
+            w.ask(w.released + 2);
+        } else {
+            w.ready = w.groups.len();
+        }
+        w
+    }
+
+    /// Ask the fetcher for every group below `upto`.
+    fn ask(&mut self, upto: usize) {
+        let upto = upto.min(self.groups.len());
+        while self.asked < upto {
+            if let Some(tx) = &self.want {
+                let _ = tx.send_blocking(self.asked);
+            }
+            self.asked += 1;
+        }
+    }
+
+    /// Wait until the groups batch `i` reads are held.
+    fn before(&mut self, i: usize) -> Result<()> {
+        let hi = self.span[i].1;
+        if hi < self.ready {
+            return Ok(());
+        }
+        self.ask(hi + 1);
+        while self.ready <= hi {
+            match self.done.recv_blocking() {
+                Ok((_, Ok(()))) => self.ready += 1,
+                Ok((_, Err(e))) => return Err(e),
+                Err(_) => {
+                    return Err(Error::InvalidInput {
+                        context: "LatentLoader".into(),
+                        detail: "the shard fetcher stopped".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Let go of the groups no batch after `i` reads, and ask for the next ones.
+    fn after(&mut self, i: usize) {
+        if self.fetcher.is_none() {
+            return;
+        }
+        let keep_from = self.span.get(i + 1).map_or(self.groups.len(), |s| s.0);
+        while self.released < keep_from.min(self.ready) {
+            for &s in &self.groups[self.released] {
+                self.ds.release(s);
+            }
+            self.released += 1;
+        }
+        self.ask(self.released + 2);
+    }
+}
+
+impl Drop for ShardWindow {
+    fn drop(&mut self) {
+        self.want = None;
+        self.done.close();
+        if let Some(f) = self.fetcher.take() {
+            let _ = f.join();
+        }
+        if self.ds.group_bytes() > 0 {
+            for s in self.ds.resident() {
+                self.ds.release(s);
+            }
         }
     }
 }
@@ -244,7 +462,7 @@ impl BlockCache {
         for (b, idx) in plan {
             for &i in idx {
                 if let Ok((s, r)) = ds.locate(i) {
-                    if let Ok(k) = ds.shards()[s].block_of_record(r) {
+                    if let Ok(k) = ds.block_of_record(s, r) {
                         last_use.insert((s, k), *b);
                     }
                 }
@@ -260,7 +478,7 @@ impl BlockCache {
         if let Some(b) = self.live.get(&key) {
             return Ok(b.clone());
         }
-        let b = ds.shards()[key.0].block_bytes(key.1)?;
+        let b = ds.reader(key.0)?.block_bytes(key.1)?;
         if self.last_use.contains_key(&key) {
             self.live.insert(key, b.clone());
         }
@@ -296,7 +514,7 @@ fn make_batch(
     idx: &[usize],
 ) -> Result<LatentBatch> {
     build_batch(ds, seed, epoch, index, idx, &mut |(s, k)| {
-        ds.shards()[s].block_bytes(k)
+        ds.reader(s)?.block_bytes(k)
     })
 }
 
@@ -327,7 +545,7 @@ fn build_batch(
     let mut loc: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(idx.len());
     for (pos, &i) in idx.iter().enumerate() {
         let (s, r) = ds.locate(i)?;
-        loc.push((s, ds.shards()[s].block_of_record(r)?, r, pos));
+        loc.push((s, ds.block_of_record(s, r)?, r, pos));
     }
     loc.sort_unstable();
     let rec_bytes = meta.record_bytes();
@@ -336,8 +554,12 @@ fn build_batch(
     // ((shard, block), decompressed block, first record of the block)
     type Cached = ((usize, usize), Arc<Vec<u8>>, usize);
     let mut cur: Option<Cached> = None;
+    let mut reader: Option<(usize, Arc<crate::shard::ShardReader>)> = None;
     for &(s, blk, r, pos) in &loc {
-        let shard = &ds.shards()[s];
+        if reader.as_ref().map(|x| x.0) != Some(s) {
+            reader = Some((s, ds.reader(s)?));
+        }
+        let shard = &reader.as_ref().expect("set above").1;
         if cur.as_ref().map(|c| c.0) != Some((s, blk)) {
             let first = shard.block_ranges()[blk].0;
             cur = Some(((s, blk), fetch((s, blk))?, first));
@@ -411,6 +633,7 @@ impl Iterator for EpochIter<'_> {
             self.loader.state = LoaderState {
                 epoch: batch.epoch,
                 batch: batch.index + 1,
+                group_bytes: self.loader.state.group_bytes,
             };
         }
         Some(b)

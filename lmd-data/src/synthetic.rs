@@ -235,7 +235,7 @@ mod tests {
             LatentDataset::open(a.path()).unwrap(),
             LatentDataset::open(b.path()).unwrap(),
         );
-        assert_eq!((da.len(), da.shards().len()), (300, 3));
+        assert_eq!((da.len(), da.num_shards()), (300, 3));
         let mut by_class = vec![vec![0f64; 256]; 10];
         for i in 0..300 {
             let (ra, rb) = (da.get(i).unwrap(), db.get(i).unwrap());

@@ -147,7 +147,14 @@ fn resume_mid_epoch_gives_the_same_batches() {
     let mut first = LatentLoader::new(ds.clone(), cfg.clone()).unwrap();
     let taken: Vec<_> = first.epoch().take(4).map(|b| b.unwrap()).collect();
     let st = first.state();
-    assert_eq!(st, LoaderState { epoch: 0, batch: 4 });
+    assert_eq!(
+        st,
+        LoaderState {
+            epoch: 0,
+            batch: 4,
+            group_bytes: 0
+        }
+    );
     let json = serde_json::to_string(&st).unwrap();
     let mut resumed = LatentLoader::new(ds, cfg).unwrap();
     resumed.set_state(serde_json::from_str(&json).unwrap());

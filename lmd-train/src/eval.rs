@@ -144,11 +144,14 @@ pub(crate) fn labels_of(ds: &LatentDataset, what: &str) -> Result<Vec<i64>> {
         )));
     }
     let mut v = Vec::with_capacity(ds.len());
-    for s in ds.shards() {
-        let l = s
-            .labels()
-            .ok_or_else(|| Error::Invalid(format!("{}: no labels", s.path().display())))?;
+    // a streamed dataset is fetched shard by shard for this (its labels live in the shards)
+    ds.for_each_shard(|s| {
+        let l = s.labels().ok_or_else(|| lmd_data::Error::InvalidInput {
+            context: s.path().display().to_string(),
+            detail: "no labels".into(),
+        })?;
         v.extend_from_slice(l);
-    }
+        Ok(())
+    })?;
     Ok(v)
 }

@@ -148,6 +148,9 @@ struct State {
     /// mid-epoch; 0 at an epoch's end).
     #[serde(default)]
     batch_in_epoch: u64,
+    /// The loader's shard-group size for that epoch (see `LoaderState::group_bytes`).
+    #[serde(default)]
+    group_bytes: u64,
     best: Option<EvalResult>,
     config: FinetuneConfig,
     /// The world size that wrote it (its global batch: `config.batch_size` x this).
@@ -392,6 +395,7 @@ pub fn run_job(
         epochs_done: 0,
         step: 0,
         batch_in_epoch: 0,
+        group_bytes: loader.state().group_bytes,
         best: None,
         config: cfg.clone(),
         world_size: world,
@@ -403,6 +407,7 @@ pub fn run_job(
         loader.set_state(LoaderState {
             epoch: st.epochs_done,
             batch: st.batch_in_epoch,
+            group_bytes: st.group_bytes,
         });
         state = State {
             config: cfg.clone(),
@@ -471,6 +476,7 @@ pub fn run_job(
                     })?;
                 (state.epochs_done, state.step) = (epoch, step);
                 state.batch_in_epoch = it.state().batch;
+                state.group_bytes = it.state().group_bytes;
                 if let Some(run) = &run {
                     save_last(run, &clf, &varmap, &driver.opt, &state)?;
                     eprintln!(

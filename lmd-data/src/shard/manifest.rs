@@ -11,6 +11,7 @@ use super::writer::{write_atomic, ShardInfo};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// File name of the manifest inside a dataset directory.
 pub const MANIFEST_FILE: &str = "index.json";
@@ -157,13 +158,49 @@ impl Manifest {
 
 /// All shards of one or more dataset directories as one indexable collection
 /// (`Dataset { get, len }` in the burn sense).
+///
+/// A shard is either open (local, or a remote dataset mirrored whole into the cache) or
+/// *streamed*: listed by its manifest entry and fetched into the cache when first read
+/// ([`LatentDataset::reader`]), then let go again ([`LatentDataset::release`]). Record
+/// counts and block boundaries of a streamed shard come from its manifest entry and
+/// `records_per_block`, and are checked against the file when it arrives.
 pub struct LatentDataset {
     meta: ShardMeta,
     fingerprint: String,
-    shards: Vec<ShardReader>,
+    shards: Vec<Slot>,
     /// `starts[s]` = global index of shard `s`'s first record.
     starts: Vec<usize>,
     len: usize,
+    stream: Option<Stream>,
+}
+
+enum Slot {
+    Open(Arc<ShardReader>),
+    Streamed(Streamed),
+}
+
+/// A shard of a streamed remote dataset.
+struct Streamed {
+    /// The shard's URL, its place in the cache, its manifest entry, and the manifest's URL.
+    src: PathBuf,
+    local: PathBuf,
+    entry: ShardEntry,
+    manifest: PathBuf,
+    /// Records per block, from the first shard's header (the manifest's copy of the metadata
+    /// may predate the writer's choice).
+    records_per_block: usize,
+    reader: Mutex<Option<Arc<ShardReader>>>,
+}
+
+/// How a streamed dataset uses its cache.
+struct Stream {
+    cache: crate::storage::Cache,
+    /// Bytes of streamed shards the loader holds at once per group (half the limit).
+    group_bytes: u64,
+    /// Serialises fetches (and the eviction before each).
+    fetching: Mutex<()>,
+    resident: Mutex<std::collections::BTreeSet<usize>>,
+    stats: Mutex<crate::storage::CacheStats>,
 }
 
 impl LatentDataset {
@@ -181,26 +218,138 @@ impl LatentDataset {
     }
 
     /// [`discover`](Self::discover) where any of `dirs` may be a URL: remote datasets are
-    /// read through `cache` (see [`crate::storage::Cache`]), local ones in place.
+    /// read through `cache` (see [`crate::storage::Cache`]), local ones in place. When the
+    /// remote datasets together fit under the cache limit (or there is none) they are mirrored
+    /// whole now; otherwise they are streamed (see the type's doc).
     pub fn discover_cached(
         dirs: &[PathBuf],
         cache: &crate::storage::Cache,
     ) -> Result<(Self, crate::storage::CacheStats)> {
-        let mut local = Vec::new();
+        let all = dataset_dirs(dirs)?;
+        let remote: Vec<&PathBuf> = all
+            .iter()
+            .filter(|d| crate::storage::is_url(&d.to_string_lossy()))
+            .collect();
         let mut stats = crate::storage::CacheStats::default();
-        for d in dataset_dirs(dirs)? {
-            if crate::storage::is_url(&d.to_string_lossy()) {
-                let (l, st) = cache.mirror(&d)?;
-                stats.hits += st.hits;
-                stats.fetched += st.fetched;
-                stats.bytes_fetched += st.bytes_fetched;
-                stats.evicted += st.evicted;
-                local.push(l);
+        if remote.is_empty() {
+            return Ok((Self::open_many(&all)?, stats));
+        }
+        let mut manifests = Vec::new();
+        for d in &remote {
+            manifests.push(cache.remote(d)?);
+        }
+        let total: u64 = manifests.iter().map(|m| m.1.bytes).sum();
+        if cache.limit == 0 || total <= cache.limit {
+            let mut local = Vec::new();
+            for d in &all {
+                if crate::storage::is_url(&d.to_string_lossy()) {
+                    let (l, st) = cache.mirror(d)?;
+                    stats.add(st);
+                    local.push(l);
+                } else {
+                    local.push(d.clone());
+                }
+            }
+            return Ok((Self::open_many(&local)?, stats));
+        }
+        let is_remote = |d: &Path| crate::storage::is_url(&d.to_string_lossy());
+        Ok((
+            Self::streamed(&all, manifests, cache, total, is_remote)?,
+            stats,
+        ))
+    }
+
+    /// Stream the datasets `dirs` through `cache` whatever their size: each is a URL, or a
+    /// local directory standing in for one (its shards are copied into the cache as a remote
+    /// one's would be downloaded). `cache.limit` must be set.
+    pub fn open_streamed(dirs: &[PathBuf], cache: &crate::storage::Cache) -> Result<Self> {
+        if cache.limit == 0 {
+            return Err(Error::InvalidInput {
+                context: cache.dir.display().to_string(),
+                detail: "streaming needs a cache limit".into(),
+            });
+        }
+        let manifests = dirs
+            .iter()
+            .map(|d| cache.remote(d))
+            .collect::<Result<Vec<_>>>()?;
+        let total = manifests.iter().map(|m| m.1.bytes).sum();
+        Self::streamed(dirs, manifests, cache, total, |_| true)
+    }
+
+    /// Remote datasets too large for the cache: their shards are listed, not fetched.
+    fn streamed(
+        all: &[PathBuf],
+        manifests: Vec<(PathBuf, Manifest, Vec<u8>)>,
+        cache: &crate::storage::Cache,
+        total: u64,
+        is_remote: impl Fn(&Path) -> bool,
+    ) -> Result<Self> {
+        let group_bytes = cache.limit / 2;
+        let mut manifests = manifests.into_iter();
+        let mut shards = Vec::new();
+        let mut first: Option<(ShardMeta, String, PathBuf)> = None;
+        for d in all {
+            let (m, mpath, local) = if is_remote(d) {
+                let (local, m, _) = manifests.next().expect("one manifest per remote dir");
+                (m, crate::storage::join(d, MANIFEST_FILE), Some(local))
             } else {
-                local.push(d);
+                (Manifest::load(d)?, Manifest::path_in(d), None)
+            };
+            check_fingerprint(&mut first, &m, &mpath)?;
+            match local {
+                None => {
+                    for s in &m.shards {
+                        let r = open_listed(d, s, &m, &mpath)?;
+                        shards.push(Slot::Open(Arc::new(r)));
+                    }
+                }
+                Some(local) => {
+                    let records_per_block = match m.shards.first() {
+                        Some(s) => {
+                            let src = crate::storage::join(d, &s.file);
+                            let mut r = crate::storage::open_read(&src)?;
+                            super::read_header(&src, &mut *r)?.records_per_block
+                        }
+                        None => 1,
+                    };
+                    for s in &m.shards {
+                        if s.bytes > group_bytes {
+                            return Err(Error::InvalidInput {
+                                context: crate::storage::join(d, &s.file).display().to_string(),
+                                detail: format!(
+                                    "the datasets take {total} bytes, more than the cache limit \
+                                     of {} bytes, so they are streamed in groups of at most half \
+                                     the limit; this shard alone takes {} bytes (raise \
+                                     --cache-limit to at least {})",
+                                    cache.limit,
+                                    s.bytes,
+                                    2 * s.bytes
+                                ),
+                            });
+                        }
+                        shards.push(Slot::Streamed(Streamed {
+                            src: crate::storage::join(d, &s.file),
+                            local: local.join(&s.file),
+                            entry: s.clone(),
+                            manifest: mpath.clone(),
+                            records_per_block,
+                            reader: Mutex::new(None),
+                        }));
+                    }
+                }
             }
         }
-        Ok((Self::open_many(&local)?, stats))
+        let (meta, fingerprint, _) = first.expect("at least one remote dataset");
+        let mut ds = Self::assemble(meta, fingerprint, shards);
+        ds.stream = Some(Stream {
+            cache: cache.clone(),
+            group_bytes,
+            fetching: Mutex::new(()),
+            resident: Mutex::new(Default::default()),
+            stats: Mutex::new(Default::default()),
+        });
+        Ok(ds)
     }
 
     /// Open several dataset directories (e.g. the outputs of several precompute workers) as one;
@@ -211,60 +360,36 @@ impl LatentDataset {
         for dir in dirs {
             let m = Manifest::load(dir)?;
             let mpath = Manifest::path_in(dir);
-            match &first {
-                None => first = Some((m.meta.clone(), m.fingerprint.clone(), mpath.clone())),
-                Some((meta0, fp0, p0)) if *fp0 != m.fingerprint => {
-                    return Err(Error::Manifest {
-                        path: mpath,
-                        detail: format!(
-                            "fingerprint {} differs from {} ({}): {}",
-                            m.fingerprint,
-                            fp0,
-                            p0.display(),
-                            meta0.differences(&m.meta).join("; ")
-                        ),
-                    })
-                }
-                Some(_) => {}
-            }
+            check_fingerprint(&mut first, &m, &mpath)?;
             for s in &m.shards {
-                let p = dir.join(&s.file);
-                let r = ShardReader::open(&p)?;
-                let fp = r.meta().fingerprint();
-                if r.len() != s.records || r.file_bytes() != s.bytes || fp != m.fingerprint {
-                    return Err(Error::Manifest {
-                        path: mpath.clone(),
-                        detail: format!(
-                            "shard {}: {} records, {} bytes, fingerprint {fp}; manifest says {} records, {} bytes, fingerprint {}",
-                            s.file,
-                            r.len(),
-                            r.file_bytes(),
-                            s.records,
-                            s.bytes,
-                            m.fingerprint
-                        ),
-                    });
-                }
-                shards.push(r);
+                shards.push(Slot::Open(Arc::new(open_listed(dir, s, &m, &mpath)?)));
             }
         }
         let (meta, fingerprint, _) = first.ok_or_else(|| Error::InvalidInput {
             context: "LatentDataset::open_many".into(),
             detail: "no dataset directories given".into(),
         })?;
+        Ok(Self::assemble(meta, fingerprint, shards))
+    }
+
+    fn assemble(meta: ShardMeta, fingerprint: String, shards: Vec<Slot>) -> Self {
         let mut starts = Vec::with_capacity(shards.len());
         let mut len = 0;
         for s in &shards {
             starts.push(len);
-            len += s.len();
+            len += match s {
+                Slot::Open(r) => r.len(),
+                Slot::Streamed(x) => x.entry.records,
+            };
         }
-        Ok(LatentDataset {
+        LatentDataset {
             meta,
             fingerprint,
             shards,
             starts,
             len,
-        })
+            stream: None,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -283,8 +408,148 @@ impl LatentDataset {
         &self.fingerprint
     }
 
-    pub fn shards(&self) -> &[ShardReader] {
-        &self.shards
+    /// Number of shards.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Records in shard `s`.
+    pub fn shard_len(&self, s: usize) -> usize {
+        let next = self.starts.get(s + 1).copied().unwrap_or(self.len);
+        next - self.starts[s]
+    }
+
+    /// Bytes the cache must hold to read shard `s` (0 for a shard that is always open).
+    pub fn streamed_bytes(&self, s: usize) -> u64 {
+        match &self.shards[s] {
+            Slot::Open(_) => 0,
+            Slot::Streamed(x) => x.entry.bytes,
+        }
+    }
+
+    /// Bytes of streamed shards the loader may hold per group: half the cache limit for a
+    /// streamed dataset, 0 (all shards open at once) otherwise.
+    pub fn group_bytes(&self) -> u64 {
+        self.stream.as_ref().map_or(0, |s| s.group_bytes)
+    }
+
+    /// What the cache did for the streamed shards so far.
+    pub fn cache_stats(&self) -> crate::storage::CacheStats {
+        self.stream
+            .as_ref()
+            .map(|s| *s.stats.lock().expect("stats lock"))
+            .unwrap_or_default()
+    }
+
+    /// Streamed shards currently held open.
+    pub fn resident(&self) -> Vec<usize> {
+        self.stream.as_ref().map_or_else(Vec::new, |s| {
+            s.resident
+                .lock()
+                .expect("resident lock")
+                .iter()
+                .copied()
+                .collect()
+        })
+    }
+
+    /// `(first record, record count)` of every block of shard `s`, without reading it.
+    pub fn block_ranges(&self, s: usize) -> Vec<(usize, usize)> {
+        match &self.shards[s] {
+            Slot::Open(r) => r.block_ranges(),
+            Slot::Streamed(x) => uniform_blocks(x.entry.records, x.records_per_block),
+        }
+    }
+
+    /// Block of record `r` of shard `s`, without reading it.
+    pub fn block_of_record(&self, s: usize, r: usize) -> Result<usize> {
+        match &self.shards[s] {
+            Slot::Open(x) => x.block_of_record(r),
+            Slot::Streamed(x) if r < x.entry.records => Ok(r / x.records_per_block.max(1)),
+            Slot::Streamed(x) => Err(Error::InvalidInput {
+                context: x.src.display().to_string(),
+                detail: format!("record {r} out of range ({} records)", x.entry.records),
+            }),
+        }
+    }
+
+    /// Shard `s`, opened; a streamed shard is fetched into the cache first (verified, after
+    /// evicting least-recently-used shards that are not held) and then held until
+    /// [`release`](Self::release).
+    pub fn reader(&self, s: usize) -> Result<Arc<ShardReader>> {
+        let x = match &self.shards[s] {
+            Slot::Open(r) => return Ok(r.clone()),
+            Slot::Streamed(x) => x,
+        };
+        if let Some(r) = x.reader.lock().expect("reader lock").as_ref() {
+            return Ok(r.clone());
+        }
+        let st = self.stream.as_ref().expect("a streamed shard has a stream");
+        let _one = st.fetching.lock().expect("fetch lock");
+        if let Some(r) = x.reader.lock().expect("reader lock").as_ref() {
+            return Ok(r.clone());
+        }
+        let keep: Vec<PathBuf> = st
+            .resident
+            .lock()
+            .expect("resident lock")
+            .iter()
+            .filter_map(|&k| match &self.shards[k] {
+                Slot::Streamed(o) => Some(o.local.clone()),
+                Slot::Open(_) => None,
+            })
+            .collect();
+        let got = st.cache.fetch_shard(&x.src, &x.entry, &x.local, &keep)?;
+        st.stats.lock().expect("stats lock").add(got);
+        let r = ShardReader::open(&x.local)?;
+        let fp = r.meta().fingerprint();
+        let blocks = uniform_blocks(x.entry.records, x.records_per_block);
+        if r.len() != x.entry.records || fp != self.fingerprint || r.block_ranges() != blocks {
+            return Err(Error::Manifest {
+                path: x.manifest.clone(),
+                detail: format!(
+                    "shard {}: {} records in {} blocks, fingerprint {fp}; the manifest says {} \
+                     records ({} blocks of up to {}), fingerprint {}",
+                    x.entry.file,
+                    r.len(),
+                    r.num_blocks(),
+                    x.entry.records,
+                    blocks.len(),
+                    x.records_per_block,
+                    self.fingerprint
+                ),
+            });
+        }
+        let r = Arc::new(r);
+        *x.reader.lock().expect("reader lock") = Some(r.clone());
+        st.resident.lock().expect("resident lock").insert(s);
+        Ok(r)
+    }
+
+    /// Let go of a streamed shard (a no-op for an open one): its memory map is dropped once
+    /// no reader is left, and its cached file may be evicted to make room for others.
+    pub fn release(&self, s: usize) {
+        if let (Slot::Streamed(x), Some(st)) = (&self.shards[s], &self.stream) {
+            if x.reader.lock().expect("reader lock").take().is_some() {
+                crate::storage::cache::touch(&x.local);
+            }
+            st.resident.lock().expect("resident lock").remove(&s);
+        }
+    }
+
+    /// Each shard in turn (a streamed one fetched, then released): for passes over the whole
+    /// dataset that need the files, such as collecting labels.
+    pub fn for_each_shard(&self, mut f: impl FnMut(&ShardReader) -> Result<()>) -> Result<()> {
+        for s in 0..self.shards.len() {
+            let held = self.resident().contains(&s);
+            let r = self.reader(s)?;
+            let out = f(&r);
+            if !held {
+                self.release(s);
+            }
+            out?;
+        }
+        Ok(())
     }
 
     /// (shard, record within shard) of global index `i`.
@@ -302,8 +567,63 @@ impl LatentDataset {
     /// Record `i` of the whole dataset.
     pub fn get(&self, i: usize) -> Result<Record> {
         let (s, r) = self.locate(i)?;
-        self.shards[s].get(r)
+        self.reader(s)?.get(r)
     }
+}
+
+/// Blocks of `records_per_block` records, the last one shorter: how the writer cuts a shard.
+fn uniform_blocks(records: usize, records_per_block: usize) -> Vec<(usize, usize)> {
+    let rpb = records_per_block.max(1);
+    (0..records)
+        .step_by(rpb)
+        .map(|f| (f, rpb.min(records - f)))
+        .collect()
+}
+
+/// Remember the first manifest's metadata; refuse a later one with another fingerprint.
+fn check_fingerprint(
+    first: &mut Option<(ShardMeta, String, PathBuf)>,
+    m: &Manifest,
+    mpath: &Path,
+) -> Result<()> {
+    match first {
+        None => *first = Some((m.meta.clone(), m.fingerprint.clone(), mpath.to_path_buf())),
+        Some((meta0, fp0, p0)) if *fp0 != m.fingerprint => {
+            return Err(Error::Manifest {
+                path: mpath.to_path_buf(),
+                detail: format!(
+                    "fingerprint {} differs from {} ({}): {}",
+                    m.fingerprint,
+                    fp0,
+                    p0.display(),
+                    meta0.differences(&m.meta).join("; ")
+                ),
+            })
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// Open shard `s` of `dir`, checked against its manifest entry.
+fn open_listed(dir: &Path, s: &ShardEntry, m: &Manifest, mpath: &Path) -> Result<ShardReader> {
+    let r = ShardReader::open(dir.join(&s.file))?;
+    let fp = r.meta().fingerprint();
+    if r.len() != s.records || r.file_bytes() != s.bytes || fp != m.fingerprint {
+        return Err(Error::Manifest {
+            path: mpath.to_path_buf(),
+            detail: format!(
+                "shard {}: {} records, {} bytes, fingerprint {fp}; manifest says {} records, {} bytes, fingerprint {}",
+                s.file,
+                r.len(),
+                r.file_bytes(),
+                s.records,
+                s.bytes,
+                m.fingerprint
+            ),
+        });
+    }
+    Ok(r)
 }
 
 /// The dataset directories `dirs` stand for: a directory with `index.json` itself, else its

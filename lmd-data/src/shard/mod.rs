@@ -20,5 +20,6 @@ pub mod writer;
 
 pub use manifest::{LatentDataset, Manifest, ShardEntry, MANIFEST_FILE};
 pub use meta::{Field, Preprocessing, RecordLayout, Scaling, ShardMeta, VaeIdentity, WeightFile};
+pub use open::read_header;
 pub use reader::{Record, ShardIter, ShardReader, VerifyReport};
 pub use writer::{ShardInfo, ShardWriter, WriterOptions};

@@ -66,6 +66,31 @@ pub(super) fn check(path: &Path, b: &[u8]) -> Result<Opened> {
     Ok(Opened { meta, index })
 }
 
+/// The metadata of the shard `r` streams (its header only is read), checked as on open.
+pub fn read_header(path: &Path, r: &mut dyn std::io::Read) -> Result<ShardMeta> {
+    use std::io::Read;
+    let mut b = vec![0u8; format::HEADER_FIXED];
+    let mut got = 0;
+    while got < b.len() {
+        match r.read(&mut b[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, "read", e)),
+        }
+    }
+    b.truncate(got);
+    if b.len() == format::HEADER_FIXED && &b[0..8] == MAGIC {
+        let meta_len = u32_at(&b, 12) as usize;
+        let mut rest = Vec::new();
+        r.take(meta_len as u64)
+            .read_to_end(&mut rest)
+            .map_err(|e| Error::io(path, "read", e))?;
+        b.extend_from_slice(&rest);
+    }
+    Ok(header(path, &b)?.0)
+}
+
 /// Magic, version and metadata; returns the metadata and where the data region starts.
 fn header(path: &Path, b: &[u8]) -> Result<(ShardMeta, usize)> {
     if b.len() < 8 || &b[0..8] != MAGIC {

@@ -7,11 +7,15 @@
 //!   manifest's size is used as is (it was verified when it arrived), any other is fetched
 //!   (to a temporary, its XXH3-128 checked against the manifest, then renamed into place).
 //! - Each use touches the shard's modification time; when the cache holds more than its limit,
-//!   the least recently used shards of other datasets are deleted first. A dataset larger than
-//!   the limit on its own is refused before anything is fetched, naming both sizes.
+//!   the least recently used shards not in use are deleted first.
+//! - A dataset that fits under the limit is mirrored whole when it is opened ([`Cache::mirror`]).
+//!   One that does not is *streamed* ([`crate::shard::LatentDataset::discover_cached`]): its
+//!   shards are fetched one at a time ([`Cache::fetch_shard`]) ahead of the loader, which then
+//!   reads the shards in groups of at most half the limit (see [`crate::loader`]), so one group
+//!   is read while the next arrives.
 
 use super::{join, read};
-use crate::shard::{Manifest, MANIFEST_FILE};
+use crate::shard::{Manifest, ShardEntry, MANIFEST_FILE};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -33,6 +37,16 @@ pub struct CacheStats {
     pub bytes_fetched: u64,
     /// Shards of other datasets deleted to stay under the limit.
     pub evicted: usize,
+}
+
+impl CacheStats {
+    /// Both counts together.
+    pub fn add(&mut self, o: CacheStats) {
+        self.hits += o.hits;
+        self.fetched += o.fetched;
+        self.bytes_fetched += o.bytes_fetched;
+        self.evicted += o.evicted;
+    }
 }
 
 impl Default for Cache {
@@ -84,9 +98,9 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 impl Cache {
-    /// The local copy of the remote dataset `url` (a prefix holding `index.json`), brought up to
-    /// date (see the module rules).
-    pub fn mirror(&self, url: &Path) -> Result<(PathBuf, CacheStats)> {
+    /// Where the remote dataset `url` (a prefix holding `index.json`) lives in the cache, and
+    /// its manifest (read from `url`: one GET) with the manifest's bytes.
+    pub fn remote(&self, url: &Path) -> Result<(PathBuf, Manifest, Vec<u8>)> {
         let name = format!(
             "{:016x}",
             xxhash_rust::xxh3::xxh3_64(url.to_string_lossy().as_bytes())
@@ -96,6 +110,12 @@ impl Cache {
         let murl = join(url, MANIFEST_FILE);
         let bytes = read(&murl)?;
         let m = Manifest::from_slice(&murl, &bytes)?;
+        Ok((local, m, bytes))
+    }
+
+    /// The local copy of the remote dataset `url`, brought up to date (see the module rules).
+    pub fn mirror(&self, url: &Path) -> Result<(PathBuf, CacheStats)> {
+        let (local, m, bytes) = self.remote(url)?;
         if self.limit > 0 && m.bytes > self.limit {
             return Err(Error::InvalidInput {
                 context: url.display().to_string(),
@@ -111,36 +131,74 @@ impl Cache {
         // room first, so the fetches do not overshoot the limit
         st.evicted = self.evict(&keep, m.bytes)?;
         for (s, lp) in m.shards.iter().zip(&keep) {
-            let have = std::fs::metadata(lp).map(|x| x.len()).ok();
-            if have == Some(s.bytes) {
-                st.hits += 1;
-            } else {
-                let src = join(url, &s.file);
-                let tmp = crate::shard::writer::temp_name(lp);
-                super::download(&src, &tmp)?;
-                let data = std::fs::read(&tmp).map_err(|e| Error::io(&tmp, "read", e))?;
-                let sum = format!("{:032x}", crate::shard::format::checksum128(&data));
-                if sum != s.xxh3_128 || data.len() as u64 != s.bytes {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(Error::Storage {
-                        url: src.display().to_string(),
-                        op: "verify",
-                        detail: format!(
-                            "{} bytes, XXH3-128 {sum}; the manifest says {} bytes, {}",
-                            data.len(),
-                            s.bytes,
-                            s.xxh3_128
-                        ),
-                    });
-                }
-                std::fs::rename(&tmp, lp).map_err(|e| Error::io(lp, "rename", e))?;
+            if self.fetch_verified(&join(url, &s.file), s, lp)? {
                 st.fetched += 1;
                 st.bytes_fetched += s.bytes;
+            } else {
+                st.hits += 1;
             }
-            touch(lp);
         }
         crate::shard::writer::write_atomic(&local.join(MANIFEST_FILE), &bytes)?;
         Ok((local, st))
+    }
+
+    /// Make `lp` a verified copy of the shard `src` (manifest entry `s`), after evicting
+    /// least-recently-used shards other than `keep` (whose bytes count as in use) to make
+    /// room for it. Returns the stats of this one shard.
+    pub fn fetch_shard(
+        &self,
+        src: &Path,
+        s: &ShardEntry,
+        lp: &Path,
+        keep: &[PathBuf],
+    ) -> Result<CacheStats> {
+        let mut st = CacheStats::default();
+        if std::fs::metadata(lp).map(|x| x.len()).ok() != Some(s.bytes) {
+            let mut keep = keep.to_vec();
+            keep.push(lp.to_path_buf());
+            let in_use: u64 = keep
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok().map(|m| m.len()))
+                .sum();
+            st.evicted = self.evict(&keep, in_use + s.bytes)?;
+        }
+        if self.fetch_verified(src, s, lp)? {
+            st.fetched = 1;
+            st.bytes_fetched = s.bytes;
+        } else {
+            st.hits = 1;
+        }
+        Ok(st)
+    }
+
+    /// Fetch `src` to `lp` unless a copy of the listed size is there (it was verified when it
+    /// arrived): to a temporary, checked against the entry's size and XXH3-128, then renamed.
+    /// Touches the copy either way; true when it was fetched.
+    fn fetch_verified(&self, src: &Path, s: &ShardEntry, lp: &Path) -> Result<bool> {
+        let have = std::fs::metadata(lp).map(|x| x.len()).ok();
+        let fetched = have != Some(s.bytes);
+        if fetched {
+            let tmp = crate::shard::writer::temp_name(lp);
+            super::download(src, &tmp)?;
+            let data = std::fs::read(&tmp).map_err(|e| Error::io(&tmp, "read", e))?;
+            let sum = format!("{:032x}", crate::shard::format::checksum128(&data));
+            if sum != s.xxh3_128 || data.len() as u64 != s.bytes {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::Storage {
+                    url: src.display().to_string(),
+                    op: "verify",
+                    detail: format!(
+                        "{} bytes, XXH3-128 {sum}; the manifest says {} bytes, {}",
+                        data.len(),
+                        s.bytes,
+                        s.xxh3_128
+                    ),
+                });
+            }
+            std::fs::rename(&tmp, lp).map_err(|e| Error::io(lp, "rename", e))?;
+        }
+        touch(lp);
+        Ok(fetched)
     }
 
     /// Delete least-recently-used shards (not in `keep`) until `incoming` more bytes fit.
@@ -182,7 +240,8 @@ impl Cache {
     }
 }
 
-fn touch(p: &Path) {
+/// Mark `p` as just used (its modification time orders eviction).
+pub(crate) fn touch(p: &Path) {
     if let Ok(f) = std::fs::File::options().append(true).open(p) {
         let _ = f.set_modified(SystemTime::now());
     }

@@ -22,7 +22,7 @@
 //!   single PUT, or a multipart upload completed last); a failed upload is aborted.
 //! - Bad credentials or a missing bucket are found by [`check_access`], before any work.
 
-mod cache;
+pub(crate) mod cache;
 #[cfg(feature = "object-store")]
 mod remote;
 

@@ -62,18 +62,23 @@ pub fn loader(opts: &LoaderBenchOptions, mut emit: impl FnMut(serde_json::Value)
     let ds = std::sync::Arc::new(crate::train::open_data(&data)?);
     let open_s = t_open.elapsed().as_secs_f64();
     let rec_f32_bytes = ds.meta().tensor_elems() * 4;
-    let file_bytes: u64 = ds.shards().iter().map(|s| s.file_bytes()).sum();
+    let mut file_bytes = 0u64;
+    ds.for_each_shard(|s| {
+        file_bytes += s.file_bytes();
+        Ok(())
+    })?;
 
     // baseline: every record decoded in file order
     let t0 = Instant::now();
     let mut n_seq = 0usize;
     while t0.elapsed().as_secs_f64() < opts.seconds / 2.0 || n_seq == 0 {
-        for s in ds.shards() {
+        ds.for_each_shard(|s| {
             for r in s.iter() {
                 std::hint::black_box(r?);
                 n_seq += 1;
             }
-        }
+            Ok(())
+        })?;
     }
     let seq_rps = n_seq as f64 / t0.elapsed().as_secs_f64();
 

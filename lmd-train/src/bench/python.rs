@@ -41,7 +41,9 @@ pub fn python_reader(
         }
     };
     let dirs = crate::train::open_data(std::slice::from_ref(&dir))?;
-    let shards: Vec<&ShardReader> = dirs.shards().iter().collect();
+    let shards: Vec<std::sync::Arc<ShardReader>> = (0..dirs.num_shards())
+        .map(|s| dirs.reader(s))
+        .collect::<lmd_data::Result<_>>()?;
     // Rust: sequential, block by block: stored elements, then also converted to f32
     let (mut raw, mut scratch, mut f32s) = (Vec::new(), Vec::new(), Vec::new());
     let mut pass = |convert: bool| -> Result<(usize, f64)> {
