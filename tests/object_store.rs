@@ -431,6 +431,60 @@ fn training_from_s3_matches_local_shards_and_a_second_run_is_served_from_the_cac
 
 #[test]
 #[ignore = "needs moto_server (pip install 'moto[server]')"]
+fn training_from_s3_streams_a_dataset_larger_than_the_cache_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let m = lmd_train::data::synthetic::write_dataset(
+        &data,
+        &lmd_train::data::synthetic::SyntheticSpec {
+            records: 128,
+            records_per_shard: 32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let shard = m.shards.iter().map(|s| s.bytes).max().unwrap();
+    create_bucket("stream");
+    moto();
+    upload_dir(&data, "s3://stream/lat");
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, TRAIN).unwrap();
+    let cache = tmp.path().join("cache");
+    // room for two and a half of the four shards: groups of one shard
+    let limit = 5 * shard / 2;
+    let o = Command::new(env!("CARGO_BIN_EXE_lmd-train"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--data", "s3://stream/lat", "--no-progress", "--cache-dir"])
+        .arg(&cache)
+        .args(["--cache-limit", &limit.to_string(), "--out"])
+        .arg(tmp.path().join("run"))
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    ok(&o, "lmd-train");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("streaming 4 shards"), "{err}");
+    let l = losses(&tmp.path().join("run"));
+    assert_eq!(l.len(), 12);
+    assert!(l.iter().all(|v| v.is_finite()));
+    // 1.5 epochs of four shards with room for fewer: the second epoch fetches some again
+    let shard_gets = gets("stream")
+        .iter()
+        .filter(|p| p.ends_with(".lmds"))
+        .count();
+    assert!(shard_gets >= 6, "{shard_gets} shard GETs");
+    let mut held = 0;
+    for d in std::fs::read_dir(&cache).unwrap().flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            held += f.metadata().unwrap().len();
+        }
+    }
+    assert!(held <= limit, "{held} bytes cached, limit {limit}");
+}
+
+#[test]
+#[ignore = "needs moto_server (pip install 'moto[server]')"]
 fn a_missing_bucket_is_one_clear_line_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     moto();

@@ -63,7 +63,7 @@ fn a_streamed_epoch_reads_every_record_once_within_the_cache_limit() {
         dir: t.path().join("cache"),
         limit: 3 * shard,
     };
-    let ds = Arc::new(LatentDataset::open_streamed(&[src.clone()], &cache).unwrap());
+    let ds = Arc::new(LatentDataset::open_streamed(std::slice::from_ref(&src), &cache).unwrap());
     assert_eq!((ds.len(), ds.group_bytes()), (128, 3 * shard / 2));
     let local = LatentDataset::open(&src).unwrap();
     let truth: HashMap<String, Vec<f32>> = (0..local.len())
@@ -106,7 +106,7 @@ fn a_streamed_epoch_reads_its_shards_group_by_group_and_resumes_in_order() {
         dir: t.path().join("cache"),
         limit: 4 * shard,
     };
-    let ds = Arc::new(LatentDataset::open_streamed(&[src.clone()], &cache).unwrap());
+    let ds = Arc::new(LatentDataset::open_streamed(std::slice::from_ref(&src), &cache).unwrap());
     let shard_of: HashMap<String, usize> = (0..ds.len())
         .map(|i| (ds.get(i).unwrap().key, ds.locate(i).unwrap().0))
         .collect();
@@ -148,7 +148,7 @@ fn a_shard_larger_than_half_the_limit_is_refused_naming_it() {
         dir: t.path().join("cache"),
         limit: shard,
     };
-    let e = LatentDataset::open_streamed(&[src.clone()], &cache)
+    let e = LatentDataset::open_streamed(std::slice::from_ref(&src), &cache)
         .err()
         .unwrap()
         .to_string();

@@ -170,6 +170,20 @@ pub fn open_data_cached(
     say: bool,
 ) -> Result<LatentDataset> {
     let (ds, st) = LatentDataset::discover_cached(dirs, cache)?;
+    if say && ds.group_bytes() > 0 {
+        eprintln!(
+            "data cache {}: streaming {} shards ({:.1} MB of data, more than the limit of \
+             {:.1} MB) in groups of at most {:.1} MB",
+            cache.dir.display(),
+            ds.num_shards(),
+            (0..ds.num_shards())
+                .map(|s| ds.streamed_bytes(s))
+                .sum::<u64>() as f64
+                / 1e6,
+            cache.limit as f64 / 1e6,
+            ds.group_bytes() as f64 / 1e6
+        );
+    }
     if say && st.hits + st.fetched > 0 {
         eprintln!(
             "data cache {}: {} shards fetched ({:.1} MB), {} already cached, {} evicted",
