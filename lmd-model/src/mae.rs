@@ -160,6 +160,45 @@ impl MaeConfig {
         self.patch_size * self.patch_size * self.in_chans
     }
 
+    /// The same encoder and decoder on another input: `in_chans` channels of `size`x`size`
+    /// cut into `patch`-sided patches (pixel MAE: 3, 224, 16; LMD's latents: 4, 28, 4).
+    pub fn on_input(&self, in_chans: usize, size: usize, patch: usize) -> Self {
+        MaeConfig {
+            in_chans,
+            img_size: [size, size],
+            patch_size: patch,
+            ..self.clone()
+        }
+    }
+
+    /// Tokens MAE keeps at `mask_ratio` (`int(L · (1 − ratio))`, as `random_masking`).
+    pub fn kept_tokens(&self, mask_ratio: f64) -> usize {
+        (self.num_patches() as f64 * (1.0 - mask_ratio)) as usize
+    }
+
+    /// Multiply-accumulates of one sample's forward pass at `mask_ratio`, counting the matmuls
+    /// (patch embedding over all L patches, the encoder on 1 + kept tokens, the decoder on
+    /// 1 + L, attention's two products) and nothing else (norms, softmax, GELU are O(N·D)).
+    pub fn forward_macs(&self, mask_ratio: f64) -> f64 {
+        let l = self.num_patches() as f64;
+        let n = 1.0 + self.kept_tokens(mask_ratio) as f64;
+        let (d, dd) = (self.embed_dim as f64, self.decoder_embed_dim as f64);
+        let m = self.mlp_ratio;
+        // qkv 3ND² + proj ND² + MLP 2mND², and QKᵀ, AV: 2N²D
+        let block = |n: f64, d: f64| (4.0 + 2.0 * m) * n * d * d + 2.0 * n * n * d;
+        let embed = l * self.patch_dim() as f64 * d;
+        let encoder = self.depth as f64 * block(n, d);
+        let decoder = n * d * dd
+            + self.decoder_depth as f64 * block(1.0 + l, dd)
+            + (1.0 + l) * dd * self.patch_dim() as f64;
+        embed + encoder + decoder
+    }
+
+    /// Multiply-accumulates of one sample's training step (forward + backward ≈ 3 forwards).
+    pub fn train_macs(&self, mask_ratio: f64) -> f64 {
+        3.0 * self.forward_macs(mask_ratio)
+    }
+
     pub fn validate(&self) -> crate::Result<()> {
         let p = self.patch_size;
         if p == 0 || !self.img_size[0].is_multiple_of(p) || !self.img_size[1].is_multiple_of(p) {
@@ -597,6 +636,53 @@ pub fn reinit_seeded(cfg: &MaeConfig, varmap: &VarMap, seed: u64) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_macs_give_the_papers_counts_for_pixel_and_latent_vit_b() {
+        let b = MaeConfig::base();
+        let pixel = b.on_input(3, 224, 16);
+        let latent = b.on_input(4, 28, 4);
+        assert_eq!((pixel.num_patches(), latent.num_patches()), (196, 49));
+        assert_eq!(
+            (pixel.kept_tokens(0.75), latent.kept_tokens(0.75)),
+            (49, 12)
+        );
+        let g = |c: &MaeConfig, r: f64| c.train_macs(r) / 1e9;
+        // the counts issue #19 quotes: ~28.7, ~7.2 and ~9.6 GMAC per sample
+        assert!(
+            (28.0..30.0).contains(&g(&pixel, 0.75)),
+            "{}",
+            g(&pixel, 0.75)
+        );
+        assert!(
+            (6.8..7.6).contains(&g(&latent, 0.75)),
+            "{}",
+            g(&latent, 0.75)
+        );
+        assert!(
+            (9.0..10.2).contains(&g(&latent, 0.55)),
+            "{}",
+            g(&latent, 0.55)
+        );
+        // a hand count: one block each, width 4 (decoder 4), L = 4, p·p·C = 4, ratio 0.5
+        let t = MaeConfig {
+            in_chans: 1,
+            img_size: [4, 4],
+            patch_size: 2,
+            embed_dim: 4,
+            depth: 1,
+            num_heads: 1,
+            decoder_embed_dim: 4,
+            decoder_depth: 1,
+            decoder_num_heads: 1,
+            mlp_ratio: 4.0,
+            norm_pix_loss: true,
+            norm_eps: 1e-6,
+        };
+        // embed 4·4·4 = 64; encoder N = 3: 12·3·16 + 2·9·4 = 648; decoder embed 3·16 = 48,
+        // block N = 5: 12·5·16 + 2·25·4 = 1160, pred 5·4·4 = 80
+        assert_eq!(t.forward_macs(0.5), (64 + 648 + 48 + 1160 + 80) as f64);
+    }
 
     #[test]
     fn masking_noise_depends_on_the_samples_global_position_not_on_the_batch_split() {

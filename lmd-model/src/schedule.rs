@@ -156,6 +156,16 @@ impl MaskSchedule {
         }
     }
 
+    /// The ratio averaged over training (t in [0, 1], midpoint rule on 10 000 points): what
+    /// sets the schedule's mean cost per step (LMD's linear: 0.55; its cosine a little more).
+    pub fn mean_ratio(&self) -> f64 {
+        const N: usize = 10_000;
+        (0..N)
+            .map(|i| self.ratio_at((i as f64 + 0.5) / N as f64))
+            .sum::<f64>()
+            / N as f64
+    }
+
     /// The mask ratio at `step` of `total_steps`.
     pub fn ratio(&self, step: usize, total_steps: usize) -> f64 {
         let t = if total_steps == 0 {
@@ -228,6 +238,15 @@ impl std::str::FromStr for MaskSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mean_ratios_of_the_named_schedules() {
+        assert!((MaskSchedule::mae().mean_ratio() - 0.75).abs() < 1e-12);
+        // cosine: about the linear ramp's (the s = 0.008 offset lifts it a little)
+        let c = MaskSchedule::lmd_cosine().mean_ratio();
+        assert!((0.55..0.57).contains(&c), "{c}");
+        assert!((MaskSchedule::lmd_linear().mean_ratio() - 0.55).abs() < 1e-6);
+    }
 
     fn all() -> Vec<MaskSchedule> {
         vec![

@@ -160,6 +160,18 @@ enum Cmd {
         /// node off), and print ours / that as `vs_composite`.
         #[arg(long)]
         composite_baseline: bool,
+        /// Pixel MAE (3 x S x S, patch P, fixed ratio 0.75) beside LMD on latents (4 x S/8,
+        /// patch P/8, at 0.75 and at the cosine schedule's mean ratio) with the preset's encoder
+        /// and decoder, in one invocation; a summary line gives latent / pixel samples/s and
+        /// the counted GMAC ratio. --ratios is not used.
+        #[arg(long)]
+        pixels: bool,
+        /// S for --pixels (pixels a side; latents are S/8).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// P for --pixels (the pixel patch; the latent patch is P/8).
+        #[arg(long, default_value_t = 16)]
+        pixel_patch: usize,
     },
     /// VitClassifier fine-tuning steps (drop path, cross-entropy, backward, AdamW) in samples/s.
     ///
@@ -300,6 +312,9 @@ fn main() -> anyhow::Result<()> {
             steps,
             torch_anchor,
             composite_baseline,
+            pixels,
+            image_size,
+            pixel_patch,
         } => {
             let opts = lmd_train::bench::TrainStepOptions {
                 preset,
@@ -308,6 +323,9 @@ fn main() -> anyhow::Result<()> {
                 steps,
                 torch_anchor,
                 composite_baseline,
+                pixels,
+                image_size,
+                pixel_patch,
             };
             lmd_train::bench::train_step(&opts, |v| println!("{v}"))?;
         }

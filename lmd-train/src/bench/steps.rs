@@ -22,6 +22,12 @@ pub struct TrainStepOptions {
     /// Also run each ratio with the fused block node switched off (every block as candle ops)
     /// and report ours / that.
     pub composite_baseline: bool,
+    /// Pixel MAE beside LMD on latents with the same encoder: `image_size` px in patches of
+    /// `pixel_patch` (fixed 0.75) against latents of `image_size / 8` in patches of
+    /// `pixel_patch / 8` (0.75 and the cosine schedule's mean); `ratios` are not used.
+    pub pixels: bool,
+    pub image_size: usize,
+    pub pixel_patch: usize,
 }
 
 impl Default for TrainStepOptions {
@@ -33,6 +39,9 @@ impl Default for TrainStepOptions {
             steps: 3,
             torch_anchor: None,
             composite_baseline: false,
+            pixels: false,
+            image_size: 224,
+            pixel_patch: 16,
         }
     }
 }
@@ -189,18 +198,24 @@ pub fn finetune_step(
     Ok(())
 }
 
-/// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
-pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+/// One model's training steps at each of `ratios`: one JSON line each (`line` plus the timing
+/// fields, the tokens kept and the counted GMAC per sample), and (ratio, samples/s) for each.
+fn model_steps(
+    cfg: &lmd_model::MaeConfig,
+    opts: &TrainStepOptions,
+    ratios: &[f64],
+    line: &serde_json::Value,
+    emit: &mut dyn FnMut(serde_json::Value),
+) -> Result<Vec<(f64, f64)>> {
     use lmd_model::candle::{Device, Tensor};
-    let cfg = opts.preset.config();
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
-    let model = lmd_model::LatentMae::init(&cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
+    let model = lmd_model::LatentMae::init(cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
     let base = if opts.composite_baseline {
         let vb =
             lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
         Some(
-            lmd_model::LatentMae::new_on(&cfg, lmd_model::Backend::Ops, vb)
+            lmd_model::LatentMae::new_on(cfg, lmd_model::Backend::Ops, vb)
                 .map_err(lmd_model::Error::from)?,
         )
     } else {
@@ -211,14 +226,8 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
     let [h, w] = cfg.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
         .map_err(lmd_model::Error::from)?;
-    if opts.torch_anchor.is_some() && opts.preset != lmd_model::Preset::Tiny {
-        return Err(Error::Invalid(
-            "--torch-anchor mirrors the `tiny` preset only".into(),
-        ));
-    }
-    let threads = lmd_model::candle::utils::get_num_threads();
-    let mut ours = Vec::new();
-    for &ratio in &opts.ratios {
+    let mut rates = Vec::new();
+    for &ratio in ratios {
         let step = |m: &lmd_model::LatentMae, seed: u64| -> Result<lmd_model::candle::Tensor> {
             Ok(m.forward(&x, ratio, seed)
                 .map_err(lmd_model::Error::from)?
@@ -232,13 +241,86 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
             &mut |seed| step(&model, seed),
             base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
         )?;
-        let line = json!({
-            "bench": "train-step", "preset": opts.preset, "mask_ratio": ratio, "batch": opts.batch,
-            "tokens": cfg.num_patches(), "steps": opts.steps, "threads": threads,
-        });
-        emit(merged(line, fields));
-        ours.push((ratio, rate));
+        let mut l = merged(line.clone(), fields);
+        l["mask_ratio"] = json!(ratio);
+        l["tokens"] = json!(cfg.num_patches());
+        l["kept_tokens"] = json!(cfg.kept_tokens(ratio));
+        l["gmac_per_sample"] = json!((cfg.train_macs(ratio) / 1e6).round() / 1e3);
+        emit(l);
+        rates.push((ratio, rate));
     }
+    Ok(rates)
+}
+
+/// `lmd-bench train-step --pixels`: pixel MAE (3 x S x S, patch p, MAE's fixed 0.75) and LMD
+/// on latents (4 x S/8 x S/8, patch p/8, at 0.75 and at the cosine schedule's mean ratio) with
+/// the same encoder and decoder; a last line with each latent rate over the pixel one.
+fn pixels_vs_latents(
+    opts: &TrainStepOptions,
+    emit: &mut dyn FnMut(serde_json::Value),
+) -> Result<()> {
+    let (s, p) = (opts.image_size, opts.pixel_patch);
+    if s % 8 != 0 || p % 8 != 0 || s % p != 0 {
+        return Err(Error::Invalid(format!(
+            "--image-size {s} and --pixel-patch {p} must be multiples of 8 (the VAE's factor) \
+             with the patch dividing the size"
+        )));
+    }
+    let enc = opts.preset.config();
+    let pixel = enc.on_input(3, s, p);
+    let latent = enc.on_input(4, s / 8, p / 8);
+    let threads = lmd_model::candle::utils::get_num_threads();
+    let line = |arm: &str, c: &lmd_model::MaeConfig| {
+        json!({
+            "bench": "train-step", "arm": arm, "preset": opts.preset, "batch": opts.batch,
+            "input": [c.in_chans, c.img_size[0], c.img_size[1]], "patch": c.patch_size,
+            "steps": opts.steps, "threads": threads,
+        })
+    };
+    let px = model_steps(&pixel, opts, &[0.75], &line("pixel-mae", &pixel), emit)?[0].1;
+    let cosine = lmd_model::MaskSchedule::lmd_cosine().mean_ratio();
+    let lat = model_steps(
+        &latent,
+        opts,
+        &[0.75, cosine],
+        &line("lmd-latent", &latent),
+        emit,
+    )?;
+    let gmac = |c: &lmd_model::MaeConfig, r: f64| c.train_macs(r);
+    emit(json!({
+        "bench": "train-step", "summary": "latent-vs-pixel", "preset": opts.preset,
+        "pixel_samples_per_s": px,
+        "latent_fixed_samples_per_s": lat[0].1, "latent_cosine_mean_samples_per_s": lat[1].1,
+        "cosine_mean_ratio": cosine,
+        "speedup_fixed": lat[0].1 / px, "speedup_cosine_mean": lat[1].1 / px,
+        "gmac_ratio_fixed": gmac(&pixel, 0.75) / gmac(&latent, 0.75),
+        "gmac_ratio_cosine_mean": gmac(&pixel, 0.75) / gmac(&latent, cosine),
+    }));
+    Ok(())
+}
+
+/// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
+pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
+    if opts.pixels {
+        if opts.torch_anchor.is_some() {
+            return Err(Error::Invalid(
+                "--pixels and --torch-anchor are separate benchmarks".into(),
+            ));
+        }
+        return pixels_vs_latents(opts, &mut emit);
+    }
+    let cfg = opts.preset.config();
+    if opts.torch_anchor.is_some() && opts.preset != lmd_model::Preset::Tiny {
+        return Err(Error::Invalid(
+            "--torch-anchor mirrors the `tiny` preset only".into(),
+        ));
+    }
+    let threads = lmd_model::candle::utils::get_num_threads();
+    let line = json!({
+        "bench": "train-step", "preset": opts.preset, "batch": opts.batch,
+        "steps": opts.steps, "threads": threads,
+    });
+    let ours = model_steps(&cfg, opts, &opts.ratios, &line, &mut emit)?;
     if let Some(anchor) = &opts.torch_anchor {
         let ratios: Vec<String> = opts.ratios.iter().map(|r| r.to_string()).collect();
         let out = std::process::Command::new("python3")
@@ -325,6 +407,52 @@ mod tests {
             e.contains("bad.py") && e.contains("no module named torch"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pixels_bench_times_both_arms_with_one_encoder_and_reports_the_ratio() {
+        let opts = TrainStepOptions {
+            batch: 2,
+            steps: 1,
+            pixels: true,
+            image_size: 32,
+            pixel_patch: 16,
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        train_step(&opts, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        let (px, fixed, mean, sum) = (&lines[0], &lines[1], &lines[2], &lines[3]);
+        assert_eq!(
+            (px["arm"].as_str(), px["input"].clone()),
+            (Some("pixel-mae"), json!([3, 32, 32]))
+        );
+        assert_eq!(
+            (px["patch"].as_u64(), px["tokens"].as_u64()),
+            (Some(16), Some(4))
+        );
+        assert_eq!(fixed["input"], json!([4, 4, 4]));
+        assert_eq!(
+            (fixed["patch"].as_u64(), fixed["tokens"].as_u64()),
+            (Some(2), Some(4))
+        );
+        assert_eq!(
+            mean["mask_ratio"].as_f64(),
+            Some(lmd_model::MaskSchedule::lmd_cosine().mean_ratio())
+        );
+        let rate = |v: &serde_json::Value| v["samples_per_s"].as_f64().unwrap();
+        let sp = sum["speedup_fixed"].as_f64().unwrap();
+        assert!((sp - rate(fixed) / rate(px)).abs() < 1e-9 * sp, "{sum}");
+        let sp = sum["speedup_cosine_mean"].as_f64().unwrap();
+        assert!((sp - rate(mean) / rate(px)).abs() < 1e-9 * sp, "{sum}");
+        // same tokens, 3·256 vs 4·4 values per patch: the pixel step counts more MACs
+        assert!(sum["gmac_ratio_fixed"].as_f64().unwrap() > 1.0, "{sum}");
+        let bad = TrainStepOptions {
+            pixel_patch: 12,
+            ..opts
+        };
+        let e = train_step(&bad, |_| {}).unwrap_err().to_string();
+        assert!(e.contains("--pixel-patch 12"), "{e}");
     }
 
     #[test]
