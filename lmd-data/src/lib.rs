@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod loader;
 pub mod pipeline;
+pub mod pixel_loader;
 mod pixels;
 pub mod shard;
 pub mod source;

@@ -79,17 +79,17 @@ pub struct LatentBatch {
     pub shape: [usize; 4],
 }
 
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(a: u64, b: u64, c: u64) -> Self {
+    pub(crate) fn new(a: u64, b: u64, c: u64) -> Self {
         let mut bytes = [0u8; 24];
         bytes[..8].copy_from_slice(&a.to_le_bytes());
         bytes[8..16].copy_from_slice(&b.to_le_bytes());
         bytes[16..].copy_from_slice(&c.to_le_bytes());
         Rng(xxhash_rust::xxh3::xxh3_64(&bytes))
     }
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -99,7 +99,7 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
+    pub(crate) fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             v.swap(i, self.below(i + 1));
         }

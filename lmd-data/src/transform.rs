@@ -149,17 +149,23 @@ impl TransformConfig {
         if self.crop != CropMode::Center {
             return None;
         }
-        let bx = center_box(w, h, self.size);
-        let reach = 3.0 * (bx.width / self.size as f64).max(1.0) + 8.0;
-        let lo = |v: f64| (v - reach).floor().max(0.0) as u32;
-        let hi = |v: f64, n: u32| ((v + reach).ceil() as u32).min(n);
-        Some([
-            lo(bx.left),
-            lo(bx.top),
-            hi(bx.left + bx.width, w),
-            hi(bx.top + bx.height, h),
-        ])
+        Some(read_region(center_box(w, h, self.size), self.size, w, h))
     }
+}
+
+/// The pixels of a `w`×`h` image that resampling `bx` to `s`×`s` reads, `[x0, y0, x1, y1)`:
+/// the box widened by the resampling filter's reach (3 source pixels per output pixel, the
+/// widest filter's) plus 8 pixels for the decoder's own edge effects.
+pub fn read_region(bx: CropBox, s: u32, w: u32, h: u32) -> [u32; 4] {
+    let reach = 3.0 * (bx.width.max(bx.height) / s as f64).max(1.0) + 8.0;
+    let lo = |v: f64| (v - reach).floor().max(0.0) as u32;
+    let hi = |v: f64, n: u32| ((v + reach).ceil() as u32).min(n);
+    [
+        lo(bx.left),
+        lo(bx.top),
+        hi(bx.left + bx.width, w),
+        hi(bx.top + bx.height, h),
+    ]
 }
 
 /// torchvision `Resize(S)` + `CenterCrop(S)` expressed as a source box.
@@ -205,6 +211,10 @@ impl KeyRng {
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
+    }
+    /// A fair coin (the horizontal flip of `RandomHorizontalFlip(0.5)`).
+    pub fn coin(&mut self) -> bool {
+        self.next_u64() >> 63 == 1
     }
 }
 
