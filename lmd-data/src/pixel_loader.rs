@@ -424,6 +424,11 @@ impl PixelEpochIter<'_> {
     pub fn state(&self) -> LoaderState {
         self.loader.state
     }
+
+    /// [`PixelLoader::take_skipped`].
+    pub fn take_skipped(&self) -> Vec<Skip> {
+        self.loader.take_skipped()
+    }
 }
 
 impl Iterator for PixelEpochIter<'_> {

@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use lmd_data::loader::{EpochIter, LatentBatch};
+use lmd_data::loader::LatentBatch;
 use lmd_model::candle::{Device, Tensor};
 
 use crate::dist::{average_gradients, Job, BUCKET_ELEMS};
@@ -70,7 +70,10 @@ impl Driver {
     }
 
     /// The next batch of the epoch (the wait counted), or `None` at its end.
-    pub fn next_batch(&mut self, it: &mut EpochIter<'_>) -> Option<Result<LatentBatch>> {
+    pub fn next_batch(
+        &mut self,
+        it: &mut impl Iterator<Item = lmd_data::Result<LatentBatch>>,
+    ) -> Option<Result<LatentBatch>> {
         let t = Instant::now();
         let b = it.next();
         self.wait_s += t.elapsed().as_secs_f64();

@@ -24,6 +24,7 @@ pub mod run_dir;
 pub mod settings;
 pub mod testvectors;
 pub mod train;
+pub mod train_data;
 
 pub use device::DeviceSpec;
 pub use error::{Error, Result};

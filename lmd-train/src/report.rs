@@ -6,7 +6,7 @@
 //!   decoded to pixels; without one the latent's first three channels are shown as false colour
 //!   (normalised per sample, upscaled 8x with nearest neighbour) so a preview always exists.
 //!   With `norm_pix_loss` the prediction is un-normalised with each target patch's own mean and
-//!   variance, as MAE's visualisation does.
+//!   variance, as MAE's visualisation does. Pixel-MAE inputs are shown as RGB, un-normalised.
 //! - [`plot_curves`]: loss, mask ratio and learning rate against the step, from `metrics.jsonl`
 //!   lines, as an SVG with three stacked panels (`plotters`, SVG backend: no font files needed).
 
@@ -69,11 +69,38 @@ pub fn reconstruct(model: &LatentMae, x: &Tensor, ratio: f64, seed: u64) -> Resu
     })
 }
 
-/// `[N, C, h, w]` latents -> `[N, 3, 8h, 8w]` RGB in [0, 1]: VAE decode, or false colour
-/// normalised with the per-sample, per-channel range of `reference`.
-fn to_rgb(z: &Tensor, reference: &Tensor, vae: Option<&dyn Vae>) -> Result<Vec<Vec<f32>>> {
+/// How a preview shows the model's input.
+pub enum Render<'a> {
+    /// Latents decoded to pixels by their VAE.
+    Vae(&'a dyn Vae),
+    /// Latent channels 0-2 as false colour.
+    FalseColour,
+    /// Normalised RGB pixels (pixel MAE): `x · std + mean` per channel.
+    Pixels { mean: [f32; 3], std: [f32; 3] },
+}
+
+/// `[N, C, h, w]` model inputs -> RGB in [0, 1], each `[3, H, W]`: pixels un-normalised, a VAE
+/// decode (`8h x 8w`), or false colour normalised with the per-sample, per-channel range of
+/// `reference` (upscaled 8x).
+fn to_rgb(z: &Tensor, reference: &Tensor, render: &Render) -> Result<Vec<Vec<f32>>> {
     let (n, c, h, w) = z.dims4()?;
-    if let Some(v) = vae {
+    if let Render::Pixels { mean, std } = render {
+        let flat: Vec<f32> = z.flatten_all().and_then(|t| t.to_vec1())?;
+        let plane = h * w;
+        return Ok(flat
+            .chunks(c * plane)
+            .map(|img| {
+                img.iter()
+                    .enumerate()
+                    .map(|(j, v)| {
+                        let ch = (j / plane).min(2);
+                        (v * std[ch] + mean[ch]).clamp(0.0, 1.0)
+                    })
+                    .collect()
+            })
+            .collect());
+    }
+    if let Render::Vae(v) = render {
         let img = v.decode(z)?;
         let (_, _, ih, iw) = img.dims4()?;
         let flat: Vec<f32> = img
@@ -111,11 +138,11 @@ fn to_rgb(z: &Tensor, reference: &Tensor, vae: Option<&dyn Vae>) -> Result<Vec<V
 
 /// The preview image of [`reconstruct`]'s output: rows = samples; columns = input | masked |
 /// prediction | prediction with the visible patches.
-pub fn reconstruction_grid(r: &Reconstruction, vae: Option<&dyn Vae>) -> Result<image::RgbImage> {
+pub fn reconstruction_grid(r: &Reconstruction, render: &Render) -> Result<image::RgbImage> {
     let (n, _, h, w) = r.input.dims4()?;
-    let input = to_rgb(&r.input, &r.input, vae)?;
-    let pred = to_rgb(&r.prediction, &r.input, vae)?;
-    let pasted = to_rgb(&r.pasted, &r.input, vae)?;
+    let input = to_rgb(&r.input, &r.input, render)?;
+    let pred = to_rgb(&r.prediction, &r.input, render)?;
+    let pasted = to_rgb(&r.pasted, &r.input, render)?;
     let mask: Vec<f32> = r.mask.flatten_all().and_then(|t| t.to_vec1())?;
     let px = input[0].len() / 3;
     let scale = ((px / (h * w)) as f64).sqrt().round() as usize; // pixels per latent cell

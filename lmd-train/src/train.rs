@@ -25,10 +25,14 @@
 use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::report::Render;
 use crate::run_dir::{resumed_settings, write_json, PerRankBatch, RunDir, WorldRecord};
+use crate::train_data::{Input, TrainData};
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
+use lmd_data::pixel_loader::PixelTransform;
 use lmd_data::shard::LatentDataset;
+use lmd_data::source::Labels;
 use lmd_model::candle::{Device, Tensor};
 use lmd_model::{LatentMae, MaeConfig, MaskSchedule};
 use serde::{Deserialize, Serialize};
@@ -40,8 +44,14 @@ use std::time::Instant;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Model preset (tiny, small, base, large, base_patch4), unless `model` is given.
+    /// Model preset (tiny, small, base, large, base_patch4), unless `model` is given. On
+    /// pixels the preset's encoder and decoder take 3 x 8h x 8w images in patches of 8p (its
+    /// latents are 4 x h x w in patches of p): `tiny` is ViT-Ti/16 on 224 px.
     pub preset: lmd_model::Preset,
+    /// What `data` holds: `latents` (latent shards: LMD) or `pixels` (image shards decoded and
+    /// augmented every epoch: pixel-space MAE, with MAE's RandomResizedCrop + flip and
+    /// ImageNet normalisation).
+    pub input: crate::train_data::Input,
     /// Full model configuration (overrides `preset`).
     pub model: Option<MaeConfig>,
     pub schedule: MaskSchedule,
@@ -82,6 +92,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             preset: lmd_model::Preset::Tiny,
+            input: crate::train_data::Input::Latents,
             model: None,
             schedule: MaskSchedule::lmd_cosine(),
             data: vec![],
@@ -113,7 +124,13 @@ impl PerRankBatch for TrainConfig {
 
 impl TrainConfig {
     pub fn model_config(&self) -> Result<MaeConfig> {
-        resolve_model(self.preset, self.model.as_ref())
+        let m = resolve_model(self.preset, self.model.as_ref())?;
+        Ok(match (self.input, &self.model) {
+            (crate::train_data::Input::Pixels, None) => {
+                m.on_input(3, 8 * m.img_size[0], 8 * m.patch_size)
+            }
+            _ => m,
+        })
     }
 }
 
@@ -163,6 +180,14 @@ pub fn open_data(dirs: &[PathBuf]) -> Result<LatentDataset> {
     Ok(LatentDataset::discover(dirs)?)
 }
 
+/// The number of samples `cfg.data` holds (for `--epochs`): latent records, or images.
+pub fn samples_in(cfg: &TrainConfig) -> Result<usize> {
+    Ok(match cfg.input {
+        Input::Latents => open_data(&cfg.data)?.len(),
+        Input::Pixels => crate::train_data::open_images(&cfg.data, Labels::Optional, false)?.len(),
+    })
+}
+
 /// [`open_data`] for a run: remote datasets come through `cache` (said on stderr by rank 0).
 pub fn open_data_cached(
     dirs: &[PathBuf],
@@ -207,6 +232,8 @@ pub struct TrainSummary {
     pub wall_s: f64,
     /// The signal that stopped the run early (after writing a checkpoint at `last_step`).
     pub stopped_by: Option<i32>,
+    /// Samples this rank left out of their batches because they did not decode (pixels).
+    pub skipped: u64,
 }
 
 /// The checkpoint directory `checkpoints/latest` names, if it exists (not verified: resuming
@@ -233,17 +260,57 @@ fn validated(cfg: &TrainConfig) -> Result<MaeConfig> {
     Ok(mcfg)
 }
 
-/// The training data, checked against the model's input shape.
-fn open_checked(cfg: &TrainConfig, mcfg: &MaeConfig, say: bool) -> Result<Arc<LatentDataset>> {
-    let ds = Arc::new(open_data_cached(&cfg.data, &cfg.run.cache()?, say)?);
-    let [c, h, w] = ds.meta().latent_shape;
-    if [c, h, w] != [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]] {
-        return Err(Error::Invalid(format!(
-            "the data has latents {c}x{h}x{w}; the model expects {}x{}x{}",
-            mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]
-        )));
+/// The training data, checked against the model's input shape, as rank `rank` of `world`
+/// reads it.
+fn open_checked(
+    cfg: &TrainConfig,
+    mcfg: &MaeConfig,
+    (rank, world): (usize, usize),
+    say: bool,
+) -> Result<TrainData> {
+    let lcfg = LoaderConfig {
+        batch_size: cfg.batch_size,
+        seed: cfg.run.seed,
+        window: cfg.window,
+        rank,
+        world_size: world,
+        ..Default::default()
+    };
+    match cfg.input {
+        Input::Latents => {
+            let ds = Arc::new(open_data_cached(&cfg.data, &cfg.run.cache()?, say)?);
+            let [c, h, w] = ds.meta().latent_shape;
+            if [c, h, w] != [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]] {
+                return Err(Error::Invalid(format!(
+                    "the data has latents {c}x{h}x{w}; the model expects {}x{}x{}",
+                    mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]
+                )));
+            }
+            Ok(TrainData::Latents(LatentLoader::new(ds, lcfg)?))
+        }
+        Input::Pixels => {
+            let [h, w] = mcfg.img_size;
+            if mcfg.in_chans != 3 || h != w {
+                return Err(Error::Invalid(format!(
+                    "pixel input is RGB and square; the model expects {}x{h}x{w}",
+                    mcfg.in_chans
+                )));
+            }
+            let set = Arc::new(crate::train_data::open_images(
+                &cfg.data,
+                Labels::Optional,
+                say,
+            )?);
+            if say {
+                eprintln!(
+                    "lmd-train: {} images ({:.1} MB encoded) decoded every epoch at {h}x{w}",
+                    set.len(),
+                    set.bytes() as f64 / 1e6
+                );
+            }
+            TrainData::pixels(set, lcfg, PixelTransform::mae_pretrain(h as u32))
+        }
     }
-    Ok(ds)
 }
 
 /// Where a resumed run continues: rank 0 picks the newest checkpoint that verifies and every
@@ -317,8 +384,8 @@ pub fn run_job(
     on_log: &mut dyn FnMut(&Metrics),
 ) -> Result<TrainSummary> {
     let mcfg = validated(cfg)?;
-    let ds = open_checked(cfg, &mcfg, job.dist.is_root())?;
     let (rank, world) = (job.dist.rank(), job.dist.world_size());
+    let mut loader = open_checked(cfg, &mcfg, (rank, world), job.dist.is_root())?;
     let root = job.dist.is_root();
     let run = match root {
         true => Some(RunDir::open(&cfg.out)?),
@@ -347,17 +414,6 @@ pub fn run_job(
     let model = LatentMae::init_on(&mcfg, backend, &varmap, cfg.run.seed, &dev)?;
     let opt = AdamW::over_varmap(&varmap, |_| true, cfg.optimizer)?.on_backend(model.backend());
     let mut driver = Driver::new(opt, cfg.grad_clip, cfg.run.log_every);
-    let mut loader = LatentLoader::new(
-        ds.clone(),
-        LoaderConfig {
-            batch_size: cfg.batch_size,
-            seed: cfg.run.seed,
-            window: cfg.window,
-            rank,
-            world_size: world,
-            ..Default::default()
-        },
-    )?;
     let mut step = 0;
     match &resumed {
         Some((ck, st, _)) => {
@@ -389,6 +445,7 @@ pub fn run_job(
     let t0 = Instant::now();
     let mut last_loss = f64::NAN;
     let mut stopped_by = None;
+    let mut skipped = 0;
     let stop = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     let noise_seed = cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     'outer: while step < stop {
@@ -423,6 +480,13 @@ pub fn run_job(
                 if let Some(log) = log.as_mut() {
                     log.append(&line)?;
                     on_log(&line);
+                }
+                for sk in it.take_skipped() {
+                    skipped += 1;
+                    eprintln!(
+                        "lmd-train: rank {rank}: left out of its batch: {}",
+                        crate::train_data::describe(&sk)
+                    );
                 }
             }
             let due = step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop;
@@ -468,27 +532,36 @@ pub fn run_job(
         final_loss: last_loss,
         wall_s: t0.elapsed().as_secs_f64(),
         stopped_by,
+        skipped,
     })
 }
 
-/// The fixed samples previews show, and the VAE that decodes them.
+/// The fixed samples previews show, and how they are drawn.
 struct Preview {
     x: Option<Tensor>,
     vae: Option<Box<dyn lmd_model::vae::Vae>>,
+    pixels: Option<PixelTransform>,
 }
 
 impl Preview {
-    fn new(cfg: &TrainConfig, loader: &LatentLoader, dev: &Device) -> Result<Self> {
-        let n = cfg.preview_samples.min(loader.dataset().len());
+    fn new(cfg: &TrainConfig, loader: &TrainData, dev: &Device) -> Result<Self> {
+        let n = cfg.preview_samples.min(loader.len());
+        let pixels = match loader {
+            TrainData::Pixels(l) => Some(l.transform().clone()),
+            TrainData::Latents(_) => None,
+        };
         if n == 0 {
-            return Ok(Preview { x: None, vae: None });
+            return Ok(Preview {
+                x: None,
+                vae: None,
+                pixels,
+            });
         }
-        let b = loader.make_batch(0, 0, &(0..n).collect::<Vec<_>>())?;
+        let b = loader.first(n)?;
         let x = Tensor::from_vec(b.data, b.shape.to_vec(), dev)?;
-        let vae = match &cfg.vae_weights {
-            None => None,
-            Some(w) => {
-                let kind = loader.dataset().meta().vae.name.parse()?;
+        let vae = match (&cfg.vae_weights, loader) {
+            (Some(w), TrainData::Latents(l)) => {
+                let kind = l.dataset().meta().vae.name.parse()?;
                 Some(lmd_model::vae::load_vae(
                     kind,
                     Path::new(w),
@@ -496,8 +569,13 @@ impl Preview {
                     lmd_model::Precision::F32,
                 )?)
             }
+            _ => None,
         };
-        Ok(Preview { x: Some(x), vae })
+        Ok(Preview {
+            x: Some(x),
+            vae,
+            pixels,
+        })
     }
 
     /// `previews/step-N.png` and `curves.svg`.
@@ -505,7 +583,15 @@ impl Preview {
         if let Some(x) = &self.x {
             let ratio = cfg.schedule.ratio(step as usize, cfg.steps as usize);
             let r = crate::report::reconstruct(model, x, ratio, cfg.run.seed ^ 0x7072_6576)?;
-            let img = crate::report::reconstruction_grid(&r, self.vae.as_deref())?;
+            let render = match (&self.pixels, &self.vae) {
+                (Some(t), _) => Render::Pixels {
+                    mean: t.mean,
+                    std: t.std,
+                },
+                (None, Some(v)) => Render::Vae(v.as_ref()),
+                (None, None) => Render::FalseColour,
+            };
+            let img = crate::report::reconstruction_grid(&r, &render)?;
             let dir = cfg.out.join("previews");
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;
             crate::report::save_png(&img, &dir.join(format!("step-{step:08}.png")))?;

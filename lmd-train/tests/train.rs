@@ -246,3 +246,106 @@ fn bf16_training_follows_f32_keeps_f32_checkpoints_and_resumes_exactly() {
         assert_eq!((x.step, x.loss, x.grad_norm), (y.step, y.loss, y.grad_norm));
     }
 }
+
+/// A WebDataset shard of `n` PNGs (`NNN.png` + `NNN.cls`) of 40 x 30: a smooth gradient with
+/// a coloured square that moves with the image's class (of 3), so there is something to learn.
+fn make_image_shard(dir: &Path, n: usize) -> std::path::PathBuf {
+    let mut members = Vec::new();
+    for i in 0..n {
+        let class = i % 3;
+        let img = image::RgbImage::from_fn(40, 30, |x, y| {
+            let inside = (x as usize / 10 == class + i % 2) && (8..22).contains(&y);
+            match (inside, class) {
+                (true, 0) => image::Rgb([230, 40, 40]),
+                (true, 1) => image::Rgb([40, 230, 40]),
+                (true, _) => image::Rgb([40, 40, 230]),
+                _ => image::Rgb([(x * 6) as u8, (y * 8) as u8, ((i * 37) % 200) as u8]),
+            }
+        });
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        members.push((format!("{i:03}.png"), png));
+        members.push((format!("{i:03}.cls"), class.to_string().into_bytes()));
+    }
+    let p = dir.join("images-000000.tar");
+    std::fs::write(&p, lmd_train::data::synthetic::tar_archive(&members)).unwrap();
+    p
+}
+
+fn pixel_cfg(shard: &Path, out: &Path) -> TrainConfig {
+    let mut c = cfg(shard, out);
+    c.input = lmd_train::train_data::Input::Pixels;
+    let m = c.model.as_mut().unwrap();
+    (m.in_chans, m.img_size, m.patch_size) = (3, [16, 16], 4);
+    c.batch_size = 8;
+    c.preview_samples = 2;
+    c
+}
+
+#[test]
+fn pixel_mae_trains_from_image_shards_and_a_pixel_checkpoint_resumes_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    let shard = make_image_shard(data.path(), 36); // 4 batches of 8 per epoch
+    let a = tempfile::tempdir().unwrap();
+    let s = run(&pixel_cfg(&shard, a.path()), false, &mut |_| {}).unwrap();
+    assert_eq!(s.last_step, 10);
+    let ma = metrics(a.path());
+    assert_eq!(ma.len(), 10);
+    assert_eq!(ma[9].epoch, 2);
+    assert!(ma.iter().all(|m| m.loss.is_finite() && m.data_wait_fraction >= 0.0));
+    let first: f64 = ma[..3].iter().map(|m| m.loss).sum::<f64>();
+    let last: f64 = ma[7..].iter().map(|m| m.loss).sum::<f64>();
+    assert!(last < first, "{first} -> {last}");
+    // an RGB preview: 2 rows of 4 panels of 16 px with 4 px gaps
+    let p = image::open(a.path().join("previews/step-00000010.png")).unwrap();
+    assert_eq!((p.width(), p.height()), (4 * 16 + 5 * 4, 2 * 16 + 3 * 4));
+    // the checkpoint is a 3-channel patch-4 MAE
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.path().join("checkpoints/step-00000010/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(st["config"]["input"], "pixels");
+
+    // stopped after step 6 (inside epoch 1), resumed: the same numbers
+    let b = tempfile::tempdir().unwrap();
+    let mut c = pixel_cfg(&shard, b.path());
+    c.stop_after = Some(6);
+    run(&c, false, &mut |_| {}).unwrap();
+    c.stop_after = None;
+    let s = run(&c, true, &mut |_| {}).unwrap();
+    assert_eq!((s.first_step, s.last_step), (6, 10));
+    let mb = metrics(b.path());
+    assert_eq!(mb.len(), 10);
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(
+            (x.step, x.epoch, x.loss, x.grad_norm),
+            (y.step, y.epoch, y.loss, y.grad_norm)
+        );
+    }
+    // a latent-shaped model on pixels is refused, naming both shapes
+    let mut d = pixel_cfg(&shard, b.path());
+    d.model.as_mut().unwrap().in_chans = 4;
+    let e = run(&d, false, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("RGB") && e.contains("4x16x16"), "{e}");
+}
+
+#[test]
+fn a_corrupt_image_costs_only_itself_in_pixel_training() {
+    let data = tempfile::tempdir().unwrap();
+    let shard = make_image_shard(data.path(), 32); // every image in each epoch's 4 batches
+    // damage one PNG inside the tar (its body, past the 8-byte signature and the IHDR)
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.windows(4).position(|w| w == b"IDAT").unwrap();
+    bytes[at + 4..at + 40].fill(0);
+    std::fs::write(&shard, bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = pixel_cfg(&shard, out.path());
+    c.steps = 8;
+    c.preview_samples = 0; // (the preview's fixed samples would meet it too)
+    let s = run(&c, false, &mut |_| {}).unwrap();
+    assert_eq!(s.last_step, 8);
+    // left out once per epoch, the run went on
+    assert_eq!(s.skipped, 2);
+    assert!(metrics(out.path()).iter().all(|m| m.loss.is_finite()));
+}

@@ -161,17 +161,21 @@ enum Cmd {
         #[arg(long)]
         composite_baseline: bool,
         /// Pixel MAE (3 x S x S, patch P, fixed ratio 0.75) beside LMD on latents (4 x S/8,
-        /// patch P/8, at 0.75 and at the cosine schedule's mean ratio) with the preset's encoder
+        /// patch Q, at 0.75 and at the cosine schedule's mean ratio) with the preset's encoder
         /// and decoder, in one invocation; a summary line gives latent / pixel samples/s and
-        /// the counted GMAC ratio. --ratios is not used.
+        /// the counted GMAC ratio. Defaults: the paper's ViT/16 on 224 px vs ViT/4 on 28 x 28
+        /// latents. --ratios is not used.
         #[arg(long)]
         pixels: bool,
         /// S for --pixels (pixels a side; latents are S/8).
         #[arg(long, default_value_t = 224)]
         image_size: usize,
-        /// P for --pixels (the pixel patch; the latent patch is P/8).
+        /// P for --pixels (the pixel patch).
         #[arg(long, default_value_t = 16)]
         pixel_patch: usize,
+        /// Q for --pixels (the latent patch).
+        #[arg(long, default_value_t = 4)]
+        latent_patch: usize,
     },
     /// VitClassifier fine-tuning steps (drop path, cross-entropy, backward, AdamW) in samples/s.
     ///
@@ -315,6 +319,7 @@ fn main() -> anyhow::Result<()> {
             pixels,
             image_size,
             pixel_patch,
+            latent_patch,
         } => {
             let opts = lmd_train::bench::TrainStepOptions {
                 preset,
@@ -326,6 +331,7 @@ fn main() -> anyhow::Result<()> {
                 pixels,
                 image_size,
                 pixel_patch,
+                latent_patch,
             };
             lmd_train::bench::train_step(&opts, |v| println!("{v}"))?;
         }

@@ -37,7 +37,9 @@ pub struct Args {
 /// The flags that set a [`TrainConfig`] key of the same name (see [`crate::settings`]).
 #[derive(clap::Args, Serialize, Debug)]
 pub struct Settings {
-    /// Latent dataset directories (lmd-precompute outputs; worker-* subdirectories are found).
+    /// Latent dataset directories (lmd-precompute outputs; worker-* subdirectories are found),
+    /// or with --input pixels image inputs as lmd-precompute takes them (WebDataset shard
+    /// patterns, ILSVRC tars, image folders).
     #[arg(long, num_args = 1..)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<PathBuf>,
@@ -53,9 +55,14 @@ pub struct Settings {
     /// Mask-ratio schedule: constant (MAE 0.75), linear, piecewise, cosine (0.15 -> 0.75).
     #[arg(long)]
     pub schedule: Option<MaskSchedule>,
-    /// Model preset: tiny, small, base, large, base_patch4.
+    /// Model preset: tiny, small, base, large, base_patch4. On pixels its encoder and decoder
+    /// take 8x the latent side in 8x the latent patch (tiny: ViT-Ti/16 on 224 px).
     #[arg(long)]
     pub preset: Option<Preset>,
+    /// What --data holds: latents (LMD) or pixels (image shards decoded every epoch with MAE's
+    /// RandomResizedCrop + flip and ImageNet normalisation: the pixel-MAE baseline).
+    #[arg(long)]
+    pub input: Option<lmd_train::train_data::Input>,
     /// Samples per step on each rank (the global batch is this x the world size; MAE's lr rule
     /// uses the global one). On --resume at another world size the checkpoint's global batch
     /// is kept.
@@ -83,7 +90,7 @@ pub fn config(a: &Args, world: usize) -> anyhow::Result<TrainConfig> {
     let mut cfg: TrainConfig =
         crate::settings::merge(&TrainConfig::default(), a.config.as_deref(), &a.set)?;
     if let Some(e) = a.epochs {
-        let n = lmd_train::train::open_data(&cfg.data)?.len() as u64;
+        let n = lmd_train::train::samples_in(&cfg)? as u64;
         cfg.steps = e * (n / (cfg.batch_size * world.max(1)) as u64).max(1);
     }
     Ok(cfg)
@@ -100,7 +107,7 @@ mod tests {
             &[
                 "lmd-train --config {c} --data d1 d2 --out o --steps 7 --checkpoint-every 2 ",
                 "--log-every 1 --schedule constant --preset small --seed 9 --device cpu ",
-                "--vae-weights w --keep-checkpoints 4 --init i.pth --tf32 false",
+                "--vae-weights w --keep-checkpoints 4 --init i.pth --tf32 false --input pixels",
             ],
         );
         let c = c.as_str();
@@ -118,6 +125,7 @@ mod tests {
         );
         assert_eq!(cfg.vae_weights.as_deref(), Some("w"));
         assert_eq!(cfg.keep_checkpoints, 4);
+        assert_eq!(cfg.input, lmd_train::train_data::Input::Pixels);
         assert_eq!(cfg.init, Some(PathBuf::from("i.pth")));
         assert!(!cfg.run.tf32 && TrainConfig::default().run.tf32);
         // without flags: the file over the defaults

@@ -24,10 +24,13 @@ pub struct TrainStepOptions {
     pub composite_baseline: bool,
     /// Pixel MAE beside LMD on latents with the same encoder: `image_size` px in patches of
     /// `pixel_patch` (fixed 0.75) against latents of `image_size / 8` in patches of
-    /// `pixel_patch / 8` (0.75 and the cosine schedule's mean); `ratios` are not used.
+    /// `latent_patch` (0.75 and the cosine schedule's mean); `ratios` are not used. The
+    /// defaults are the paper's: ViT/16 on 224 px (14 x 14 tokens) against ViT/4 on 28 x 28
+    /// latents (7 x 7).
     pub pixels: bool,
     pub image_size: usize,
     pub pixel_patch: usize,
+    pub latent_patch: usize,
 }
 
 impl Default for TrainStepOptions {
@@ -42,6 +45,7 @@ impl Default for TrainStepOptions {
             pixels: false,
             image_size: 224,
             pixel_patch: 16,
+            latent_patch: 4,
         }
     }
 }
@@ -253,22 +257,23 @@ fn model_steps(
 }
 
 /// `lmd-bench train-step --pixels`: pixel MAE (3 x S x S, patch p, MAE's fixed 0.75) and LMD
-/// on latents (4 x S/8 x S/8, patch p/8, at 0.75 and at the cosine schedule's mean ratio) with
+/// on latents (4 x S/8 x S/8, patch q, at 0.75 and at the cosine schedule's mean ratio) with
 /// the same encoder and decoder; a last line with each latent rate over the pixel one.
 fn pixels_vs_latents(
     opts: &TrainStepOptions,
     emit: &mut dyn FnMut(serde_json::Value),
 ) -> Result<()> {
-    let (s, p) = (opts.image_size, opts.pixel_patch);
-    if s % 8 != 0 || p % 8 != 0 || s % p != 0 {
+    let (s, p, q) = (opts.image_size, opts.pixel_patch, opts.latent_patch);
+    if s % 8 != 0 || p == 0 || q == 0 || s % p != 0 || (s / 8) % q != 0 {
         return Err(Error::Invalid(format!(
-            "--image-size {s} and --pixel-patch {p} must be multiples of 8 (the VAE's factor) \
-             with the patch dividing the size"
+            "--image-size {s} must be a multiple of 8 (the VAE's factor) divisible by \
+             --pixel-patch {p}, and its latent side {} by --latent-patch {q}",
+            s / 8
         )));
     }
     let enc = opts.preset.config();
     let pixel = enc.on_input(3, s, p);
-    let latent = enc.on_input(4, s / 8, p / 8);
+    let latent = enc.on_input(4, s / 8, q);
     let threads = lmd_model::candle::utils::get_num_threads();
     let line = |arm: &str, c: &lmd_model::MaeConfig| {
         json!({
@@ -417,6 +422,7 @@ mod tests {
             pixels: true,
             image_size: 32,
             pixel_patch: 16,
+            latent_patch: 2,
             ..Default::default()
         };
         let mut lines = Vec::new();
@@ -448,11 +454,11 @@ mod tests {
         // same tokens, 3·256 vs 4·4 values per patch: the pixel step counts more MACs
         assert!(sum["gmac_ratio_fixed"].as_f64().unwrap() > 1.0, "{sum}");
         let bad = TrainStepOptions {
-            pixel_patch: 12,
+            latent_patch: 3,
             ..opts
         };
         let e = train_step(&bad, |_| {}).unwrap_err().to_string();
-        assert!(e.contains("--pixel-patch 12"), "{e}");
+        assert!(e.contains("--latent-patch 3"), "{e}");
     }
 
     #[test]
