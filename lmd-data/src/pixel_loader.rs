@@ -400,7 +400,10 @@ impl BatchMaker {
                 }
             }
         }
-        (!keys.is_empty()).then(|| LatentBatch {
+        if keys.is_empty() {
+            return None;
+        }
+        Some(LatentBatch {
             epoch,
             index,
             shape: [keys.len(), 3, s, s],
