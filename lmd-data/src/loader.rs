@@ -151,6 +151,11 @@ impl LatentLoader {
         &self.ds
     }
 
+    /// The dataset, shared (for another loader over it).
+    pub fn shared_dataset(&self) -> Arc<LatentDataset> {
+        self.ds.clone()
+    }
+
     pub fn state(&self) -> LoaderState {
         self.state
     }

@@ -142,6 +142,19 @@ impl PixelTransform {
         }
     }
 
+    /// Fine-tuning and linear probing: `RandomResizedCrop(size)` at torchvision's default
+    /// scale (0.08, 1) + flip, bicubic, ImageNet normalisation (MAE's fine-tuning recipe
+    /// without RandAugment, mixup and cutmix, none of which the latent arm has either).
+    pub fn finetune(size: u32) -> Self {
+        PixelTransform {
+            crop: CropMode::RandomResized {
+                scale: (0.08, 1.0),
+                ratio: (3.0 / 4.0, 4.0 / 3.0),
+            },
+            ..Self::mae_pretrain(size)
+        }
+    }
+
     /// Evaluation: `Resize(size)` (shorter side) + `CenterCrop(size)`, bicubic, ImageNet
     /// normalisation. (MAE evaluates at a 0.875 crop ratio; this is the crop precompute's
     /// centre view takes, so both arms see the same images.)
@@ -254,6 +267,11 @@ impl PixelLoader {
 
     pub fn images(&self) -> &ImageSet {
         &self.set
+    }
+
+    /// The images, shared (for another loader over them).
+    pub fn shared_images(&self) -> Arc<ImageSet> {
+        self.set.clone()
     }
 
     pub fn transform(&self) -> &PixelTransform {

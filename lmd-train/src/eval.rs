@@ -2,15 +2,13 @@
 //! classifier on latent shards, as `lmd-finetune` does after each epoch and `lmd-eval` does
 //! for a saved checkpoint.
 
-use crate::train::open_data;
+use crate::train_data::{Input, Samples};
 use crate::{Error, Result};
-use lmd_data::loader::{LatentLoader, LoaderConfig};
 use lmd_data::shard::LatentDataset;
 use lmd_model::candle::{Device, Tensor, D};
 use lmd_model::{ClassifierConfig, VitClassifier};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// One line of `eval.jsonl` (and what `lmd-eval --json` prints, plus `latents_per_s`).
@@ -57,43 +55,49 @@ pub(crate) fn score(logits: &Tensor, labels: &[i64]) -> Result<(usize, usize, f6
     Ok((t1, t5, loss))
 }
 
-/// Evaluate a classifier on every record of `ds`, in order, in batches of `batch`.
-pub fn evaluate(clf: &VitClassifier, ds: &Arc<LatentDataset>, batch: usize) -> Result<EvalResult> {
-    let labels = labels_of(ds, "evaluation")?;
+/// Evaluate a classifier on every sample of `data`, in order, in batches of `batch` (an image
+/// that does not decode is left out, and said).
+pub fn evaluate(clf: &VitClassifier, data: &Samples, batch: usize) -> Result<EvalResult> {
     let k = clf.config().num_classes;
-    if let Some(bad) = labels.iter().find(|&&l| l < 0 || l as usize >= k) {
-        return Err(Error::Invalid(format!(
-            "evaluation label {bad} is outside the classifier's {k} classes"
-        )));
-    }
-    let loader = LatentLoader::new(
-        ds.clone(),
-        LoaderConfig {
-            batch_size: 1,
-            shuffle: false,
-            ..Default::default()
-        },
-    )?;
     let t0 = Instant::now();
     let dev = clf.device().clone();
-    let (mut t1, mut t5, mut loss) = (0usize, 0usize, 0f64);
-    let idx: Vec<usize> = (0..ds.len()).collect();
-    for (bi, chunk) in idx.chunks(batch.max(1)).enumerate() {
-        let b = loader.make_batch(0, bi as u64, chunk)?;
+    let (mut t1, mut t5, mut loss, mut n) = (0usize, 0usize, 0f64, 0usize);
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let Some(b) = data.batch(chunk)? else {
+            continue;
+        };
+        let labels: Vec<i64> = b
+            .labels
+            .iter()
+            .zip(&b.keys)
+            .map(|(l, key)| match l {
+                Some(l) if *l >= 0 && (*l as usize) < k => Ok(*l),
+                Some(l) => Err(Error::Invalid(format!(
+                    "evaluation label {l} of {key} is outside the classifier's {k} classes"
+                ))),
+                None => Err(Error::Invalid(format!(
+                    "evaluation sample {key} has no label"
+                ))),
+            })
+            .collect::<Result<_>>()?;
         let x = Tensor::from_vec(b.data, b.shape.to_vec(), &dev)?;
         let logits = clf.forward_t(&x, None)?;
-        let (a, c, l) = score(&logits, &labels[chunk[0]..chunk[0] + chunk.len()])?;
-        (t1, t5, loss) = (t1 + a, t5 + c, loss + l);
+        let (a, c, l) = score(&logits, &labels)?;
+        (t1, t5, loss, n) = (t1 + a, t5 + c, loss + l, n + labels.len());
     }
-    let n = ds.len().max(1) as f64;
+    for sk in data.take_skipped() {
+        eprintln!("lmd-eval: left out: {}", crate::train_data::describe(&sk));
+    }
+    let nf = n.max(1) as f64;
     Ok(EvalResult {
         epoch: 0,
         step: 0,
-        top1: t1 as f64 / n,
-        top5: t5 as f64 / n,
-        loss: loss / n,
-        records: ds.len(),
-        latents_per_s: ds.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        top1: t1 as f64 / nf,
+        top5: t5 as f64 / nf,
+        loss: loss / nf,
+        records: n,
+        latents_per_s: n as f64 / t0.elapsed().as_secs_f64().max(1e-9),
     })
 }
 
@@ -116,7 +120,8 @@ pub fn load_classifier(path: &Path, dev: &Device) -> Result<VitClassifier> {
     Ok(VitClassifier::load(&cfg, &file, dev)?.0)
 }
 
-/// `lmd-eval`: evaluate a saved classifier on latent shards, on `device` (`cpu`, `cuda:N`).
+/// `lmd-eval`: evaluate a saved classifier on `device` (`cpu`, `cuda:N`): on latent shards,
+/// or on image inputs when its encoder takes RGB (a pixel-MAE classifier: centre crops).
 pub fn eval_checkpoint(
     checkpoint: &Path,
     data: &[PathBuf],
@@ -124,16 +129,15 @@ pub fn eval_checkpoint(
     device: crate::DeviceSpec,
 ) -> Result<EvalResult> {
     let clf = load_classifier(checkpoint, &device.open()?)?;
-    let ds = Arc::new(open_data(data)?);
-    let [c, h, w] = ds.meta().latent_shape;
     let e = &clf.config().encoder;
-    if [c, h, w] != [e.in_chans, e.img_size[0], e.img_size[1]] {
-        return Err(Error::Invalid(format!(
-            "the data has latents {c}x{h}x{w}; the classifier expects {}x{}x{}",
-            e.in_chans, e.img_size[0], e.img_size[1]
-        )));
-    }
-    evaluate(&clf, &ds, batch)
+    let input = match e.in_chans {
+        3 => Input::Pixels,
+        _ => Input::Latents,
+    };
+    let cache = crate::RunSettings::default().cache()?;
+    let shape = [e.in_chans, e.img_size[0], e.img_size[1]];
+    let samples = Samples::open(input, data, shape, &cache, "evaluation", false)?;
+    evaluate(&clf, &samples, batch)
 }
 
 /// Labels of every record, in dataset order (errors name the shard when one is missing).

@@ -21,15 +21,15 @@ use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{layer_decay_scale, lr_at, AdamW, AdamWConfig};
 use crate::run_dir::{write_json, RunDir};
+use crate::train_data::{Input, Samples, TrainData};
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
-use lmd_data::shard::LatentDataset;
+use lmd_data::pixel_loader::PixelTransform;
 use lmd_model::candle::{DType, Device, Tensor};
 use lmd_model::candle_nn::VarMap;
 use lmd_model::{ClassifierConfig, MaeConfig, VitClassifier};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Fine-tuning configuration (TOML presets in `configs/finetune-*.toml`).
@@ -39,6 +39,10 @@ pub struct FinetuneConfig {
     /// Encoder preset (tiny, small, base, large, base_patch4), unless `model` is given.
     pub preset: lmd_model::Preset,
     pub model: Option<MaeConfig>,
+    /// What `data` and `val_data` hold: `latents` (latent shards) or `pixels` (image inputs,
+    /// decoded every epoch: RandomResizedCrop(0.08-1) + flip for training, Resize + CenterCrop
+    /// for evaluation; the pixel-MAE arm).
+    pub input: Input,
     /// Pretrained MAE weights (an `lmd-train` checkpoint's `model.safetensors`, or an official
     /// MAE/LMD checkpoint converted to safetensors). None: train from scratch.
     pub pretrained: Option<PathBuf>,
@@ -75,6 +79,7 @@ impl Default for FinetuneConfig {
         FinetuneConfig {
             preset: lmd_model::Preset::Tiny,
             model: None,
+            input: Input::Latents,
             pretrained: None,
             data: vec![],
             val_data: vec![],
@@ -131,11 +136,10 @@ impl FinetuneConfig {
     }
 
     pub fn encoder_config(&self) -> Result<MaeConfig> {
-        crate::train::resolve_model(self.preset, self.model.as_ref())
+        crate::train::resolve_model(self.preset, self.model.as_ref(), self.input)
     }
 }
 
-use crate::eval::labels_of;
 pub use crate::eval::{cross_entropy, eval_checkpoint, evaluate, load_classifier, EvalResult};
 pub use crate::metrics::StepMetrics;
 
@@ -213,24 +217,12 @@ fn batch_labels(batch: &lmd_data::loader::LatentBatch, dev: &Device) -> Result<T
     Ok(Tensor::from_vec(y, batch.shape[0], dev)?)
 }
 
-/// The classifier configuration for `cfg`, after checking the data: latent shapes and labels.
+/// The classifier configuration for `cfg`, from the training labels.
 fn classifier_config(
     cfg: &FinetuneConfig,
-    ds: &LatentDataset,
-    val: &LatentDataset,
+    enc: MaeConfig,
+    train_labels: &[i64],
 ) -> Result<ClassifierConfig> {
-    let enc = cfg.encoder_config()?;
-    enc.validate()?;
-    for (d, what) in [(ds, "training"), (val, "validation")] {
-        let [c, h, w] = d.meta().latent_shape;
-        if [c, h, w] != [enc.in_chans, enc.img_size[0], enc.img_size[1]] {
-            return Err(Error::Invalid(format!(
-                "the {what} data has latents {c}x{h}x{w}; the model expects {}x{}x{}",
-                enc.in_chans, enc.img_size[0], enc.img_size[1]
-            )));
-        }
-    }
-    let train_labels = labels_of(ds, "training")?;
     let num_classes = match cfg.num_classes {
         Some(k) => k,
         None => train_labels.iter().copied().max().unwrap_or(0).max(1) as usize + 1,
@@ -250,6 +242,33 @@ fn classifier_config(
         drop_path: if cfg.linear_probe { 0.0 } else { cfg.drop_path },
         linear_probe: cfg.linear_probe,
     })
+}
+
+/// The training data as the loader reads it (augmented) and in order without augmentation
+/// (labels, linear-probe statistics), and the validation samples, all checked against the
+/// encoder's input.
+fn open_finetune_data(
+    cfg: &FinetuneConfig,
+    enc: &MaeConfig,
+    lcfg: LoaderConfig,
+    say: bool,
+) -> Result<(TrainData, Samples, Samples)> {
+    let cache = cfg.run.cache()?;
+    if cfg.val_data.is_empty() {
+        return Err(Error::Invalid("no validation data (--val-data)".into()));
+    }
+    let shape = [enc.in_chans, enc.img_size[0], enc.img_size[1]];
+    let plain = Samples::open(cfg.input, &cfg.data, shape, &cache, "training", say)?;
+    let val = Samples::open(cfg.input, &cfg.val_data, shape, &cache, "validation", say)?;
+    let train = match &plain {
+        Samples::Latents(l) => TrainData::Latents(LatentLoader::new(l.shared_dataset(), lcfg)?),
+        Samples::Pixels(l) => TrainData::pixels(
+            l.shared_images(),
+            lcfg,
+            PixelTransform::finetune(shape[1] as u32),
+        )?,
+    };
+    Ok((train, plain, val))
 }
 
 /// Where a resumed run continues: `checkpoints/last` when it verifies (rank 0 decides, every
@@ -344,15 +363,20 @@ pub fn run_job(
 ) -> Result<FinetuneSummary> {
     let t0 = Instant::now();
     cfg.run.precision.check_trainable()?;
-    let cache = cfg.run.cache()?;
     let say = job.dist.is_root();
-    let ds = Arc::new(crate::train::open_data_cached(&cfg.data, &cache, say)?);
-    if cfg.val_data.is_empty() {
-        return Err(Error::Invalid("no validation data (--val-data)".into()));
-    }
-    let val = Arc::new(crate::train::open_data_cached(&cfg.val_data, &cache, say)?);
-    let ccfg = classifier_config(cfg, &ds, &val)?;
     let (rank, world, root) = (job.dist.rank(), job.dist.world_size(), job.dist.is_root());
+    let enc = cfg.encoder_config()?;
+    enc.validate()?;
+    let lcfg = LoaderConfig {
+        batch_size: cfg.batch_size,
+        seed: cfg.run.seed,
+        window: cfg.window,
+        rank,
+        world_size: world,
+        ..Default::default()
+    };
+    let (mut loader, plain, val) = open_finetune_data(cfg, &enc, lcfg, say)?;
+    let ccfg = classifier_config(cfg, enc, &plain.labels("training")?)?;
     let run = match root {
         true => Some(RunDir::open(&cfg.out)?),
         false => None,
@@ -376,17 +400,6 @@ pub fn run_job(
     }
     let dev = cfg.run.open_device_for(&job.dist)?;
     let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, &dev)?;
-    let mut loader = LatentLoader::new(
-        ds.clone(),
-        LoaderConfig {
-            batch_size: cfg.batch_size,
-            seed: cfg.run.seed,
-            window: cfg.window,
-            rank,
-            world_size: world,
-            ..Default::default()
-        },
-    )?;
     let bpe = loader.batches_per_epoch() as u64;
     let total = cfg.epochs * bpe;
     let warmup = (cfg.warmup_epochs * bpe as f64).round() as u64;
@@ -395,7 +408,7 @@ pub fn run_job(
         epochs_done: 0,
         step: 0,
         batch_in_epoch: 0,
-        group_bytes: loader.state().group_bytes,
+        group_bytes: loader.group_bytes(),
         best: None,
         config: cfg.clone(),
         world_size: world,
@@ -418,7 +431,7 @@ pub fn run_job(
     job.dist
         .check_same("the parameters at the start", || driver.opt.param_hash())?;
     if cfg.linear_probe && state.epochs_done == 0 {
-        set_feature_stats(&clf, &varmap, &loader)?;
+        set_feature_stats(&clf, &varmap, &plain)?;
     }
     // logs: keep what precedes the resume point
     let (mut mlog, mut elog) = match &run {
@@ -535,7 +548,7 @@ fn end_epoch(
     run: &RunDir,
     clf: &VitClassifier,
     varmap: &VarMap,
-    val: &Arc<LatentDataset>,
+    val: &Samples,
     opt: &AdamW,
     state: &mut State,
     epoch: u64,
@@ -572,13 +585,16 @@ fn save_last(
 
 /// Linear probing: the frozen encoder's feature mean and variance over one pass of the
 /// training data, stored as `head.0.running_mean` / `running_var`.
-fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, loader: &LatentLoader) -> Result<()> {
-    let ds = loader.dataset();
+fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, data: &Samples) -> Result<()> {
     let d = clf.config().encoder.embed_dim;
     let (mut s1, mut s2) = (vec![0f64; d], vec![0f64; d]);
-    let idx: Vec<usize> = (0..ds.len()).collect();
-    for (bi, chunk) in idx.chunks(256).enumerate() {
-        let b = loader.make_batch(0, bi as u64, chunk)?;
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let mut count = 0usize;
+    for chunk in idx.chunks(256) {
+        let Some(b) = data.batch(chunk)? else {
+            continue;
+        };
+        count += b.shape[0];
         let x = Tensor::from_vec(b.data, b.shape.to_vec(), clf.device())?;
         let f: Vec<Vec<f32>> = clf.features(&x, None).and_then(|t| t.to_vec2())?;
         for row in f {
@@ -588,7 +604,7 @@ fn set_feature_stats(clf: &VitClassifier, varmap: &VarMap, loader: &LatentLoader
             }
         }
     }
-    let n = ds.len().max(1) as f64;
+    let n = count.max(1) as f64;
     let mean: Vec<f32> = s1.iter().map(|s| (s / n) as f32).collect();
     let var: Vec<f32> = s1
         .iter()

@@ -124,22 +124,25 @@ impl PerRankBatch for TrainConfig {
 
 impl TrainConfig {
     pub fn model_config(&self) -> Result<MaeConfig> {
-        let m = resolve_model(self.preset, self.model.as_ref())?;
-        Ok(match (self.input, &self.model) {
-            (crate::train_data::Input::Pixels, None) => {
-                m.on_input(3, 8 * m.img_size[0], 8 * m.patch_size)
-            }
-            _ => m,
-        })
+        resolve_model(self.preset, self.model.as_ref(), self.input)
     }
 }
 
-/// `model` when given, else the named preset.
+/// `model` when given, else the named preset: on pixels its encoder and decoder on
+/// 3 x 8h x 8w in patches of 8p (the preset's latents are 4 x h x w in patches of p).
 pub(crate) fn resolve_model(
     preset: lmd_model::Preset,
     model: Option<&MaeConfig>,
+    input: Input,
 ) -> Result<MaeConfig> {
-    Ok(model.cloned().unwrap_or_else(|| preset.config()))
+    Ok(match (model, input) {
+        (Some(m), _) => m.clone(),
+        (None, Input::Latents) => preset.config(),
+        (None, Input::Pixels) => {
+            let m = preset.config();
+            m.on_input(3, 8 * m.img_size[0], 8 * m.patch_size)
+        }
+    })
 }
 
 pub use crate::metrics::Metrics;

@@ -91,6 +91,125 @@ pub fn describe(s: &Skip) -> String {
     )
 }
 
+/// A fixed set of samples read in order without augmentation (pixels: Resize + CenterCrop):
+/// what evaluation, k-NN features and linear-probe statistics read.
+pub enum Samples {
+    Latents(LatentLoader),
+    Pixels(PixelLoader),
+}
+
+impl Samples {
+    /// The samples of a latent dataset, in order.
+    pub fn latents(ds: Arc<lmd_data::shard::LatentDataset>) -> Result<Samples> {
+        let cfg = LoaderConfig {
+            batch_size: 1,
+            shuffle: false,
+            ..Default::default()
+        };
+        Ok(Samples::Latents(LatentLoader::new(ds, cfg)?))
+    }
+
+    /// `set`'s images as `size x size` centre crops, in order.
+    pub fn pixels(set: Arc<ImageSet>, size: u32) -> Result<Samples> {
+        let cfg = LoaderConfig {
+            batch_size: 1,
+            shuffle: false,
+            ..Default::default()
+        };
+        let workers = 1;
+        Ok(Samples::Pixels(PixelLoader::new(
+            set,
+            cfg,
+            PixelTransform::eval(size),
+            workers,
+        )?))
+    }
+
+    /// Open `paths` as `input` for a model taking `[c, h, w]` (checked), through `cache`
+    /// for remote latents; `what` names the data in errors ("validation").
+    pub fn open(
+        input: Input,
+        paths: &[PathBuf],
+        [c, h, w]: [usize; 3],
+        cache: &lmd_data::storage::Cache,
+        what: &str,
+        say: bool,
+    ) -> Result<Samples> {
+        let s = match input {
+            Input::Latents => {
+                Self::latents(Arc::new(crate::train::open_data_cached(paths, cache, say)?))?
+            }
+            Input::Pixels => Self::pixels(
+                Arc::new(open_images(paths, Labels::Optional, say)?),
+                h as u32,
+            )?,
+        };
+        if s.shape() != [c, h, w] || (input == Input::Pixels && h != w) {
+            let [a, b, d] = s.shape();
+            return Err(Error::Invalid(format!(
+                "the {what} data has {input} {a}x{b}x{d}; the model expects {c}x{h}x{w}"
+            )));
+        }
+        Ok(s)
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Samples::Latents(l) => l.dataset().len(),
+            Samples::Pixels(l) => l.images().len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One sample's `[C, H, W]`.
+    pub fn shape(&self) -> [usize; 3] {
+        match self {
+            Samples::Latents(l) => l.dataset().meta().latent_shape,
+            Samples::Pixels(l) => {
+                let s = l.transform().size as usize;
+                [3, s, s]
+            }
+        }
+    }
+
+    /// Every sample's label, in order; `what` names the data in errors.
+    pub fn labels(&self, what: &str) -> Result<Vec<i64>> {
+        match self {
+            Samples::Latents(l) => crate::eval::labels_of(l.dataset(), what),
+            Samples::Pixels(l) => (0..l.images().len())
+                .map(|i| {
+                    let s = l.images().get(i).expect("in range");
+                    s.label.ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "the {what} image {} in {} (at byte {}) has no label",
+                            s.key, s.source, s.offset
+                        ))
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Samples `idx` as one batch (pixels: those that decode; `None` if none does).
+    pub fn batch(&self, idx: &[usize]) -> Result<Option<LatentBatch>> {
+        match self {
+            Samples::Latents(l) => Ok(Some(l.make_batch(0, 0, idx)?)),
+            Samples::Pixels(l) => Ok(l.make_batch(0, 0, idx)),
+        }
+    }
+
+    /// Images left out since the last call (pixels that did not decode).
+    pub fn take_skipped(&self) -> Vec<Skip> {
+        match self {
+            Samples::Latents(_) => Vec::new(),
+            Samples::Pixels(l) => l.take_skipped(),
+        }
+    }
+}
+
 /// The loader of a run.
 pub enum TrainData {
     Latents(LatentLoader),
@@ -114,6 +233,14 @@ impl TrainData {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The shard-group size of the current epoch ([`LoaderState::group_bytes`]; pixels: 0).
+    pub fn group_bytes(&self) -> u64 {
+        match self {
+            TrainData::Latents(l) => l.state().group_bytes,
+            TrainData::Pixels(_) => 0,
+        }
     }
 
     pub fn batches_per_epoch(&self) -> usize {

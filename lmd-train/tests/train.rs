@@ -293,7 +293,9 @@ fn pixel_mae_trains_from_image_shards_and_a_pixel_checkpoint_resumes_exactly() {
     let ma = metrics(a.path());
     assert_eq!(ma.len(), 10);
     assert_eq!(ma[9].epoch, 2);
-    assert!(ma.iter().all(|m| m.loss.is_finite() && m.data_wait_fraction >= 0.0));
+    assert!(ma
+        .iter()
+        .all(|m| m.loss.is_finite() && m.data_wait_fraction >= 0.0));
     let first: f64 = ma[..3].iter().map(|m| m.loss).sum::<f64>();
     let last: f64 = ma[7..].iter().map(|m| m.loss).sum::<f64>();
     assert!(last < first, "{first} -> {last}");
@@ -334,7 +336,7 @@ fn pixel_mae_trains_from_image_shards_and_a_pixel_checkpoint_resumes_exactly() {
 fn a_corrupt_image_costs_only_itself_in_pixel_training() {
     let data = tempfile::tempdir().unwrap();
     let shard = make_image_shard(data.path(), 32); // every image in each epoch's 4 batches
-    // damage one PNG inside the tar (its body, past the 8-byte signature and the IHDR)
+                                                   // damage one PNG inside the tar (its body, past the 8-byte signature and the IHDR)
     let mut bytes = std::fs::read(&shard).unwrap();
     let at = bytes.windows(4).position(|w| w == b"IDAT").unwrap();
     bytes[at + 4..at + 40].fill(0);
@@ -348,4 +350,55 @@ fn a_corrupt_image_costs_only_itself_in_pixel_training() {
     // left out once per epoch, the run went on
     assert_eq!(s.skipped, 2);
     assert!(metrics(out.path()).iter().all(|m| m.loss.is_finite()));
+}
+
+#[test]
+fn pixel_checkpoints_fine_tune_linear_probe_and_evaluate_on_image_shards() {
+    use lmd_train::finetune::{eval_checkpoint, run as finetune, FinetuneConfig};
+    let data = tempfile::tempdir().unwrap();
+    let shard = make_image_shard(data.path(), 36);
+    let val_dir = data.path().join("val");
+    std::fs::create_dir(&val_dir).unwrap();
+    let val = make_image_shard(&val_dir, 12);
+    let pre = tempfile::tempdir().unwrap();
+    let p = pixel_cfg(&shard, pre.path());
+    run(&p, false, &mut |_| {}).unwrap();
+    let weights = pre
+        .path()
+        .join("checkpoints/step-00000010/model.safetensors");
+    let ft = |linear_probe: bool, out: &Path| FinetuneConfig {
+        input: lmd_train::train_data::Input::Pixels,
+        model: p.model.clone(),
+        pretrained: Some(weights.clone()),
+        data: vec![shard.clone()],
+        val_data: vec![val.clone()],
+        out: out.to_path_buf(),
+        epochs: 3,
+        batch_size: 8,
+        linear_probe,
+        blr: if linear_probe { 0.1 } else { 1e-2 },
+        num_classes: Some(3),
+        eval_batch_size: 5, // batches that do not divide the 12 images
+        ..Default::default()
+    };
+    for lp in [false, true] {
+        let out = tempfile::tempdir().unwrap();
+        let s = finetune(&ft(lp, out.path()), false, &mut |_| {}, &mut |_| {}).unwrap();
+        let last = s.last.unwrap();
+        assert_eq!(last.records, 12);
+        assert!(last.loss.is_finite() && (0.0..=1.0).contains(&last.top1));
+        // lmd-eval on the kept classifier: an RGB encoder reads the image shard, and gives
+        // the best epoch's figures again
+        let best = s.best.unwrap();
+        let ev = eval_checkpoint(
+            &out.path().join("best"),
+            &[val.clone()],
+            4,
+            "cpu".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ev.records, 12);
+        assert!((ev.top1 - best.top1).abs() < 1e-9, "{ev:?} vs {best:?}");
+        assert!((ev.loss - best.loss).abs() < 1e-4, "{ev:?} vs {best:?}");
+    }
 }

@@ -13,7 +13,8 @@ struct Args {
     /// model.safetensors (or its directory) with classifier.json beside it.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Labelled latent dataset directories.
+    /// Labelled latent dataset directories, or image inputs (shard patterns, ILSVRC tars,
+    /// folders) for a classifier whose encoder takes RGB (fine-tuned with --input pixels).
     #[arg(long, num_args = 1.., required = true)]
     data: Vec<PathBuf>,
     /// Samples per evaluation batch.

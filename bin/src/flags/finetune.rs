@@ -65,6 +65,11 @@ pub struct Settings {
     /// Encoder preset: tiny, small, base, large, base_patch4 (must match the checkpoint).
     #[arg(long)]
     pub preset: Option<Preset>,
+    /// What --data and --val-data hold: latents, or pixels (image inputs as lmd-precompute
+    /// takes them, decoded every epoch: the pixel-MAE arm; the preset's encoder on 8x the
+    /// latent side, as lmd-train --input pixels).
+    #[arg(long)]
+    pub input: Option<lmd_train::train_data::Input>,
     #[command(flatten)]
     #[serde(flatten)]
     pub run: super::RunFlags,
@@ -90,7 +95,7 @@ mod tests {
             "epochs = 3\nblr = 0.5\nwindow = 16\n",
             &[
                 "lmd-finetune --config {c} --data t --val-data v1 v2 --pretrained p.pth --out o ",
-                "--linear-probe --epochs 4 --batch-size 32 --blr 0.25 --preset base_patch4 ",
+                "--linear-probe --epochs 4 --batch-size 32 --blr 0.25 --preset base_patch4 --input pixels ",
                 "--seed 2 --device cpu --log-every 7",
             ],
         );
@@ -106,6 +111,7 @@ mod tests {
             (cfg.preset, cfg.run.seed, cfg.window),
             (Preset::BasePatch4, 2, 16)
         );
+        assert_eq!(cfg.input, lmd_train::train_data::Input::Pixels);
         // --linear-probe without a file: the linear-probe defaults
         let a = Args::try_parse_from(["lmd-finetune", "--linear-probe"]).unwrap();
         assert_eq!(config(&a).unwrap(), FinetuneConfig::linear_probe());
