@@ -15,6 +15,7 @@ pub mod experiment;
 pub mod export;
 pub mod finetune;
 pub mod inspect;
+pub mod knn;
 pub mod metrics;
 pub mod optim;
 pub mod precompute;

@@ -86,6 +86,10 @@ pub struct TrainConfig {
     /// official MAE/LMD safetensors or `.pth`; an encoder-only file leaves the decoder fresh).
     /// Ignored on `--resume` (the checkpoint holds the weights).
     pub init: Option<PathBuf>,
+    /// Labelled validation data (the same kind as `data`): with it, the encoder's k-NN top-1
+    /// (training data against this, [`crate::knn`]) at every checkpoint, in `knn.jsonl`.
+    pub knn_data: Vec<PathBuf>,
+    pub knn: crate::knn::KnnConfig,
 }
 
 impl Default for TrainConfig {
@@ -112,6 +116,8 @@ impl Default for TrainConfig {
             preview_samples: 4,
             vae_weights: None,
             init: None,
+            knn_data: vec![],
+            knn: crate::knn::KnnConfig::default(),
         }
     }
 }
@@ -155,6 +161,10 @@ struct CkptState {
     /// The world size that wrote it (its global batch: `config.batch_size` x this).
     #[serde(default = "one")]
     world_size: usize,
+    /// Training seconds up to this checkpoint (checkpoints, previews and k-NN not counted),
+    /// summed over resumptions.
+    #[serde(default)]
+    train_s: f64,
 }
 
 fn one() -> usize {
@@ -163,7 +173,9 @@ fn one() -> usize {
 
 /// Settings that may change between a run and its resumption (they do not change the numbers).
 /// (`device` may change too: the run continues, though not bit-identically across devices.)
-const RUN_ONLY_KEYS: [&str; 11] = [
+const RUN_ONLY_KEYS: [&str; 13] = [
+    "knn_data",
+    "knn",
     "init",
     "device",
     "stop_after",
@@ -237,6 +249,10 @@ pub struct TrainSummary {
     pub stopped_by: Option<i32>,
     /// Samples this rank left out of their batches because they did not decode (pixels).
     pub skipped: u64,
+    /// Training seconds (checkpoints, previews and k-NN not counted), over resumptions.
+    pub train_s: f64,
+    /// The last k-NN evaluation (with `knn_data`).
+    pub knn: Option<crate::knn::KnnResult>,
 }
 
 /// The checkpoint directory `checkpoints/latest` names, if it exists (not verified: resuming
@@ -445,6 +461,29 @@ pub fn run_job(
     };
     let lr_peak = cfg.blr * global_batch as f64 / 256.0;
     let first_step = step;
+    let train_s0 = resumed.as_ref().map_or(0.0, |r| r.1.train_s);
+    // k-NN at each checkpoint (rank 0): the training data in order, against `knn_data`
+    let knn_sets = match (root, cfg.knn_data.is_empty()) {
+        (true, false) => {
+            let shape = [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]];
+            let val = crate::train_data::Samples::open(
+                cfg.input,
+                &cfg.knn_data,
+                shape,
+                &cfg.run.cache()?,
+                "k-NN validation",
+                true,
+            )?;
+            Some((loader.in_order()?, val))
+        }
+        _ => None,
+    };
+    let mut knn_log = match (&run, &knn_sets) {
+        (Some(run), Some(_)) => Some(run.log("knn.jsonl", step)?),
+        _ => None,
+    };
+    let mut last_knn = None;
+    let mut overhead = std::time::Duration::ZERO;
     let t0 = Instant::now();
     let mut last_loss = f64::NAN;
     let mut stopped_by = None;
@@ -494,6 +533,8 @@ pub fn run_job(
             }
             let due = step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == stop;
             if due || done.stop.is_some() {
+                let t_ck = Instant::now();
+                let train_s = train_s0 + (t0.elapsed() - overhead).as_secs_f64();
                 job.dist
                     .check_same(&format!("the parameters after step {step}"), || {
                         driver.opt.param_hash()
@@ -503,6 +544,7 @@ pub fn run_job(
                     loader: it.state(),
                     config: cfg.clone(),
                     world_size: world,
+                    train_s,
                 };
                 if let (Some(run), Some(preview)) = (&run, &preview) {
                     run.save_step(step, cfg.keep_checkpoints, |dir| {
@@ -512,6 +554,17 @@ pub fn run_job(
                     })?;
                     preview.write(cfg, &model, step)?;
                 }
+                if let (Some((train, val)), Some(klog)) = (&knn_sets, knn_log.as_mut()) {
+                    let r = crate::knn::evaluate(&model, train, val, &cfg.knn, (step, train_s))?;
+                    klog.append(&r)?;
+                    last_knn = Some(r);
+                }
+                if knn_sets.is_some() {
+                    // the others wait for rank 0's k-NN
+                    job.dist.comm().barrier()?;
+                }
+                overhead += t_ck.elapsed();
+                driver.reset_interval();
             }
             if let Some(sig) = done.stop {
                 if root {
@@ -536,6 +589,8 @@ pub fn run_job(
         wall_s: t0.elapsed().as_secs_f64(),
         stopped_by,
         skipped,
+        train_s: train_s0 + (t0.elapsed() - overhead).as_secs_f64(),
+        knn: last_knn,
     })
 }
 

@@ -265,6 +265,14 @@ impl TrainData {
         }
     }
 
+    /// The same samples in order without augmentation (k-NN features, statistics).
+    pub fn in_order(&self) -> Result<Samples> {
+        match self {
+            TrainData::Latents(l) => Samples::latents(l.shared_dataset()),
+            TrainData::Pixels(l) => Samples::pixels(l.shared_images(), l.transform().size),
+        }
+    }
+
     /// The first `n` samples as epoch 0 gives them (the fixed preview inputs).
     pub fn first(&self, n: usize) -> Result<LatentBatch> {
         let idx: Vec<usize> = (0..n.min(self.len())).collect();

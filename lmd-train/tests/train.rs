@@ -361,8 +361,31 @@ fn pixel_checkpoints_fine_tune_linear_probe_and_evaluate_on_image_shards() {
     std::fs::create_dir(&val_dir).unwrap();
     let val = make_image_shard(&val_dir, 12);
     let pre = tempfile::tempdir().unwrap();
-    let p = pixel_cfg(&shard, pre.path());
-    run(&p, false, &mut |_| {}).unwrap();
+    let mut p = pixel_cfg(&shard, pre.path());
+    p.knn_data = vec![val.clone()];
+    let s = run(&p, false, &mut |_| {}).unwrap();
+    // k-NN at each checkpoint (steps 4, 8, 10) with the training seconds before it
+    let knn: Vec<serde_json::Value> = std::fs::read_to_string(pre.path().join("knn.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        knn.iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [4, 8, 10]
+    );
+    let ts: Vec<f64> = knn.iter().map(|v| v["train_s"].as_f64().unwrap()).collect();
+    assert!(
+        ts[0] > 0.0 && ts[0] < ts[1] && ts[1] < ts[2] && ts[2] <= s.train_s,
+        "{ts:?}"
+    );
+    assert!(knn
+        .iter()
+        .all(|v| v["train_samples"] == 36 && v["val_samples"] == 12));
+    let top1 = s.knn.unwrap().top1;
+    assert!((0.0..=1.0).contains(&top1));
     let weights = pre
         .path()
         .join("checkpoints/step-00000010/model.safetensors");

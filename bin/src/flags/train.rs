@@ -79,6 +79,12 @@ pub struct Settings {
     /// .pth such as mae_pretrain_vit_base.pth; encoder-only files leave the decoder fresh).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Labelled validation data of the same kind as --data: the encoder's k-NN top-1 (k = 20,
+    /// cosine, DINO's weighted vote; the training data against this) at every checkpoint,
+    /// with the training seconds so far, in knn.jsonl.
+    #[arg(long, num_args = 1..)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub knn_data: Vec<PathBuf>,
     #[command(flatten)]
     #[serde(flatten)]
     pub run: super::RunFlags,
@@ -107,7 +113,7 @@ mod tests {
             &[
                 "lmd-train --config {c} --data d1 d2 --out o --steps 7 --checkpoint-every 2 ",
                 "--log-every 1 --schedule constant --preset small --seed 9 --device cpu ",
-                "--vae-weights w --keep-checkpoints 4 --init i.pth --tf32 false --input pixels",
+                "--vae-weights w --keep-checkpoints 4 --init i.pth --tf32 false --input pixels --knn-data v",
             ],
         );
         let c = c.as_str();
@@ -126,6 +132,7 @@ mod tests {
         assert_eq!(cfg.vae_weights.as_deref(), Some("w"));
         assert_eq!(cfg.keep_checkpoints, 4);
         assert_eq!(cfg.input, lmd_train::train_data::Input::Pixels);
+        assert_eq!(cfg.knn_data, [PathBuf::from("v")]);
         assert_eq!(cfg.init, Some(PathBuf::from("i.pth")));
         assert!(!cfg.run.tf32 && TrainConfig::default().run.tf32);
         // without flags: the file over the defaults
