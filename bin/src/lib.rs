@@ -111,7 +111,8 @@ pub struct PipelineArgs {
     /// Use at most this many validation images (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit_val: u64,
-    /// Pretraining steps (batch 64).
+    /// Pretraining steps (batch 64; not used by `lmd-experiment claim`, which gives each arm
+    /// a wall-clock budget).
     #[arg(long, default_value_t = 600)]
     pub pretrain_steps: u64,
     /// Fine-tuning epochs.

@@ -94,9 +94,15 @@ pub fn table(cfg: &ExperimentConfig, rows: &[Row], train: usize, val: usize) -> 
 
 /// Put `block` between the markers of `text` (appending it when there are none).
 pub fn splice(text: &str, block: &str) -> String {
-    match (text.find(BEGIN), text.find(END)) {
+    splice_between(text, block, BEGIN, END)
+}
+
+/// Put `block` (which carries the markers) in place of `text`'s block from `begin` to `end`,
+/// or append it when `text` has none.
+pub fn splice_between(text: &str, block: &str, begin: &str, end: &str) -> String {
+    match (text.find(begin), text.find(end)) {
         (Some(a), Some(b)) if b > a => {
-            let tail = &text[b + END.len()..];
+            let tail = &text[b + end.len()..];
             format!(
                 "{}{}{}",
                 &text[..a],

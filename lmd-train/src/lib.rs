@@ -5,6 +5,7 @@
 //! `lmd-bench` figures), [`testvectors`] (reading the PyTorch reference files).
 
 pub mod bench;
+pub mod claim;
 pub mod device;
 pub mod dist;
 pub mod download;

@@ -182,7 +182,7 @@ pub struct QuickstartReport {
 }
 
 /// The inputs and VAE weights the quickstart uses when none are given.
-fn defaults(cfg: &QuickstartConfig) -> Result<(Vec<String>, Vec<String>, String)> {
+pub(crate) fn defaults(cfg: &QuickstartConfig) -> Result<(Vec<String>, Vec<String>, String)> {
     let shared = std::env::var_os("LMD_SHARED").map(PathBuf::from);
     let (train, val) = if cfg.train_latents.is_some() && cfg.val_latents.is_some() {
         (vec![], vec![])

@@ -259,6 +259,58 @@ pub fn panels_svg(title: &str, x_desc: &str, panels: &[Panel]) -> Result<String>
     Ok(svg)
 }
 
+/// Several named lines in one chart (`x_desc` against `y_desc`), with a legend, as SVG.
+pub fn series_svg(title: &str, x_desc: &str, y_desc: &str, series: &[Panel]) -> Result<String> {
+    use plotters::prelude::*;
+    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    let err = |e: &dyn std::fmt::Display| Error::Invalid(format!("plot: {e}"));
+    let pts = series
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .filter(|p| p.1.is_finite());
+    let x_max = pts.clone().map(|p| p.0).fold(1f64, f64::max);
+    let y_max = pts.map(|p| p.1).fold(0f64, f64::max);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..x_max * 1.02, 0f64..(y_max * 1.1).max(1e-3))
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let colour = colours[i % colours.len()];
+            let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
 /// Loss, mask ratio and lr against the step as an SVG document (three stacked panels).
 pub fn curves_svg(title: &str, lines: &[Metrics]) -> Result<String> {
     let series = |f: fn(&Metrics) -> f64| -> Vec<(f64, f64)> {
