@@ -263,19 +263,37 @@ fn metrics_of(dir: &Path) -> Vec<crate::metrics::Metrics> {
     crate::report::read_metrics(&dir.join("metrics.jsonl")).unwrap_or_default()
 }
 
-/// Median seconds per step of a calibration run's logged steps after the first two.
+/// Mean seconds per step of a calibration run's logged steps after the first two (epoch
+/// starts and slow steps included: they recur in the real run).
 fn s_per_step(lines: &[crate::metrics::Metrics], batch: usize) -> Option<f64> {
-    let mut v: Vec<f64> = lines
+    let v: Vec<f64> = lines
         .iter()
         .skip(2)
         .filter(|m| m.samples_per_s > 0.0)
         .map(|m| batch as f64 / m.samples_per_s)
         .collect();
-    if v.is_empty() {
-        return None;
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Seconds per step of the calibration run `cal` (run unless a finished one is there).
+fn calibrate(
+    cal: &TrainConfig,
+    batch: usize,
+    log: &mut dyn FnMut(&str),
+    arm: &str,
+    seed: u64,
+) -> Result<f64> {
+    let lines = metrics_of(&cal.out);
+    if let Some(s) = s_per_step(&lines, batch).filter(|_| lines.len() as u64 == cal.steps) {
+        return Ok(s);
     }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
+    log(&format!(
+        "== {arm} seed {seed}: measuring its step time ({} steps)",
+        cal.steps
+    ));
+    crate::train::run(cal, false, &mut |_| {})?;
+    s_per_step(&metrics_of(&cal.out), batch)
+        .ok_or_else(|| Error::Invalid(format!("{}: no timed steps", cal.out.display())))
 }
 
 /// Run the experiment; `log` gets one line per event.
@@ -307,20 +325,15 @@ pub fn run(cfg: &ClaimConfig, log: &mut dyn FnMut(&str)) -> Result<ClaimReport> 
             let cal_dir = dir.join("calibrate");
             let mut cal = cfg.pretrain(&arm, seed, data, CALIBRATION_STEPS, cal_dir.clone());
             (cal.knn_data, cal.preview_samples) = (vec![], 0);
-            let lines = metrics_of(&cal_dir);
-            let sps = match s_per_step(&lines, cfg.batch_size) {
-                Some(s) if lines.len() as u64 == CALIBRATION_STEPS => s,
-                _ => {
-                    log(&format!(
-                        "== {} seed {seed}: measuring its step time",
-                        arm.name
-                    ));
-                    crate::train::run(&cal, false, &mut |_| {})?;
-                    s_per_step(&metrics_of(&cal_dir), cfg.batch_size).ok_or_else(|| {
-                        Error::Invalid(format!("{}: no timed steps", cal_dir.display()))
-                    })?
-                }
-            };
+            // (then again for 1/20 of the budget when 12 steps are much shorter than that)
+            let mut sps = calibrate(&cal, cfg.batch_size, &mut *log, arm.name, seed)?;
+            let longer = (cfg.budget_s / 20.0 / sps).round() as u64;
+            if longer > 2 * CALIBRATION_STEPS {
+                cal.steps = longer;
+                cal.out = dir.join("calibrate-long");
+                cal.checkpoint_every = longer;
+                sps = calibrate(&cal, cfg.batch_size, &mut *log, arm.name, seed)?;
+            }
             let steps = ((cfg.budget_s / sps).round() as u64).max(cfg.knn_points);
             let tc = cfg.pretrain(&arm, seed, data, steps, dir.join("pretrain"));
             log(&format!(
@@ -533,7 +546,12 @@ fn spread(v: &[f64], f: impl Fn(f64) -> String) -> String {
 /// The markdown block (between the markers).
 pub fn table(cfg: &ClaimConfig, r: &ClaimReport, plot: &str) -> String {
     let m = &cfg.base.model;
-    let equal_t = r.runs.iter().map(|x| x.train_s).fold(f64::MAX, f64::min);
+    // equal wall clock: the time every run has a k-NN point at or after
+    let equal_t = r
+        .runs
+        .iter()
+        .map(|x| x.knn.last().map_or(0.0, |k| k.train_s))
+        .fold(f64::MAX, f64::min);
     let pixel_final: Vec<f64> = r
         .runs
         .iter()
@@ -591,7 +609,7 @@ pub fn table(cfg: &ClaimConfig, r: &ClaimReport, plot: &str) -> String {
             )
         };
         s.push_str(&format!(
-            "| {}{} | {} ({}, {}) | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {}{} | {} ({}, {}) | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             arm.name,
             if runs.len() > 1 {
                 format!(" ({} seeds)", runs.len())
