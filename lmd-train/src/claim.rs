@@ -192,7 +192,11 @@ impl ClaimConfig {
                     .into(),
             ));
         }
-        if !(self.budget_s > 0.0) || self.knn_points == 0 || self.batch_size == 0 {
+        if self.budget_s.is_nan()
+            || self.budget_s <= 0.0
+            || self.knn_points == 0
+            || self.batch_size == 0
+        {
             return Err(Error::Invalid(
                 "--budget-s, --knn-points and --batch-size must be positive".into(),
             ));

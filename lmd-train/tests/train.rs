@@ -415,7 +415,7 @@ fn pixel_checkpoints_fine_tune_linear_probe_and_evaluate_on_image_shards() {
         let best = s.best.unwrap();
         let ev = eval_checkpoint(
             &out.path().join("best"),
-            &[val.clone()],
+            std::slice::from_ref(&val),
             4,
             "cpu".parse().unwrap(),
         )
