@@ -535,16 +535,10 @@ fn pixel_training_leaves_out_undecodable_images_and_learns_on_jpeg_shards() {
     .unwrap();
     let out = tmp.path().join("corrupt");
     let c = sh.join("data/corrupt");
-    let o = Command::new(env!("CARGO_BIN_EXE_lmd-train"))
-        .args([
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--out".as_ref(),
-            out.as_os_str(),
-        ])
-        .arg("--data")
-        .args([c.join("corrupt-000000.tar"), c.join("truncated-000001.tar")])
-        .args(["--epochs", "1", "--no-progress"])
+    // both shards through one brace pattern
+    let data = c.join("{corrupt-000000,truncated-000001}.tar");
+    let o = train(&cfg, &data, &out, false)
+        .args(["--epochs", "1"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -594,18 +588,8 @@ fn pixel_training_leaves_out_undecodable_images_and_learns_on_jpeg_shards() {
     )
     .unwrap();
     let out = tmp.path().join("imagenette");
-    let o = Command::new(env!("CARGO_BIN_EXE_lmd-train"))
-        .args([
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--out".as_ref(),
-            out.as_os_str(),
-        ])
-        .arg("--data")
-        .arg(sh.join("data/imagenette/imagenette-val-000000.tar"))
-        .arg("--no-progress")
-        .output()
-        .unwrap();
+    let data = sh.join("data/imagenette/imagenette-val-000000.tar");
+    let o = train(&cfg, &data, &out, false).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = metrics(&out);
     assert_eq!(m.len(), 200);

@@ -367,14 +367,8 @@ pub fn run_job(
     let (rank, world, root) = (job.dist.rank(), job.dist.world_size(), job.dist.is_root());
     let enc = cfg.encoder_config()?;
     enc.validate()?;
-    let lcfg = LoaderConfig {
-        batch_size: cfg.batch_size,
-        seed: cfg.run.seed,
-        window: cfg.window,
-        rank,
-        world_size: world,
-        ..Default::default()
-    };
+    let lcfg =
+        crate::train_data::loader_config(cfg.batch_size, cfg.run.seed, cfg.window, (rank, world));
     let (mut loader, plain, val) = open_finetune_data(cfg, &enc, lcfg, say)?;
     let ccfg = classifier_config(cfg, enc, &plain.labels("training")?)?;
     let run = match root {

@@ -29,7 +29,7 @@ use crate::report::Render;
 use crate::run_dir::{resumed_settings, write_json, PerRankBatch, RunDir, WorldRecord};
 use crate::train_data::{Input, TrainData};
 use crate::{Error, Result};
-use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
+use lmd_data::loader::{LatentLoader, LoaderState};
 use lmd_data::pixel_loader::PixelTransform;
 use lmd_data::shard::LatentDataset;
 use lmd_data::source::Labels;
@@ -284,17 +284,11 @@ fn validated(cfg: &TrainConfig) -> Result<MaeConfig> {
 fn open_checked(
     cfg: &TrainConfig,
     mcfg: &MaeConfig,
-    (rank, world): (usize, usize),
+    rank_world: (usize, usize),
     say: bool,
 ) -> Result<TrainData> {
-    let lcfg = LoaderConfig {
-        batch_size: cfg.batch_size,
-        seed: cfg.run.seed,
-        window: cfg.window,
-        rank,
-        world_size: world,
-        ..Default::default()
-    };
+    let lcfg =
+        crate::train_data::loader_config(cfg.batch_size, cfg.run.seed, cfg.window, rank_world);
     match cfg.input {
         Input::Latents => {
             let ds = Arc::new(open_data_cached(&cfg.data, &cfg.run.cache()?, say)?);

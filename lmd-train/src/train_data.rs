@@ -49,6 +49,24 @@ impl std::fmt::Display for Input {
     }
 }
 
+/// The loader settings of a run's rank: `batch_size` per rank, shuffled per `seed`, the
+/// latent loader's shuffle `window`.
+pub fn loader_config(
+    batch_size: usize,
+    seed: u64,
+    window: usize,
+    (rank, world_size): (usize, usize),
+) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        seed,
+        window,
+        rank,
+        world_size,
+        ..Default::default()
+    }
+}
+
 /// Read image inputs (paths or shard patterns, detected as lmd-precompute detects them) into
 /// memory; `labels` says whether a sample without one is skipped. Says on stderr what was
 /// skipped or failed when `say`.
