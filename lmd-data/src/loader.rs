@@ -54,6 +54,32 @@ impl Default for LoaderConfig {
     }
 }
 
+impl LoaderConfig {
+    /// Refuse settings a loader of `n` `items` cannot serve (an error naming `context`): a zero
+    /// batch or world, a rank outside the world, or too few items for one batch on every rank.
+    pub(crate) fn check(&self, context: &str, n: usize, items: &str) -> Result<()> {
+        let bad = |detail: String| {
+            Err(Error::InvalidInput {
+                context: context.into(),
+                detail,
+            })
+        };
+        if self.batch_size == 0 || self.world_size == 0 || self.rank >= self.world_size {
+            return bad(format!(
+                "batch_size {} / rank {} of world_size {} is invalid",
+                self.batch_size, self.rank, self.world_size
+            ));
+        }
+        if n < self.batch_size * self.world_size {
+            return bad(format!(
+                "{n} {items} cannot fill one batch of {} on each of {} ranks",
+                self.batch_size, self.world_size
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where the loader is: exported into checkpoints, restored on resume.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
@@ -120,26 +146,7 @@ pub struct LatentLoader {
 
 impl LatentLoader {
     pub fn new(ds: Arc<LatentDataset>, cfg: LoaderConfig) -> Result<Self> {
-        if cfg.batch_size == 0 || cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-            return Err(Error::InvalidInput {
-                context: "LatentLoader".into(),
-                detail: format!(
-                    "batch_size {} / rank {} of world_size {} is invalid",
-                    cfg.batch_size, cfg.rank, cfg.world_size
-                ),
-            });
-        }
-        if ds.len() < cfg.batch_size * cfg.world_size {
-            return Err(Error::InvalidInput {
-                context: "LatentLoader".into(),
-                detail: format!(
-                    "{} records cannot fill one batch of {} on each of {} ranks",
-                    ds.len(),
-                    cfg.batch_size,
-                    cfg.world_size
-                ),
-            });
-        }
+        cfg.check("LatentLoader", ds.len(), "records")?;
         let state = LoaderState {
             group_bytes: ds.group_bytes(),
             ..LoaderState::default()

@@ -38,7 +38,7 @@ use crate::transform::{
     center_box, hwc_to_chw, random_resized_box, read_region, resize_box, CropMode, Filter, KeyRng,
     Resizer,
 };
-use crate::{Error, Result};
+use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 
@@ -237,24 +237,7 @@ impl PixelLoader {
         tf: PixelTransform,
         workers: usize,
     ) -> Result<Self> {
-        let bad = |detail: String| Error::InvalidInput {
-            context: "PixelLoader".into(),
-            detail,
-        };
-        if cfg.batch_size == 0 || cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-            return Err(bad(format!(
-                "batch_size {} / rank {} of world_size {} is invalid",
-                cfg.batch_size, cfg.rank, cfg.world_size
-            )));
-        }
-        if set.len() < cfg.batch_size * cfg.world_size {
-            return Err(bad(format!(
-                "{} images cannot fill one batch of {} on each of {} ranks",
-                set.len(),
-                cfg.batch_size,
-                cfg.world_size
-            )));
-        }
+        cfg.check("PixelLoader", set.len(), "images")?;
         Ok(PixelLoader {
             set,
             cfg,
