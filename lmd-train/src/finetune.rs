@@ -369,7 +369,7 @@ pub fn run_job(
     enc.validate()?;
     let lcfg =
         crate::train_data::loader_config(cfg.batch_size, cfg.run.seed, cfg.window, (rank, world));
-    let (mut loader, plain, val) = open_finetune_data(cfg, &enc, lcfg, say)?;
+    let (loader, plain, val) = open_finetune_data(cfg, &enc, lcfg, say)?;
     let ccfg = classifier_config(cfg, enc, &plain.labels("training")?)?;
     let run = match root {
         true => Some(RunDir::open(&cfg.out)?),
@@ -382,6 +382,14 @@ pub fn run_job(
     let cfg = &resumed
         .as_ref()
         .map_or_else(|| cfg.clone(), |r| r.2.clone());
+    // the data was checked before the resume; its loader takes the resumed settings (a resume
+    // at another world size keeps the global batch with another per-rank one)
+    let mut loader = loader.with_config(crate::train_data::loader_config(
+        cfg.batch_size,
+        cfg.run.seed,
+        cfg.window,
+        (rank, world),
+    ))?;
     let global_batch = cfg.batch_size * world;
     if let Some(run) = &run {
         run.write_config(

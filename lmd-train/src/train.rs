@@ -398,7 +398,7 @@ pub fn run_job(
 ) -> Result<TrainSummary> {
     let mcfg = validated(cfg)?;
     let (rank, world) = (job.dist.rank(), job.dist.world_size());
-    let mut loader = open_checked(cfg, &mcfg, (rank, world), job.dist.is_root())?;
+    let loader = open_checked(cfg, &mcfg, (rank, world), job.dist.is_root())?;
     let root = job.dist.is_root();
     let run = match root {
         true => Some(RunDir::open(&cfg.out)?),
@@ -411,6 +411,14 @@ pub fn run_job(
     let cfg = &resumed
         .as_ref()
         .map_or_else(|| cfg.clone(), |r| r.2.clone());
+    // the data was checked before the resume; its loader takes the resumed settings (a resume
+    // at another world size keeps the global batch with another per-rank one)
+    let mut loader = loader.with_config(crate::train_data::loader_config(
+        cfg.batch_size,
+        cfg.run.seed,
+        cfg.window,
+        (rank, world),
+    ))?;
     let global_batch = cfg.batch_size * world;
     if let Some(run) = &run {
         run.write_config(

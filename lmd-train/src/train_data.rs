@@ -241,6 +241,25 @@ impl TrainData {
         Ok(TrainData::Pixels(PixelLoader::new(set, cfg, tf, workers)?))
     }
 
+    /// A fresh loader over the same data with other settings (a resume at another world
+    /// size takes another per-rank batch).
+    pub fn with_config(&self, cfg: LoaderConfig) -> Result<Self> {
+        Ok(match self {
+            TrainData::Latents(l) => {
+                TrainData::Latents(LatentLoader::new(l.shared_dataset(), cfg)?)
+            }
+            TrainData::Pixels(l) => {
+                let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+                TrainData::Pixels(PixelLoader::new(
+                    l.shared_images(),
+                    cfg,
+                    l.transform().clone(),
+                    workers,
+                )?)
+            }
+        })
+    }
+
     /// Samples in the data.
     pub fn len(&self) -> usize {
         match self {
