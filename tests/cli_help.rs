@@ -101,3 +101,38 @@ fn every_flag_of_every_program_has_a_help_line() {
         bad.join("\n")
     );
 }
+
+#[test]
+fn the_lmd_binary_runs_every_program_by_word_or_by_link() {
+    let lmd = env!("CARGO_BIN_EXE_lmd");
+    let t = tempfile::tempdir().unwrap();
+    for (name, exe) in PROGRAMS {
+        let own = help(exe, &[]);
+        // `lmd train -h` and `lmd lmd-train -h`: the program's own help, under its own name
+        assert_eq!(help(lmd, &[&name[4..]]), own, "lmd {}", &name[4..]);
+        assert_eq!(help(lmd, &[name]), own, "lmd {name}");
+        // a link named after the program
+        let link = t.path().join(name);
+        std::os::unix::fs::symlink(lmd, &link).unwrap();
+        assert_eq!(help(link.to_str().unwrap(), &[]), own, "link {name}");
+    }
+    // an exit status passes through: lmd-inspect of a missing file
+    let st = Command::new(lmd)
+        .args(["inspect", "/nonexistent.lmds"])
+        .status()
+        .unwrap();
+    let own = Command::new(PROGRAMS[4].1)
+        .arg("/nonexistent.lmds")
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), own.code());
+    assert_ne!(st.code(), Some(0));
+    // no program: usage, naming the programs, status 2
+    let out = Command::new(lmd).arg("nope").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"nope\"") && err.contains("precompute"),
+        "{err}"
+    );
+}

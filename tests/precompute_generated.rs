@@ -177,3 +177,58 @@ fn inputs_that_yield_no_records_fail_and_a_run_that_writes_none_exits_non_zero()
         "{err}"
     );
 }
+
+#[test]
+fn precompute_reports_each_stage_rate_and_overlapped_stages_give_the_sequential_shards() {
+    // the same job with one and with three decode workers: the encode and write stages run on
+    // their own threads behind the pipeline, so the output must not depend on the timing
+    let t = tempfile::tempdir().unwrap();
+    let weights = random_taesd(t.path());
+    let input = jpeg_tars(t.path(), 2, 40);
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let run = |out: &Path, threads: &str| {
+        let mut v = args(&weights, &input, out);
+        let at = v.iter().position(|s| s == "--decode-threads").unwrap();
+        v[at + 1] = threads.into();
+        let o = precompute(&v);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        (s, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (_, _) = run(&a, "1");
+    let (s, stderr) = run(&b, "3");
+    assert_eq!(shard_names(&a), shard_names(&b));
+    for n in shard_names(&a) {
+        assert_eq!(
+            std::fs::read(a.join(&n)).unwrap(),
+            std::fs::read(b.join(&n)).unwrap(),
+            "{n}"
+        );
+    }
+    let f = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {s}"));
+    assert_eq!(s["written"], 80);
+    for k in ["images_per_s", "decode_images_per_s", "vae_images_per_s"] {
+        assert!(f(k) > 0.0, "{k}: {s}");
+    }
+    // each stage alone is at least as fast as the whole run
+    assert!(f("decode_images_per_s") >= f("images_per_s"), "{s}");
+    assert!(f("vae_images_per_s") >= f("images_per_s"), "{s}");
+    for k in [
+        "vae_busy_fraction",
+        "data_wait_fraction",
+        "write_busy_fraction",
+    ] {
+        assert!((0.0..=1.0).contains(&f(k)), "{k}: {s}");
+    }
+    assert!(f("vae_busy_fraction") > 0.0, "{s}");
+    // the encoder is either busy or waiting for data, never both
+    assert!(
+        f("vae_busy_fraction") + f("data_wait_fraction") <= 1.0,
+        "{s}"
+    );
+    assert!(
+        stderr.contains("decode alone") && stderr.contains("ImageNet-1k train (1281167 images)"),
+        "{stderr}"
+    );
+}

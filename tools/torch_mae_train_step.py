@@ -1,13 +1,20 @@
 """Baseline for `lmd-bench train-step --torch-anchor`: the official MAE model (models_mae.py with
 timm 0.3.2's ViT Block: explicit q@k^T softmax attention, qkv bias, exact GELU, LayerNorm eps
-1e-6) trained in PyTorch on the CPU, same sizes as ours. Full steps: forward, backward, AdamW.
+1e-6) trained in PyTorch, same sizes as ours (lmd-bench passes them). Full steps: forward,
+backward, AdamW.
 
 Prints one JSON line per mask ratio: {"baseline": "pytorch", "mask_ratio", "samples_per_s", ...}.
 
 usage: torch_mae_train_step.py [--batch 64] [--ratios 0.75,0.15] [--steps 3] [--threads 2] [--sdpa]
+         [--device cpu|cuda[:N]] [--precision f32|bf16] [--compile]
+         [--chans 4 --size 28 --patch 2 --dim 192 --depth 12 --heads 3 --ddim 128 --ddepth 4 --dheads 4]
 
 --sdpa: attention by F.scaled_dot_product_attention (newer timm's fused kernel) instead of the
 official code's explicit softmax, to see how much PyTorch gains from it.
+--precision bf16: torch.autocast(bf16) around the forward and loss (MAE's own scripts use
+autocast with fp16 and a grad scaler; bf16 needs no scaler), f32 weights and AdamW state.
+--compile: torch.compile the model (the moonshot baseline).
+The defaults are lmd's `tiny` preset (ViT-Ti, patch 2 on 4x28x28, decoder 128 x 4).
 """
 import argparse, json, math, time
 
@@ -80,11 +87,11 @@ class Mae(nn.Module):
         x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:, :]
         n, l, d = x.shape
         keep = int(l * (1 - mask_ratio))
-        noise = torch.rand(n, l)
+        noise = torch.rand(n, l, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         x = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, d))
-        mask = torch.ones(n, l)
+        mask = torch.ones(n, l, device=x.device)
         mask[:, :keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
@@ -103,7 +110,7 @@ class Mae(nn.Module):
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
 
@@ -114,28 +121,48 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     ap.add_argument("--sdpa", action="store_true", help="fused attention (F.scaled_dot_product_attention)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"], help="bf16: autocast")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    for k, v in [("chans", 4), ("size", 28), ("patch", 2), ("dim", 192), ("depth", 12), ("heads", 3),
+                 ("ddim", 128), ("ddepth", 4), ("dheads", 4)]:
+        ap.add_argument(f"--{k}", type=int, default=v)
     a = ap.parse_args()
     Attention.sdpa = a.sdpa
     if a.threads:
         torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        # the same matmul precision as lmd's GPU default (TF32 for f32 products)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    model = Mae()
+    model = Mae(chans=a.chans, size=a.size, patch=a.patch, dim=a.dim, depth=a.depth, heads=a.heads,
+                ddim=a.ddim, ddepth=a.ddepth, dheads=a.dheads).to(dev)
+    fwd = torch.compile(model) if a.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    x = torch.randn(a.batch, 4, 28, 28)
+    x = torch.randn(a.batch, a.chans, a.size, a.size, device=dev)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for r in [float(s) for s in a.ratios.replace(" ", ",").split(",") if s]:
         def step():
-            loss = model(x, r)
-            opt.zero_grad()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                loss = fwd(x, r)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return loss.item()
-        step()  # warm-up
+        step()  # warm-up (and compilation)
+        sync()
         t = time.perf_counter()
         for _ in range(a.steps):
             loss = step()
+        sync()
         dt = (time.perf_counter() - t) / a.steps
         print(json.dumps({"baseline": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "device": str(dev), "precision": a.precision, "compile": a.compile,
                           "attention": "sdpa" if Attention.sdpa else "explicit",
+                          "tokens": (a.size // a.patch) ** 2,
                           "batch": a.batch, "mask_ratio": r, "s_per_step": dt,
                           "samples_per_s": a.batch / dt, "loss": loss}), flush=True)
 

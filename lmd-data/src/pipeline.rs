@@ -19,12 +19,15 @@
 //! - **Shutdown**: dropping the [`Pipeline`] (or its receiver) closes the channels; each stage
 //!   sees its send fail and returns; `Drop` joins every thread. [`Pipeline::cancel`] stops the
 //!   reader early.
+//! - **Measured**: every worker adds the seconds it spends decoding and transforming to one
+//!   shared counter ([`Pipeline::decode_stats`]), so a consumer can tell the rate decoding
+//!   alone gives (all workers, never waiting) from the rate it actually got.
 
 use crate::decode::{decode_region, Rgb8, DEFAULT_MAX_PIXELS};
 use crate::source::{InputSpec, Labels, RawSample, ShardFailure, Skip, SourceEvent};
 use crate::transform::{prepare, TransformConfig};
 use async_channel::{bounded, Receiver, Sender};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -124,6 +127,58 @@ pub struct Pipeline {
     rx: Receiver<PipelineItem>,
     cancel: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    decode: DecodeCounter,
+}
+
+/// The decode workers' shared tally (cheap to clone; readable while the pipeline runs or after
+/// it is dropped).
+#[derive(Debug, Clone, Default)]
+pub struct DecodeCounter(Arc<DecodeTally>);
+
+#[derive(Debug, Default)]
+struct DecodeTally {
+    workers: AtomicU64,
+    images: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+/// What the decode workers did so far.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DecodeStats {
+    pub workers: usize,
+    /// Samples decoded and transformed (or found undecodable).
+    pub images: u64,
+    /// Seconds the workers spent on them, summed over workers.
+    pub busy_s: f64,
+}
+
+impl DecodeStats {
+    /// Images/s all workers give when they never wait (the decode-only rate of these cores).
+    pub fn images_per_s(&self) -> f64 {
+        if self.busy_s > 0.0 {
+            self.images as f64 * self.workers as f64 / self.busy_s
+        } else {
+            0.0
+        }
+    }
+}
+
+impl DecodeCounter {
+    fn add(&self, secs: std::time::Duration) {
+        self.0.images.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .busy_ns
+            .fetch_add(secs.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The tally now.
+    pub fn stats(&self) -> DecodeStats {
+        DecodeStats {
+            workers: self.0.workers.load(Ordering::Relaxed) as usize,
+            images: self.0.images.load(Ordering::Relaxed),
+            busy_s: self.0.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+        }
+    }
 }
 
 impl Pipeline {
@@ -138,6 +193,8 @@ impl Pipeline {
         let (out_tx, out_rx) = bounded::<PipelineItem>(cfg.batch_queue.max(1));
         let cancel = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let decode = DecodeCounter::default();
+        decode.0.workers.store(workers as u64, Ordering::Relaxed);
 
         // Reader: numbers events; samples go to the workers, everything else straight to the batcher.
         let reader = Reader {
@@ -159,10 +216,11 @@ impl Pipeline {
             let (raw_rx, done_tx) = (raw_rx.clone(), done_tx.clone());
             let tcfg = cfg.transform.clone();
             let max_pixels = cfg.max_pixels;
+            let tally = decode.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("lmd-decode-{w}"))
-                    .spawn(move || decode_worker(&raw_rx, &done_tx, &tcfg, max_pixels))
+                    .spawn(move || decode_worker(&raw_rx, &done_tx, &tcfg, max_pixels, &tally))
                     .expect("spawn worker"),
             );
         }
@@ -179,7 +237,13 @@ impl Pipeline {
             rx: out_rx,
             cancel,
             threads,
+            decode,
         }
+    }
+
+    /// The decode workers' tally (a handle that stays valid after the pipeline is consumed).
+    pub fn decode_stats(&self) -> DecodeCounter {
+        self.decode.clone()
     }
 
     /// The consumer end (for async use: `receiver().recv().await`).
@@ -265,11 +329,13 @@ fn decode_worker(
     done_tx: &Sender<(u64, Outcome)>,
     tcfg: &TransformConfig,
     max_pixels: u64,
+    tally: &DecodeCounter,
 ) {
     let mut resizer = fast_image_resize::Resizer::new();
     // Reused between images: no fresh pixel memory per decode.
     let mut img = Rgb8::default();
     while let Ok((order, seq, s)) = raw_rx.recv_blocking() {
+        let t0 = std::time::Instant::now();
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             decode_region(
                 &s.image,
@@ -284,6 +350,7 @@ fn decode_worker(
                 })
             })
         }));
+        tally.add(t0.elapsed());
         let reason = match out {
             Ok(Ok(pixels)) => {
                 let p = Prepared {

@@ -16,6 +16,7 @@ struct Collected {
     skipped: Vec<Skip>,
     failures: Vec<String>,
     order: Vec<String>,
+    decode: lmd_data::pipeline::DecodeStats,
 }
 
 fn run(inputs: Vec<InputSpec>, cfg: PipelineConfig) -> Collected {
@@ -25,8 +26,11 @@ fn run(inputs: Vec<InputSpec>, cfg: PipelineConfig) -> Collected {
         skipped: vec![],
         failures: vec![],
         order: vec![],
+        decode: Default::default(),
     };
-    for item in Pipeline::start(inputs, cfg) {
+    let pipeline = Pipeline::start(inputs, cfg);
+    let tally = pipeline.decode_stats();
+    for item in pipeline {
         assert!(Instant::now() < deadline, "pipeline took over 300 s");
         match item {
             PipelineItem::Batch(b) => {
@@ -46,6 +50,7 @@ fn run(inputs: Vec<InputSpec>, cfg: PipelineConfig) -> Collected {
             PipelineItem::InputFailed(e) => c.failures.push(e),
         }
     }
+    c.decode = tally.stats();
     c
 }
 
@@ -143,6 +148,11 @@ fn made_shards_come_out_in_order_with_skips_and_failures() {
     assert!(pos(&format!("fail:{}", dir.path().join("junk.tar").display())) < pos("c_000"));
     assert_eq!(out.items[0].label, Some(0));
     assert_eq!(out.items[0].pixels.len(), 3 * 8 * 8);
+    // the workers' tally: every sample that reached a worker (the undecodable one too; not
+    // the cut sample, which never left the reader), timed
+    assert_eq!(out.decode.images, 11 + 3 + 5, "{:?}", out.decode);
+    assert_eq!(out.decode.workers, 2);
+    assert!(out.decode.busy_s > 0.0 && out.decode.images_per_s() > 0.0);
     // the same run again gives identical pixels (deterministic)
     let again = run(
         vec![InputSpec::WebDataset {

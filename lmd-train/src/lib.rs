@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod knn;
 pub mod metrics;
 pub mod optim;
+pub mod parity;
 pub mod precompute;
 pub mod quickstart;
 pub mod report;

@@ -27,6 +27,21 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         tensors: usize,
     },
+    /// Parity with the PyTorch reference vectors on a device and precision: TAESD, SD-VAE
+    /// (tiny) and the MAE's forward against $LMD_SHARED/testvectors, the MAE's gradients
+    /// against an f32 CPU backward; one JSON line per quantity with its bound. Exit status 1
+    /// when any bound is broken.
+    Parity {
+        /// The shared data directory (default: $LMD_SHARED).
+        #[arg(long, env = "LMD_SHARED")]
+        shared: PathBuf,
+        /// cpu or cuda:N (CUDA needs a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: lmd_train::DeviceSpec,
+        /// f32 (bounds on the max absolute error), bf16 or f16 (on the relative RMS).
+        #[arg(long, default_value = "f32")]
+        precision: lmd_train::model::Precision,
+    },
     /// Latent shard format: bytes per record by dtype, sequential and random read speed.
     ///
     /// Uses the real TAESD latents in $LMD_SHARED/testvectors when present (else synthetic
@@ -50,7 +65,8 @@ enum Cmd {
         /// taesd or sd-vae.
         #[arg(long, default_value = "taesd")]
         vae: lmd_train::model::vae::VaeKind,
-        /// Weights directory (TAESD: taesd_{encoder,decoder}.safetensors; sd-vae: a diffusers vae/ folder).
+        /// Weights directory (TAESD: taesd_{encoder,decoder}.safetensors; sd-vae: a diffusers
+        /// vae/ folder), or `random` for sd-vae: SD's sizes with random weights (throughput only).
         #[arg(long)]
         vae_weights: PathBuf,
         /// Images per encode/decode call.
@@ -176,6 +192,13 @@ enum Cmd {
         /// Q for --pixels (the latent patch).
         #[arg(long, default_value_t = 4)]
         latent_patch: usize,
+        /// cpu or cuda:N (CUDA needs a build with --features cuda); TF32 for f32 matmuls on a
+        /// GPU, as lmd-train.
+        #[arg(long, default_value = "cpu")]
+        device: lmd_train::DeviceSpec,
+        /// f32, or bf16 (lmd-train's mixed precision: bf16 compute, f32 master weights).
+        #[arg(long, default_value = "f32")]
+        precision: lmd_train::model::Precision,
     },
     /// VitClassifier fine-tuning steps (drop path, cross-entropy, backward, AdamW) in samples/s.
     ///
@@ -201,10 +224,17 @@ enum Cmd {
         /// that as `vs_composite`.
         #[arg(long)]
         composite_baseline: bool,
+        /// cpu or cuda:N (CUDA needs a build with --features cuda); TF32 for f32 matmuls on a
+        /// GPU, as lmd-train.
+        #[arg(long, default_value = "cpu")]
+        device: lmd_train::DeviceSpec,
+        /// f32, or bf16 (lmd-train's mixed precision: bf16 compute, f32 master weights).
+        #[arg(long, default_value = "f32")]
+        precision: lmd_train::model::Precision,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let args = Args::parse();
     match args.cmd {
@@ -220,6 +250,28 @@ fn main() -> anyhow::Result<()> {
                 tensors,
             };
             lmd_train::bench::allreduce(&job.dist, &opts, |v| println!("{v}"))?;
+        }
+        Cmd::Parity {
+            shared,
+            device,
+            precision,
+        } => {
+            let dev = device.open()?;
+            let lines = lmd_train::parity::check(&shared, &dev, precision)?;
+            let broken = lines.iter().filter(|l| !l.pass).count();
+            for l in &lines {
+                let mut v = serde_json::to_value(l)?;
+                v["bench"] = "parity".into();
+                v["device"] = device.to_string().into();
+                v["precision"] = precision.to_string().into();
+                println!("{v}");
+            }
+            if broken > 0 {
+                anyhow::bail!(
+                    "parity: {broken} of {} bounds broken on {device} in {precision}",
+                    lines.len()
+                );
+            }
         }
         Cmd::Shards {
             records,
@@ -320,6 +372,8 @@ fn main() -> anyhow::Result<()> {
             image_size,
             pixel_patch,
             latent_patch,
+            device,
+            precision,
         } => {
             let opts = lmd_train::bench::TrainStepOptions {
                 preset,
@@ -332,6 +386,7 @@ fn main() -> anyhow::Result<()> {
                 image_size,
                 pixel_patch,
                 latent_patch,
+                target: lmd_train::bench::StepTarget { device, precision },
             };
             lmd_train::bench::train_step(&opts, |v| println!("{v}"))?;
         }
@@ -342,6 +397,8 @@ fn main() -> anyhow::Result<()> {
             drop_path,
             steps,
             composite_baseline,
+            device,
+            precision,
         } => {
             let opts = lmd_train::bench::FinetuneStepOptions {
                 preset,
@@ -350,6 +407,7 @@ fn main() -> anyhow::Result<()> {
                 drop_path,
                 steps,
                 composite_baseline,
+                target: lmd_train::bench::StepTarget { device, precision },
             };
             lmd_train::bench::finetune_step(&opts, |v| println!("{v}"))?;
         }

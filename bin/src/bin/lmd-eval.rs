@@ -28,7 +28,7 @@ struct Args {
     json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
     let r = lmd_train::finetune::eval_checkpoint(&a.checkpoint, &a.data, a.batch_size, a.device)?;

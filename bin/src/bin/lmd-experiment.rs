@@ -79,7 +79,7 @@ enum Cmd {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let command = std::env::args()
         .enumerate()

@@ -71,7 +71,7 @@ enum Pool {
     Avg,
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let model = match (&a.model, &a.preset) {
         (Some(p), _) => {

@@ -4,7 +4,7 @@ use clap::Parser;
 use lmd_bin::flags::finetune::{config, Args};
 use lmd_bin::Ended;
 
-fn main() {
+pub fn main() {
     let a = Args::parse();
     lmd_bin::job_main("lmd-finetune", |job| body(&a, job))
 }

@@ -22,7 +22,7 @@ struct Args {
     verify: bool,
 }
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     let args = Args::parse();
     let opts = lmd_train::inspect::InspectOptions {
         path: args.path.clone(),

@@ -3,7 +3,7 @@
 use clap::Parser;
 use lmd_bin::flags::precompute::{config, Args};
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
     let cfg = config(&a)?;
@@ -38,15 +38,10 @@ fn main() -> anyhow::Result<()> {
         eprintln!("  skipped {n:>6}  {reason}");
     }
     eprintln!(
-        "  {} shards, {} bytes ({:.0} bytes/image), {:.1} s, {:.1} images/s (VAE alone {:.1}/s, data wait {:.0}%)",
-        summary.shards,
-        summary.bytes,
-        summary.bytes_per_image,
-        summary.wall_s,
-        summary.images_per_s,
-        summary.vae_images_per_s,
-        summary.data_wait_fraction * 100.0
+        "  {} shards, {} bytes ({:.0} bytes/image), {:.1} s",
+        summary.shards, summary.bytes, summary.bytes_per_image, summary.wall_s
     );
+    eprintln!("  {}", summary.rates_line());
     eprintln!("  output: {}", summary.output.display());
     match summary.split {
         lmd_train::precompute::Split::ByFile { files, of } => {

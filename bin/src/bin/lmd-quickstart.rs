@@ -32,7 +32,7 @@ struct Args {
     cache_dir: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     lmd_bin::init_allocator();
     let a = Args::parse();
     let cfg = QuickstartConfig {

@@ -5,7 +5,7 @@ use clap::Parser;
 use lmd_bin::flags::train::{config, Args};
 use lmd_bin::Ended;
 
-fn main() {
+pub fn main() {
     let a = Args::parse();
     lmd_bin::job_main("lmd-train", |job| {
         let cfg = config(&a, job.dist.world_size())?;

@@ -9,6 +9,8 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct VaeBenchOptions {
     pub vae: lmd_model::vae::VaeKind,
+    /// A weights directory, or `random` (sd-vae only): Stable Diffusion's sizes with random
+    /// weights, for throughput where the real weights are not at hand.
     pub weights: PathBuf,
     pub batch: usize,
     pub size: usize,
@@ -24,7 +26,12 @@ pub struct VaeBenchOptions {
 pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
     use lmd_model::candle::Tensor;
     let dev = opts.device.open()?;
-    let vae = lmd_model::vae::load_vae(opts.vae, &opts.weights, &dev, opts.precision)?;
+    let random = opts.weights.as_os_str() == "random";
+    let vae = if random {
+        random_vae(opts.vae, &dev, opts.precision)?
+    } else {
+        lmd_model::vae::load_vae(opts.vae, &opts.weights, &dev, opts.precision)?
+    };
     let x = Tensor::rand(0f32, 1.0, (opts.batch, 3, opts.size, opts.size), &dev)?;
     let x = vae.input_range().from_unit(&x)?;
     let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
@@ -45,10 +52,34 @@ pub fn vae(opts: &VaeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> R
     emit(json!({
         "bench": "vae", "vae": opts.vae, "batch": opts.batch, "size": opts.size,
         "device": opts.device.to_string(), "precision": opts.precision,
+        "weights": if random { "random" } else { "loaded" },
         "encode_images_per_s": enc, "decode_images_per_s": dec,
         "threads": lmd_model::candle::utils::get_num_threads(),
     }));
     Ok(())
+}
+
+/// Stable Diffusion's VAE at its real sizes with random weights (throughput only).
+fn random_vae(
+    kind: lmd_model::vae::VaeKind,
+    dev: &lmd_model::candle::Device,
+    precision: lmd_model::Precision,
+) -> Result<Box<dyn lmd_model::vae::Vae>> {
+    use lmd_model::vae::{AutoencoderKl, KlConfig, VaeId, VaeKind};
+    if kind != VaeKind::SdVae {
+        return Err(Error::Invalid(format!(
+            "--vae-weights random is for sd-vae (its weights are large); {kind} needs its weights"
+        )));
+    }
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, precision.dtype(), dev);
+    let id = VaeId {
+        name: "sd-vae (random weights)".into(),
+        weights: vec![],
+    };
+    Ok(Box::new(
+        AutoencoderKl::new(&KlConfig::sd(), vb, id).map_err(lmd_model::Error::from)?,
+    ))
 }
 
 /// Options of `lmd-bench decode`.
@@ -159,4 +190,36 @@ pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)
         }));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_sd_vae_weights_time_the_real_sizes_and_taesd_needs_its_own() {
+        let opts = VaeBenchOptions {
+            vae: lmd_model::vae::VaeKind::SdVae,
+            weights: "random".into(),
+            batch: 1,
+            size: 16,
+            seconds: 0.0,
+            device: crate::DeviceSpec::Cpu,
+            precision: lmd_model::Precision::F32,
+        };
+        let mut lines = Vec::new();
+        vae(&opts, |v| lines.push(v)).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["weights"], "random");
+        assert!(
+            lines[0]["encode_images_per_s"].as_f64().unwrap() > 0.0,
+            "{lines:?}"
+        );
+        let taesd = VaeBenchOptions {
+            vae: lmd_model::vae::VaeKind::Taesd,
+            ..opts
+        };
+        let e = vae(&taesd, |_| {}).unwrap_err().to_string();
+        assert!(e.contains("random") && e.contains("taesd"), "{e}");
+    }
 }

@@ -15,7 +15,7 @@ pub use loader::{loader, LoaderBenchOptions};
 pub use media::{decode, vae, DecodeBenchOptions, VaeBenchOptions};
 pub use python::{python_reader, PythonReaderBenchOptions};
 pub use shards::{shards, ShardBenchOptions};
-pub use steps::{finetune_step, train_step, FinetuneStepOptions, TrainStepOptions};
+pub use steps::{finetune_step, train_step, FinetuneStepOptions, StepTarget, TrainStepOptions};
 
 pub(crate) use shards::{bench_meta, source_latents};
 

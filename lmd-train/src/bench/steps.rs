@@ -31,6 +31,54 @@ pub struct TrainStepOptions {
     pub image_size: usize,
     pub pixel_patch: usize,
     pub latent_patch: usize,
+    /// Where and in what precision the steps run (the trainer's rules: [`crate::RunSettings`]).
+    pub target: StepTarget,
+}
+
+/// The device and precision of the timed steps, opened as the trainer opens them (TF32 on for
+/// f32 matmuls on a GPU, as `lmd-train`'s default).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTarget {
+    pub device: crate::DeviceSpec,
+    pub precision: lmd_model::Precision,
+}
+
+impl StepTarget {
+    fn settings(&self) -> crate::RunSettings {
+        crate::RunSettings {
+            device: self.device,
+            precision: self.precision,
+            ..Default::default()
+        }
+    }
+
+    /// The device (opened once) and the backend the trainer would use on it.
+    fn open(&self) -> Result<(lmd_model::candle::Device, lmd_model::Backend)> {
+        let run = self.settings();
+        let dev = run.open_device()?;
+        let backend = run.backend(&dev)?;
+        Ok((dev, backend))
+    }
+
+    /// The `--composite-baseline` compares the CPU's fused kernels with candle ops in f32.
+    fn check_composite(&self, composite: bool) -> Result<()> {
+        if composite
+            && (self.device != crate::DeviceSpec::Cpu
+                || self.precision != lmd_model::Precision::F32)
+        {
+            return Err(Error::Invalid(format!(
+                "--composite-baseline compares the CPU kernels in f32: not with --device {} \
+                 --precision {}",
+                self.device, self.precision
+            )));
+        }
+        Ok(())
+    }
+
+    /// The JSON fields naming this target.
+    fn fields(&self) -> serde_json::Value {
+        json!({"device": self.device.to_string(), "precision": self.precision.to_string()})
+    }
 }
 
 impl Default for TrainStepOptions {
@@ -46,6 +94,7 @@ impl Default for TrainStepOptions {
             image_size: 224,
             pixel_patch: 16,
             latent_patch: 4,
+            target: StepTarget::default(),
         }
     }
 }
@@ -60,6 +109,7 @@ type StepForward<'a> = dyn FnMut(u64) -> Result<lmd_model::candle::Tensor> + 'a;
 /// Returns the JSON fields (samples/s, the best step, seconds per phase, the last loss, and the
 /// baseline's samples/s with ours / that) and our samples/s.
 fn timed_steps(
+    dev: &lmd_model::candle::Device,
     (steps, batch): (usize, usize),
     opt: &mut crate::optim::AdamW,
     lr: f64,
@@ -75,9 +125,12 @@ fn timed_steps(
             phases[0] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let grads = loss.backward()?;
+            // a GPU queues the work: wait for it inside each phase's timing
+            dev.synchronize()?;
             phases[1] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             opt.step(&grads, lr)?;
+            dev.synchronize()?;
             phases[2] += t.elapsed().as_secs_f64();
             Ok(value)
         };
@@ -129,6 +182,7 @@ pub struct FinetuneStepOptions {
     pub steps: usize,
     /// Also time the steps with the fused block node off, and report ours / that.
     pub composite_baseline: bool,
+    pub target: StepTarget,
 }
 
 impl Default for FinetuneStepOptions {
@@ -140,6 +194,7 @@ impl Default for FinetuneStepOptions {
             drop_path: 0.1,
             steps: 3,
             composite_baseline: false,
+            target: StepTarget::default(),
         }
     }
 }
@@ -150,7 +205,8 @@ pub fn finetune_step(
     opts: &FinetuneStepOptions,
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
-    use lmd_model::candle::{Device, Tensor};
+    use lmd_model::candle::Tensor;
+    opts.target.check_composite(opts.composite_baseline)?;
     let encoder = opts.preset.config();
     let cfg = lmd_model::ClassifierConfig {
         encoder,
@@ -159,9 +215,9 @@ pub fn finetune_step(
         drop_path: opts.drop_path,
         linear_probe: false,
     };
-    let dev = Device::Cpu;
+    let (dev, backend) = opts.target.open()?;
     let vm = candle_nn::VarMap::new();
-    let clf = lmd_model::VitClassifier::init(&cfg, &vm, 0, 2e-5, &dev)?;
+    let clf = lmd_model::VitClassifier::init_on(&cfg, backend, &vm, 0, 2e-5, &dev)?;
     let base = if opts.composite_baseline {
         let vb =
             lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
@@ -174,7 +230,8 @@ pub fn finetune_step(
         None
     };
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
-    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
+    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?
+        .on_backend(clf.backend());
     let [h, w] = cfg.encoder.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.encoder.in_chans, h, w), &dev)?;
     let labels: Vec<u32> = (0..opts.batch as u32)
@@ -187,6 +244,7 @@ pub fn finetune_step(
     };
     let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
     let (fields, _) = timed_steps(
+        &dev,
         (opts.steps, opts.batch),
         &mut opt,
         1e-4,
@@ -198,7 +256,7 @@ pub fn finetune_step(
         "drop_path": opts.drop_path, "tokens": cfg.encoder.num_patches(), "steps": opts.steps,
         "threads": lmd_model::candle::utils::get_num_threads(),
     });
-    emit(merged(line, fields));
+    emit(merged(merged(line, opts.target.fields()), fields));
     Ok(())
 }
 
@@ -211,10 +269,12 @@ fn model_steps(
     line: &serde_json::Value,
     emit: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Vec<(f64, f64)>> {
-    use lmd_model::candle::{Device, Tensor};
-    let dev = Device::Cpu;
+    use lmd_model::candle::Tensor;
+    opts.target.check_composite(opts.composite_baseline)?;
+    let (dev, backend) = opts.target.open()?;
     let vm = candle_nn::VarMap::new();
-    let model = lmd_model::LatentMae::init(cfg, &vm, 0, &dev).map_err(lmd_model::Error::from)?;
+    let model = lmd_model::LatentMae::init_on(cfg, backend, &vm, 0, &dev)
+        .map_err(lmd_model::Error::from)?;
     let base = if opts.composite_baseline {
         let vb =
             lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
@@ -226,7 +286,8 @@ fn model_steps(
         None
     };
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
-    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?;
+    let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?
+        .on_backend(model.backend());
     let [h, w] = cfg.img_size;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, cfg.in_chans, h, w), &dev)
         .map_err(lmd_model::Error::from)?;
@@ -239,13 +300,14 @@ fn model_steps(
         };
         let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
         let (fields, rate) = timed_steps(
+            &dev,
             (opts.steps, opts.batch),
             &mut opt,
             1.5e-4,
             &mut |seed| step(&model, seed),
             base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
         )?;
-        let mut l = merged(line.clone(), fields);
+        let mut l = merged(merged(line.clone(), opts.target.fields()), fields);
         l["mask_ratio"] = json!(ratio);
         l["tokens"] = json!(cfg.num_patches());
         l["kept_tokens"] = json!(cfg.kept_tokens(ratio));
@@ -304,6 +366,37 @@ fn pixels_vs_latents(
     Ok(())
 }
 
+/// The arguments that make `tools/torch_mae_train_step.py` time the model `cfg` the way ours
+/// is timed: the same sizes, batch, steps, threads, device and precision (bf16: autocast).
+fn torch_anchor_args(
+    cfg: &lmd_model::MaeConfig,
+    opts: &TrainStepOptions,
+    threads: usize,
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        ("--batch", opts.batch),
+        ("--steps", opts.steps),
+        ("--threads", threads),
+        ("--chans", cfg.in_chans),
+        ("--size", cfg.img_size[0]),
+        ("--patch", cfg.patch_size),
+        ("--dim", cfg.embed_dim),
+        ("--depth", cfg.depth),
+        ("--heads", cfg.num_heads),
+        ("--ddim", cfg.decoder_embed_dim),
+        ("--ddepth", cfg.decoder_depth),
+        ("--dheads", cfg.decoder_num_heads),
+    ]
+    .iter()
+    .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+    .collect();
+    a.extend(["--device".into(), opts.target.device.to_string()]);
+    if opts.target.precision != lmd_model::Precision::F32 {
+        a.extend(["--precision".into(), opts.target.precision.to_string()]);
+    }
+    a
+}
+
 /// Run `lmd-bench train-step`: full steps (forward, backward, AdamW update) of a LatentMae.
 pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
     if opts.pixels {
@@ -315,11 +408,6 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
         return pixels_vs_latents(opts, &mut emit);
     }
     let cfg = opts.preset.config();
-    if opts.torch_anchor.is_some() && opts.preset != lmd_model::Preset::Tiny {
-        return Err(Error::Invalid(
-            "--torch-anchor mirrors the `tiny` preset only".into(),
-        ));
-    }
     let threads = lmd_model::candle::utils::get_num_threads();
     let line = json!({
         "bench": "train-step", "preset": opts.preset, "batch": opts.batch,
@@ -330,18 +418,8 @@ pub fn train_step(opts: &TrainStepOptions, mut emit: impl FnMut(serde_json::Valu
         let ratios: Vec<String> = opts.ratios.iter().map(|r| r.to_string()).collect();
         let out = std::process::Command::new("python3")
             .arg(anchor)
-            .args([
-                "--batch",
-                &opts.batch.to_string(),
-                "--steps",
-                &opts.steps.to_string(),
-            ])
-            .args([
-                "--threads",
-                &threads.to_string(),
-                "--ratios",
-                &ratios.join(","),
-            ])
+            .args(torch_anchor_args(&cfg, opts, threads))
+            .args(["--ratios", &ratios.join(",")])
             .output()
             .map_err(|e| Error::io(anchor, "run", e))?;
         if !out.status.success() {
@@ -381,7 +459,7 @@ mod tests {
             "import json, sys\na = sys.argv\nv = lambda k: a[a.index(k) + 1]\nprint('warming up')\n\
              for r in v('--ratios').split(','):\n    print(json.dumps({'baseline': 'pytorch', \
              'mask_ratio': float(r), 'samples_per_s': 1.0, 'batch': int(v('--batch')), \
-             'threads': int(v('--threads'))}))\n",
+             'threads': int(v('--threads')), 'args': a[1:]}))\n",
         )
         .unwrap();
         let mut opts = TrainStepOptions {
@@ -401,7 +479,47 @@ mod tests {
             assert_eq!(torch["threads"], ours["threads"]);
             // PyTorch "ran" at 1 sample/s, so the ratio is our own figure
             assert_eq!(torch["ours_vs_pytorch"], ours["samples_per_s"]);
+            assert_eq!(
+                (ours["device"].as_str(), ours["precision"].as_str()),
+                (Some("cpu"), Some("f32"))
+            );
         }
+        // the anchor is told the model's sizes and the device; f32 needs no precision flag
+        let args: Vec<String> = serde_json::from_value(lines[2]["args"].clone()).unwrap();
+        let arg = |k: &str| {
+            args.iter()
+                .position(|a| a == k)
+                .map(|i| args[i + 1].clone())
+        };
+        let tiny = lmd_model::Preset::Tiny.config();
+        assert_eq!(arg("--dim"), Some(tiny.embed_dim.to_string()));
+        assert_eq!(arg("--depth"), Some(tiny.depth.to_string()));
+        assert_eq!(arg("--ddim"), Some(tiny.decoder_embed_dim.to_string()));
+        assert_eq!(arg("--patch"), Some(tiny.patch_size.to_string()));
+        assert_eq!(arg("--device"), Some("cpu".into()));
+        assert_eq!(arg("--precision"), None);
+
+        // bf16: our steps in mixed precision, and the anchor asked for autocast
+        let mut bf16 = opts.clone();
+        bf16.ratios = vec![0.75];
+        bf16.target.precision = lmd_model::Precision::Bf16;
+        let mut lines = Vec::new();
+        train_step(&bf16, |v| lines.push(v)).unwrap();
+        assert_eq!(lines[0]["precision"], "bf16");
+        assert!(lines[0]["loss"].as_f64().unwrap().is_finite(), "{lines:?}");
+        let args: Vec<String> = serde_json::from_value(lines[1]["args"].clone()).unwrap();
+        assert!(
+            args.windows(2).any(|w| w == ["--precision", "bf16"]),
+            "{args:?}"
+        );
+        // the composite baseline compares CPU kernels in f32 only
+        bf16.torch_anchor = None;
+        bf16.composite_baseline = true;
+        let e = train_step(&bf16, |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("--composite-baseline") && e.contains("bf16"),
+            "{e}"
+        );
 
         let bad = dir.path().join("bad.py");
         std::fs::write(&bad, "import sys\nsys.exit('no module named torch')\n").unwrap();

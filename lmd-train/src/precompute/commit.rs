@@ -226,8 +226,7 @@ impl<'a> Output<'a> {
     pub(super) fn finish(
         mut self,
         t_start: Instant,
-        vae_ips: f64,
-        wait_frac: f64,
+        rates: super::StageRates,
         split: super::Split,
     ) -> Result<Summary> {
         if !self.state.done {
@@ -243,14 +242,13 @@ impl<'a> Output<'a> {
             write_json(&self.dir.join(STATE), &self.state)?;
             self.publish(STATE)?;
         }
-        self.summary(t_start, vae_ips, wait_frac, split)
+        self.summary(t_start, rates, split)
     }
 
     fn summary(
         &self,
         t_start: Instant,
-        vae_ips: f64,
-        wait_frac: f64,
+        rates: super::StageRates,
         split: super::Split,
     ) -> Result<Summary> {
         let mut by_reason = BTreeMap::new();
@@ -281,8 +279,7 @@ impl<'a> Output<'a> {
             },
             wall_s: wall,
             images_per_s: self.written as f64 / wall.max(1e-9),
-            vae_images_per_s: vae_ips,
-            data_wait_fraction: wait_frac,
+            rates,
             resumed_records: self.resumed_records,
             split,
         };

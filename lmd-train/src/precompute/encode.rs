@@ -1,69 +1,193 @@
-//! Stage 3, encode: a batch of prepared images through the VAE, one record (every variant,
-//! every stored field, in layout order) per image. The VAE's busy time is counted here.
+//! Stage 3, encode: batches of prepared images through the VAE, one record (every variant,
+//! every stored field, in layout order) per image, on its own thread between the decode
+//! pipeline and the writer.
+//!
+//! Overlap: on a GPU candle queues kernels and returns, and only the copy of the latents back
+//! to the host waits. So this stage stages batch `n + 1` (gathers its pixels into one host
+//! buffer and queues the copy to the device) *before* it waits for batch `n`'s latents: the
+//! host work of the next batch runs while the device encodes the current one. The writer runs
+//! on another thread, behind a queue of [`ENCODED_QUEUE`] batches, so shard writing and uploads
+//! overlap both. On the CPU every op runs at once and the order changes nothing.
+//!
+//! Busy time: the device's busy span of a batch is taken from its launch to its latents being
+//! on the host. Launches follow the previous batch's copy back, so the spans never overlap, and
+//! when no decoded batch is ready the batch in flight is read back before the stage waits, so
+//! no span holds a wait for data. Their sum over the wall time is the device's busy fraction
+//! (on a GPU an upper bound: the span also holds the staging of the next batch, which the
+//! device may outlast).
+//!
+//! Order: batches and failure lines leave in the order they came (a failure line waits for
+//! the batch in flight), so the writer's resume points are what they would be without overlap.
 
+use std::sync::mpsc::SyncSender;
 use std::time::Instant;
 
-use lmd_data::pipeline::Prepared;
+use lmd_data::pipeline::{Batch, Prepared};
 use lmd_data::shard::{Field, RecordLayout};
-use lmd_data::transform::TransformConfig;
-use lmd_model::candle::{Device, Tensor};
-use lmd_model::vae::Vae;
+use lmd_model::candle::Tensor;
+use lmd_model::vae::Encoded as Latents;
 
 use super::plan::Plan;
+use super::ReportLine;
 use crate::{Error, Result};
+
+/// Encoded batches queued for the writer.
+pub(super) const ENCODED_QUEUE: usize = 2;
+
+/// What the encode stage hands the writer, in input order.
+pub(super) enum Encoded {
+    /// A batch and its records (one per item).
+    Batch(Batch, Vec<Vec<f32>>),
+    /// An input shard that failed part-way, or an input that could not be opened.
+    Failed(ReportLine),
+}
+
+/// The encode stage's timings.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct EncodeTimes {
+    /// Seconds the VAE's device was busy (launch to latents on the host, summed).
+    pub(super) busy_s: f64,
+    /// Seconds this stage waited for decoded batches.
+    pub(super) wait_s: f64,
+    /// Images (variants counted) through the VAE.
+    pub(super) images: usize,
+}
+
+/// A batch launched on the device, its latents not yet read back.
+struct InFlight {
+    batch: Batch,
+    latents: Latents,
+    launched: Instant,
+}
 
 /// The VAE side of a job.
 pub(super) struct Encoder<'a> {
     plan: &'a Plan,
-    /// Seconds inside the VAE.
-    pub(super) busy_s: f64,
+    times: EncodeTimes,
+    in_flight: Option<InFlight>,
 }
 
 impl<'a> Encoder<'a> {
     pub(super) fn new(plan: &'a Plan) -> Self {
-        Encoder { plan, busy_s: 0.0 }
+        Encoder {
+            plan,
+            times: EncodeTimes::default(),
+            in_flight: None,
+        }
     }
 
-    /// The records of `items` (none for an empty batch).
-    pub(super) fn encode(&mut self, items: &[Prepared]) -> Result<Vec<Vec<f32>>> {
-        if items.is_empty() {
-            return Ok(Vec::new());
+    /// Run the stage: the decode pipeline's output to `out`, until the input ends or the
+    /// writer hangs up (then it stops early and returns what it timed). When no decoded batch
+    /// is ready, the batch in flight is read back and handed over before this stage waits, so
+    /// the device's busy spans never include a wait for data.
+    pub(super) fn run(
+        mut self,
+        pipeline: lmd_data::pipeline::Pipeline,
+        out: &SyncSender<Encoded>,
+    ) -> Result<EncodeTimes> {
+        use lmd_data::pipeline::PipelineItem;
+        let rx = pipeline.receiver();
+        loop {
+            let item = match rx.try_recv() {
+                Ok(item) => item,
+                Err(e) if e.is_closed() => break,
+                Err(_) => {
+                    if !self.drain(out)? {
+                        return Ok(self.times);
+                    }
+                    let t_wait = Instant::now();
+                    let item = rx.recv_blocking();
+                    self.times.wait_s += t_wait.elapsed().as_secs_f64();
+                    match item {
+                        Ok(item) => item,
+                        Err(_) => break,
+                    }
+                }
+            };
+            let sent = match item {
+                PipelineItem::Batch(b) => self.launch(b, out)?,
+                PipelineItem::ShardFailed(f) => {
+                    self.send_failure(super::commit::failure_line(f), out)?
+                }
+                PipelineItem::InputFailed(m) => {
+                    self.send_failure(ReportLine::InputFailed { message: m }, out)?
+                }
+            };
+            if !sent {
+                return Ok(self.times);
+            }
         }
-        let t0 = Instant::now();
+        self.drain(out)?;
+        Ok(self.times)
+    }
+
+    /// Stage `b` on the device, then hand over the batch before it, then launch `b`'s encode.
+    /// False when the writer has hung up.
+    fn launch(&mut self, b: Batch, out: &SyncSender<Encoded>) -> Result<bool> {
+        if b.items.is_empty() {
+            // skips only: keep them in order behind the batch in flight
+            return Ok(self.drain(out)? && out.send(Encoded::Batch(b, Vec::new())).is_ok());
+        }
+        let x = self.stage(&b.items)?;
+        if !self.drain(out)? {
+            return Ok(false);
+        }
+        let launched = Instant::now();
+        let latents = self.plan.vae.encode(&x)?;
+        self.in_flight = Some(InFlight {
+            batch: b,
+            latents,
+            launched,
+        });
+        Ok(true)
+    }
+
+    fn send_failure(&mut self, line: ReportLine, out: &SyncSender<Encoded>) -> Result<bool> {
+        Ok(self.drain(out)? && out.send(Encoded::Failed(line)).is_ok())
+    }
+
+    /// Read back the batch in flight (waiting for the device) and hand it to the writer.
+    fn drain(&mut self, out: &SyncSender<Encoded>) -> Result<bool> {
+        let Some(f) = self.in_flight.take() else {
+            return Ok(true);
+        };
         let p = self.plan;
-        let out = encode_batch(
-            p.vae.as_ref(),
-            items,
-            &p.transform,
-            &p.device,
+        let records = records(
+            &f.latents,
+            f.batch.items.len(),
             &p.meta.layout,
             p.meta.record_elems(),
             p.transform.variants(),
-        );
-        self.busy_s += t0.elapsed().as_secs_f64();
-        out
+        )?;
+        self.times.busy_s += f.launched.elapsed().as_secs_f64();
+        self.times.images += f.batch.items.len() * p.transform.variants();
+        Ok(out.send(Encoded::Batch(f.batch, records)).is_ok())
+    }
+
+    /// Every variant of every image in one host buffer, copied to the device and brought to
+    /// the VAE's input range.
+    fn stage(&self, items: &[Prepared]) -> Result<Tensor> {
+        let p = self.plan;
+        let s = p.transform.size as usize;
+        let mut flat = Vec::with_capacity(items.len() * p.transform.values_per_image());
+        for it in items {
+            flat.extend_from_slice(&it.pixels);
+        }
+        let n = items.len() * p.transform.variants();
+        let x = Tensor::from_vec(flat, (n, 3, s, s), &p.device)?;
+        Ok(p.vae.input_range().from_unit(&x)?)
     }
 }
 
-/// Encode a batch: every variant of every image through the VAE; returns one record (all
-/// tensors in layout order) per image.
-fn encode_batch(
-    vae: &dyn Vae,
-    items: &[Prepared],
-    tcfg: &TransformConfig,
-    dev: &Device,
+/// The records of `n` images from their latents: per image, every variant's stored fields in
+/// layout order.
+fn records(
+    enc: &Latents,
+    n: usize,
     layout: &RecordLayout,
     rec_elems: usize,
     variants: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let s = tcfg.size as usize;
-    let mut flat = Vec::with_capacity(items.len() * tcfg.values_per_image());
-    for p in items {
-        flat.extend_from_slice(&p.pixels);
-    }
-    let x = Tensor::from_vec(flat, (items.len() * variants, 3, s, s), dev)?;
-    let x = vae.input_range().from_unit(&x)?;
-    let enc = vae.encode(&x)?;
     let to_rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let per_tensor = rec_elems / layout.tensors();
     let mut field_data = Vec::new();
@@ -76,8 +200,8 @@ fn encode_batch(
         };
         field_data.push(to_rows(t)?);
     }
-    let mut out = Vec::with_capacity(items.len());
-    for i in 0..items.len() {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
         let mut rec = Vec::with_capacity(rec_elems);
         for v in 0..variants {
             let row = i * variants + v;

@@ -26,7 +26,7 @@ mod plan;
 pub use plan::Split;
 
 use crate::{Error, Result};
-use lmd_data::pipeline::{Pipeline, PipelineItem};
+use lmd_data::pipeline::Pipeline;
 use lmd_data::source::InputKind;
 use lmd_data::transform::{CropMode, Filter, TransformConfig};
 use lmd_data::DType;
@@ -36,8 +36,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use commit::{failure_line, Output};
-use encode::Encoder;
+use commit::Output;
+use encode::{Encoded, Encoder, ENCODED_QUEUE};
 use plan::Plan;
 
 /// What each record stores.
@@ -302,17 +302,68 @@ pub struct Summary {
     pub bytes: u64,
     pub bytes_per_image: f64,
     pub wall_s: f64,
+    /// End to end: images written per second of wall time.
     pub images_per_s: f64,
-    /// Images/s of the VAE while it was busy (the bound when decoding keeps up).
-    pub vae_images_per_s: f64,
-    /// Fraction of the wall time this thread waited for decoded batches.
-    pub data_wait_fraction: f64,
+    /// Where the time went, stage by stage.
+    #[serde(flatten)]
+    pub rates: StageRates,
     /// Records already present when this run started (resumed).
     pub resumed_records: usize,
     /// How this worker's share of the inputs was chosen (by file, or by sample when there
     /// are fewer input files than workers).
     #[serde(flatten)]
     pub split: plan::Split,
+}
+
+/// Each stage's rate and busy fraction in one run (`summary.json`, flattened). With overlap the
+/// end-to-end rate is bounded by the slowest stage: decode when `data_wait_fraction` is large,
+/// the VAE when `vae_busy_fraction` is near 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageRates {
+    /// Images/s the decode workers give when they never wait (decode-only: these cores'
+    /// bound), from their busy time.
+    pub decode_images_per_s: f64,
+    /// Images/s of the VAE while it was busy (variants counted).
+    pub vae_images_per_s: f64,
+    /// Fraction of the wall time the VAE's device was busy (a batch's launch to its latents on
+    /// the host): the GPU's busy fraction on a GPU.
+    pub vae_busy_fraction: f64,
+    /// Fraction of the wall time the encoder waited for decoded batches.
+    pub data_wait_fraction: f64,
+    /// Fraction of the wall time the writer spent writing and uploading shards.
+    pub write_busy_fraction: f64,
+}
+
+/// Images in ImageNet-1k's train split (ILSVRC-2012), for the projected precompute time.
+pub const IMAGENET_TRAIN_IMAGES: u64 = 1_281_167;
+
+impl Summary {
+    /// Seconds ImageNet-1k's train split would take at this run's end-to-end rate.
+    pub fn projected_imagenet_s(&self) -> Option<f64> {
+        (self.images_per_s > 0.0).then(|| IMAGENET_TRAIN_IMAGES as f64 / self.images_per_s)
+    }
+
+    /// One line of the stage rates: end to end, decode alone, the VAE alone and its busy
+    /// fraction, the waits, and the projected ImageNet-1k time.
+    pub fn rates_line(&self) -> String {
+        let r = &self.rates;
+        let projected = match self.projected_imagenet_s() {
+            Some(s) if s >= 3600.0 => format!("{:.1} h", s / 3600.0),
+            Some(s) => format!("{:.1} min", s / 60.0),
+            None => "-".into(),
+        };
+        format!(
+            "{:.1} images/s end to end; decode alone {:.1}/s, VAE alone {:.1}/s (busy {:.0}%), \
+             data wait {:.0}%, writing {:.0}%; ImageNet-1k train ({IMAGENET_TRAIN_IMAGES} \
+             images) at this rate: {projected}",
+            self.images_per_s,
+            r.decode_images_per_s,
+            r.vae_images_per_s,
+            r.vae_busy_fraction * 100.0,
+            r.data_wait_fraction * 100.0,
+            r.write_busy_fraction * 100.0,
+        )
+    }
 }
 
 fn reason_class(r: &str) -> String {
@@ -341,43 +392,79 @@ fn run_inner(cfg: &PrecomputeConfig, progress: Progress<'_>) -> Result<Summary> 
     let mut out = Output::open(cfg, &plan.meta)?;
     let t_start = Instant::now();
     if out.state.done {
-        return out.finish(t_start, 0.0, 0.0, plan.split);
+        return out.finish(t_start, StageRates::default(), plan.split);
     }
     let start = out.state.next_seq;
     let total = plan.expected(cfg, start);
     let pipeline = Pipeline::start(plan.inputs.clone(), plan.pipeline(cfg, start));
-    let mut encoder = Encoder::new(&plan);
-    let mut wait_s = 0f64;
-    let mut t_wait = Instant::now();
-    for item in pipeline {
-        wait_s += t_wait.elapsed().as_secs_f64();
+    let decode = pipeline.decode_stats();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Encoded>(ENCODED_QUEUE);
+    // decode (the pipeline's threads) -> encode (its own thread) -> write (this thread)
+    let plan_ref = &plan;
+    let (encoded, write_s) = std::thread::scope(|s| {
+        // the encoder owns the sender: its end closes the writer's loop
+        let encoder = std::thread::Builder::new()
+            .name("lmd-encode".into())
+            .spawn_scoped(s, move || Encoder::new(plan_ref).run(pipeline, &tx))
+            .map_err(|e| Error::Invalid(format!("spawn the encode thread: {e}")));
+        let written = encoder
+            .as_ref()
+            .ok()
+            .map(|_| write_all(&rx, &mut out, total, progress));
+        // a failed write hangs up: the encoder stops at its next hand-over
+        drop(rx);
+        let encoded = encoder?
+            .join()
+            .map_err(|_| Error::Invalid("the encode thread panicked".into()))?;
+        // the encoder's error first: a write error after it is its consequence
+        let times = encoded?;
+        Ok::<_, Error>((times, written.expect("spawned")?))
+    })?;
+    if let Some(e) = lmd_data::storage::first_fault() {
+        return Err(e.into());
+    }
+    let wall = t_start.elapsed().as_secs_f64().max(1e-9);
+    let rates = StageRates {
+        decode_images_per_s: decode.stats().images_per_s(),
+        vae_images_per_s: if encoded.busy_s > 0.0 {
+            encoded.images as f64 / encoded.busy_s
+        } else {
+            0.0
+        },
+        vae_busy_fraction: encoded.busy_s / wall,
+        data_wait_fraction: encoded.wait_s / wall,
+        write_busy_fraction: write_s / wall,
+    };
+    out.finish(t_start, rates, plan.split)
+}
+
+/// The writer: encoded batches into shards, in order, until the encoder is done; the seconds
+/// spent writing (and uploading).
+fn write_all(
+    rx: &std::sync::mpsc::Receiver<Encoded>,
+    out: &mut Output<'_>,
+    total: Option<u64>,
+    progress: Progress<'_>,
+) -> Result<f64> {
+    let mut busy = 0f64;
+    for msg in rx {
         // a lost connection is not a damaged input: stop before committing anything after it
         // (the rerun resumes at the last committed shard)
         if let Some(e) = lmd_data::storage::first_fault() {
             return Err(e.into());
         }
-        match item {
-            PipelineItem::Batch(b) => {
-                let records = encoder.encode(&b.items)?;
+        let t = Instant::now();
+        match msg {
+            Encoded::Batch(b, records) => {
                 let last = b.items.last().map(|p| p.key.clone()).unwrap_or_default();
                 out.add_batch(b, records)?;
                 progress(out.written, total, &last);
             }
-            PipelineItem::ShardFailed(f) => out.failed(failure_line(f)),
-            PipelineItem::InputFailed(m) => out.failed(ReportLine::InputFailed { message: m }),
+            Encoded::Failed(line) => out.failed(line),
         }
-        t_wait = Instant::now();
+        busy += t.elapsed().as_secs_f64();
     }
-    if let Some(e) = lmd_data::storage::first_fault() {
-        return Err(e.into());
-    }
-    let wall = t_start.elapsed().as_secs_f64();
-    let vae_ips = if encoder.busy_s > 0.0 {
-        out.written as f64 * plan.transform.variants() as f64 / encoder.busy_s
-    } else {
-        0.0
-    };
-    out.finish(t_start, vae_ips, wait_s / wall.max(1e-9), plan.split)
+    Ok(busy)
 }
 
 #[cfg(test)]
