@@ -1,0 +1,91 @@
+//! scripts/device-check.sh, the prepared GPU check, run on this machine's CPU at its small
+//! sizes (LMD_CHECK_SMALL=1) with the `lmd` binary of this build: every step the check runs on
+//! a GPU runs here too, so the script cannot rot between the sessions that have a GPU.
+
+use std::path::Path;
+use std::process::Command;
+
+fn lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs LMD_SHARED"]
+fn the_device_check_script_runs_every_step_on_the_cpu() {
+    let shared = std::env::var("LMD_SHARED").expect("needs LMD_SHARED");
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = Command::new("timeout")
+        .arg("900")
+        .arg("bash")
+        .arg(root.join("scripts/device-check.sh"))
+        .arg("run")
+        .env("LMD_CHECK_DEVICE", "cpu")
+        .env("LMD_CHECK_SMALL", "1")
+        .env("LMD_BIN", env!("CARGO_BIN_EXE_lmd"))
+        .env("LMD_CHECK_DATA", &shared)
+        .env("OUT", &out)
+        .env("TMPDIR", t.path())
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(out.join("device-check.log")).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "{}\n{log}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r = lines(&out.join("device-check.jsonl"));
+    let has_torch = Command::new("python3")
+        .args(["-c", "import torch"])
+        .status()
+        .is_ok_and(|s| s.success());
+    // every step ran; without PyTorch only the steps that run it fail, and they say why
+    let steps: Vec<&serde_json::Value> = r.iter().filter(|v| v.get("step").is_some()).collect();
+    assert_eq!(steps.len(), 15, "{steps:?}");
+    for s in &steps {
+        let name = s["step"].as_str().unwrap();
+        let needs_torch = name.contains("torch") || name == "train-step";
+        if has_torch || !needs_torch {
+            assert_eq!(s["rc"], 0, "step {name} failed:\n{log}");
+        }
+    }
+    if !has_torch {
+        assert!(log.contains("No module named 'torch'"), "{log}");
+    }
+    let bench =
+        |b: &str| -> Vec<&serde_json::Value> { r.iter().filter(|v| v["bench"] == b).collect() };
+    // parity: all nine quantities within their bounds
+    let parity = bench("parity");
+    assert_eq!(parity.len(), 9, "{parity:?}");
+    assert!(parity.iter().all(|p| p["pass"] == true), "{parity:?}");
+    // ours beside the baselines' lines
+    assert_eq!(bench("vae").len(), 2);
+    let step_lines: Vec<_> = bench("train-step")
+        .into_iter()
+        .filter(|v| v.get("baseline").is_none())
+        .collect();
+    assert_eq!(step_lines.len(), 2, "{r:?}");
+    // precompute at scale: its summary beside the decode-only rate of the same images
+    let made = bench("make-input");
+    let p = bench("precompute");
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0]["written"], made[0]["images"]);
+    assert!(p[0]["decode_images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(bench("decode")[0]["images_per_s"].as_f64().unwrap() > 0.0);
+    // the short pretrain and fine-tune reached a loss and a top-1
+    let s = bench("summary");
+    assert_eq!(s.len(), 1);
+    let s = s[0];
+    assert!(s["pretrain_steps"].as_u64().unwrap() >= 6, "{s}");
+    assert!(s["pretrain_loss_last"].as_f64().unwrap().is_finite(), "{s}");
+    assert_eq!(s["finetune_top1"].as_array().unwrap().len(), 1, "{s}");
+    assert!(
+        s["precompute_vs_decode_only"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
+}
