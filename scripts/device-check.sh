@@ -41,7 +41,9 @@ prepare() {
     source scripts/cuda-env.sh
     CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda -p lmd-bin --bin lmd
   )
-  xz -T0 -6 -c target/cuda/release/lmd > "$dir/lmd.xz"
+  # without symbols (~75 MB with every program and the CUDA kernels), then xz (~12 MB)
+  strip -o "$dir/lmd" target/cuda/release/lmd
+  xz -T0 -6 -c "$dir/lmd" > "$dir/lmd.xz" && rm "$dir/lmd"
   local sh="${LMD_SHARED:-../shared}"
   cp -r "$sh/weights/taesd" "$dir/shared/weights/"
   cp "$sh"/testvectors/{taesd_imagenette_val16,mae_p4_d96.weights,mae_p4_d96.vectors,sdvae_tiny.weights,sdvae_tiny.vectors}.safetensors \

@@ -47,11 +47,18 @@ fn run(name: &str) -> ExitCode {
         "lmd-eval" => eval::main().report(),
         "lmd-experiment" => experiment::main().report(),
         "lmd-export" => export::main().report(),
-        "lmd-finetune" => finetune::main().report(),
+        "lmd-finetune" => {
+            // (these two end the process with the job's own status)
+            finetune::main();
+            ExitCode::SUCCESS
+        }
         "lmd-inspect" => inspect::main().report(),
         "lmd-precompute" => precompute::main().report(),
         "lmd-quickstart" => quickstart::main().report(),
-        "lmd-train" => train::main().report(),
+        "lmd-train" => {
+            train::main();
+            ExitCode::SUCCESS
+        }
         _ => unreachable!("{name} is not in PROGRAMS"),
     }
 }

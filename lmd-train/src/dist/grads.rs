@@ -4,6 +4,10 @@
 //! all-reduce and scaled by `1 / world`, then unpacked into the gradient store. A few calls per
 //! step, not one per parameter. candle's backward is one call that returns all gradients, so the
 //! all-reduce cannot overlap it; the buckets run after it.
+//!
+//! Copies: each gradient is copied once into the bucket's send buffer (straight from a CPU
+//! tensor's storage when it is contiguous f32), summed into a second buffer by MPI, and scaled
+//! once into the new gradient tensor. The two buffers are reused by every bucket of a step.
 
 use super::Collective;
 use crate::Result;
@@ -12,6 +16,24 @@ use lmd_model::candle::{DType, Tensor, Var};
 
 /// Values per bucket: 4M f32 (16 MiB), about PyTorch DDP's default 25 MB cap.
 pub const BUCKET_ELEMS: usize = 4 << 20;
+
+/// Append `g`'s values as f32 to `out`: a contiguous f32 CPU tensor straight from its storage,
+/// anything else through a conversion and a copy to the host.
+fn append_f32(g: &Tensor, out: &mut Vec<f32>) -> Result<()> {
+    {
+        let (storage, layout) = g.storage_and_layout();
+        if let (lmd_model::candle::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            if let Ok(values) = cpu.as_slice::<f32>() {
+                out.extend_from_slice(&values[a..b]);
+                return Ok(());
+            }
+        }
+    }
+    out.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    Ok(())
+}
 
 /// Average the gradients of `vars` over all ranks, in place in `grads`; vars without a
 /// gradient are skipped (on every rank alike: the graph is the same). Returns the number of
@@ -33,6 +55,7 @@ pub fn average_gradients(
         .collect();
     let mut calls = 0;
     let mut start = 0;
+    let (mut send, mut recv) = (Vec::<f32>::new(), Vec::<f32>::new());
     while start < with_grad.len() {
         // one bucket: parameters until the cap (at least one)
         let mut end = start;
@@ -43,16 +66,17 @@ pub fn average_gradients(
             n += with_grad[end].1.elem_count();
             end += 1;
         }
-        let mut buf = Vec::with_capacity(n);
+        send.clear();
         for (_, g) in &with_grad[start..end] {
-            buf.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            append_f32(g, &mut send)?;
         }
-        comm.all_reduce_sum_f32(&mut buf)?;
+        recv.resize(n, 0.0);
+        comm.all_reduce_into_f32(&send, &mut recv[..n])?;
         calls += 1;
         let mut off = 0;
         for (v, g) in &with_grad[start..end] {
             let k = g.elem_count();
-            let part: Vec<f32> = buf[off..off + k].iter().map(|x| x * scale).collect();
+            let part: Vec<f32> = recv[off..off + k].iter().map(|x| x * scale).collect();
             let t = Tensor::from_vec(part, g.shape(), g.device())?.to_dtype(g.dtype())?;
             grads.insert(v.as_tensor(), t);
             off += k;
@@ -60,4 +84,40 @@ pub fn average_gradients(
         start = end;
     }
     Ok(calls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmd_model::candle::Device;
+
+    #[test]
+    fn gradients_pack_alike_from_storage_views_and_other_dtypes() {
+        let dev = Device::Cpu;
+        let t = Tensor::arange(0f32, 12.0, &dev)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let want = |t: &Tensor| -> Vec<f32> {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // contiguous f32 (from storage), a narrowed view (an offset), a transpose (strided),
+        // bf16 (converted): appended one after another, each equal to its own values
+        let narrowed = t.narrow(0, 1, 2).unwrap();
+        let transposed = t.t().unwrap();
+        let bf16 = t.to_dtype(DType::BF16).unwrap();
+        let mut out = vec![-1.0];
+        let mut expect = vec![-1.0];
+        for g in [&t, &narrowed, &transposed, &bf16] {
+            append_f32(g, &mut out).unwrap();
+            expect.extend(want(g));
+        }
+        assert_eq!(out, expect);
+        assert_eq!(&out[13..21], &[4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+    }
 }
