@@ -177,7 +177,7 @@ fn sd_vae(r: &mut Report, weights: &Path, dev: &Device, p: Precision) -> Result<
         &rec,
         &t["recon"],
         1e-3,
-        0.03,
+        0.05,
     )
 }
 
