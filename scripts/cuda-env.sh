@@ -12,9 +12,10 @@
 #
 # libcuda (the driver) is not on PyPI: the link step uses a stub lib/stubs/libcuda.so made here
 # from the cu* functions cuda.h declares, with the driver's soname libcuda.so.1, as the stubs of
-# a CUDA toolkit are. It is only linked against, never loaded: on a GPU machine the binary loads
-# the driver's own libcuda.so.1, and the CUDA libraries (libcublas.so.13, ...) from the
-# machine's CUDA or PyTorch install (LD_LIBRARY_PATH). A CPU build needs none of this.
+# a CUDA toolkit are; likewise lib/stubs/libnccl.so (soname libnccl.so.2) for the `nccl`
+# feature. They are only linked against, never loaded: on a GPU machine the binary loads the
+# driver's own libcuda.so.1 (and NCCL's libnccl.so.2), and the CUDA libraries (libcublas.so.13,
+# ...) from the machine's CUDA or PyTorch install (LD_LIBRARY_PATH). A CPU build needs none of this.
 
 lmd_cuda_setup() {
   local dir="${LMD_CUDA_DIR:-$HOME/.cache/lmd/cuda-13.0}"
@@ -39,6 +40,32 @@ lmd_cuda_setup() {
       awk '{ printf "int %s(void) { return 34; }\n", $1 }' > "$dir/libcuda-stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$home/lib/stubs/libcuda.so" "$dir/libcuda-stub.c" || return 1
     touch "$dir/.complete"
+  fi
+  # the NCCL stub (the `nccl` feature links -lnccl): every function of cudarc 0.19's NCCL
+  # bindings, returning ncclInternalError, with NCCL's soname libnccl.so.2. The real library
+  # is NCCL's own (PyTorch's nvidia-nccl-cu13 wheel) on the machine that runs the binary.
+  if [ ! -e "$home/lib/stubs/libnccl.so" ]; then
+    mkdir -p "$home/lib/stubs"
+    {
+      echo 'const char *ncclGetErrorString(int r) { (void)r; return "NCCL stub (link time only)"; }'
+      local f
+      for f in \
+      ncclAllGather ncclAllReduce ncclAlltoAll ncclBcast ncclBroadcast ncclCommAbort \
+      ncclCommCount ncclCommCuDevice ncclCommDeregister ncclCommDestroy ncclCommFinalize \
+      ncclCommGetAsyncError ncclCommGetUniqueId ncclCommGrow ncclCommInitAll ncclCommInitRank \
+      ncclCommInitRankConfig ncclCommInitRankScalable ncclCommMemStats ncclCommRegister \
+      ncclCommResume ncclCommRevoke ncclCommShrink ncclCommSplit ncclCommSuspend \
+      ncclCommUserRank ncclCommWindowDeregister ncclCommWindowRegister ncclGather \
+      ncclGetLastError ncclGetUniqueId ncclGetVersion ncclGroupEnd ncclGroupSimulateEnd \
+      ncclGroupStart ncclMemAlloc ncclMemFree ncclParamBind ncclParamDumpAll ncclParamGet \
+      ncclParamGetAllParameterKeys ncclParamGetI ncclParamGetParameter ncclParamGetStr \
+      ncclParamGetU ncclPutSignal ncclRecv ncclRedOpCreatePreMulSum ncclRedOpDestroy ncclReduce \
+      ncclReduceScatter ncclResetDebugInit ncclScatter ncclSend ncclSignal ncclWaitSignal \
+      ncclWinGetUserPtr; do
+        echo "int $f(void) { return 3; }"
+      done
+    } > "$dir/libnccl-stub.c"
+    cc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$home/lib/stubs/libnccl.so" "$dir/libnccl-stub.c" || return 1
   fi
   export CUDA_HOME="$home" CUDA_PATH="$home" CUDA_ROOT="$home"
   export PATH="$home/bin:$PATH"

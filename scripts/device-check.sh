@@ -4,8 +4,8 @@
 # no Rust and no network).
 #
 # 1. Here (Rust, network):   scripts/device-check.sh prepare
-#    builds `lmd` (every program in one binary) in release with --features cuda
-#    (scripts/cuda-env.sh), compresses it, and gathers what the check reads into .device/
+#    builds `lmd` (every program in one binary) in release with --features cuda,nccl
+#    (scripts/cuda-env.sh; libnccl.so.2 comes from PyTorch's nvidia-nccl wheel there), compresses it, and gathers what the check reads into .device/
 #    (ignored by git): ../shared's TAESD weights, test vectors and a few tars, and the diffusers
 #    wheel for the SD-VAE baseline. It prints the size that will travel (the limit is 64 MiB).
 # 2. There (the device tool): run(command="bash scripts/device-check.sh run", carry=[".device"],
@@ -19,6 +19,8 @@
 # What it measures (targets from #16):
 # - parity on the device: TAESD, SD-VAE (tiny) and MAE forward/backward against the PyTorch
 #   vectors, f32 and bf16 (`lmd bench parity`);
+# - NCCL (#17) at one rank: the gradient buckets beside ncclAllReduce on one device buffer,
+#   16M values, with the averaged gradients checked (`lmd bench allreduce --device cuda:0`);
 # - VAE encode images/s at 224 px, bf16: TAESD and SD-VAE (random weights at SD's sizes), ours
 #   beside PyTorch on the same card (tools/torch_vae_encode.py; target TAESD >= 1.5x);
 # - train step samples/s, LMD's ViT-B/4 on 4x28x28 (49 tokens, decoder 512 x 8), ratios 0.15
@@ -39,7 +41,7 @@ prepare() {
   (
     # shellcheck source=cuda-env.sh
     source scripts/cuda-env.sh
-    CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda -p lmd-bin --bin lmd
+    CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda,nccl -p lmd-bin --bin lmd
   )
   # without symbols (~75 MB with every program and the CUDA kernels), then xz (~12 MB)
   strip -o "$dir/lmd" target/cuda/release/lmd
@@ -47,9 +49,7 @@ prepare() {
   local sh="${LMD_SHARED:-../shared}"
   cp -r "$sh/weights/taesd" "$dir/shared/weights/"
   cp "$sh"/testvectors/{taesd_imagenette_val16,mae_p4_d96.weights,mae_p4_d96.vectors,sdvae_tiny.weights,sdvae_tiny.vectors}.safetensors \
-    "$dir/shared/testvectors/" 2>/dev/null ||
-    cp "$sh"/testvectors/taesd_imagenette_val16.safetensors "$sh"/testvectors/mae_p4_d96.*.safetensors \
-      "$sh"/testvectors/sdvae_tiny.*.safetensors "$dir/shared/testvectors/"
+    "$dir/shared/testvectors/"
   mkdir -p "$dir/shared/data/imagenette" "$dir/shared/data/imagenet-samples"
   cp "$sh"/data/imagenette/imagenette-{train-000000,train-000001,val-000000}.tar "$dir/shared/data/imagenette/"
   cp "$sh"/data/imagenet-samples/{ILSVRC-sample_img_val.tar,LOC_synset_mapping.txt,LOC_val_solution.csv} \
@@ -139,6 +139,10 @@ EOF
   [ "$small" = 1 ] || step parity-bf16 120 "$lmd" bench parity --shared "$data" --device "$dev" --precision bf16
 
   local tw="$data/weights/taesd"
+  # NCCL (the binary has --features nccl): the gradient buckets beside ncclAllReduce on one
+  # device buffer, at one rank (this machine has one GPU); the averaged ones must stay ones
+  [ "${dev%%:*}" = cuda ] && step allreduce-nccl 60 "$lmd" bench allreduce --device "$dev" \
+    --sizes 1048576 16777216 --iters 20
   step vae-taesd 60 "$lmd" bench vae --vae taesd --vae-weights "$tw" --device "$dev" --precision "$prec" \
     --batch "$bvae" --size "$vsize" --seconds "$vsec"
   step vae-taesd-torch 90 "$py" tools/torch_vae_encode.py --vae taesd --weights "$tw" --device "$dev" \
@@ -250,6 +254,9 @@ if d and p:
     s["precompute_vs_decode_only"] = p / d
     s["precompute_images_per_s"] = p
     s["projected_imagenet_train_min"] = 1281167 / p / 60
+a = get(lambda x: x.get("bench") == "allreduce" and x.get("elems") == 16777216, "buckets_vs_nccl")
+if a:
+    s["nccl_buckets_vs_raw_16m"] = a
 s["failed_steps"] = [x["step"] for x in r if "step" in x and x.get("rc")]
 print(json.dumps(s))
 EOF

@@ -118,7 +118,7 @@ impl Driver {
                 }
             )));
         }
-        average_gradients(job.dist.comm(), &self.opt.vars(), &mut grads, BUCKET_ELEMS)?;
+        average_gradients(&job.dist, &self.opt.vars(), &mut grads, BUCKET_ELEMS)?;
         self.comm_s += if world > 1 {
             t.elapsed().as_secs_f64()
         } else {

@@ -14,8 +14,9 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// The gradient all-reduce of data-parallel training (flat buckets from tensors) beside
-    /// MPI's own MPI_Allreduce on a plain buffer of the same size: bus bandwidth (GB/s) and
-    /// the ratio. Run under `mpirun -np 2 lmd-bench allreduce` (a build with --features mpi).
+    /// the engine's own all-reduce (MPI_Allreduce, or ncclAllReduce on a GPU) on a plain buffer
+    /// of the same size: bus bandwidth (GB/s) and the ratio. Run under `mpirun -np 2 lmd-bench
+    /// allreduce` (a build with --features mpi), or alone with --device cuda:0 (--features nccl).
     Allreduce {
         /// f32 values per all-reduce, one line each.
         #[arg(long, num_args = 1.., default_values_t = [1usize << 16, 1 << 20, 1 << 22, 1 << 24])]
@@ -26,6 +27,10 @@ enum Cmd {
         /// Tensors the gradient is split into.
         #[arg(long, default_value_t = 64)]
         tensors: usize,
+        /// Where the gradients live: cpu (MPI), or cuda:N (NCCL in a build with --features
+        /// nccl, which also runs at one rank; under a launcher cuda:0 is each rank's local GPU).
+        #[arg(long, default_value = "cpu")]
+        device: lmd_train::DeviceSpec,
     },
     /// Parity with the PyTorch reference vectors on a device and precision: TAESD, SD-VAE
     /// (tiny) and the MAE's forward against $LMD_SHARED/testvectors, the MAE's gradients
@@ -242,12 +247,14 @@ pub fn main() -> anyhow::Result<()> {
             sizes,
             iters,
             tensors,
+            device,
         } => {
             let job = lmd_train::dist::Job::from_env()?;
             let opts = lmd_train::bench::AllreduceBenchOptions {
                 sizes,
                 iters,
                 tensors,
+                device,
             };
             lmd_train::bench::allreduce(&job.dist, &opts, |v| println!("{v}"))?;
         }

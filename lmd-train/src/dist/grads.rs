@@ -5,17 +5,67 @@
 //! step, not one per parameter. candle's backward is one call that returns all gradients, so the
 //! all-reduce cannot overlap it; the buckets run after it.
 //!
-//! Copies: each gradient is copied once into the bucket's send buffer (straight from a CPU
-//! tensor's storage when it is contiguous f32), summed into a second buffer by MPI, and scaled
-//! once into the new gradient tensor. The two buffers are reused by every bucket of a step.
+//! Where a bucket is summed is the [`Reducer`] that [`Dist::reducer`] picks for the gradients'
+//! device, once, in one place:
+//! - **host** (MPI): each gradient is copied once into the bucket's send buffer (straight from a
+//!   CPU tensor's storage when it is contiguous f32), summed into a second buffer by MPI, and
+//!   scaled once into the new gradient tensor. The two buffers are reused by every bucket of a
+//!   step. CUDA gradients take this path too in a build without `nccl` (a copy to the host).
+//! - **NCCL** (CUDA tensors, the `nccl` feature): the bucket is concatenated on the device,
+//!   summed there in place on candle's stream, scaled and split back: no host copy, no sync.
 
-use super::Collective;
+use super::{Collective, Dist};
 use crate::Result;
 use lmd_model::candle::backprop::GradStore;
-use lmd_model::candle::{DType, Tensor, Var};
+use lmd_model::candle::{DType, Device, Tensor, Var};
 
 /// Values per bucket: 4M f32 (16 MiB), about PyTorch DDP's default 25 MB cap.
 pub const BUCKET_ELEMS: usize = 4 << 20;
+
+/// Where gradient buckets are summed over the ranks.
+#[derive(Clone, Copy)]
+pub enum Reducer<'a> {
+    /// Through host memory, by the host collective (MPI).
+    Host(&'a dyn Collective),
+    /// On the device, by NCCL.
+    #[cfg(feature = "nccl")]
+    Nccl(&'a super::Nccl),
+}
+
+impl Reducer<'_> {
+    /// For messages and the run's config.
+    pub fn name(&self) -> String {
+        match self {
+            Reducer::Host(c) => c.name().to_string(),
+            #[cfg(feature = "nccl")]
+            Reducer::Nccl(n) => format!("NCCL on cuda:{}", n.ordinal()),
+        }
+    }
+}
+
+impl Dist {
+    /// Where the gradients of tensors on `device` are summed: NCCL for a CUDA device in a build
+    /// with the `nccl` feature (its communicator is made at the first call, a collective: every
+    /// rank calls this at the same step), else the host collective.
+    pub fn reducer(&self, device: &Device) -> Result<Reducer<'_>> {
+        #[cfg(feature = "nccl")]
+        if let Device::Cuda(cuda) = device {
+            if self.nccl.get().is_none() {
+                let n = super::Nccl::init(self.comm(), cuda)?;
+                if self.is_root() {
+                    eprintln!(
+                        "lmd: gradients averaged by NCCL on each rank's GPU ({} ranks)",
+                        self.world_size()
+                    );
+                }
+                let _ = self.nccl.set(n);
+            }
+            return Ok(Reducer::Nccl(self.nccl.get().expect("set above")));
+        }
+        let _ = device;
+        Ok(Reducer::Host(self.comm()))
+    }
+}
 
 /// Append `g`'s values as f32 to `out`: a contiguous f32 CPU tensor straight from its storage,
 /// anything else through a conversion and a copy to the host.
@@ -35,19 +85,37 @@ fn append_f32(g: &Tensor, out: &mut Vec<f32>) -> Result<()> {
     Ok(())
 }
 
-/// Average the gradients of `vars` over all ranks, in place in `grads`; vars without a
-/// gradient are skipped (on every rank alike: the graph is the same). Returns the number of
-/// all-reduce calls.
+/// Average the gradients of `vars` over all ranks of `dist`, in place in `grads`; vars
+/// without a gradient are skipped (on every rank alike: the graph is the same). Returns the
+/// number of all-reduce calls (0 at world size 1).
 pub fn average_gradients(
-    comm: &dyn Collective,
+    dist: &Dist,
     vars: &[&Var],
     grads: &mut GradStore,
     bucket_elems: usize,
 ) -> Result<usize> {
-    let world = comm.world_size();
+    let world = dist.world_size();
+    let Some(device) = vars
+        .iter()
+        .find_map(|v| grads.get(v.as_tensor()).map(|g| g.device().clone()))
+    else {
+        return Ok(0);
+    };
     if world == 1 {
         return Ok(0);
     }
+    reduce_buckets(dist.reducer(&device)?, world, vars, grads, bucket_elems)
+}
+
+/// The buckets of [`average_gradients`] through `reducer`, scaled by `1 / world` (also at world
+/// size 1, for benchmarks and checks of a reducer).
+pub fn reduce_buckets(
+    reducer: Reducer<'_>,
+    world: usize,
+    vars: &[&Var],
+    grads: &mut GradStore,
+    bucket_elems: usize,
+) -> Result<usize> {
     let scale = 1.0 / world as f32;
     let with_grad: Vec<(&Var, Tensor)> = vars
         .iter()
@@ -66,21 +134,51 @@ pub fn average_gradients(
             n += with_grad[end].1.elem_count();
             end += 1;
         }
-        send.clear();
-        for (_, g) in &with_grad[start..end] {
-            append_f32(g, &mut send)?;
+        let bucket = &with_grad[start..end];
+        match reducer {
+            Reducer::Host(comm) => {
+                send.clear();
+                for (_, g) in bucket {
+                    append_f32(g, &mut send)?;
+                }
+                recv.resize(n, 0.0);
+                comm.all_reduce_into_f32(&send, &mut recv[..n])?;
+                let mut off = 0;
+                for (v, g) in bucket {
+                    let k = g.elem_count();
+                    let part: Vec<f32> = recv[off..off + k].iter().map(|x| x * scale).collect();
+                    let t = Tensor::from_vec(part, g.shape(), g.device())?.to_dtype(g.dtype())?;
+                    grads.insert(v.as_tensor(), t);
+                    off += k;
+                }
+            }
+            #[cfg(feature = "nccl")]
+            Reducer::Nccl(nccl) => {
+                let flat = bucket
+                    .iter()
+                    .map(|(_, g)| g.flatten_all()?.to_dtype(DType::F32))
+                    .collect::<lmd_model::candle::Result<Vec<_>>>()?;
+                // a buffer of its own: the sum is in place, and a bucket of one tensor would
+                // otherwise be that gradient's own storage
+                let buf = match flat.len() {
+                    1 => flat[0].copy()?,
+                    _ => Tensor::cat(&flat, 0)?,
+                };
+                nccl.all_reduce_sum(&buf)?;
+                let buf = buf.affine(scale as f64, 0.0)?;
+                let mut off = 0;
+                for (v, g) in bucket {
+                    let k = g.elem_count();
+                    let t = buf
+                        .narrow(0, off, k)?
+                        .reshape(g.shape())?
+                        .to_dtype(g.dtype())?;
+                    grads.insert(v.as_tensor(), t);
+                    off += k;
+                }
+            }
         }
-        recv.resize(n, 0.0);
-        comm.all_reduce_into_f32(&send, &mut recv[..n])?;
         calls += 1;
-        let mut off = 0;
-        for (v, g) in &with_grad[start..end] {
-            let k = g.elem_count();
-            let part: Vec<f32> = recv[off..off + k].iter().map(|x| x * scale).collect();
-            let t = Tensor::from_vec(part, g.shape(), g.device())?.to_dtype(g.dtype())?;
-            grads.insert(v.as_tensor(), t);
-            off += k;
-        }
         start = end;
     }
     Ok(calls)
@@ -89,7 +187,6 @@ pub fn average_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lmd_model::candle::Device;
 
     #[test]
     fn gradients_pack_alike_from_storage_views_and_other_dtypes() {

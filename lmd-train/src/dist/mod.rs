@@ -3,8 +3,9 @@
 //!
 //! - [`Collective`]: sum-all-reduce of flat f32/f64 buffers, broadcast of bytes, barrier, abort.
 //!   Implementations: [`Single`] (world size 1, no-ops) and, with the `mpi` feature, MPI
-//!   through the `mpi` crate (rsmpi; OpenMPI or MPICH) for CPU buffers. NCCL is not built yet:
-//!   CUDA tensors go through MPI via host copies (see docs/DISTRIBUTED.md).
+//!   through the `mpi` crate (rsmpi; OpenMPI or MPICH) for CPU buffers. With the `nccl`
+//!   feature, CUDA gradients are summed on the device by NCCL ([`Nccl`], its id broadcast
+//!   by the host collective); [`Dist::reducer`] picks per device (see docs/DISTRIBUTED.md).
 //! - [`Dist`]: the collective plus the launcher, the local rank (MPI's shared-memory split)
 //!   and this rank's share of the node's CPU cores. [`Dist::init`] is called once per process,
 //!   by the program: with no launcher in the environment it is world size 1 and MPI is never
@@ -24,10 +25,14 @@ mod grads;
 pub mod launcher;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod signals;
 
-pub use grads::{average_gradients, BUCKET_ELEMS};
+pub use grads::{average_gradients, reduce_buckets, Reducer, BUCKET_ELEMS};
 pub use launcher::{LaunchEnv, Launcher};
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 pub use signals::{signal_name, StopFlag};
 
 use crate::{DeviceSpec, Error, Result};
@@ -94,6 +99,9 @@ pub struct Dist {
     launcher: Launcher,
     local_rank: usize,
     local_size: usize,
+    /// NCCL for CUDA gradients, made at the first [`Dist::reducer`] call on a CUDA device.
+    #[cfg(feature = "nccl")]
+    nccl: std::cell::OnceCell<Nccl>,
 }
 
 impl Dist {
@@ -104,6 +112,8 @@ impl Dist {
             launcher: Launcher::None,
             local_rank: 0,
             local_size: 1,
+            #[cfg(feature = "nccl")]
+            nccl: Default::default(),
         }
     }
 
@@ -139,6 +149,8 @@ impl Dist {
             launcher: env.launcher,
             local_rank,
             local_size,
+            #[cfg(feature = "nccl")]
+            nccl: Default::default(),
         })
     }
 
