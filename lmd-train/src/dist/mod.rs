@@ -5,7 +5,7 @@
 //!   Implementations: [`Single`] (world size 1, no-ops) and, with the `mpi` feature, MPI
 //!   through the `mpi` crate (rsmpi; OpenMPI or MPICH) for CPU buffers. With the `nccl`
 //!   feature, CUDA gradients are summed on the device by NCCL ([`Nccl`], its id broadcast
-//!   by the host collective); [`Dist::reducer`] picks per device (see docs/DISTRIBUTED.md).
+//!   by the host collective); [`Dist::reducer`] picks per device (README: data parallelism).
 //! - [`Dist`]: the collective plus the launcher, the local rank (MPI's shared-memory split)
 //!   and this rank's share of the node's CPU cores. [`Dist::init`] is called once per process,
 //!   by the program: with no launcher in the environment it is world size 1 and MPI is never
