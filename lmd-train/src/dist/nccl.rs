@@ -14,6 +14,7 @@
 
 use super::Collective;
 use crate::{Error, Result};
+use lmd_model::candle::backend::BackendStorage;
 use lmd_model::candle::cuda_backend::cudarc::nccl::result::NcclError;
 use lmd_model::candle::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use lmd_model::candle::{CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp1, Layout, Tensor};
