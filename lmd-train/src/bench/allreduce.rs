@@ -62,25 +62,15 @@ pub fn allreduce(
                 let send = vec![1f32; elems];
                 let mut recv = vec![0f32; elems];
                 comm.all_reduce_into_f32(&send, &mut recv)?;
-                comm.barrier()?;
-                let t = Instant::now();
-                for _ in 0..o.iters {
-                    comm.all_reduce_into_f32(&send, &mut recv)?;
-                }
-                t.elapsed().as_secs_f64() / o.iters as f64
+                timed(dist, &dev, o.iters, || {
+                    comm.all_reduce_into_f32(&send, &mut recv)
+                })?
             }
             #[cfg(feature = "nccl")]
             Reducer::Nccl(nccl) => {
                 let buf = Tensor::zeros(elems, DType::F32, &dev)?;
                 nccl.all_reduce_sum(&buf)?;
-                sync(&dev)?;
-                dist.comm().barrier()?;
-                let t = Instant::now();
-                for _ in 0..o.iters {
-                    nccl.all_reduce_sum(&buf)?;
-                }
-                sync(&dev)?;
-                t.elapsed().as_secs_f64() / o.iters as f64
+                timed(dist, &dev, o.iters, || nccl.all_reduce_sum(&buf))?
             }
         };
         // the training path: gradients of `tensors` variables, averaged in buckets
@@ -105,14 +95,9 @@ pub fn allreduce(
             let e = (g - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
             worst = worst.max(e);
         }
-        sync(&dev)?;
-        dist.comm().barrier()?;
-        let t = Instant::now();
-        for _ in 0..o.iters {
-            reduce_buckets(reducer, n, &refs, &mut grads, BUCKET_ELEMS)?;
-        }
-        sync(&dev)?;
-        let ours_s = t.elapsed().as_secs_f64() / o.iters as f64;
+        let ours_s = timed(dist, &dev, o.iters, || {
+            reduce_buckets(reducer, n, &refs, &mut grads, BUCKET_ELEMS).map(|_| ())
+        })?;
         if dist.is_root() {
             let mut line = serde_json::json!({
                 "bench": "allreduce",
@@ -143,7 +128,20 @@ pub fn allreduce(
     Ok(())
 }
 
-fn sync(dev: &Device) -> Result<()> {
+/// Seconds per call of `f`, over `iters` calls that start together on every rank (a barrier)
+/// and end when the device has finished them.
+fn timed(
+    dist: &Dist,
+    dev: &Device,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     dev.synchronize()?;
-    Ok(())
+    dist.comm().barrier()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
 }

@@ -12,7 +12,8 @@
 //!   scaled once into the new gradient tensor. The two buffers are reused by every bucket of a
 //!   step. CUDA gradients take this path too in a build without `nccl` (a copy to the host).
 //! - **NCCL** (CUDA tensors, the `nccl` feature): the bucket is concatenated on the device,
-//!   summed there in place on candle's stream, scaled and split back: no host copy, no sync.
+//!   averaged there in place on candle's stream (`ncclAvg`: sum and scale in one pass) and
+//!   split back: no host copy, no sync.
 
 use super::{Collective, Dist};
 use crate::Result;
@@ -164,8 +165,8 @@ pub fn reduce_buckets(
                     1 => flat[0].copy()?,
                     _ => Tensor::cat(&flat, 0)?,
                 };
-                nccl.all_reduce_sum(&buf)?;
-                let buf = buf.affine(scale as f64, 0.0)?;
+                // ncclAvg: the sum and the 1/world scale in one pass, no second buffer
+                nccl.all_reduce_mean(&buf)?;
                 let mut off = 0;
                 for (v, g) in bucket {
                     let k = g.elem_count();

@@ -5,11 +5,13 @@
 //!   [`super::Single`] at world size 1) broadcasts its 128 bytes, and every rank calls
 //!   `ncclCommInitRank` with it on its own device's stream. Making it is a collective: every
 //!   rank calls [`Nccl::init`] at the same point (the first step's gradient averaging).
-//! - [`Nccl::all_reduce_sum`] sums a contiguous CUDA tensor over the ranks **in place**, on
-//!   candle's stream of that device, so it is ordered after the kernels that wrote the tensor
-//!   and before those that read it, with no host sync. The tensor never leaves the device.
-//! - Only the training thread uses the communicator. NCCL communicators are not thread-safe;
-//!   the wrapper that candle's op trait needs (`Send + Sync`) is sound because of that rule.
+//! - [`Nccl::all_reduce_sum`] and [`Nccl::all_reduce_mean`] (`ncclAvg`, NCCL 2.10+: the
+//!   gradient average with no separate scaling kernel) reduce a contiguous f32 CUDA tensor over
+//!   the ranks **in place**, on candle's stream of that device, so the reduction is ordered
+//!   after the kernels that wrote the tensor and before those that read it, with no host sync.
+//!   The tensor never leaves the device.
+//! - cudarc's `Comm` is neither `Send` nor `Sync` (NCCL communicators are not thread-safe), so
+//!   the compiler keeps [`Nccl`] on the thread that made it: the training thread.
 //! - Errors name NCCL's result code and the device.
 
 use super::Collective;
@@ -21,17 +23,15 @@ use lmd_model::candle::{CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp1, 
 
 /// This process's NCCL communicator, on one CUDA device.
 pub struct Nccl {
-    comm: SumOp,
+    comm: Comm,
     ordinal: usize,
 }
 
-/// The in-place sum as candle's op (`Tensor::inplace_op1`).
-struct SumOp(Comm);
-
-// SAFETY: the communicator is used by the one training thread only (the module's rule); candle
-// asks for Send + Sync because an op may be shared, which lmd never does.
-unsafe impl Send for SumOp {}
-unsafe impl Sync for SumOp {}
+/// An in-place all-reduce as candle's op (`Tensor::inplace_op1`).
+struct AllReduce<'a> {
+    comm: &'a Comm,
+    op: ReduceOp,
+}
 
 impl Nccl {
     /// Make the communicator of `host`'s ranks on `device` (a collective over `host`).
@@ -65,10 +65,7 @@ impl Nccl {
             Id::uninit(raw),
         )
         .map_err(|e| err("ncclCommInitRank", &e))?;
-        Ok(Nccl {
-            comm: SumOp(comm),
-            ordinal,
-        })
+        Ok(Nccl { comm, ordinal })
     }
 
     /// The CUDA ordinal the communicator runs on.
@@ -78,6 +75,15 @@ impl Nccl {
 
     /// Sum `t` (contiguous f32, on this communicator's device) over the ranks, in place.
     pub fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
+        self.all_reduce(t, ReduceOp::Sum)
+    }
+
+    /// Average `t` (contiguous f32, on this communicator's device) over the ranks, in place.
+    pub fn all_reduce_mean(&self, t: &Tensor) -> Result<()> {
+        self.all_reduce(t, ReduceOp::Avg)
+    }
+
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
         if !t.is_contiguous() {
             return Err(Error::Invalid(format!(
                 "NCCL all-reduce on cuda:{}: the tensor of shape {:?} is not contiguous",
@@ -85,14 +91,17 @@ impl Nccl {
                 t.dims()
             )));
         }
-        t.inplace_op1(&self.comm)?;
+        t.inplace_op1(&AllReduce {
+            comm: &self.comm,
+            op,
+        })?;
         Ok(())
     }
 }
 
-impl InplaceOp1 for SumOp {
+impl InplaceOp1 for AllReduce<'_> {
     fn name(&self) -> &'static str {
-        "nccl-all-reduce-sum"
+        "nccl-all-reduce"
     }
 
     fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> lmd_model::candle::Result<()> {
@@ -111,8 +120,8 @@ impl InplaceOp1 for SumOp {
         }
         let buf = s.as_cuda_slice_mut::<f32>()?;
         let mut view = buf.slice_mut(start..end);
-        self.0
-            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+        self.comm
+            .all_reduce_in_place(&mut view, &self.op)
             .map_err(|e: NcclError| lmd_model::candle::Error::Msg(format!("NCCL: {e:?}")))?;
         Ok(())
     }
