@@ -72,21 +72,49 @@ fn setup(records: usize) -> Setup {
 /// `program ARGS` under `mpirun -np N` (N > 0), or alone (N = 0: no launcher), one thread per
 /// rank when N = 2 (two threads alone), in its own process group.
 fn launch(np: usize, program: &str, args: &[&std::ffi::OsStr]) -> Command {
+    launch_via(Via::Mpirun, np, program, args)
+}
+
+/// The launcher of a test job.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Mpirun,
+    /// `srun --mpi=<plugin>` into a Slurm cluster (`scripts/slurm-local.sh` starts one on this
+    /// machine for CI; `SLURM_CONF` names its config).
+    Srun(&'static str),
+}
+
+fn launch_via(via: Via, np: usize, program: &str, args: &[&std::ffi::OsStr]) -> Command {
     let threads = if np >= 2 { "1" } else { "2" };
-    let mut c = if np == 0 {
-        Command::new(program)
-    } else {
-        let mut c = Command::new("mpirun");
-        c.args([
-            "-np",
-            &np.to_string(),
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-        ])
-        .args(["-x", "RAYON_NUM_THREADS", "-x", "CANDLE_NUM_THREADS"])
-        .arg(program);
-        c
+    let mut c = match via {
+        _ if np == 0 => Command::new(program),
+        Via::Mpirun => {
+            let mut c = Command::new("mpirun");
+            c.args([
+                "-np",
+                &np.to_string(),
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+            ])
+            .args(["-x", "RAYON_NUM_THREADS", "-x", "CANDLE_NUM_THREADS"])
+            .arg(program);
+            c
+        }
+        Via::Srun(plugin) => {
+            // the environment goes with the tasks (srun's default --export=ALL); one core each
+            let mut c = Command::new("srun");
+            c.arg(format!("--mpi={plugin}"))
+                .args([
+                    "-n",
+                    &np.to_string(),
+                    "--cpus-per-task=1",
+                    "--kill-on-bad-exit=1",
+                ])
+                .args(["--time=10", "--quiet"])
+                .arg(program);
+            c
+        }
     };
     c.args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -99,6 +127,10 @@ fn launch(np: usize, program: &str, args: &[&std::ffi::OsStr]) -> Command {
 }
 
 fn train(s: &Setup, np: usize, out: &Path, batch: usize, resume: bool) -> Command {
+    train_via(Via::Mpirun, s, np, out, batch, resume)
+}
+
+fn train_via(via: Via, s: &Setup, np: usize, out: &Path, batch: usize, resume: bool) -> Command {
     let batch = batch.to_string();
     let mut args: Vec<&std::ffi::OsStr> = vec![
         "--config".as_ref(),
@@ -114,7 +146,7 @@ fn train(s: &Setup, np: usize, out: &Path, batch: usize, resume: bool) -> Comman
     if resume {
         args.push("--resume".as_ref());
     }
-    launch(np, env!("CARGO_BIN_EXE_lmd-train"), &args)
+    launch_via(via, np, env!("CARGO_BIN_EXE_lmd-train"), &args)
 }
 
 fn metrics(out: &Path) -> Vec<Metrics> {
@@ -256,6 +288,58 @@ fn two_ranks_of_16_give_the_loss_sequence_and_parameters_of_one_rank_of_32() {
 }
 
 #[test]
+#[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
+fn srun_pmix_two_tasks_of_16_give_the_loss_sequence_of_one_rank_of_32_and_plain_srun_is_refused() {
+    let s = setup(512);
+    let (a, b) = (s.root.join("one"), s.root.join("srun"));
+    ok(train(&s, 0, &a, 32, false).output().unwrap(), "1 x 32");
+    let o = train_via(Via::Srun("pmix"), &s, 2, &b, 16, false)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(o, "srun --mpi=pmix -n 2, 16 each");
+    // rank, world size and local rank came from Slurm's PMIx and MPI, with no extra flags
+    assert!(err.contains("2 ranks (a PMIx launcher"), "{err}");
+    assert_same_losses(&metrics(&a), &metrics(&b), 1e-5);
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (c["world_size"].as_u64(), c["global_batch"].as_u64()),
+        (Some(2), Some(32))
+    );
+
+    // srun with no MPI plugin would start two independent runs writing one directory: refused
+    let d = s.root.join("plain");
+    let o = train_via(Via::Srun("none"), &s, 2, &d, 16, false)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "plain srun -n 2 trained: {err}");
+    assert!(err.contains("without an MPI plugin"), "{err}");
+    assert!(metrics(&d).is_empty(), "no step ran");
+}
+
+#[test]
+fn a_launcher_mpi_cannot_reach_is_refused_rather_than_each_rank_training_alone() {
+    // what `srun --mpi=pmi2` gives an MPI without a PMI-2 client, or an MPICH launcher an
+    // OpenMPI build: the launcher's variables say rank 0 of 2, MPI comes up as a singleton
+    let s = setup(64);
+    let out = s.root.join("run");
+    let o = train(&s, 0, &out, 16, false)
+        .env("PMI_RANK", "0")
+        .env("PMI_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "trained alone: {err}");
+    assert!(
+        err.contains("rank 0 of 2, but MPI came up as world size 1"),
+        "{err}"
+    );
+    assert!(metrics(&out).is_empty(), "no step ran");
+}
+
+#[test]
 fn a_run_killed_at_two_ranks_resumes_at_one_and_one_at_one_resumes_at_two() {
     let s = setup(512);
     let reference = s.root.join("ref");
@@ -342,6 +426,109 @@ fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
         "processes left: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+}
+
+#[test]
+#[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
+fn srun_a_task_sigkilled_ends_the_step_within_60_s_naming_the_lost_rank() {
+    let s = setup(512);
+    let out = s.root.join("run");
+    let mut cmd = train_via(Via::Srun("pmix"), &s, 2, &out, 16, false);
+    cmd.args(["--steps", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    while metrics(&out).len() < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // the tasks are slurmstepd's children, not srun's: found by their run directory and rank
+    let rank1 = task_pid(&out, "SLURM_PROCID=1").expect("task 1's process");
+    unsafe_kill(rank1, 9);
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t1.elapsed() > Duration::from_secs(60) {
+            kill_group(&mut child);
+            let _ = Command::new("scancel").arg("--user=root").status();
+            panic!("the step still runs 60 s after task 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!(
+        "ended {:.1} s after task 1 was killed\n{err}",
+        t1.elapsed().as_secs_f64()
+    );
+    assert!(!status.success());
+    assert!(err.contains("task 1") || err.contains("rank 1"), "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(task_pid(&out, "SLURM_PROCID=0").is_none(), "task 0 is left");
+}
+
+#[test]
+#[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
+fn scancel_signal_usr1_checkpoints_both_tasks_at_one_step_and_the_rerun_continues_exactly() {
+    // what `#SBATCH --signal=USR1@120` does before a preemption or the time limit
+    let s = setup(512);
+    let reference = s.root.join("ref");
+    ok(
+        train(&s, 0, &reference, 32, false).output().unwrap(),
+        "reference",
+    );
+    let out = s.root.join("run");
+    let name = format!("lmd-usr1-{}", std::process::id());
+    let mut child = train_via(Via::Srun("pmix"), &s, 2, &out, 16, false)
+        .env("SLURM_JOB_NAME", &name) // srun's --job-name
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metrics(&out).len() < 13 {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = Command::new("scancel")
+        .args(["--signal=USR1", &format!("--name={name}")])
+        .status()
+        .unwrap();
+    assert!(st.success(), "scancel");
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("SIGUSR1"), "{err}");
+    let stopped = metrics(&out).last().unwrap().step;
+    assert!(stopped < 50, "stopped at {stopped}");
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{stopped:08}"));
+    ok(
+        train_via(Via::Srun("pmix"), &s, 2, &out, 16, true)
+            .output()
+            .unwrap(),
+        "rerun",
+    );
+    assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
+}
+
+/// The pid of the process whose command line names `out` and whose environment has `var`.
+fn task_pid(out: &Path, var: &str) -> Option<i32> {
+    let o = Command::new("pgrep")
+        .args(["-f", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+            env.split(|&b| b == 0).any(|v| v == var.as_bytes())
+        })
 }
 
 /// The pid of the rank `rank` among the descendants of `parent` (read from each process's

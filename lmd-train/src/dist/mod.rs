@@ -136,6 +136,16 @@ impl Dist {
     #[cfg(feature = "mpi")]
     fn init_mpi(env: LaunchEnv) -> Result<Self> {
         let (comm, local_rank, local_size) = mpi::Mpi::init()?;
+        if comm.world_size() == 1 && env.world_size > 1 {
+            // MPI came up as a singleton beside its peers: each would train alone into the same
+            // run directory
+            return Err(Error::Invalid(format!(
+                "{} started rank {} of {}, but MPI came up as world size 1: this MPI library \
+                 cannot reach the launcher (with srun, try --mpi=pmix; OpenMPI from Debian or \
+                 Ubuntu has no PMI-2 client), or the binary was built against another MPI",
+                env.launcher, env.rank, env.world_size
+            )));
+        }
         if comm.world_size() != env.world_size {
             eprintln!(
                 "lmd: {} says world size {}, MPI says {}: using MPI's",
