@@ -8,6 +8,11 @@
 //! here for every run; harmless otherwise), `--oversubscribe` past the core count, and pins
 //! each rank to one core unless `--bind-to none`: each rank is given one thread here, so the
 //! 2-rank runs use the 2 cores as 1 rank with 2 threads does.
+//!
+//! The ignored tests need more than OpenMPI: a Slurm cluster (`srun`, `scancel`;
+//! `scripts/slurm-local.sh` starts one here), or an MPICH build (`LMD_TEST_MPI=mpich`, built
+//! with `MPICC=mpicc.mpich`: the srun tests then use `--mpi=pmi2`, and MPICH's own `mpiexec`
+//! is tested). CI runs them all: the Slurm ones with OpenMPI, then all again with MPICH.
 #![cfg(feature = "mpi")]
 
 use lmd_train::data::synthetic::{write_dataset, SyntheticSpec};
@@ -82,6 +87,23 @@ enum Via {
     /// `srun --mpi=<plugin>` into a Slurm cluster (`scripts/slurm-local.sh` starts one on this
     /// machine for CI; `SLURM_CONF` names its config).
     Srun(&'static str),
+    /// MPICH's Hydra `mpiexec` (`mpiexec.mpich` on Debian; `LMD_TEST_MPIEXEC` names another).
+    Hydra,
+}
+
+/// The binaries are built with MPICH (`LMD_TEST_MPI=mpich`), else with OpenMPI.
+fn mpich() -> bool {
+    std::env::var("LMD_TEST_MPI").is_ok_and(|v| v == "mpich")
+}
+
+/// srun's MPI plugin for this build, and how lmd names that launcher: Debian's OpenMPI has
+/// only a PMIx client, MPICH a PMI-2 one.
+fn srun_mpi() -> (&'static str, &'static str) {
+    if mpich() {
+        ("pmi2", "2 ranks (a PMI launcher")
+    } else {
+        ("pmix", "2 ranks (a PMIx launcher")
+    }
 }
 
 fn launch_via(via: Via, np: usize, program: &str, args: &[&std::ffi::OsStr]) -> Command {
@@ -112,6 +134,14 @@ fn launch_via(via: Via, np: usize, program: &str, args: &[&std::ffi::OsStr]) -> 
                     "--kill-on-bad-exit=1",
                 ])
                 .args(["--time=10", "--quiet"])
+                .arg(program);
+            c
+        }
+        Via::Hydra => {
+            // Hydra passes the whole environment on by default
+            let exe = std::env::var("LMD_TEST_MPIEXEC").unwrap_or("mpiexec.mpich".into());
+            let mut c = Command::new(exe);
+            c.args(["-n", &np.to_string(), "-bind-to", "none"])
                 .arg(program);
             c
         }
@@ -289,17 +319,18 @@ fn two_ranks_of_16_give_the_loss_sequence_and_parameters_of_one_rank_of_32() {
 
 #[test]
 #[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
-fn srun_pmix_two_tasks_of_16_give_the_loss_sequence_of_one_rank_of_32_and_plain_srun_is_refused() {
+fn srun_two_tasks_of_16_give_the_loss_sequence_of_one_rank_of_32_and_plain_srun_is_refused() {
     let s = setup(512);
     let (a, b) = (s.root.join("one"), s.root.join("srun"));
     ok(train(&s, 0, &a, 32, false).output().unwrap(), "1 x 32");
-    let o = train_via(Via::Srun("pmix"), &s, 2, &b, 16, false)
+    let (plugin, says) = srun_mpi();
+    let o = train_via(Via::Srun(plugin), &s, 2, &b, 16, false)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    ok(o, "srun --mpi=pmix -n 2, 16 each");
-    // rank, world size and local rank came from Slurm's PMIx and MPI, with no extra flags
-    assert!(err.contains("2 ranks (a PMIx launcher"), "{err}");
+    ok(o, &format!("srun --mpi={plugin} -n 2, 16 each"));
+    // rank, world size and local rank came from Slurm's PMI and MPI, with no extra flags
+    assert!(err.contains(says), "{err}");
     assert_same_losses(&metrics(&a), &metrics(&b), 1e-5);
     let c: serde_json::Value =
         serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
@@ -385,9 +416,25 @@ fn a_run_killed_at_two_ranks_resumes_at_one_and_one_at_one_resumes_at_two() {
 
 #[test]
 fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
+    rank_1_sigkilled_ends_the_job_within_60_s(Via::Mpirun);
+}
+
+#[test]
+#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
+fn mpich_mpiexec_a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
+    assert!(
+        mpich(),
+        "set LMD_TEST_MPI=mpich, on a build with MPICC=mpicc.mpich"
+    );
+    rank_1_sigkilled_ends_the_job_within_60_s(Via::Hydra);
+}
+
+/// 2 ranks under `via` (a launcher started as this test's child), rank 1 SIGKILLed after 3
+/// steps: the launcher ends the job, names the rank, and leaves no process behind.
+fn rank_1_sigkilled_ends_the_job_within_60_s(via: Via) {
     let s = setup(512);
     let out = s.root.join("run");
-    let mut cmd = train(&s, 2, &out, 16, false);
+    let mut cmd = train_via(via, &s, 2, &out, 16, false);
     cmd.args(["--steps", "100000"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -398,7 +445,11 @@ fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
         assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rank1 = rank_pid(child.id(), 1).expect("rank 1's process");
+    let rank_var = match via {
+        Via::Hydra => "PMI_RANK",
+        _ => "OMPI_COMM_WORLD_RANK",
+    };
+    let rank1 = rank_pid(child.id(), rank_var, 1).expect("rank 1's process");
     unsafe_kill(rank1, 9);
     let t1 = Instant::now();
     let status = loop {
@@ -413,8 +464,21 @@ fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
     };
     assert!(!status.success());
     let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("rank 1"), "{err}");
+    // OpenMPI names "rank 1" on stderr, Hydra its pid on stdout ("BAD TERMINATION ... PID n")
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!(
+        "ended {:.1} s after rank 1 was killed",
+        t1.elapsed().as_secs_f64()
+    );
+    let names = match via {
+        Via::Hydra => format!("PID {rank1} "),
+        _ => "rank 1".to_string(),
+    };
+    assert!(said.contains(&names), "{said}");
     // nothing is left running
     std::thread::sleep(Duration::from_millis(500));
     let left = Command::new("pgrep")
@@ -433,7 +497,7 @@ fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
 fn srun_a_task_sigkilled_ends_the_step_within_60_s_naming_the_lost_rank() {
     let s = setup(512);
     let out = s.root.join("run");
-    let mut cmd = train_via(Via::Srun("pmix"), &s, 2, &out, 16, false);
+    let mut cmd = train_via(Via::Srun(srun_mpi().0), &s, 2, &out, 16, false);
     cmd.args(["--steps", "100000"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -483,7 +547,7 @@ fn scancel_signal_usr1_checkpoints_both_tasks_at_one_step_and_the_rerun_continue
     );
     let out = s.root.join("run");
     let name = format!("lmd-usr1-{}", std::process::id());
-    let mut child = train_via(Via::Srun("pmix"), &s, 2, &out, 16, false)
+    let mut child = train_via(Via::Srun(srun_mpi().0), &s, 2, &out, 16, false)
         .env("SLURM_JOB_NAME", &name) // srun's --job-name
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -508,12 +572,31 @@ fn scancel_signal_usr1_checkpoints_both_tasks_at_one_step_and_the_rerun_continue
     let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
     assert_eq!(latest.trim(), format!("step-{stopped:08}"));
     ok(
-        train_via(Via::Srun("pmix"), &s, 2, &out, 16, true)
+        train_via(Via::Srun(srun_mpi().0), &s, 2, &out, 16, true)
             .output()
             .unwrap(),
         "rerun",
     );
     assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
+}
+
+#[test]
+#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
+fn mpich_mpiexec_two_ranks_of_16_give_the_loss_sequence_of_one_rank_of_32() {
+    assert!(
+        mpich(),
+        "set LMD_TEST_MPI=mpich, on a build with MPICC=mpicc.mpich"
+    );
+    let s = setup(512);
+    let (a, b) = (s.root.join("one"), s.root.join("hydra"));
+    ok(train(&s, 0, &a, 32, false).output().unwrap(), "1 x 32");
+    let o = train_via(Via::Hydra, &s, 2, &b, 16, false)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(o, "mpiexec -n 2, 16 each");
+    assert!(err.contains("2 ranks (a PMI launcher"), "{err}");
+    assert_same_losses(&metrics(&a), &metrics(&b), 1e-5);
 }
 
 /// The pid of the process whose command line names `out` and whose environment has `var`.
@@ -531,9 +614,9 @@ fn task_pid(out: &Path, var: &str) -> Option<i32> {
         })
 }
 
-/// The pid of the rank `rank` among the descendants of `parent` (read from each process's
-/// `OMPI_COMM_WORLD_RANK`).
-fn rank_pid(parent: u32, rank: usize) -> Option<i32> {
+/// The pid of the rank `rank` among the descendants of `parent`, by the launcher's rank
+/// variable in its environment (`OMPI_COMM_WORLD_RANK`, or `PMI_RANK` under Hydra).
+fn rank_pid(parent: u32, rank_var: &str, rank: usize) -> Option<i32> {
     let mut stack = vec![parent as i32];
     while let Some(p) = stack.pop() {
         let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).ok()?;
@@ -542,7 +625,7 @@ fn rank_pid(parent: u32, rank: usize) -> Option<i32> {
             .filter_map(|k| k.parse::<i32>().ok())
         {
             let env = std::fs::read(format!("/proc/{k}/environ")).unwrap_or_default();
-            let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+            let want = format!("{rank_var}={rank}");
             if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
                 return Some(k);
             }
@@ -554,6 +637,23 @@ fn rank_pid(parent: u32, rank: usize) -> Option<i32> {
 
 #[test]
 fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_exactly() {
+    sigusr1_to_the_launcher_checkpoints_every_rank_and_the_rerun_continues(Via::Mpirun);
+}
+
+#[test]
+#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
+fn mpich_sigusr1_to_mpiexec_checkpoints_every_rank_at_one_step_and_the_rerun_continues_exactly() {
+    assert!(
+        mpich(),
+        "set LMD_TEST_MPI=mpich, on a build with MPICC=mpicc.mpich"
+    );
+    sigusr1_to_the_launcher_checkpoints_every_rank_and_the_rerun_continues(Via::Hydra);
+}
+
+/// SIGUSR1 to the launcher (`via`, this test's child) after 13 steps: it forwards the signal,
+/// every rank checkpoints at one step and the job exits 75; the rerun at 2 ranks continues to
+/// 1 rank's loss sequence.
+fn sigusr1_to_the_launcher_checkpoints_every_rank_and_the_rerun_continues(via: Via) {
     let s = setup(512);
     let reference = s.root.join("ref");
     ok(
@@ -561,7 +661,7 @@ fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_
         "reference",
     );
     let out = s.root.join("run");
-    let mut child = train(&s, 2, &out, 16, false)
+    let mut child = train_via(via, &s, 2, &out, 16, false)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -571,7 +671,7 @@ fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_
         assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-    unsafe_kill(child.id() as i32, 10); // SIGUSR1 to mpirun, which forwards it to the ranks
+    unsafe_kill(child.id() as i32, 10); // SIGUSR1 to the launcher, which forwards it to the ranks
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(75), "{err}");
@@ -584,7 +684,10 @@ fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_
         format!("step-{stopped:08}"),
         "a checkpoint at the stop"
     );
-    ok(train(&s, 2, &out, 16, true).output().unwrap(), "rerun");
+    ok(
+        train_via(via, &s, 2, &out, 16, true).output().unwrap(),
+        "rerun",
+    );
     assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
 }
 
