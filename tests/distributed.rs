@@ -96,6 +96,14 @@ fn mpich() -> bool {
     std::env::var("LMD_TEST_MPI").is_ok_and(|v| v == "mpich")
 }
 
+/// For the tests of MPICH's own launcher: fails on an OpenMPI build.
+fn require_mpich() {
+    assert!(
+        mpich(),
+        "set LMD_TEST_MPI=mpich, on a build with MPICC=mpicc.mpich"
+    );
+}
+
 /// srun's MPI plugin for this build, and how lmd names that launcher: Debian's OpenMPI has
 /// only a PMIx client, MPICH a PMI-2 one.
 fn srun_mpi() -> (&'static str, &'static str) {
@@ -252,6 +260,16 @@ fn unsafe_kill(pid: i32, sig: i32) {
     assert!(st.success(), "kill -{sig} {pid}");
 }
 
+/// Wait until the job `child` has logged `n` steps in `out` (at most 120 s; it must not end).
+fn wait_for_steps(child: &mut Child, out: &Path, n: usize) {
+    let t0 = Instant::now();
+    while metrics(out).len() < n {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Wait until `out`'s latest checkpoint is at least `step`, then SIGKILL the job.
 fn kill_after_checkpoint(child: &mut Child, out: &Path, step: u64) {
     let t0 = Instant::now();
@@ -278,13 +296,9 @@ fn kill_after_checkpoint(child: &mut Child, out: &Path, step: u64) {
 #[test]
 fn two_ranks_of_16_give_the_loss_sequence_and_parameters_of_one_rank_of_32() {
     let s = setup(512);
-    let (a, b) = (s.root.join("one"), s.root.join("two"));
-    ok(train(&s, 0, &a, 32, false).output().unwrap(), "1 x 32");
-    let o = train(&s, 2, &b, 16, false).output().unwrap();
-    ok(o, "2 x 16");
+    let (a, b) = two_of_16_follow_one_of_32(&s, Via::Mpirun, "2 ranks (OpenMPI mpirun)");
     let (ma, mb) = (metrics(&a), metrics(&b));
     assert_eq!(ma.len(), 50);
-    assert_same_losses(&ma, &mb, 1e-5);
     assert!(ma.last().unwrap().loss < ma[0].loss, "the loss falls");
     // the global throughput and the communication share are logged
     assert!(mb
@@ -307,37 +321,15 @@ fn two_ranks_of_16_give_the_loss_sequence_and_parameters_of_one_rank_of_32() {
             .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
         assert!(d < 2.0 * 1.875e-4, "{na}: max difference {d}");
     }
-    // config.json records the world size and the global batch
-    let c: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
-    assert_eq!(
-        (c["world_size"].as_u64(), c["global_batch"].as_u64()),
-        (Some(2), Some(32))
-    );
-    assert_eq!(c["batch_size"].as_u64(), Some(16));
 }
 
 #[test]
 #[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
 fn srun_two_tasks_of_16_give_the_loss_sequence_of_one_rank_of_32_and_plain_srun_is_refused() {
     let s = setup(512);
-    let (a, b) = (s.root.join("one"), s.root.join("srun"));
-    ok(train(&s, 0, &a, 32, false).output().unwrap(), "1 x 32");
     let (plugin, says) = srun_mpi();
-    let o = train_via(Via::Srun(plugin), &s, 2, &b, 16, false)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    ok(o, &format!("srun --mpi={plugin} -n 2, 16 each"));
-    // rank, world size and local rank came from Slurm's PMI and MPI, with no extra flags
-    assert!(err.contains(says), "{err}");
-    assert_same_losses(&metrics(&a), &metrics(&b), 1e-5);
-    let c: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
-    assert_eq!(
-        (c["world_size"].as_u64(), c["global_batch"].as_u64()),
-        (Some(2), Some(32))
-    );
+    // rank, world size and local rank come from Slurm's PMI and MPI, with no extra flags
+    two_of_16_follow_one_of_32(&s, Via::Srun(plugin), says);
 
     // srun with no MPI plugin would start two independent runs writing one directory: refused
     let d = s.root.join("plain");
@@ -348,6 +340,184 @@ fn srun_two_tasks_of_16_give_the_loss_sequence_of_one_rank_of_32_and_plain_srun_
     assert!(!o.status.success(), "plain srun -n 2 trained: {err}");
     assert!(err.contains("without an MPI plugin"), "{err}");
     assert!(metrics(&d).is_empty(), "no step ran");
+}
+
+#[test]
+#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
+fn mpich_mpiexec_two_ranks_of_16_give_the_loss_sequence_of_one_rank_of_32() {
+    require_mpich();
+    two_of_16_follow_one_of_32(&setup(512), Via::Hydra, "2 ranks (a PMI launcher");
+}
+
+/// 2 ranks x 16 under `via` (whose rank detection lmd reports as `says`) follow 1 rank x 32,
+/// and the run's config.json records the world size, the global batch and the rank's batch.
+/// Returns the two runs' directories (1 rank, 2 ranks).
+fn two_of_16_follow_one_of_32(s: &Setup, via: Via, says: &str) -> (PathBuf, PathBuf) {
+    let (a, b) = (s.root.join("one"), s.root.join("two"));
+    ok(train(s, 0, &a, 32, false).output().unwrap(), "1 x 32");
+    let o = train_via(via, s, 2, &b, 16, false).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(o, &format!("{via:?} 2 x 16"));
+    assert!(err.contains(says), "{err}");
+    assert_same_losses(&metrics(&a), &metrics(&b), 1e-5);
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (c["world_size"].as_u64(), c["global_batch"].as_u64()),
+        (Some(2), Some(32))
+    );
+    assert_eq!(c["batch_size"].as_u64(), Some(16));
+    (a, b)
+}
+
+#[test]
+fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
+    rank_1_sigkilled_ends_the_job_within_60_s(Via::Mpirun);
+}
+
+#[test]
+#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
+fn mpich_mpiexec_a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
+    require_mpich();
+    rank_1_sigkilled_ends_the_job_within_60_s(Via::Hydra);
+}
+
+#[test]
+#[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
+fn srun_a_task_sigkilled_ends_the_step_within_60_s_naming_the_lost_rank() {
+    // Slurm's PMI plugin cancels the step; the other task goes after Slurm's KillWait (30 s)
+    rank_1_sigkilled_ends_the_job_within_60_s(Via::Srun(srun_mpi().0));
+}
+
+/// 2 ranks under `via`, rank 1 SIGKILLed after 3 steps: the job ends within 60 s, the
+/// launcher names the lost rank, and no process of the job is left.
+fn rank_1_sigkilled_ends_the_job_within_60_s(via: Via) {
+    let s = setup(512);
+    let out = s.root.join("run");
+    let mut cmd = train_via(via, &s, 2, &out, 16, false);
+    cmd.args(["--steps", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    wait_for_steps(&mut child, &out, 3);
+    let rank1 = match via {
+        Via::Mpirun => rank_pid(child.id(), "OMPI_COMM_WORLD_RANK", 1),
+        Via::Hydra => rank_pid(child.id(), "PMI_RANK", 1),
+        // the tasks are slurmstepd's children, not srun's: found by their run directory
+        Via::Srun(_) => task_pid(&out, "SLURM_PROCID=1"),
+    }
+    .expect("rank 1's process");
+    unsafe_kill(rank1, 9);
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t1.elapsed() > Duration::from_secs(60) {
+            kill_group(&mut child);
+            if let Via::Srun(_) = via {
+                let _ = Command::new("scancel").arg("--user=root").status();
+            }
+            panic!("the job still runs 60 s after rank 1 was killed ({via:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let o = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!(
+        "{via:?}: ended {:.1} s after rank 1 was killed",
+        t1.elapsed().as_secs_f64()
+    );
+    // OpenMPI says "rank 1", srun "task 1: Killed" (stderr), Hydra "BAD TERMINATION ... PID n"
+    // (stdout)
+    let names = match via {
+        Via::Mpirun => "rank 1".to_string(),
+        Via::Hydra => format!("PID {rank1} "),
+        Via::Srun(_) => "task 1".to_string(),
+    };
+    assert!(said.contains(&names), "{said}");
+    // nothing is left running
+    std::thread::sleep(Duration::from_millis(500));
+    let left = Command::new("pgrep")
+        .args(["-f", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
+#[test]
+fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_exactly() {
+    sigusr1_checkpoints_every_rank_at_one_step_and_the_rerun_continues(Via::Mpirun);
+}
+
+#[test]
+#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
+fn mpich_sigusr1_to_mpiexec_checkpoints_every_rank_at_one_step_and_the_rerun_continues_exactly() {
+    require_mpich();
+    sigusr1_checkpoints_every_rank_at_one_step_and_the_rerun_continues(Via::Hydra);
+}
+
+#[test]
+#[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
+fn scancel_signal_usr1_checkpoints_both_tasks_at_one_step_and_the_rerun_continues_exactly() {
+    // what `#SBATCH --signal=USR1@120` does before a preemption or the time limit
+    sigusr1_checkpoints_every_rank_at_one_step_and_the_rerun_continues(Via::Srun(srun_mpi().0));
+}
+
+/// SIGUSR1 after 13 steps (to the launcher, which forwards it; under Slurm `scancel
+/// --signal=USR1` to the job's tasks): every rank checkpoints at one step and the job exits 75;
+/// the rerun at 2 ranks continues to 1 rank's loss sequence.
+fn sigusr1_checkpoints_every_rank_at_one_step_and_the_rerun_continues(via: Via) {
+    let s = setup(512);
+    let reference = s.root.join("ref");
+    ok(
+        train(&s, 0, &reference, 32, false).output().unwrap(),
+        "reference",
+    );
+    let out = s.root.join("run");
+    let name = format!("lmd-usr1-{}", std::process::id());
+    let mut child = train_via(via, &s, 2, &out, 16, false)
+        .env("SLURM_JOB_NAME", &name) // srun's --job-name (scancel finds the job by it)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&mut child, &out, 13);
+    match via {
+        Via::Srun(_) => {
+            let st = Command::new("scancel")
+                .args(["--signal=USR1", &format!("--name={name}")])
+                .status()
+                .unwrap();
+            assert!(st.success(), "scancel");
+        }
+        _ => unsafe_kill(child.id() as i32, 10),
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("SIGUSR1"), "{err}");
+    let stopped = metrics(&out).last().unwrap().step;
+    assert!(stopped < 50, "stopped at {stopped}");
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert_eq!(
+        latest.trim(),
+        format!("step-{stopped:08}"),
+        "a checkpoint at the stop"
+    );
+    ok(
+        train_via(via, &s, 2, &out, 16, true).output().unwrap(),
+        "rerun",
+    );
+    assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
 }
 
 #[test]
@@ -414,191 +584,6 @@ fn a_run_killed_at_two_ranks_resumes_at_one_and_one_at_one_resumes_at_two() {
     );
 }
 
-#[test]
-fn a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
-    rank_1_sigkilled_ends_the_job_within_60_s(Via::Mpirun);
-}
-
-#[test]
-#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
-fn mpich_mpiexec_a_rank_sigkilled_ends_the_job_within_60_s_naming_the_lost_rank() {
-    assert!(
-        mpich(),
-        "set LMD_TEST_MPI=mpich, on a build with MPICC=mpicc.mpich"
-    );
-    rank_1_sigkilled_ends_the_job_within_60_s(Via::Hydra);
-}
-
-/// 2 ranks under `via` (a launcher started as this test's child), rank 1 SIGKILLed after 3
-/// steps: the launcher ends the job, names the rank, and leaves no process behind.
-fn rank_1_sigkilled_ends_the_job_within_60_s(via: Via) {
-    let s = setup(512);
-    let out = s.root.join("run");
-    let mut cmd = train_via(via, &s, 2, &out, 16, false);
-    cmd.args(["--steps", "100000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let t0 = Instant::now();
-    while metrics(&out).len() < 3 {
-        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
-        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let rank_var = match via {
-        Via::Hydra => "PMI_RANK",
-        _ => "OMPI_COMM_WORLD_RANK",
-    };
-    let rank1 = rank_pid(child.id(), rank_var, 1).expect("rank 1's process");
-    unsafe_kill(rank1, 9);
-    let t1 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t1.elapsed() > Duration::from_secs(60) {
-            kill_group(&mut child);
-            panic!("the job still runs 60 s after rank 1 was killed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
-    let o = child.wait_with_output().unwrap();
-    // OpenMPI names "rank 1" on stderr, Hydra its pid on stdout ("BAD TERMINATION ... PID n")
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    eprintln!(
-        "ended {:.1} s after rank 1 was killed",
-        t1.elapsed().as_secs_f64()
-    );
-    let names = match via {
-        Via::Hydra => format!("PID {rank1} "),
-        _ => "rank 1".to_string(),
-    };
-    assert!(said.contains(&names), "{said}");
-    // nothing is left running
-    std::thread::sleep(Duration::from_millis(500));
-    let left = Command::new("pgrep")
-        .args(["-f", out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-        "processes left: {}",
-        String::from_utf8_lossy(&left.stdout)
-    );
-}
-
-#[test]
-#[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
-fn srun_a_task_sigkilled_ends_the_step_within_60_s_naming_the_lost_rank() {
-    let s = setup(512);
-    let out = s.root.join("run");
-    let mut cmd = train_via(Via::Srun(srun_mpi().0), &s, 2, &out, 16, false);
-    cmd.args(["--steps", "100000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let t0 = Instant::now();
-    while metrics(&out).len() < 3 {
-        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
-        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // the tasks are slurmstepd's children, not srun's: found by their run directory and rank
-    let rank1 = task_pid(&out, "SLURM_PROCID=1").expect("task 1's process");
-    unsafe_kill(rank1, 9);
-    let t1 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t1.elapsed() > Duration::from_secs(60) {
-            kill_group(&mut child);
-            let _ = Command::new("scancel").arg("--user=root").status();
-            panic!("the step still runs 60 s after task 1 was killed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    eprintln!(
-        "ended {:.1} s after task 1 was killed\n{err}",
-        t1.elapsed().as_secs_f64()
-    );
-    assert!(!status.success());
-    assert!(err.contains("task 1") || err.contains("rank 1"), "{err}");
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(task_pid(&out, "SLURM_PROCID=0").is_none(), "task 0 is left");
-}
-
-#[test]
-#[ignore = "needs a Slurm cluster: scripts/slurm-local.sh starts one on this machine (CI does)"]
-fn scancel_signal_usr1_checkpoints_both_tasks_at_one_step_and_the_rerun_continues_exactly() {
-    // what `#SBATCH --signal=USR1@120` does before a preemption or the time limit
-    let s = setup(512);
-    let reference = s.root.join("ref");
-    ok(
-        train(&s, 0, &reference, 32, false).output().unwrap(),
-        "reference",
-    );
-    let out = s.root.join("run");
-    let name = format!("lmd-usr1-{}", std::process::id());
-    let mut child = train_via(Via::Srun(srun_mpi().0), &s, 2, &out, 16, false)
-        .env("SLURM_JOB_NAME", &name) // srun's --job-name
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while metrics(&out).len() < 13 {
-        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
-        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let st = Command::new("scancel")
-        .args(["--signal=USR1", &format!("--name={name}")])
-        .status()
-        .unwrap();
-    assert!(st.success(), "scancel");
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(75), "{err}");
-    assert!(err.contains("SIGUSR1"), "{err}");
-    let stopped = metrics(&out).last().unwrap().step;
-    assert!(stopped < 50, "stopped at {stopped}");
-    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
-    assert_eq!(latest.trim(), format!("step-{stopped:08}"));
-    ok(
-        train_via(Via::Srun(srun_mpi().0), &s, 2, &out, 16, true)
-            .output()
-            .unwrap(),
-        "rerun",
-    );
-    assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
-}
-
-#[test]
-#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
-fn mpich_mpiexec_two_ranks_of_16_give_the_loss_sequence_of_one_rank_of_32() {
-    assert!(
-        mpich(),
-        "set LMD_TEST_MPI=mpich, on a build with MPICC=mpicc.mpich"
-    );
-    let s = setup(512);
-    let (a, b) = (s.root.join("one"), s.root.join("hydra"));
-    ok(train(&s, 0, &a, 32, false).output().unwrap(), "1 x 32");
-    let o = train_via(Via::Hydra, &s, 2, &b, 16, false)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    ok(o, "mpiexec -n 2, 16 each");
-    assert!(err.contains("2 ranks (a PMI launcher"), "{err}");
-    assert_same_losses(&metrics(&a), &metrics(&b), 1e-5);
-}
-
 /// The pid of the process whose command line names `out` and whose environment has `var`.
 fn task_pid(out: &Path, var: &str) -> Option<i32> {
     let o = Command::new("pgrep")
@@ -633,62 +618,6 @@ fn rank_pid(parent: u32, rank_var: &str, rank: usize) -> Option<i32> {
         }
     }
     None
-}
-
-#[test]
-fn sigusr1_to_mpirun_checkpoints_every_rank_at_one_step_and_the_rerun_continues_exactly() {
-    sigusr1_to_the_launcher_checkpoints_every_rank_and_the_rerun_continues(Via::Mpirun);
-}
-
-#[test]
-#[ignore = "needs an MPICH build: LMD_TEST_MPI=mpich, built with MPICC=mpicc.mpich (CI does)"]
-fn mpich_sigusr1_to_mpiexec_checkpoints_every_rank_at_one_step_and_the_rerun_continues_exactly() {
-    assert!(
-        mpich(),
-        "set LMD_TEST_MPI=mpich, on a build with MPICC=mpicc.mpich"
-    );
-    sigusr1_to_the_launcher_checkpoints_every_rank_and_the_rerun_continues(Via::Hydra);
-}
-
-/// SIGUSR1 to the launcher (`via`, this test's child) after 13 steps: it forwards the signal,
-/// every rank checkpoints at one step and the job exits 75; the rerun at 2 ranks continues to
-/// 1 rank's loss sequence.
-fn sigusr1_to_the_launcher_checkpoints_every_rank_and_the_rerun_continues(via: Via) {
-    let s = setup(512);
-    let reference = s.root.join("ref");
-    ok(
-        train(&s, 0, &reference, 32, false).output().unwrap(),
-        "reference",
-    );
-    let out = s.root.join("run");
-    let mut child = train_via(via, &s, 2, &out, 16, false)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while metrics(&out).len() < 13 {
-        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
-        assert!(t0.elapsed() < Duration::from_secs(120), "no steps in 120 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    unsafe_kill(child.id() as i32, 10); // SIGUSR1 to the launcher, which forwards it to the ranks
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(75), "{err}");
-    assert!(err.contains("SIGUSR1"), "{err}");
-    let stopped = metrics(&out).last().unwrap().step;
-    assert!(stopped < 50, "stopped at {stopped}");
-    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
-    assert_eq!(
-        latest.trim(),
-        format!("step-{stopped:08}"),
-        "a checkpoint at the stop"
-    );
-    ok(
-        train_via(via, &s, 2, &out, 16, true).output().unwrap(),
-        "rerun",
-    );
-    assert_same_losses(&metrics(&reference), &metrics(&out), 1e-5);
 }
 
 const FT_SETTINGS: &str = r#"
