@@ -503,8 +503,16 @@ fn sigusr1_checkpoints_every_rank_at_one_step_and_the_rerun_continues(via: Via) 
     }
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(75), "{err}");
-    assert!(err.contains("SIGUSR1"), "{err}");
+    match via {
+        // Hydra forwards SIGUSR1 and the ranks exit 75, but mpiexec itself then mostly exits 0
+        // (7 of 10 runs here, MPICH 4.0.2): only the ranks' words say the run stopped early
+        Via::Hydra => assert!(matches!(o.status.code(), Some(0 | 75)), "{err}"),
+        _ => assert_eq!(o.status.code(), Some(75), "{err}"),
+    }
+    assert!(
+        err.contains("SIGUSR1 received: stopped after step"),
+        "{err}"
+    );
     let stopped = metrics(&out).last().unwrap().step;
     assert!(stopped < 50, "stopped at {stopped}");
     let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
