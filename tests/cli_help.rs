@@ -136,3 +136,61 @@ fn the_lmd_binary_runs_every_program_by_word_or_by_link() {
         "{err}"
     );
 }
+
+/// A missing input is one line on stderr, `PROGRAM: error: PATH: op: the OS's words`, with the
+/// OS's message once: before, anyhow's `Caused by:` repeated the source our message already
+/// held, and the existence check said "entity not found".
+#[test]
+fn a_missing_path_is_one_error_line_naming_it_with_the_cause_once() {
+    let dir = std::env::temp_dir().join(format!("lmd-cli-missing-{}", std::process::id()));
+    let missing = dir.join("no-such.tar");
+    let m = missing.to_str().unwrap();
+    let out_dir = dir.join("out");
+    let o = out_dir.to_str().unwrap();
+    let cases: [(&str, Vec<&str>, &str); 5] = [
+        (
+            "lmd-precompute",
+            vec!["--input", m, "--output", o, "--no-progress"],
+            "open",
+        ),
+        (
+            "lmd-train",
+            vec!["--data", m, "--out", o, "--steps", "2"],
+            "read directory",
+        ),
+        (
+            "lmd-eval",
+            vec!["--checkpoint", m, "--data", o],
+            "open checkpoint",
+        ),
+        ("lmd-inspect", vec![m], "open"),
+        ("lmd-export", vec![m, "--to", "timm", "--out", o], ""),
+    ];
+    for (name, args, op) in cases {
+        let exe = PROGRAMS.iter().find(|p| p.0 == name).unwrap().1;
+        let out = Command::new(exe)
+            .args(&args)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{name} {args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{name}: one line, got:\n{err}");
+        let line = lines[0];
+        assert!(line.starts_with(&format!("{name}: ")), "{name}: {line}");
+        assert!(line.contains(m), "{name} names the path: {line}");
+        if !op.is_empty() {
+            assert!(line.contains(&format!("{m}: {op}: ")), "{name}: {line}");
+        }
+        let os = "No such file or directory";
+        assert_eq!(
+            line.matches(os).count(),
+            1,
+            "{name}: the cause once: {line}"
+        );
+        assert!(!line.contains("entity not found"), "{name}: {line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

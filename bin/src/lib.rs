@@ -20,6 +20,42 @@ pub fn init_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// `e` and its causes on one line, each said once. lmd's errors put their source in their own
+/// message (`path: op: source`) and also return it from `source()`, so `{:#}` and `{:?}` would
+/// print it twice (`x.tar: open: No such file ... : No such file ...`): a cause whose text the
+/// line already holds is left out.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// The `main` of a program that is not a job (every one but `lmd-train` and `lmd-finetune`):
+/// the allocator set up, then `body`; a failure is printed as `program: error: ...` (see
+/// [`error_line`]) and exits with status 1.
+pub fn program_main(
+    program: &str,
+    body: impl FnOnce() -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    init_allocator();
+    match body() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: error: {}", error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// How a job's `main` ended.
 pub enum Ended {
     /// Done.
@@ -53,7 +89,7 @@ pub fn job_main(
                 1 => String::new(),
                 n => format!(" (rank {} of {n})", job.dist.rank()),
             };
-            eprintln!("{program}{who}: error: {e:#}");
+            eprintln!("{program}{who}: error: {}", error_line(&e));
             if job.dist.world_size() > 1 {
                 job.fail(1);
             }

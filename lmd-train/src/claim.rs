@@ -374,7 +374,7 @@ pub fn run(cfg: &ClaimConfig, log: &mut dyn FnMut(&str)) -> Result<ClaimReport> 
                 lines.iter().map(|m| m.data_wait_fraction).sum::<f64>() / lines.len().max(1) as f64;
             let ckpt = crate::train::latest_checkpoint(&tc.out)
                 .ok_or_else(|| Error::Invalid(format!("{}: no checkpoint", tc.out.display())))?
-                .join("model.safetensors");
+                .join(crate::run_dir::MODEL_FILE);
             let mut evals = [None, None];
             for (i, lp) in [true, false].into_iter().enumerate() {
                 let name = if lp { "linprobe" } else { "finetune" };

@@ -101,14 +101,12 @@ pub fn evaluate(clf: &VitClassifier, data: &Samples, batch: usize) -> Result<Eva
     })
 }
 
-/// Read a saved classifier: `path` is a `model.safetensors` (or the directory holding it) with
-/// `classifier.json` beside it.
+/// Read a saved classifier: `path` names a `model.safetensors` with `classifier.json` beside
+/// it (a file, its checkpoint directory or the fine-tuning run: [`crate::run_dir::weights_file`]).
 pub fn load_classifier(path: &Path, dev: &Device) -> Result<VitClassifier> {
-    let file = if path.is_dir() {
-        path.join("model.safetensors")
-    } else {
-        path.to_path_buf()
-    };
+    let file = crate::run_dir::weights_file(path)?;
+    // the checkpoint itself first: a wrong path is named as such, not as a missing sidecar
+    std::fs::metadata(&file).map_err(|e| Error::io(&file, "open checkpoint", e))?;
     let cj = file
         .parent()
         .unwrap_or(Path::new("."))

@@ -113,6 +113,10 @@ pub struct ExportSummary {
 
 /// Export a checkpoint (see the module doc).
 pub fn run(o: &ExportOptions) -> Result<ExportSummary> {
+    let o = &ExportOptions {
+        checkpoint: crate::run_dir::weights_file(&o.checkpoint)?,
+        ..o.clone()
+    };
     let dev = Device::Cpu;
     let src = lmd_model::read_tensors(&o.checkpoint, &dev)?;
     let kind = source_kind(&src);

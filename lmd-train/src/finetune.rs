@@ -187,7 +187,7 @@ fn save_classifier(
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     run.save_dir(dir, |tmp| {
-        clf.save(varmap, &tmp.join("model.safetensors"))?;
+        clf.save(varmap, &tmp.join(crate::run_dir::MODEL_FILE))?;
         write_json(&tmp.join("classifier.json"), clf.config())?;
         extra(tmp)
     })
@@ -322,7 +322,7 @@ fn classifier_and_driver(
     let backend = cfg.run.backend(dev)?;
     let clf = VitClassifier::init_on(ccfg, backend, &varmap, cfg.run.seed, head_std, dev)?;
     if let Some(p) = &cfg.pretrained {
-        clf.load_pretrained(&varmap, p)?;
+        clf.load_pretrained(&varmap, &crate::run_dir::weights_file(p)?)?;
     } else if cfg.linear_probe {
         return Err(Error::Invalid(
             "linear probing needs --pretrained (a frozen random encoder is not a result)".into(),
@@ -417,7 +417,7 @@ pub fn run_job(
     };
     if let Some((ck, st, _)) = &resumed {
         let mut vm = varmap.clone();
-        vm.load(ck.join("model.safetensors"))?;
+        vm.load(ck.join(crate::run_dir::MODEL_FILE))?;
         driver.opt.load(&ck.join("optimizer.safetensors"))?;
         loader.set_state(LoaderState {
             epoch: st.epochs_done,

@@ -112,6 +112,8 @@ pub fn run(opts: &InspectOptions) -> Result<InspectReport> {
     let (paths, manifest, mut problems) = if is_dir {
         shards_of(&opts.path)?
     } else {
+        // a path that is not there is one error, not a shard problem
+        std::fs::metadata(&opts.path).map_err(|e| crate::Error::io(&opts.path, "open", e))?;
         (vec![opts.path.clone()], None, Vec::new())
     };
     let mut meta: Option<ShardMeta> = None;

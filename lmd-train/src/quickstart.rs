@@ -371,7 +371,7 @@ pub fn pretrain_and_evaluate(
     let pretrain_s = tp.elapsed().as_secs_f64();
     let ckpt = crate::train::latest_checkpoint(&tc.out)
         .ok_or_else(|| Error::Invalid(format!("{}: no checkpoint", tc.out.display())))?
-        .join("model.safetensors");
+        .join(crate::run_dir::MODEL_FILE);
     let mut results = [None, None];
     let mut secs = [0f64; 2];
     for (i, (name, lp)) in [("finetune", false), ("linprobe", true)]

@@ -31,6 +31,43 @@ use crate::{Error, Result};
 /// The checksum file of a checkpoint directory (`sha256sum -c` reads it).
 pub const CHECKSUMS: &str = "SHA256SUMS";
 
+/// The weights file of a checkpoint directory.
+pub const MODEL_FILE: &str = "model.safetensors";
+
+/// The weights file `path` names, for `--pretrained`, `--init`, `lmd-eval` and `lmd-export`:
+/// - a file (or a URL) is itself;
+/// - a checkpoint directory (`checkpoints/step-N/`, `best/`) gives its [`MODEL_FILE`];
+/// - a pretraining run directory gives the checkpoint `checkpoints/latest` names, and a
+///   fine-tuning run directory its `best/`.
+///
+/// A checkpoint directory with a [`CHECKSUMS`] file is verified first, so a damaged or
+/// half-copied checkpoint is refused by name rather than loaded.
+pub fn weights_file(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join("checkpoints").join("latest");
+    let dir = if path.join(MODEL_FILE).is_file() {
+        path.to_path_buf()
+    } else if let Ok(name) = std::fs::read_to_string(&latest) {
+        path.join("checkpoints").join(name.trim())
+    } else {
+        path.join("best")
+    };
+    let file = dir.join(MODEL_FILE);
+    if !file.is_file() {
+        return Err(Error::Invalid(format!(
+            "{}: a directory with no {MODEL_FILE} (nor checkpoints/latest or best/ naming one): \
+             give a checkpoint file, a checkpoint directory or a run directory",
+            path.display()
+        )));
+    }
+    if dir.join(CHECKSUMS).is_file() {
+        verify_dir(&dir)?;
+    }
+    Ok(file)
+}
+
 /// A run's output directory.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -358,7 +395,7 @@ pub fn load_checkpoint<S: serde::de::DeserializeOwned, C: Serialize>(
     let st: S = read_json(&ck.join("state.json"))?;
     check_resume_config(ck, config_of(&st), now, run_only)?;
     let mut vm = varmap.clone();
-    vm.load(ck.join("model.safetensors"))?;
+    vm.load(ck.join(MODEL_FILE))?;
     opt.load(&ck.join("optimizer.safetensors"))?;
     Ok(st)
 }
@@ -482,6 +519,41 @@ mod tests {
         move |d: &Path| {
             std::fs::write(d.join("model.safetensors"), text).unwrap();
             write_json(&d.join("state.json"), &serde_json::json!({"step": 1}))
+        }
+    }
+
+    #[test]
+    fn weights_file_takes_a_file_a_checkpoint_dir_or_a_run_dir_and_refuses_a_damaged_one() {
+        let t = tempfile::tempdir().unwrap();
+        let run = RunDir::open(t.path()).unwrap();
+        run.save_step(10, 0, fill("ten")).unwrap();
+        run.save_step(20, 0, fill("twenty")).unwrap();
+        let step20 = run.checkpoints().join("step-00000020");
+        let file = step20.join(MODEL_FILE);
+        // a file is itself (even a missing one: its reader names it), a URL too
+        assert_eq!(weights_file(&file).unwrap(), file);
+        let gone = t.path().join("gone.safetensors");
+        assert_eq!(weights_file(&gone).unwrap(), gone);
+        let url = Path::new("s3://bucket/run/model.safetensors");
+        assert_eq!(weights_file(url).unwrap(), url);
+        // a checkpoint directory, and the run directory through checkpoints/latest
+        assert_eq!(weights_file(&step20).unwrap(), file);
+        assert_eq!(weights_file(t.path()).unwrap(), file);
+        // a fine-tuning run directory: its best/
+        let ft = t.path().join("ft");
+        std::fs::create_dir_all(ft.join("best")).unwrap();
+        std::fs::write(ft.join("best").join(MODEL_FILE), "w").unwrap();
+        assert_eq!(weights_file(&ft).unwrap(), ft.join("best").join(MODEL_FILE));
+        // a directory holding none is refused by name
+        let empty = t.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let e = weights_file(&empty).unwrap_err().to_string();
+        assert!(e.contains("empty") && e.contains(MODEL_FILE), "{e}");
+        // damaged weights in a checksummed checkpoint: refused, naming the file, not loaded
+        std::fs::write(&file, "tw3nty").unwrap();
+        for p in [&step20, &t.path().to_path_buf()] {
+            let e = weights_file(p).unwrap_err().to_string();
+            assert!(e.contains("checksum") && e.contains("step-00000020"), "{e}");
         }
     }
 

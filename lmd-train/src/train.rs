@@ -295,7 +295,10 @@ fn open_checked(
             let [c, h, w] = ds.meta().latent_shape;
             if [c, h, w] != [mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]] {
                 return Err(Error::Invalid(format!(
-                    "the data has latents {c}x{h}x{w}; the model expects {}x{}x{}",
+                    "the data has latents {c}x{h}x{w}; the model expects {}x{}x{} (the presets \
+                     take 224 px images' 4x28x28; for other data give the whole model as a \
+                     [model] table in the --config file, as in configs/mae-tiny.toml, with \
+                     in_chans = {c} and img_size = [{h}, {w}])",
                     mcfg.in_chans, mcfg.img_size[0], mcfg.img_size[1]
                 )));
             }
@@ -362,6 +365,7 @@ fn init_from(
     init: &Path,
     say: bool,
 ) -> Result<()> {
+    let init = &crate::run_dir::weights_file(init)?;
     let names = model.init_from(varmap, init)?;
     if !say {
         return Ok(());
@@ -439,7 +443,7 @@ pub fn run_job(
     match &resumed {
         Some((ck, st, _)) => {
             let mut vm = varmap.clone();
-            vm.load(ck.join("model.safetensors"))?;
+            vm.load(ck.join(crate::run_dir::MODEL_FILE))?;
             driver.opt.load(&ck.join("optimizer.safetensors"))?;
             loader.set_state(st.loader);
             step = st.step;
@@ -550,7 +554,7 @@ pub fn run_job(
                 };
                 if let (Some(run), Some(preview)) = (&run, &preview) {
                     run.save_step(step, cfg.keep_checkpoints, |dir| {
-                        model.save(&varmap, &dir.join("model.safetensors"))?;
+                        model.save(&varmap, &dir.join(crate::run_dir::MODEL_FILE))?;
                         driver.opt.save(&dir.join("optimizer.safetensors"))?;
                         write_json(&dir.join("state.json"), &state)
                     })?;

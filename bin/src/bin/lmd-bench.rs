@@ -239,8 +239,11 @@ enum Cmd {
     },
 }
 
-pub fn main() -> anyhow::Result<()> {
-    lmd_bin::init_allocator();
+pub fn main() -> std::process::ExitCode {
+    lmd_bin::program_main("lmd-bench", run)
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.cmd {
         Cmd::Allreduce {

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "lmd-eval", version)]
 struct Args {
-    /// model.safetensors (or its directory) with classifier.json beside it.
+    /// model.safetensors with classifier.json beside it, its directory (best/), or the
+    /// lmd-finetune run directory (its best/).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Labelled latent dataset directories, or image inputs (shard patterns, ILSVRC tars,
@@ -28,8 +29,11 @@ struct Args {
     json: bool,
 }
 
-pub fn main() -> anyhow::Result<()> {
-    lmd_bin::init_allocator();
+pub fn main() -> std::process::ExitCode {
+    lmd_bin::program_main("lmd-eval", run)
+}
+
+fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     let r = lmd_train::finetune::eval_checkpoint(&a.checkpoint, &a.data, a.batch_size, a.device)?;
     if a.json {

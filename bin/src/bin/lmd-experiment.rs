@@ -79,8 +79,11 @@ enum Cmd {
     },
 }
 
-pub fn main() -> anyhow::Result<()> {
-    lmd_bin::init_allocator();
+pub fn main() -> std::process::ExitCode {
+    lmd_bin::program_main("lmd-experiment", run)
+}
+
+fn run() -> anyhow::Result<()> {
     let command = std::env::args()
         .enumerate()
         .map(|(i, a)| if i == 0 { "lmd-experiment".into() } else { a })

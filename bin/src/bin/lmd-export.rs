@@ -16,7 +16,8 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "lmd-export", version)]
 struct Args {
-    /// The checkpoint to export (safetensors or .pth).
+    /// The checkpoint to export (safetensors or .pth; a checkpoint directory or a run directory
+    /// names its model.safetensors: the latest pretrain checkpoint, or fine-tuning's best/).
     checkpoint: PathBuf,
     /// What loads the result: timm (an encoder, also MAE's models_vit) or mae (the whole MAE
     /// for models_mae when the input has its decoder; else as timm).
@@ -71,7 +72,11 @@ enum Pool {
     Avg,
 }
 
-pub fn main() -> anyhow::Result<()> {
+pub fn main() -> std::process::ExitCode {
+    lmd_bin::program_main("lmd-export", run)
+}
+
+fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     let model = match (&a.model, &a.preset) {
         (Some(p), _) => {

@@ -3,8 +3,11 @@
 use clap::Parser;
 use lmd_bin::flags::precompute::{config, Args};
 
-pub fn main() -> anyhow::Result<()> {
-    lmd_bin::init_allocator();
+pub fn main() -> std::process::ExitCode {
+    lmd_bin::program_main("lmd-precompute", run)
+}
+
+fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     let cfg = config(&a)?;
     let bar = if a.no_progress {

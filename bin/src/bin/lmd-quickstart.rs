@@ -32,8 +32,11 @@ struct Args {
     cache_dir: Option<PathBuf>,
 }
 
-pub fn main() -> anyhow::Result<()> {
-    lmd_bin::init_allocator();
+pub fn main() -> std::process::ExitCode {
+    lmd_bin::program_main("lmd-quickstart", run)
+}
+
+fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     let cfg = QuickstartConfig {
         schedule: a.schedule,

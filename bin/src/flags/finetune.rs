@@ -40,8 +40,9 @@ pub struct Settings {
     #[arg(long, num_args = 1..)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub val_data: Vec<PathBuf>,
-    /// Pretrained MAE weights: an lmd-train checkpoint (checkpoints/step-N/model.safetensors)
-    /// or an official MAE/LMD checkpoint, .pth as released (mae_pretrain_vit_base.pth, or a
+    /// Pretrained MAE weights: an lmd-train checkpoint (its model.safetensors, its directory
+    /// checkpoints/step-N/, or the run directory for its latest checkpoint; verified against
+    /// SHA256SUMS) or an official MAE/LMD checkpoint, .pth as released (mae_pretrain_vit_base.pth, or a
     /// main_pretrain.py training checkpoint) or converted to safetensors.
     #[arg(long)]
     pub pretrained: Option<PathBuf>,

@@ -75,7 +75,8 @@ pub struct Settings {
     /// Checkpoints kept, newest first (0: all).
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
-    /// Start from these weights (an lmd-train checkpoint, or an official MAE/LMD safetensors or
+    /// Start from these weights (an lmd-train checkpoint: file, checkpoint directory or run
+    /// directory for its latest; or an official MAE/LMD safetensors or
     /// .pth such as mae_pretrain_vit_base.pth; encoder-only files leave the decoder fresh).
     #[arg(long)]
     pub init: Option<PathBuf>,

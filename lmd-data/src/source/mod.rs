@@ -403,12 +403,9 @@ pub fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
             // a missing object is reported when it is opened (one GET, not a HEAD each)
             continue;
         }
-        if !p.exists() {
-            return Err(Error::io(
-                p,
-                "open",
-                std::io::Error::from(std::io::ErrorKind::NotFound),
-            ));
+        // the OS's own error ("No such file or directory", "Permission denied"), named by path
+        if let Err(e) = std::fs::metadata(p) {
+            return Err(Error::io(p, "open", e));
         }
     }
     Ok(out)

@@ -161,7 +161,7 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
         Error::io(
             path,
             "read",
-            std::io::Error::from(std::io::ErrorKind::NotFound),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or object"),
         )
     })
 }

@@ -196,7 +196,17 @@ pub(crate) fn set_vars(
         }
     }
     if !missing.is_empty() {
-        return Err(werr(format!("missing tensors: {}", missing.join(", "))));
+        // the first few by name: a wrong file misses hundreds
+        const SHOWN: usize = 8;
+        let more = match missing.len().saturating_sub(SHOWN) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        missing.truncate(SHOWN);
+        return Err(werr(format!(
+            "missing tensors: {}{more}",
+            missing.join(", ")
+        )));
     }
     Ok(names.into_iter().cloned().collect())
 }
@@ -223,6 +233,39 @@ pub(crate) fn save_varmap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_missing_many_tensors_names_eight_and_counts_the_rest() {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+        for i in 0..11 {
+            vb.get(2, &format!("w{i:02}")).unwrap();
+        }
+        let have: HashMap<String, Tensor> = [(
+            "w00".to_string(),
+            Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )]
+        .into();
+        let e = set_vars(&varmap, &have, Path::new("other.safetensors"), |_| true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("other.safetensors"), "{e}");
+        assert!(e.contains("w01 [2]") && e.contains("w08 [2]"), "{e}");
+        assert!(!e.contains("w09") && e.ends_with("and 2 more"), "{e}");
+        // a few missing are all named
+        let have: HashMap<String, Tensor> = (0..9)
+            .map(|i| {
+                (
+                    format!("w{i:02}"),
+                    Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+                )
+            })
+            .collect();
+        let e = set_vars(&varmap, &have, Path::new("x"), |_| true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("missing tensors: w09 [2], w10 [2]"), "{e}");
+    }
 
     fn sample() -> Vec<(String, Tensor)> {
         let dev = Device::Cpu;
