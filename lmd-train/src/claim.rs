@@ -295,6 +295,13 @@ fn calibrate(
         "== {arm} seed {seed}: measuring its step time ({} steps)",
         cal.steps
     ));
+    // a timing run starts afresh: what an unfinished one left is not resumed
+    match std::fs::remove_dir_all(&cal.out) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(&cal.out, "remove an unfinished calibration", e))
+        }
+        _ => {}
+    }
     crate::train::run(cal, false, &mut |_| {})?;
     s_per_step(&metrics_of(&cal.out), batch)
         .ok_or_else(|| Error::Invalid(format!("{}: no timed steps", cal.out.display())))

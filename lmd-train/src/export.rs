@@ -18,9 +18,9 @@
 //! `reference`, `OUT.reference.safetensors`: a seeded input and lmd's own forward outputs for it,
 //! which `tools/check_export.py` compares with PyTorch's.
 //!
-//! The architecture comes from, in order: an explicit [`MaeConfig`], `classifier.json` beside
-//! the checkpoint (`lmd-finetune`), the run's `config.json` up to three folders above it
-//! (`lmd-train`), else the tensors' shapes plus `num_heads` (and `decoder_num_heads`) given.
+//! The architecture comes from, in order: an explicit [`MaeConfig`], what the checkpoint
+//! records ([`crate::recorded`]: `classifier.json` beside it, its run's `config.json`), else
+//! the tensors' shapes plus `num_heads` (and `decoder_num_heads`) given.
 
 use crate::run_dir::write_json;
 use crate::{Error, Result};
@@ -196,21 +196,8 @@ fn architecture(
     if let Some(m) = &o.model {
         return Ok(m.clone());
     }
-    let dir = o.checkpoint.parent().unwrap_or(Path::new("."));
-    if let Ok(s) = std::fs::read_to_string(dir.join("classifier.json")) {
-        if let Ok(c) = serde_json::from_str::<ClassifierConfig>(&s) {
-            return Ok(c.encoder);
-        }
-    }
-    let mut up = Some(dir);
-    for _ in 0..4 {
-        let Some(d) = up else { break };
-        if let Ok(c) =
-            crate::run_dir::read_config::<crate::train::TrainConfig>(&d.join("config.json"))
-        {
-            return c.model_config();
-        }
-        up = d.parent();
+    if let Some(r) = crate::recorded::recorded_model(&o.checkpoint) {
+        return Ok(r.model);
     }
     infer_architecture(o, t, kind)
 }

@@ -37,7 +37,9 @@ use std::time::Instant;
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
     /// Encoder preset (tiny, small, base, large, base_patch4), unless `model` is given.
-    pub preset: lmd_model::Preset,
+    /// None: the architecture the `pretrained` weights record (their run's `config.json` or
+    /// `classifier.json`, see [`crate::recorded`]), else tiny.
+    pub preset: Option<lmd_model::Preset>,
     pub model: Option<MaeConfig>,
     /// What `data` and `val_data` hold: `latents` (latent shards) or `pixels` (image inputs,
     /// decoded every epoch: RandomResizedCrop(0.08-1) + flip for training, Resize + CenterCrop
@@ -77,7 +79,7 @@ pub struct FinetuneConfig {
 impl Default for FinetuneConfig {
     fn default() -> Self {
         FinetuneConfig {
-            preset: lmd_model::Preset::Tiny,
+            preset: None,
             model: None,
             input: Input::Latents,
             pretrained: None,
@@ -135,8 +137,31 @@ impl FinetuneConfig {
         }
     }
 
-    pub fn encoder_config(&self) -> Result<MaeConfig> {
-        crate::train::resolve_model(self.preset, self.model.as_ref(), self.input)
+    /// The encoder to fine-tune and the pretrained weights file (a checkpoint or run directory
+    /// resolved to its `model.safetensors` and verified, once): `model` when given, else
+    /// `preset`, else the architecture the weights record, else tiny. An encoder that is not
+    /// the one the weights record is refused here, naming both, before any data is read.
+    pub fn encoder_and_weights(&self) -> Result<(MaeConfig, Option<PathBuf>)> {
+        let weights = match &self.pretrained {
+            Some(p) => Some(crate::run_dir::weights_file(p)?),
+            None => None,
+        };
+        let recorded = match (&self.model, self.preset, &weights) {
+            (None, None, Some(w)) => crate::recorded::recorded_model(w),
+            _ => None,
+        };
+        let enc = match recorded {
+            Some(r) => r.model,
+            None => crate::train::resolve_model(
+                self.preset.unwrap_or(lmd_model::Preset::Tiny),
+                self.model.as_ref(),
+                self.input,
+            )?,
+        };
+        if let Some(w) = &weights {
+            crate::recorded::check_encoder(w, &enc, self.input)?;
+        }
+        Ok((enc, weights))
     }
 }
 
@@ -315,14 +340,15 @@ fn resume_point(
 fn classifier_and_driver(
     cfg: &FinetuneConfig,
     ccfg: &ClassifierConfig,
+    pretrained: Option<&Path>,
     dev: &Device,
 ) -> Result<(VitClassifier, VarMap, Driver)> {
     let varmap = VarMap::new();
     let head_std = if cfg.linear_probe { 0.01 } else { 2e-5 };
     let backend = cfg.run.backend(dev)?;
     let clf = VitClassifier::init_on(ccfg, backend, &varmap, cfg.run.seed, head_std, dev)?;
-    if let Some(p) = &cfg.pretrained {
-        clf.load_pretrained(&varmap, &crate::run_dir::weights_file(p)?)?;
+    if let Some(p) = pretrained {
+        clf.load_pretrained(&varmap, p)?;
     } else if cfg.linear_probe {
         return Err(Error::Invalid(
             "linear probing needs --pretrained (a frozen random encoder is not a result)".into(),
@@ -365,7 +391,7 @@ pub fn run_job(
     cfg.run.precision.check_trainable()?;
     let say = job.dist.is_root();
     let (rank, world, root) = (job.dist.rank(), job.dist.world_size(), job.dist.is_root());
-    let enc = cfg.encoder_config()?;
+    let (enc, pretrained) = cfg.encoder_and_weights()?;
     enc.validate()?;
     let lcfg =
         crate::train_data::loader_config(cfg.batch_size, cfg.run.seed, cfg.window, (rank, world));
@@ -375,9 +401,10 @@ pub fn run_job(
         true => Some(RunDir::open(&cfg.out)?),
         false => None,
     };
+    // without --resume, a run directory that holds a run is refused (rank 0 decides)
     let resumed = match resume {
         true => resume_point(job, run.as_ref(), cfg)?,
-        false => None,
+        false => run.as_ref().map(RunDir::check_fresh).transpose()?.and(None),
     };
     let cfg = &resumed
         .as_ref()
@@ -401,7 +428,7 @@ pub fn run_job(
         )?;
     }
     let dev = cfg.run.open_device_for(&job.dist)?;
-    let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, &dev)?;
+    let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, pretrained.as_deref(), &dev)?;
     let bpe = loader.batches_per_epoch() as u64;
     let total = cfg.epochs * bpe;
     let warmup = (cfg.warmup_epochs * bpe as f64).round() as u64;

@@ -22,6 +22,7 @@ pub mod optim;
 pub mod parity;
 pub mod precompute;
 pub mod quickstart;
+pub mod recorded;
 pub mod report;
 pub mod run_dir;
 pub mod settings;

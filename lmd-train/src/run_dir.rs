@@ -133,6 +133,33 @@ impl RunDir {
         Ok(JsonlLog { path, file })
     }
 
+    /// Refuse a fresh start (no `--resume`) into a run directory that already holds a
+    /// checkpoint (`checkpoints/*/`, or fine-tuning's `best/`): the new run would overwrite
+    /// that run's checkpoints, prune the older ones and cut its logs. (Temporaries of a killed
+    /// run were removed by [`RunDir::open`], so they do not count.)
+    pub fn check_fresh(&self) -> Result<()> {
+        let mut held: Vec<String> = std::fs::read_dir(self.checkpoints())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| format!("checkpoints/{}", e.file_name().to_string_lossy()))
+            .collect();
+        if self.path("best").is_dir() {
+            held.push("best".into());
+        }
+        if held.is_empty() {
+            return Ok(());
+        }
+        held.sort();
+        Err(Error::Invalid(format!(
+            "{} already holds a run ({}): pass --resume to continue it, or give another --out \
+             (or remove this directory) to start afresh",
+            self.root.display(),
+            held.join(", ")
+        )))
+    }
+
     /// Write the checkpoint directory `dir` (e.g. `checkpoints/step-00000100`, or `best`)
     /// completely or not at all: `fill` writes the files into a temporary directory, then
     /// their checksums are written and the directory is renamed over `dir`.
@@ -520,6 +547,28 @@ mod tests {
             std::fs::write(d.join("model.safetensors"), text).unwrap();
             write_json(&d.join("state.json"), &serde_json::json!({"step": 1}))
         }
+    }
+
+    #[test]
+    fn a_fresh_start_into_a_run_directory_with_checkpoints_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let run = RunDir::open(t.path()).unwrap();
+        // empty, or only logs and config: a fresh start is fine
+        run.check_fresh().unwrap();
+        write_json(&run.path("config.json"), &serde_json::json!({})).unwrap();
+        run.check_fresh().unwrap();
+        run.save_step(10, 0, fill("ten")).unwrap();
+        let e = run.check_fresh().unwrap_err().to_string();
+        assert!(
+            e.contains("checkpoints/step-00000010") && e.contains("--resume"),
+            "{e}"
+        );
+        // fine-tuning's best/ alone counts too
+        let t = tempfile::tempdir().unwrap();
+        let run = RunDir::open(t.path()).unwrap();
+        run.save_dir(&run.path("best"), fill("b")).unwrap();
+        let e = run.check_fresh().unwrap_err().to_string();
+        assert!(e.contains("(best)"), "{e}");
     }
 
     #[test]

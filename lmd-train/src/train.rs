@@ -408,9 +408,10 @@ pub fn run_job(
         true => Some(RunDir::open(&cfg.out)?),
         false => None,
     };
+    // without --resume, a run directory that holds a run is refused (rank 0 decides)
     let resumed = match resume {
         true => resume_point(job, run.as_ref(), cfg)?,
-        false => None,
+        false => run.as_ref().map(RunDir::check_fresh).transpose()?.and(None),
     };
     let cfg = &resumed
         .as_ref()

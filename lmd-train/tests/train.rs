@@ -86,6 +86,15 @@ fn training_logs_checkpoints_and_resumes_exactly() {
         .path()
         .join("checkpoints/step-00000004/model.safetensors")
         .exists());
+    // the same command again without --resume: refused, the run's checkpoints and log intact
+    let e = run(&cfg(data.path(), a.path()), false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already holds a run") && e.contains("--resume"),
+        "{e}"
+    );
+    assert_eq!(metrics(a.path()).len(), 10);
     // learning happens: the loss at the end is below the start
     let first: f64 = ma[..3].iter().map(|m| m.loss).sum::<f64>();
     let last: f64 = ma[7..].iter().map(|m| m.loss).sum::<f64>();
@@ -158,7 +167,8 @@ fn finetune_presets_parse() {
         let c: lmd_train::finetune::FinetuneConfig =
             toml::from_str(&std::fs::read_to_string(&p).unwrap())
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-        c.encoder_config().unwrap();
+        c.encoder_and_weights().unwrap();
+        assert!(c.preset.is_some(), "{name}: no preset");
         assert_eq!(c.linear_probe, name.starts_with("linprobe"));
     }
 }
@@ -389,9 +399,11 @@ fn pixel_checkpoints_fine_tune_linear_probe_and_evaluate_on_image_shards() {
     let weights = pre
         .path()
         .join("checkpoints/step-00000010/model.safetensors");
+    // fine-tuning names the encoder; linear probing leaves it out and takes the one the
+    // checkpoint's run records (its config.json)
     let ft = |linear_probe: bool, out: &Path| FinetuneConfig {
         input: lmd_train::train_data::Input::Pixels,
-        model: p.model.clone(),
+        model: (!linear_probe).then(|| p.model.clone().unwrap()),
         pretrained: Some(weights.clone()),
         data: vec![shard.clone()],
         val_data: vec![val.clone()],
@@ -404,9 +416,38 @@ fn pixel_checkpoints_fine_tune_linear_probe_and_evaluate_on_image_shards() {
         eval_batch_size: 5, // batches that do not divide the 12 images
         ..Default::default()
     };
+    // an encoder the checkpoint does not record is refused before any data is read, naming
+    // both shapes and what to give instead
+    let out = tempfile::tempdir().unwrap();
+    let mut wrong = ft(true, out.path());
+    wrong.preset = Some(lmd_train::model::Preset::Tiny);
+    wrong.data = vec![data.path().join("nowhere.tar")];
+    let e = finetune(&wrong, false, &mut |_| {}, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("its encoder (32 wide, depth 2, 2 heads, mlp 2, patch 4 on 3x16x16, on pixels")
+            && e.contains("is not this run's (192 wide")
+            && e.contains("leave out --preset"),
+        "{e}"
+    );
+    wrong.preset = None;
+    wrong.input = lmd_train::train_data::Input::Latents;
+    let e = finetune(&wrong, false, &mut |_| {}, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("give --input pixels"), "{e}");
     for lp in [false, true] {
         let out = tempfile::tempdir().unwrap();
         let s = finetune(&ft(lp, out.path()), false, &mut |_| {}, &mut |_| {}).unwrap();
+        // again without --resume: refused (it would overwrite best/)
+        let e = finetune(&ft(lp, out.path()), false, &mut |_| {}, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("already holds a run") && e.contains("best"),
+            "{e}"
+        );
         let last = s.last.unwrap();
         assert_eq!(last.records, 12);
         assert!(last.loss.is_finite() && (0.0..=1.0).contains(&last.top1));

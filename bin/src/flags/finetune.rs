@@ -63,7 +63,9 @@ pub struct Settings {
     /// Base learning rate (lr = blr * batch / 256).
     #[arg(long)]
     pub blr: Option<f64>,
-    /// Encoder preset: tiny, small, base, large, base_patch4 (must match the checkpoint).
+    /// Encoder preset: tiny, small, base, large, base_patch4. Default: the architecture
+    /// --pretrained records (its lmd-train run's config.json, or classifier.json beside it),
+    /// else tiny; one that differs from what the checkpoint records is refused.
     #[arg(long)]
     pub preset: Option<Preset>,
     /// What --data and --val-data hold: latents, or pixels (image inputs as lmd-precompute
@@ -110,7 +112,7 @@ mod tests {
         assert_eq!((cfg.epochs, cfg.batch_size, cfg.blr), (4, 32, 0.25));
         assert_eq!(
             (cfg.preset, cfg.run.seed, cfg.window),
-            (Preset::BasePatch4, 2, 16)
+            (Some(Preset::BasePatch4), 2, 16)
         );
         assert_eq!(cfg.input, lmd_train::train_data::Input::Pixels);
         // --linear-probe without a file: the linear-probe defaults
