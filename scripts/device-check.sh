@@ -248,7 +248,7 @@ for v in ("taesd", "sd-vae"):
     b = get(lambda x: x.get("baseline") == "pytorch" and x.get("vae") == v, "encode_images_per_s")
     if a and b:
         s[f"{v}_encode_vs_torch"] = a / b
-d = get(lambda x: x.get("bench") == "decode", "images_per_s")
+d = get(lambda x: x.get("bench") == "decode" and x.get("output", "chw-u8") == "chw-u8", "images_per_s")
 p = get(lambda x: x.get("bench") == "precompute", "images_per_s")
 if d and p:
     s["precompute_vs_decode_only"] = p / d

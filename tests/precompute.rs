@@ -103,6 +103,7 @@ fn precompute_roundtrip_matches_a_direct_taesd_encode() {
         assert_eq!(r.label, s.label);
         let img = lmd_train::data::decode::decode_rgb8(&s.image, u64::MAX).unwrap();
         let px = lmd_train::data::transform::prepare(&img, &s.key, &tcfg, &mut resizer).unwrap();
+        let px = lmd_train::data::transform::unit_f32(&px);
         let x = lmd_train::model::candle::Tensor::from_vec(px, (1, 3, 64, 64), &dev).unwrap();
         let z: Vec<f32> = vae
             .encode_raw(&x)

@@ -84,8 +84,9 @@ pub struct Prepared {
     pub label: Option<i64>,
     pub source: String,
     pub offset: u64,
-    /// All variants, CHW f32 in [0, 1] each (see [`TransformConfig::values_per_image`]).
-    pub pixels: Vec<f32>,
+    /// All variants, CHW u8 each (see [`TransformConfig::values_per_image`]; a quarter of
+    /// the f32 bytes: the VAE's device brings them to [0, 1], see `transform::unit_f32`).
+    pub pixels: Vec<u8>,
 }
 
 /// Consecutive prepared images, plus the skips among them (each with its input position, so a

@@ -3,7 +3,9 @@
 //! `RandomResizedCrop(S, scale, ratio)` views seeded from (key, view), each optionally followed
 //! by its horizontal flip. Resampling is `fast_image_resize`'s convolution (antialiased, like
 //! Pillow), computed directly on the crop box, which equals resizing the whole image and then
-//! cropping. Output: CHW f32 in [0, 1].
+//! cropping. Output: CHW u8 ([`prepare`]: what precompute moves to the VAE's device, a quarter
+//! of the f32 bytes, and brings to [0, 1] there as [`unit_f32`] does on the host) or CHW f32 in
+//! [0, 1] ([`hwc_to_chw`]: the pixel loader).
 
 use crate::decode::Rgb8;
 pub use fast_image_resize::Resizer;
@@ -125,7 +127,7 @@ impl TransformConfig {
         self.views * if self.flip { 2 } else { 1 }
     }
 
-    /// f32 values per image (all variants, CHW each).
+    /// Values per image (all variants, CHW each).
     pub fn values_per_image(&self) -> usize {
         self.variants() * 3 * (self.size as usize).pow(2)
     }
@@ -288,8 +290,37 @@ pub fn resize_box(
 
 /// HWC u8 -> CHW f32 in [0, 1], appended to `out`; mirrored horizontally when `flip`.
 pub fn hwc_to_chw(hwc: &[u8], s: usize, flip: bool, out: &mut Vec<f32>) {
+    hwc_to_chw_as(hwc, s, flip, out, unit);
+}
+
+/// HWC u8 -> CHW u8, appended to `out`; mirrored horizontally when `flip`.
+pub fn hwc_to_chw_u8(hwc: &[u8], s: usize, flip: bool, out: &mut Vec<u8>) {
+    hwc_to_chw_as(hwc, s, flip, out, |p| p);
+}
+
+/// A pixel value in [0, 1]: `p / 255` in f32, the one rounding every path uses (the device's
+/// `to_dtype(f32) / 255` in precompute gives the same value).
+#[inline(always)]
+pub fn unit(p: u8) -> f32 {
+    p as f32 / 255.0
+}
+
+/// CHW u8 (what [`prepare`] gives) -> the same values as f32 in [0, 1].
+pub fn unit_f32(px: &[u8]) -> Vec<f32> {
+    px.iter().map(|&p| unit(p)).collect()
+}
+
+/// HWC u8 -> CHW `T` through `f`, appended to `out`; mirrored horizontally when `flip`.
+#[inline(always)]
+fn hwc_to_chw_as<T: Copy + Default>(
+    hwc: &[u8],
+    s: usize,
+    flip: bool,
+    out: &mut Vec<T>,
+    f: impl Fn(u8) -> T,
+) {
     let start = out.len();
-    out.resize(start + 3 * s * s, 0.0);
+    out.resize(start + 3 * s * s, T::default());
     let o = &mut out[start..];
     let (r, rest) = o.split_at_mut(s * s);
     let (g, b) = rest.split_at_mut(s * s);
@@ -301,31 +332,24 @@ pub fn hwc_to_chw(hwc: &[u8], s: usize, flip: bool, out: &mut Vec<f32>) {
         let dst = r.iter_mut().zip(g.iter_mut().zip(b.iter_mut()));
         if flip {
             for (p, (r, (g, b))) in src.chunks_exact(3).rev().zip(dst) {
-                (*r, *g, *b) = (
-                    p[0] as f32 / 255.0,
-                    p[1] as f32 / 255.0,
-                    p[2] as f32 / 255.0,
-                );
+                (*r, *g, *b) = (f(p[0]), f(p[1]), f(p[2]));
             }
         } else {
             for (p, (r, (g, b))) in src.chunks_exact(3).zip(dst) {
-                (*r, *g, *b) = (
-                    p[0] as f32 / 255.0,
-                    p[1] as f32 / 255.0,
-                    p[2] as f32 / 255.0,
-                );
+                (*r, *g, *b) = (f(p[0]), f(p[1]), f(p[2]));
             }
         }
     }
 }
 
-/// All variants of one image, CHW f32 each, in layout order (view, then flip).
+/// All variants of one image, CHW u8 each, in layout order (view, then flip) ([`unit_f32`]
+/// gives the VAE's [0, 1] input).
 pub fn prepare(
     img: &Rgb8,
     key: &str,
     cfg: &TransformConfig,
     resizer: &mut Resizer,
-) -> crate::Result<Vec<f32>> {
+) -> crate::Result<Vec<u8>> {
     prepare_views(img, key, cfg, resizer).map_err(|reason| crate::Error::Transform {
         key: key.to_string(),
         reason,
@@ -337,7 +361,7 @@ fn prepare_views(
     key: &str,
     cfg: &TransformConfig,
     resizer: &mut Resizer,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<u8>, String> {
     let s = cfg.size;
     let mut out = Vec::with_capacity(cfg.values_per_image());
     let [w, h] = img.full;
@@ -349,9 +373,9 @@ fn prepare_views(
             }
         };
         let hwc = resize_box(img, bx, s, cfg.filter, resizer)?;
-        hwc_to_chw(&hwc, s as usize, false, &mut out);
+        hwc_to_chw_u8(&hwc, s as usize, false, &mut out);
         if cfg.flip {
-            hwc_to_chw(&hwc, s as usize, true, &mut out);
+            hwc_to_chw_u8(&hwc, s as usize, true, &mut out);
         }
     }
     Ok(out)
@@ -469,7 +493,17 @@ mod tests {
                 assert_eq!(v[y * 16 + x], v[t + y * 16 + 15 - x]);
             }
         }
-        assert!(v.iter().all(|x| (0.0..=1.0).contains(x)));
         assert_eq!(v, prepare(&img, "key", &cfg, &mut r).unwrap());
+        // the f32 conversion of the pixel loader gives the same values as unit_f32 of the u8
+        let hwc: Vec<u8> = (0..16 * 16 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        for flip in [false, true] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            hwc_to_chw(&hwc, 16, flip, &mut a);
+            hwc_to_chw_u8(&hwc, 16, flip, &mut b);
+            assert_eq!(a, unit_f32(&b));
+        }
+        let all = unit_f32(&(0..=255).collect::<Vec<u8>>());
+        assert_eq!((all[0], all[255]), (0.0, 1.0));
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -96,10 +96,11 @@ pub struct DecodeBenchOptions {
     pub pillow_anchor: Option<PathBuf>,
 }
 
-/// Run `lmd-bench decode`: decode + Resize(S) + CenterCrop(S) to CHW f32, images/s.
+/// Run `lmd-bench decode`: decode + Resize(S) + CenterCrop(S) to CHW u8 (precompute's
+/// decode workers) and to CHW f32 in [0, 1] (the same plus the host conversion), images/s.
 pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)) -> Result<()> {
     use lmd_data::source::{InputSpec, Labels, SourceEvent};
-    use lmd_data::transform::{prepare, TransformConfig};
+    use lmd_data::transform::TransformConfig;
     let spec = InputSpec::detect(&opts.input, None, None)?;
     let mut images = Vec::new();
     spec.read(Labels::Optional, &mut |ev| {
@@ -125,49 +126,26 @@ pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)
     let median_mpx = pixels[pixels.len() / 2] as f64 / 1e6;
     for &t in &opts.threads {
         let t = t.max(1);
-        let t0 = Instant::now();
-        let failures = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|sc| {
-            for w in 0..t {
-                let (images, cfg, failures) = (&images, &cfg, &failures);
-                sc.spawn(move || {
-                    let mut resizer = lmd_data::transform::Resizer::new();
-                    let mut img = lmd_data::decode::Rgb8::default();
-                    for _ in 0..opts.repeat.max(1) {
-                        for (key, bytes) in images.iter().skip(w).step_by(t) {
-                            let ok = lmd_data::decode::decode_rgb8_region_into(
-                                bytes,
-                                lmd_data::decode::DEFAULT_MAX_PIXELS,
-                                |w, h| cfg.source_region(w, h),
-                                &mut img,
-                            )
-                            .and_then(|()| prepare(&img, key, cfg, &mut resizer));
-                            match ok {
-                                Ok(v) => {
-                                    std::hint::black_box(v);
-                                }
-                                Err(_) => {
-                                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    }
-                });
+        // the pipeline's CHW u8, and beside it the same conversion to CHW f32 in [0, 1] on the
+        // host (what precompute did before it moved u8 to the VAE's device; Pillow's anchor
+        // gives f32 too, so its ratio is taken on this one)
+        let mut ips_of = [0f64; 2];
+        for (i, f32_out) in [true, false].into_iter().enumerate() {
+            let (ips, failed) = decode_rate(&images, &cfg, t, opts.repeat.max(1), f32_out);
+            ips_of[i] = ips;
+            if t == 1 && f32_out {
+                per_core_1 = Some(ips);
             }
-        });
-        let secs = t0.elapsed().as_secs_f64();
-        let n = images.len() * opts.repeat.max(1);
-        let ips = n as f64 / secs;
-        if t == 1 {
-            per_core_1 = Some(ips);
+            emit(json!({
+                "bench": "decode", "input": opts.input, "images": images.len(), "median_megapixels": median_mpx,
+                "threads": t, "size": opts.size, "output": if f32_out { "chw-f32" } else { "chw-u8" },
+                "images_per_s": ips, "images_per_s_per_thread": ips / t as f64,
+                "jpeg_decoder": lmd_data::decode::JPEG_DECODER,
+                "scaling_vs_1_thread": per_core_1.map(|b| ips / b / t as f64),
+                "u8_vs_f32": (!f32_out).then(|| ips / ips_of[0]),
+                "failed": failed,
+            }));
         }
-        emit(json!({
-            "bench": "decode", "input": opts.input, "images": images.len(), "median_megapixels": median_mpx,
-            "threads": t, "size": opts.size, "images_per_s": ips, "images_per_s_per_thread": ips / t as f64,
-            "jpeg_decoder": lmd_data::decode::JPEG_DECODER,
-            "scaling_vs_1_thread": per_core_1.map(|b| ips / b / t as f64),
-            "failed": failures.load(std::sync::atomic::Ordering::Relaxed) / opts.repeat.max(1),
-        }));
     }
     if let Some(anchor) = &opts.pillow_anchor {
         let out = std::process::Command::new("python3")
@@ -190,6 +168,57 @@ pub fn decode(opts: &DecodeBenchOptions, mut emit: impl FnMut(serde_json::Value)
         }));
     }
     Ok(())
+}
+
+/// Images/s of `threads` threads decoding `images` `repeat` times (each thread its own
+/// slice), to CHW u8 or, with `f32_out`, on to f32 in [0, 1]; and the images that failed.
+fn decode_rate(
+    images: &[(String, Vec<u8>)],
+    cfg: &lmd_data::transform::TransformConfig,
+    threads: usize,
+    repeat: usize,
+    f32_out: bool,
+) -> (f64, usize) {
+    use lmd_data::transform::{prepare, unit_f32};
+    let t0 = Instant::now();
+    let failures = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for w in 0..threads {
+            let failures = &failures;
+            sc.spawn(move || {
+                let mut resizer = lmd_data::transform::Resizer::new();
+                let mut img = lmd_data::decode::Rgb8::default();
+                for _ in 0..repeat {
+                    for (key, bytes) in images.iter().skip(w).step_by(threads) {
+                        let ok = lmd_data::decode::decode_rgb8_region_into(
+                            bytes,
+                            lmd_data::decode::DEFAULT_MAX_PIXELS,
+                            |w, h| cfg.source_region(w, h),
+                            &mut img,
+                        )
+                        .and_then(|()| prepare(&img, key, cfg, &mut resizer));
+                        match ok {
+                            Ok(v) if f32_out => {
+                                std::hint::black_box(unit_f32(&v));
+                            }
+                            Ok(v) => {
+                                std::hint::black_box(v);
+                            }
+                            Err(_) => {
+                                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let n = images.len() * repeat;
+    (
+        n as f64 / secs,
+        failures.load(std::sync::atomic::Ordering::Relaxed) / repeat,
+    )
 }
 
 #[cfg(test)]

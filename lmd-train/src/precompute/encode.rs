@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use lmd_data::pipeline::{Batch, Prepared};
 use lmd_data::shard::{Field, RecordLayout};
-use lmd_model::candle::Tensor;
+use lmd_model::candle::{DType, Device, Tensor};
 use lmd_model::vae::Encoded as Latents;
 
 use super::plan::Plan;
@@ -164,8 +164,8 @@ impl<'a> Encoder<'a> {
         Ok(out.send(Encoded::Batch(f.batch, records)).is_ok())
     }
 
-    /// Every variant of every image in one host buffer, copied to the device and brought to
-    /// the VAE's input range.
+    /// Every variant of every image in one host buffer of u8, copied to the device (a quarter
+    /// of the f32 bytes) and brought to the VAE's input range there.
     fn stage(&self, items: &[Prepared]) -> Result<Tensor> {
         let p = self.plan;
         let s = p.transform.size as usize;
@@ -174,9 +174,21 @@ impl<'a> Encoder<'a> {
             flat.extend_from_slice(&it.pixels);
         }
         let n = items.len() * p.transform.variants();
-        let x = Tensor::from_vec(flat, (n, 3, s, s), &p.device)?;
+        let x = unit_on_device(flat, (n, 3, s, s), &p.device)?;
         Ok(p.vae.input_range().from_unit(&x)?)
     }
+}
+
+/// u8 pixels to f32 in [0, 1] on `dev`: moved as u8, converted and divided by 255 there, so
+/// each value is `lmd_data::transform::unit`'s (an exact f32 division, not a multiplication
+/// by 1/255, which rounds differently).
+fn unit_on_device(
+    px: Vec<u8>,
+    shape: (usize, usize, usize, usize),
+    dev: &Device,
+) -> Result<Tensor> {
+    let x = Tensor::from_vec(px, shape, dev)?.to_dtype(DType::F32)?;
+    Ok(x.broadcast_div(&Tensor::new(255f32, dev)?)?)
 }
 
 /// The records of `n` images from their latents: per image, every variant's stored fields in
@@ -212,4 +224,27 @@ fn records(
         out.push(rec);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pixels_staged_as_u8_become_the_hosts_unit_values_exactly() {
+        let px: Vec<u8> = (0..2 * 3 * 4 * 4).map(|i| (i * 37 % 256) as u8).collect();
+        let mut all: Vec<u8> = (0..=255).collect();
+        all.extend_from_slice(&px);
+        let x = unit_on_device(all.clone(), (1, 1, 1, all.len()), &Device::Cpu).unwrap();
+        let got: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let want = lmd_data::transform::unit_f32(&all);
+        // bit for bit: latents do not change with how the pixels travel
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{got:?}"
+        );
+        assert_eq!(x.dims(), [1, 1, 1, all.len()]);
+    }
 }
