@@ -146,20 +146,18 @@ impl FinetuneConfig {
             Some(p) => Some(crate::run_dir::weights_file(p)?),
             None => None,
         };
-        let recorded = match (&self.model, self.preset, &weights) {
-            (None, None, Some(w)) => crate::recorded::recorded_model(w),
-            _ => None,
-        };
-        let enc = match recorded {
-            Some(r) => r.model,
-            None => crate::train::resolve_model(
+        // read once: the architecture to take, and the one to check a given one against
+        let recorded = weights.as_deref().and_then(crate::recorded::recorded_model);
+        let enc = match (&recorded, &self.model, self.preset) {
+            (Some(r), None, None) => r.model.clone(),
+            _ => crate::train::resolve_model(
                 self.preset.unwrap_or(lmd_model::Preset::Tiny),
                 self.model.as_ref(),
                 self.input,
             )?,
         };
-        if let Some(w) = &weights {
-            crate::recorded::check_encoder(w, &enc, self.input)?;
+        if let (Some(r), Some(w)) = (&recorded, &weights) {
+            r.check(w, &enc, self.input)?;
         }
         Ok((enc, weights))
     }

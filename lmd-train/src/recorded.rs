@@ -90,27 +90,32 @@ pub fn encoder_shape(m: &MaeConfig) -> String {
 /// Refuse an encoder `enc` (on `input`) that is not the one the weights `weights` record,
 /// naming both shapes and what to pass instead. Weights that record nothing pass.
 pub fn check_encoder(weights: &Path, enc: &MaeConfig, input: Input) -> crate::Result<()> {
-    let Some(r) = recorded_model(weights) else {
-        return Ok(());
-    };
-    let (theirs, ours) = (encoder_shape(&r.model), encoder_shape(enc));
-    let their_input = r.input.unwrap_or(input);
-    if theirs == ours && their_input == input {
-        return Ok(());
+    recorded_model(weights).map_or(Ok(()), |r| r.check(weights, enc, input))
+}
+
+impl RecordedModel {
+    /// Refuse an encoder `enc` (on `input`) that is not this one, naming both shapes, the
+    /// weights file and what to pass instead.
+    pub fn check(&self, weights: &Path, enc: &MaeConfig, input: Input) -> crate::Result<()> {
+        let (theirs, ours) = (encoder_shape(&self.model), encoder_shape(enc));
+        let their_input = self.input.unwrap_or(input);
+        if theirs == ours && their_input == input {
+            return Ok(());
+        }
+        let fix = match theirs == ours {
+            // the same shape on other data: only the input differs
+            true => format!("give --input {their_input}"),
+            false => "leave out --preset and the config's preset/model to take the checkpoint's, \
+                      or give the same ones"
+                .to_string(),
+        };
+        Err(crate::Error::Invalid(format!(
+            "{}: its encoder ({theirs}, on {their_input}; from {}) is not this run's ({ours}, \
+             on {input}): {fix}",
+            weights.display(),
+            self.from.display()
+        )))
     }
-    let fix = match theirs == ours {
-        // the same shape on other data: only the input differs
-        true => format!("give --input {their_input}"),
-        false => "leave out --preset and the config's preset/model to take the checkpoint's, \
-                  or give the same ones"
-            .to_string(),
-    };
-    Err(crate::Error::Invalid(format!(
-        "{}: its encoder ({theirs}, on {their_input}; from {}) is not this run's ({ours}, on \
-         {input}): {fix}",
-        weights.display(),
-        r.from.display()
-    )))
 }
 
 #[cfg(test)]
