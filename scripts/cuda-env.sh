@@ -8,7 +8,8 @@
 # It installs (once) the wheels of one CUDA release, pinned together (nvcc alone pulls a
 # mismatched crt/nvvm; 13.1+ writes PTX that driver 580 may reject), lays them out as a
 # CUDA_HOME (bin, include, nvvm, lib with unversioned .so links), and exports CUDA_HOME, PATH,
-# CUDA_COMPUTE_CAP (default 90: H100/H200) and CUDARC_CUDA_VERSION.
+# CUDA_COMPUTE_CAP (default 90: H100/H200), CUDARC_CUDA_VERSION and CUDAFORGE_THREADS (default:
+# every core; candle-kernels' build script otherwise runs nvcc on half of them, one thread here).
 #
 # libcuda (the driver) is not on PyPI: the link step uses a stub lib/stubs/libcuda.so made here
 # from the cu* functions cuda.h declares, with the driver's soname libcuda.so.1, as the stubs of
@@ -71,6 +72,9 @@ lmd_cuda_setup() {
   export PATH="$home/bin:$PATH"
   export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
   export CUDARC_CUDA_VERSION=13000
+  # candle-kernels compiles its .cu files through cudaforge, which uses half the cores unless
+  # told: all of them halves its build here (484 s -> 261 s on 2 cores)
+  export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
   # link time only (runtime libraries come from the machine that runs the binary)
   export LIBRARY_PATH="$home/lib:$home/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
   echo "cuda-env: CUDA_HOME=$home, nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), compute cap $CUDA_COMPUTE_CAP" >&2

@@ -26,11 +26,17 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-fn storage_err(url: &str, op: &'static str, e: impl std::fmt::Display) -> Error {
+/// An error of the store (or URL parser) at `url`, with each cause in its chain said once
+/// ([`one_line`]): the root cause (e.g. `Connection refused`) is the last part.
+fn storage_err(url: &str, op: &'static str, e: impl std::error::Error) -> Error {
+    storage_msg(url, op, one_line(&e))
+}
+
+fn storage_msg(url: &str, op: &'static str, detail: String) -> Error {
     Error::Storage {
         url: url.to_string(),
         op,
-        detail: e.to_string(),
+        detail,
     }
 }
 
@@ -102,7 +108,7 @@ fn resolve(url: &str) -> Result<(Arc<dyn ObjectStore>, ObjPath)> {
                 .map_err(|e| storage_err(url, "configure", e))?,
         ),
         other => {
-            return Err(storage_err(
+            return Err(storage_msg(
                 url,
                 "open",
                 format!("unsupported scheme {other:?}"),
@@ -295,24 +301,31 @@ pub(super) fn check_access(url: &str) -> Result<()> {
         let mut s = store.list(Some(&parent));
         match s.next().await {
             None | Some(Ok(_)) => Ok(()),
-            Some(Err(e)) => Err(storage_err(url, "check access", one_line(&e))),
+            Some(Err(e)) => Err(storage_err(url, "check access", e)),
         }
     })
 }
 
-/// object_store's errors nest the server's XML reply: keep the first line of each level.
+/// An error and its sources on one line, each said once: object_store's errors nest the
+/// server's XML reply (the first line of each level is kept), and most levels repeat the text
+/// of the level below (`Generic S3 error: Error performing GET ... - HTTP error: ...` over
+/// `Error performing GET ... - HTTP error: ...`), so a level already said is left out. The
+/// root cause (`Connection refused`, the server's `NoSuchBucket`) stays, last.
 fn one_line(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut src = e.source();
-    while let Some(s) = src {
-        parts.push(s.to_string());
-        src = s.source();
+    let mut said = String::new();
+    let mut level = Some(e);
+    while let Some(l) = level {
+        let text = l.to_string();
+        let text = text.lines().next().unwrap_or("").trim();
+        if !text.is_empty() && !said.contains(text) {
+            if !said.is_empty() {
+                said.push_str(": ");
+            }
+            said.push_str(text);
+        }
+        level = l.source();
     }
-    parts
-        .iter()
-        .map(|p| p.lines().next().unwrap_or("").trim().to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+    said
 }
 
 /// A streaming GET: a task on the I/O runtime pushes body chunks into a bounded queue; `read`
@@ -334,7 +347,7 @@ impl RemoteReader {
             if !matches!(e, object_store::Error::NotFound { .. }) {
                 super::record_fault(url, "open", detail.clone());
             }
-            storage_err(url, "open", detail)
+            storage_msg(url, "open", detail)
         })?;
         runtime().spawn(async move {
             let mut body = result.into_stream();
@@ -376,5 +389,71 @@ impl Read for RemoteReader {
         let _ = self.chunk.split_to(n);
         self.offset += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain whose levels each repeat the level below (as object_store's do).
+    #[derive(Debug)]
+    struct Level(String, Option<Box<Level>>);
+    impl std::fmt::Display for Level {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Level {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn one_line_says_each_level_once_and_keeps_the_first_line_of_each() {
+        let chain = [
+            "Generic S3 error: GET x - HTTP error: sending",
+            "GET x - HTTP error: sending",
+            "HTTP error: sending",
+            "sending",
+            "<Error>\n<Code>NoSuchBucket</Code>",
+            "refused",
+        ];
+        let mut e: Option<Box<Level>> = None;
+        for t in chain.iter().rev() {
+            e = Some(Box::new(Level(t.to_string(), e)));
+        }
+        assert_eq!(
+            one_line(e.as_deref().unwrap()),
+            "Generic S3 error: GET x - HTTP error: sending: <Error>: refused"
+        );
+    }
+
+    /// Regression: a GET from a server that is not there said its cause five times over
+    /// ("Error performing GET ..." twice, "error sending request" four times) and, where only
+    /// the top level was printed, lost it ("Connection refused").
+    #[test]
+    fn a_refused_connection_is_named_once_with_its_root_cause() {
+        let _rt = runtime().enter();
+        let store = object_store::http::HttpBuilder::new()
+            .with_url("http://127.0.0.1:9")
+            .with_retry(RetryConfig {
+                max_retries: 1,
+                retry_timeout: Duration::from_millis(100),
+                ..Default::default()
+            })
+            .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
+            .build()
+            .unwrap();
+        let e = runtime()
+            .block_on(store.get(&ObjPath::from("a.tar")))
+            .err()
+            .expect("nothing listens on port 9");
+        let msg = storage_err("http://127.0.0.1:9/a.tar", "open", e).to_string();
+        assert!(msg.contains("http://127.0.0.1:9/a.tar"), "{msg}");
+        assert!(msg.contains("Connection refused"), "{msg}");
+        assert_eq!(msg.matches("Error performing GET").count(), 1, "{msg}");
+        assert_eq!(msg.matches("error sending request").count(), 1, "{msg}");
     }
 }
