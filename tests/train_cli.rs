@@ -452,6 +452,33 @@ fn init_from_an_exported_pth_starts_from_those_weights_and_an_encoder_only_file_
             assert_ne!(got["decoder_embed.weight"], want["decoder_embed.weight"]);
         }
     }
+    // --init with a run directory that records another encoder (64 wide) into a 32-wide run:
+    // refused by name before any data is read (the data path does not exist), saying what to
+    // give; nothing of the new run is written
+    let narrow = tmp.path().join("narrow.toml");
+    std::fs::write(&narrow, short.replace("embed_dim = 64", "embed_dim = 32")).unwrap();
+    let out = tmp.path().join("d");
+    let o = train(&narrow, &tmp.path().join("no-such-data"), &out, false)
+        .arg("--init")
+        .arg(&a)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    for want in [
+        "64 wide, depth 2",
+        "32 wide, depth 2",
+        "model.safetensors",
+        "give the --preset and [model] that",
+        "config.json",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    assert!(
+        !err.contains("no-such-data"),
+        "refused before reading data: {err}"
+    );
+    assert!(!out.join("config.json").exists());
 }
 
 /// `lmd-finetune --precision bf16`: it learns as the f32 run does (the same data, seed and

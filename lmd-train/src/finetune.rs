@@ -157,7 +157,7 @@ impl FinetuneConfig {
             )?,
         };
         if let (Some(r), Some(w)) = (&recorded, &weights) {
-            r.check(w, &enc, self.input)?;
+            r.check(w, &enc, self.input, crate::recorded::Remedy::TakeRecorded)?;
         }
         Ok((enc, weights))
     }

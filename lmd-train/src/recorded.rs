@@ -87,27 +87,55 @@ pub fn encoder_shape(m: &MaeConfig) -> String {
     )
 }
 
+/// What a refusal tells the user to do when the encoder differs from the recorded one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remedy {
+    /// The program takes the recorded architecture when given none (`lmd-finetune
+    /// --pretrained`): leave out the preset and model.
+    TakeRecorded,
+    /// The program builds what its flags and config say (`lmd-train --init`): give the
+    /// recorded ones.
+    GiveSame,
+}
+
 /// Refuse an encoder `enc` (on `input`) that is not the one the weights `weights` record,
 /// naming both shapes and what to pass instead. Weights that record nothing pass.
-pub fn check_encoder(weights: &Path, enc: &MaeConfig, input: Input) -> crate::Result<()> {
-    recorded_model(weights).map_or(Ok(()), |r| r.check(weights, enc, input))
+pub fn check_encoder(
+    weights: &Path,
+    enc: &MaeConfig,
+    input: Input,
+    remedy: Remedy,
+) -> crate::Result<()> {
+    recorded_model(weights).map_or(Ok(()), |r| r.check(weights, enc, input, remedy))
 }
 
 impl RecordedModel {
     /// Refuse an encoder `enc` (on `input`) that is not this one, naming both shapes, the
     /// weights file and what to pass instead.
-    pub fn check(&self, weights: &Path, enc: &MaeConfig, input: Input) -> crate::Result<()> {
+    pub fn check(
+        &self,
+        weights: &Path,
+        enc: &MaeConfig,
+        input: Input,
+        remedy: Remedy,
+    ) -> crate::Result<()> {
         let (theirs, ours) = (encoder_shape(&self.model), encoder_shape(enc));
         let their_input = self.input.unwrap_or(input);
         if theirs == ours && their_input == input {
             return Ok(());
         }
-        let fix = match theirs == ours {
+        let fix = match (theirs == ours, remedy) {
             // the same shape on other data: only the input differs
-            true => format!("give --input {their_input}"),
-            false => "leave out --preset and the config's preset/model to take the checkpoint's, \
-                      or give the same ones"
-                .to_string(),
+            (true, _) => format!("give --input {their_input}"),
+            (false, Remedy::TakeRecorded) => {
+                "leave out --preset and the config's preset/model to take the checkpoint's, \
+                 or give the same ones"
+                    .to_string()
+            }
+            (false, Remedy::GiveSame) => format!(
+                "give the --preset and [model] that {} records, or weights of this run's shape",
+                self.from.display()
+            ),
         };
         Err(crate::Error::Invalid(format!(
             "{}: its encoder ({theirs}, on {their_input}; from {}) is not this run's ({ours}, \
@@ -143,10 +171,21 @@ mod tests {
         assert_eq!(r.model, Preset::BasePatch4.config());
         assert_eq!(r.input, Some(Input::Latents));
         assert_eq!(r.from, t.path().join("run/config.json"));
-        check_encoder(&w, &Preset::BasePatch4.config(), Input::Latents).unwrap();
-        let e = check_encoder(&w, &Preset::Tiny.config(), Input::Latents)
-            .unwrap_err()
-            .to_string();
+        check_encoder(
+            &w,
+            &Preset::BasePatch4.config(),
+            Input::Latents,
+            Remedy::TakeRecorded,
+        )
+        .unwrap();
+        let e = check_encoder(
+            &w,
+            &Preset::Tiny.config(),
+            Input::Latents,
+            Remedy::TakeRecorded,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("768 wide, depth 12, 12 heads, mlp 4, patch 4 on 4x28x28")
                 && e.contains("192 wide")
@@ -154,13 +193,28 @@ mod tests {
                 && e.contains("--preset"),
             "{e}"
         );
-        // the same shape on pixels is another model
-        let px = crate::train::resolve_model(Preset::BasePatch4, None, Input::Pixels).unwrap();
-        assert!(check_encoder(&w, &px, Input::Pixels).is_err());
-        // the same encoder read from other data: only --input is wrong, and the message says so
-        let e = check_encoder(&w, &Preset::BasePatch4.config(), Input::Pixels)
+        // lmd-train --init builds what it is told: the fix is to give the recorded preset
+        let e = check_encoder(&w, &Preset::Tiny.config(), Input::Latents, Remedy::GiveSame)
             .unwrap_err()
             .to_string();
+        assert!(
+            e.contains("give the --preset and [model] that")
+                && e.contains("run/config.json")
+                && !e.contains("leave out"),
+            "{e}"
+        );
+        // the same shape on pixels is another model
+        let px = crate::train::resolve_model(Preset::BasePatch4, None, Input::Pixels).unwrap();
+        assert!(check_encoder(&w, &px, Input::Pixels, Remedy::TakeRecorded).is_err());
+        // the same encoder read from other data: only --input is wrong, and the message says so
+        let e = check_encoder(
+            &w,
+            &Preset::BasePatch4.config(),
+            Input::Pixels,
+            Remedy::TakeRecorded,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("give --input latents"), "{e}");
         // a pixel run records its pixel encoder
         write(
@@ -179,11 +233,17 @@ mod tests {
         );
         let r = recorded_model(&w).unwrap();
         assert_eq!((r.model.clone(), r.input), (c.clone(), None));
-        check_encoder(&w, &c, Input::Latents).unwrap();
+        check_encoder(&w, &c, Input::Latents, Remedy::TakeRecorded).unwrap();
         // weights outside any run record nothing and pass
         let lone = t.path().join("elsewhere/mae_pretrain_vit_base.pth");
         assert_eq!(recorded_model(&lone), None);
-        check_encoder(&lone, &Preset::Tiny.config(), Input::Latents).unwrap();
+        check_encoder(
+            &lone,
+            &Preset::Tiny.config(),
+            Input::Latents,
+            Remedy::TakeRecorded,
+        )
+        .unwrap();
         // an unreadable record counts as none
         write(
             &t.path().join("bad/config.json"),

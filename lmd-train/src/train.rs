@@ -358,14 +358,22 @@ fn resume_point(
     Ok(Some((ck, st, now)))
 }
 
-/// Initialise from `--init` (a fresh run only), saying what was loaded (rank 0).
+/// The weights file `--init` names (a checkpoint, or a checkpoint or run directory, verified),
+/// refused before any data is read when it records another encoder than `mcfg` on `input`.
+fn init_weights(init: &Path, mcfg: &MaeConfig, input: Input) -> Result<PathBuf> {
+    let file = crate::run_dir::weights_file(init)?;
+    crate::recorded::check_encoder(&file, mcfg, input, crate::recorded::Remedy::GiveSame)?;
+    Ok(file)
+}
+
+/// Initialise from the `--init` weights `init` (a fresh run only), saying what was loaded
+/// (rank 0).
 fn init_from(
     model: &LatentMae,
     varmap: &lmd_model::candle_nn::VarMap,
     init: &Path,
     say: bool,
 ) -> Result<()> {
-    let init = &crate::run_dir::weights_file(init)?;
     let names = model.init_from(varmap, init)?;
     if !say {
         return Ok(());
@@ -401,6 +409,12 @@ pub fn run_job(
     on_log: &mut dyn FnMut(&Metrics),
 ) -> Result<TrainSummary> {
     let mcfg = validated(cfg)?;
+    // a fresh start's --init is resolved and checked first (a resume that finds no
+    // checkpoint does it where it starts afresh)
+    let init = match (&cfg.init, resume) {
+        (Some(p), false) => Some(init_weights(p, &mcfg, cfg.input)?),
+        _ => None,
+    };
     let (rank, world) = (job.dist.rank(), job.dist.world_size());
     let loader = open_checked(cfg, &mcfg, (rank, world), job.dist.is_root())?;
     let root = job.dist.is_root();
@@ -450,8 +464,13 @@ pub fn run_job(
             step = st.step;
         }
         None => {
-            if let Some(init) = &cfg.init {
-                init_from(&model, &varmap, init, root)?;
+            let init = match (init, &cfg.init) {
+                (Some(file), _) => Some(file),
+                (None, Some(p)) => Some(init_weights(p, &mcfg, cfg.input)?),
+                (None, None) => None,
+            };
+            if let Some(file) = init {
+                init_from(&model, &varmap, &file, root)?;
             }
         }
     }

@@ -78,6 +78,7 @@ pub struct Settings {
     /// Start from these weights (an lmd-train checkpoint: file, checkpoint directory or run
     /// directory for its latest; or an official MAE/LMD safetensors or
     /// .pth such as mae_pretrain_vit_base.pth; encoder-only files leave the decoder fresh).
+    /// Weights whose run records another encoder than this run's are refused, naming both.
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Labelled validation data of the same kind as --data: the encoder's k-NN top-1 (k = 20,

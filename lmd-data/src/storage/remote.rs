@@ -446,10 +446,9 @@ mod tests {
             .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
             .build()
             .unwrap();
-        let e = runtime()
-            .block_on(store.get(&ObjPath::from("a.tar")))
-            .err()
-            .expect("nothing listens on port 9");
+        let Err(e) = runtime().block_on(store.get(&ObjPath::from("a.tar"))) else {
+            panic!("nothing listens on port 9")
+        };
         let msg = storage_err("http://127.0.0.1:9/a.tar", "open", e).to_string();
         assert!(msg.contains("http://127.0.0.1:9/a.tar"), "{msg}");
         assert!(msg.contains("Connection refused"), "{msg}");
