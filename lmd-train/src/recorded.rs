@@ -150,6 +150,13 @@ impl RecordedModel {
 mod tests {
     use super::*;
 
+    /// The refusal `check_encoder` gives (it must refuse).
+    fn refusal(w: &Path, enc: &MaeConfig, input: Input, remedy: Remedy) -> String {
+        check_encoder(w, enc, input, remedy)
+            .unwrap_err()
+            .to_string()
+    }
+
     fn write(p: &Path, v: serde_json::Value) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, v.to_string()).unwrap();
@@ -178,14 +185,12 @@ mod tests {
             Remedy::TakeRecorded,
         )
         .unwrap();
-        let e = check_encoder(
+        let e = refusal(
             &w,
             &Preset::Tiny.config(),
             Input::Latents,
             Remedy::TakeRecorded,
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(
             e.contains("768 wide, depth 12, 12 heads, mlp 4, patch 4 on 4x28x28")
                 && e.contains("192 wide")
@@ -194,9 +199,7 @@ mod tests {
             "{e}"
         );
         // lmd-train --init builds what it is told: the fix is to give the recorded preset
-        let e = check_encoder(&w, &Preset::Tiny.config(), Input::Latents, Remedy::GiveSame)
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&w, &Preset::Tiny.config(), Input::Latents, Remedy::GiveSame);
         assert!(
             e.contains("give the --preset and [model] that")
                 && e.contains("run/config.json")
@@ -207,14 +210,12 @@ mod tests {
         let px = crate::train::resolve_model(Preset::BasePatch4, None, Input::Pixels).unwrap();
         assert!(check_encoder(&w, &px, Input::Pixels, Remedy::TakeRecorded).is_err());
         // the same encoder read from other data: only --input is wrong, and the message says so
-        let e = check_encoder(
+        let e = refusal(
             &w,
             &Preset::BasePatch4.config(),
             Input::Pixels,
             Remedy::TakeRecorded,
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.contains("give --input latents"), "{e}");
         // a pixel run records its pixel encoder
         write(
