@@ -45,10 +45,10 @@ for r in $(seq 1 "$ROUNDS"); do
   pre "tars/part-*.tar" local; a=$(rate local/summary.json)
   pre "s3://bench/in/part-{0..3}.tar" s3://bench/lat
   s3 get lat/summary.json summary-s3.json; b=$(rate summary-s3.json)
-  loc=$("$BIN/lmd-bench" loader --data local --seconds 3 | head -1)
+  loc=$("$BIN/lmd-bench" loader --data local --seconds 3 | sed -n 1p)
   rm -rf cache
-  cold=$(LMD_CACHE_DIR="$work/cache" "$BIN/lmd-bench" loader --data s3://bench/lat --seconds 3 | head -1)
-  warm=$(LMD_CACHE_DIR="$work/cache" "$BIN/lmd-bench" loader --data s3://bench/lat --seconds 3 | head -1)
+  cold=$(LMD_CACHE_DIR="$work/cache" "$BIN/lmd-bench" loader --data s3://bench/lat --seconds 3 | sed -n 1p)
+  warm=$(LMD_CACHE_DIR="$work/cache" "$BIN/lmd-bench" loader --data s3://bench/lat --seconds 3 | sed -n 1p)
   python3 - "$r" "$a" "$b" "$loc" "$cold" "$warm" <<'P'
 import json, sys
 r, a, b = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
