@@ -15,10 +15,12 @@
 //! - [`Stepped::stop`] is the signal any rank received before the step ended: every rank sees
 //!   the same value after the same step, so all stop there together.
 
+use std::path::Path;
 use std::time::Instant;
 
 use lmd_data::loader::LatentBatch;
 use lmd_model::candle::{Device, Tensor};
+use lmd_model::candle_nn::VarMap;
 
 use crate::dist::{average_gradients, Job, BUCKET_ELEMS};
 use crate::optim::AdamW;
@@ -67,6 +69,14 @@ impl Driver {
             comm_s: 0.0,
             samples: 0,
         }
+    }
+
+    /// Continue from the checkpoint directory `ck`: the model's weights into `varmap`, the
+    /// optimiser's moments and step into this driver.
+    pub fn restore(&mut self, varmap: &VarMap, ck: &Path) -> Result<()> {
+        let mut vm = varmap.clone();
+        vm.load(ck.join(crate::run_dir::MODEL_FILE))?;
+        self.opt.load(&ck.join(crate::run_dir::OPTIMIZER_FILE))
     }
 
     /// The next batch of the epoch (the wait counted), or `None` at its end.

@@ -21,6 +21,7 @@ use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{layer_decay_scale, lr_at, AdamW, AdamWConfig};
 use crate::run_dir::{write_json, RunDir};
+use crate::start::{start, CheckpointState, JobSettings, Start};
 use crate::train_data::{Input, Samples, TrainData};
 use crate::{Error, Result};
 use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
@@ -117,6 +118,17 @@ impl crate::run_dir::PerRankBatch for FinetuneConfig {
     }
 }
 
+impl JobSettings for FinetuneConfig {
+    const PROGRAM: &'static str = "lmd-finetune";
+    const RUN_ONLY_KEYS: &'static [&'static str] = &RUN_ONLY_KEYS;
+    fn out(&self) -> &Path {
+        &self.out
+    }
+    fn loader_config(&self, rank_world: (usize, usize)) -> LoaderConfig {
+        crate::train_data::loader_config(self.batch_size, self.run.seed, self.window, rank_world)
+    }
+}
+
 impl FinetuneConfig {
     /// The linear-probing defaults (MAE's `main_linprobe.py`, with AdamW instead of LARS).
     pub fn linear_probe() -> Self {
@@ -181,12 +193,14 @@ struct State {
     best: Option<EvalResult>,
     config: FinetuneConfig,
     /// The world size that wrote it (its global batch: `config.batch_size` x this).
-    #[serde(default = "one")]
+    #[serde(default = "crate::start::one_rank")]
     world_size: usize,
 }
 
-fn one() -> usize {
-    1
+impl CheckpointState<FinetuneConfig> for State {
+    fn settings(&self) -> (&FinetuneConfig, usize) {
+        (&self.config, self.world_size)
+    }
 }
 
 /// What a run did.
@@ -294,42 +308,23 @@ fn open_finetune_data(
     Ok((train, plain, val))
 }
 
-/// Where a resumed run continues: `checkpoints/last` when it verifies (rank 0 decides, every
-/// rank reads it); a damaged one is reported and not loaded (the run starts over). Returns the
-/// state and the settings of this start with the per-rank batch that keeps the checkpoint's
-/// global batch.
-fn resume_point(
-    job: &Job,
-    run: Option<&RunDir>,
-    cfg: &FinetuneConfig,
-) -> Result<Option<(PathBuf, State, FinetuneConfig)>> {
-    let mut picked = None;
-    if let Some(run) = run {
-        let last = run.checkpoints().join("last");
-        if last.join("state.json").exists() {
-            match crate::run_dir::verify_dir(&last) {
-                Ok(()) => picked = Some(last),
-                Err(e) => eprintln!(
-                    "lmd-finetune: {} does not verify ({e}); no older checkpoint: starting over",
-                    last.display()
-                ),
-            }
+/// The checkpoint a resumed run continues from: `checkpoints/last` when it verifies; a damaged
+/// one is reported and not loaded (the run starts over).
+fn last_checkpoint(run: &RunDir) -> Result<Option<PathBuf>> {
+    let last = run.checkpoints().join("last");
+    if !last.join("state.json").exists() {
+        return Ok(None);
+    }
+    match crate::run_dir::verify_dir(&last) {
+        Ok(()) => Ok(Some(last)),
+        Err(e) => {
+            eprintln!(
+                "lmd-finetune: {} does not verify ({e}); no older checkpoint: starting over",
+                last.display()
+            );
+            Ok(None)
         }
     }
-    let Some(ck) = job.dist.broadcast_json(&picked)? else {
-        return Ok(None);
-    };
-    let st: State = crate::run_dir::read_json(&ck.join("state.json"))?;
-    let now = crate::run_dir::resumed_settings(
-        job,
-        "lmd-finetune",
-        &ck,
-        &st.config,
-        st.world_size,
-        cfg,
-        &RUN_ONLY_KEYS,
-    )?;
-    Ok(Some((ck, st, now)))
 }
 
 /// A fresh classifier (its encoder from `--pretrained`), and the step driver with its
@@ -388,43 +383,20 @@ pub fn run_job(
     let t0 = Instant::now();
     cfg.run.precision.check_trainable()?;
     let say = job.dist.is_root();
-    let (rank, world, root) = (job.dist.rank(), job.dist.world_size(), job.dist.is_root());
+    let (rank, world) = (job.dist.rank(), job.dist.world_size());
     let (enc, pretrained) = cfg.encoder_and_weights()?;
     enc.validate()?;
-    let lcfg =
-        crate::train_data::loader_config(cfg.batch_size, cfg.run.seed, cfg.window, (rank, world));
-    let (loader, plain, val) = open_finetune_data(cfg, &enc, lcfg, say)?;
+    let (loader, plain, val) =
+        open_finetune_data(cfg, &enc, cfg.loader_config((rank, world)), say)?;
     let ccfg = classifier_config(cfg, enc, &plain.labels("training")?)?;
-    let run = match root {
-        true => Some(RunDir::open(&cfg.out)?),
-        false => None,
-    };
-    // without --resume, a run directory that holds a run is refused (rank 0 decides)
-    let resumed = match resume {
-        true => resume_point(job, run.as_ref(), cfg)?,
-        false => run.as_ref().map(RunDir::check_fresh).transpose()?.and(None),
-    };
-    let cfg = &resumed
-        .as_ref()
-        .map_or_else(|| cfg.clone(), |r| r.2.clone());
-    // the data was checked before the resume; its loader takes the resumed settings (a resume
-    // at another world size keeps the global batch with another per-rank one)
-    let mut loader = loader.with_config(crate::train_data::loader_config(
-        cfg.batch_size,
-        cfg.run.seed,
-        cfg.window,
-        (rank, world),
-    ))?;
-    let global_batch = cfg.batch_size * world;
-    if let Some(run) = &run {
-        run.write_config(
-            cfg,
-            crate::run_dir::WorldRecord {
-                world_size: world,
-                global_batch,
-            },
-        )?;
-    }
+    let Start {
+        run,
+        resumed,
+        cfg,
+        mut loader,
+        global_batch,
+    } = start::<_, State>(job, cfg, resume, loader, last_checkpoint)?;
+    let cfg = &cfg;
     let dev = cfg.run.open_device_for(&job.dist)?;
     let (clf, varmap, mut driver) = classifier_and_driver(cfg, &ccfg, pretrained.as_deref(), &dev)?;
     let bpe = loader.batches_per_epoch() as u64;
@@ -440,10 +412,8 @@ pub fn run_job(
         config: cfg.clone(),
         world_size: world,
     };
-    if let Some((ck, st, _)) = &resumed {
-        let mut vm = varmap.clone();
-        vm.load(ck.join(crate::run_dir::MODEL_FILE))?;
-        driver.opt.load(&ck.join("optimizer.safetensors"))?;
+    if let Some((ck, st)) = &resumed {
+        driver.restore(&varmap, ck)?;
         loader.set_state(LoaderState {
             epoch: st.epochs_done,
             batch: st.batch_in_epoch,
@@ -606,7 +576,7 @@ fn save_last(
     let last = run.checkpoints().join("last");
     save_classifier(run, &last, clf, varmap, |d| {
         write_json(&d.join("state.json"), state)?;
-        opt.save(&d.join("optimizer.safetensors"))
+        opt.save(&d.join(crate::run_dir::OPTIMIZER_FILE))
     })
 }
 

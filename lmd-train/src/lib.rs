@@ -26,6 +26,7 @@ pub mod recorded;
 pub mod report;
 pub mod run_dir;
 pub mod settings;
+pub mod start;
 pub mod testvectors;
 pub mod train;
 pub mod train_data;

@@ -34,6 +34,9 @@ pub const CHECKSUMS: &str = "SHA256SUMS";
 /// The weights file of a checkpoint directory.
 pub const MODEL_FILE: &str = "model.safetensors";
 
+/// The optimiser's state in a checkpoint directory (AdamW's moments and step).
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
 /// The weights file `path` names, for `--pretrained`, `--init`, `lmd-eval` and `lmd-export`:
 /// - a file (or a URL) is itself;
 /// - a checkpoint directory (`checkpoints/step-N/`, `best/`) gives its [`MODEL_FILE`];
@@ -406,25 +409,6 @@ pub fn config_differences<T: Serialize>(saved: &T, now: &T, run_only: &[&str]) -
             })
         })
         .collect()
-}
-
-/// Resume from the (verified) checkpoint directory `ck`: its `state.json`, after checking the
-/// configuration saved there (`config_of`) against `now` (see [`check_resume_config`]), then
-/// its weights into `varmap` and optimizer moments into `opt`.
-pub fn load_checkpoint<S: serde::de::DeserializeOwned, C: Serialize>(
-    ck: &Path,
-    now: &C,
-    run_only: &[&str],
-    config_of: impl FnOnce(&S) -> &C,
-    varmap: &lmd_model::candle_nn::VarMap,
-    opt: &mut crate::optim::AdamW,
-) -> Result<S> {
-    let st: S = read_json(&ck.join("state.json"))?;
-    check_resume_config(ck, config_of(&st), now, run_only)?;
-    let mut vm = varmap.clone();
-    vm.load(ck.join(MODEL_FILE))?;
-    opt.load(&ck.join("optimizer.safetensors"))?;
-    Ok(st)
 }
 
 /// Refuse a resume whose settings differ from the checkpoint's, naming each setting.

@@ -26,10 +26,11 @@ use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::report::Render;
-use crate::run_dir::{resumed_settings, write_json, PerRankBatch, RunDir, WorldRecord};
+use crate::run_dir::{write_json, PerRankBatch};
+use crate::start::{start, CheckpointState, JobSettings, Start};
 use crate::train_data::{Input, TrainData};
 use crate::{Error, Result};
-use lmd_data::loader::{LatentLoader, LoaderState};
+use lmd_data::loader::{LatentLoader, LoaderConfig, LoaderState};
 use lmd_data::pixel_loader::PixelTransform;
 use lmd_data::shard::LatentDataset;
 use lmd_data::source::Labels;
@@ -128,6 +129,17 @@ impl PerRankBatch for TrainConfig {
     }
 }
 
+impl JobSettings for TrainConfig {
+    const PROGRAM: &'static str = "lmd-train";
+    const RUN_ONLY_KEYS: &'static [&'static str] = &RUN_ONLY_KEYS;
+    fn out(&self) -> &Path {
+        &self.out
+    }
+    fn loader_config(&self, rank_world: (usize, usize)) -> LoaderConfig {
+        crate::train_data::loader_config(self.batch_size, self.run.seed, self.window, rank_world)
+    }
+}
+
 impl TrainConfig {
     pub fn model_config(&self) -> Result<MaeConfig> {
         resolve_model(self.preset, self.model.as_ref(), self.input)
@@ -159,7 +171,7 @@ struct CkptState {
     loader: LoaderState,
     config: TrainConfig,
     /// The world size that wrote it (its global batch: `config.batch_size` x this).
-    #[serde(default = "one")]
+    #[serde(default = "crate::start::one_rank")]
     world_size: usize,
     /// Training seconds up to this checkpoint (checkpoints, previews and k-NN not counted),
     /// summed over resumptions.
@@ -167,8 +179,10 @@ struct CkptState {
     train_s: f64,
 }
 
-fn one() -> usize {
-    1
+impl CheckpointState<TrainConfig> for CkptState {
+    fn settings(&self) -> (&TrainConfig, usize) {
+        (&self.config, self.world_size)
+    }
 }
 
 /// Settings that may change between a run and its resumption (they do not change the numbers).
@@ -256,7 +270,7 @@ pub struct TrainSummary {
 }
 
 /// The checkpoint directory `checkpoints/latest` names, if it exists (not verified: resuming
-/// verifies, see [`RunDir::resume_point`]).
+/// verifies, see [`crate::run_dir::RunDir::resume_point`]).
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(out.join("checkpoints/latest")).ok()?;
     let p = out.join("checkpoints").join(name.trim());
@@ -287,8 +301,7 @@ fn open_checked(
     rank_world: (usize, usize),
     say: bool,
 ) -> Result<TrainData> {
-    let lcfg =
-        crate::train_data::loader_config(cfg.batch_size, cfg.run.seed, cfg.window, rank_world);
+    let lcfg = cfg.loader_config(rank_world);
     match cfg.input {
         Input::Latents => {
             let ds = Arc::new(open_data_cached(&cfg.data, &cfg.run.cache()?, say)?);
@@ -327,35 +340,6 @@ fn open_checked(
             TrainData::pixels(set, lcfg, PixelTransform::mae_pretrain(h as u32))
         }
     }
-}
-
-/// Where a resumed run continues: rank 0 picks the newest checkpoint that verifies and every
-/// rank reads the same one (the run directory must be on a filesystem all ranks see). Returns
-/// the checkpoint and its state, and the settings of this start with the per-rank batch that
-/// keeps the checkpoint's global batch ([`crate::run_dir::resume_batch`]).
-fn resume_point(
-    job: &Job,
-    run: Option<&RunDir>,
-    cfg: &TrainConfig,
-) -> Result<Option<(PathBuf, CkptState, TrainConfig)>> {
-    let picked = match run {
-        Some(run) => run.resume_point(&mut |w| eprintln!("lmd-train: {w}"))?,
-        None => None,
-    };
-    let Some(ck) = job.dist.broadcast_json(&picked)? else {
-        return Ok(None);
-    };
-    let st: CkptState = crate::run_dir::read_json(&ck.join("state.json"))?;
-    let now = resumed_settings(
-        job,
-        "lmd-train",
-        &ck,
-        &st.config,
-        st.world_size,
-        cfg,
-        &RUN_ONLY_KEYS,
-    )?;
-    Ok(Some((ck, st, now)))
 }
 
 /// The weights file `--init` names (a checkpoint, or a checkpoint or run directory, verified),
@@ -416,38 +400,18 @@ pub fn run_job(
         _ => None,
     };
     let (rank, world) = (job.dist.rank(), job.dist.world_size());
-    let loader = open_checked(cfg, &mcfg, (rank, world), job.dist.is_root())?;
     let root = job.dist.is_root();
-    let run = match root {
-        true => Some(RunDir::open(&cfg.out)?),
-        false => None,
-    };
-    // without --resume, a run directory that holds a run is refused (rank 0 decides)
-    let resumed = match resume {
-        true => resume_point(job, run.as_ref(), cfg)?,
-        false => run.as_ref().map(RunDir::check_fresh).transpose()?.and(None),
-    };
-    let cfg = &resumed
-        .as_ref()
-        .map_or_else(|| cfg.clone(), |r| r.2.clone());
-    // the data was checked before the resume; its loader takes the resumed settings (a resume
-    // at another world size keeps the global batch with another per-rank one)
-    let mut loader = loader.with_config(crate::train_data::loader_config(
-        cfg.batch_size,
-        cfg.run.seed,
-        cfg.window,
-        (rank, world),
-    ))?;
-    let global_batch = cfg.batch_size * world;
-    if let Some(run) = &run {
-        run.write_config(
-            cfg,
-            WorldRecord {
-                world_size: world,
-                global_batch,
-            },
-        )?;
-    }
+    let loader = open_checked(cfg, &mcfg, (rank, world), root)?;
+    let Start {
+        run,
+        resumed,
+        cfg,
+        mut loader,
+        global_batch,
+    } = start::<_, CkptState>(job, cfg, resume, loader, |run| {
+        run.resume_point(&mut |w| eprintln!("lmd-train: {w}"))
+    })?;
+    let cfg = &cfg;
     let dev = cfg.run.open_device_for(&job.dist)?;
     let varmap = lmd_model::candle_nn::VarMap::new();
     let backend = cfg.run.backend(&dev)?;
@@ -456,10 +420,8 @@ pub fn run_job(
     let mut driver = Driver::new(opt, cfg.grad_clip, cfg.run.log_every);
     let mut step = 0;
     match &resumed {
-        Some((ck, st, _)) => {
-            let mut vm = varmap.clone();
-            vm.load(ck.join(crate::run_dir::MODEL_FILE))?;
-            driver.opt.load(&ck.join("optimizer.safetensors"))?;
+        Some((ck, st)) => {
+            driver.restore(&varmap, ck)?;
             loader.set_state(st.loader);
             step = st.step;
         }
@@ -575,7 +537,7 @@ pub fn run_job(
                 if let (Some(run), Some(preview)) = (&run, &preview) {
                     run.save_step(step, cfg.keep_checkpoints, |dir| {
                         model.save(&varmap, &dir.join(crate::run_dir::MODEL_FILE))?;
-                        driver.opt.save(&dir.join("optimizer.safetensors"))?;
+                        driver.opt.save(&dir.join(crate::run_dir::OPTIMIZER_FILE))?;
                         write_json(&dir.join("state.json"), &state)
                     })?;
                     preview.write(cfg, &model, step)?;
