@@ -200,9 +200,55 @@ impl Module for Mid {
     }
 }
 
+/// One of diffusers' down or up blocks: resnets, then (all but the last block) a 3x3
+/// resampling conv.
+struct Stage {
+    res: Vec<Resnet>,
+    sampler: Option<Conv>,
+}
+
+impl Stage {
+    /// The blocks `{kind}_blocks.{i}` for the channels `chans`, each with `n_res` resnets
+    /// (`resnets.{j}`, the first taking the previous block's channels) and, but the last,
+    /// `{kind}samplers.0.conv` (3x3, `stride`, `pad`).
+    #[allow(clippy::too_many_arguments)]
+    fn all(
+        backend: Backend,
+        chans: &[usize],
+        n_res: usize,
+        groups: usize,
+        kind: &str,
+        stride: usize,
+        pad: usize,
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Vec<Stage>> {
+        let mut cin = chans[0];
+        let mut stages = Vec::new();
+        for (i, &cout) in chans.iter().enumerate() {
+            let vbi = vb.pp(format!("{kind}_blocks.{i}"));
+            let res = (0..n_res)
+                .map(|j| {
+                    let c = if j == 0 { cin } else { cout };
+                    Resnet::new(backend, c, cout, groups, vbi.pp(format!("resnets.{j}")))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let sampler = match i + 1 < chans.len() {
+                true => {
+                    let vbs = vbi.pp(format!("{kind}samplers.0.conv"));
+                    Some(conv(backend, cout, cout, 3, stride, pad, vbs)?)
+                }
+                false => None,
+            };
+            stages.push(Stage { res, sampler });
+            cin = cout;
+        }
+        Ok(stages)
+    }
+}
+
 struct Encoder {
     conv_in: Conv,
-    down: Vec<(Vec<Resnet>, Option<Conv>)>,
+    down: Vec<Stage>,
     mid: Mid,
     norm_out: GroupNorm,
     conv_out: Conv,
@@ -212,36 +258,8 @@ impl Encoder {
     fn new(backend: Backend, cfg: &KlConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let boc = &cfg.block_out_channels;
         let g = cfg.norm_num_groups;
-        let mut down = Vec::new();
-        let mut cin = boc[0];
-        for (i, &cout) in boc.iter().enumerate() {
-            let vbi = vb.pp(format!("down_blocks.{i}"));
-            let mut res = Vec::new();
-            for j in 0..cfg.layers_per_block {
-                res.push(Resnet::new(
-                    backend,
-                    if j == 0 { cin } else { cout },
-                    cout,
-                    g,
-                    vbi.pp(format!("resnets.{j}")),
-                )?);
-            }
-            let ds = if i + 1 < boc.len() {
-                Some(conv(
-                    backend,
-                    cout,
-                    cout,
-                    3,
-                    2,
-                    0,
-                    vbi.pp("downsamplers.0.conv"),
-                )?)
-            } else {
-                None
-            };
-            down.push((res, ds));
-            cin = cout;
-        }
+        // diffusers Downsample2D(padding=0): stride 2 after a pad in forward
+        let down = Stage::all(backend, boc, cfg.layers_per_block, g, "down", 2, 0, &vb)?;
         let c = *boc.last().expect("block_out_channels not empty");
         Ok(Encoder {
             conv_in: conv(backend, cfg.in_channels, boc[0], 3, 1, 1, vb.pp("conv_in"))?,
@@ -264,7 +282,7 @@ impl Encoder {
 impl Module for Encoder {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.conv_in.forward(x)?;
-        for (res, ds) in &self.down {
+        for Stage { res, sampler: ds } in &self.down {
             for r in res {
                 h = r.forward(&h)?;
             }
@@ -285,7 +303,7 @@ impl Module for Encoder {
 struct Decoder {
     conv_in: Conv,
     mid: Mid,
-    up: Vec<(Vec<Resnet>, Option<Conv>)>,
+    up: Vec<Stage>,
     norm_out: GroupNorm,
     conv_out: Conv,
 }
@@ -294,36 +312,7 @@ impl Decoder {
     fn new(backend: Backend, cfg: &KlConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let g = cfg.norm_num_groups;
-        let mut up = Vec::new();
-        let mut cin = rev[0];
-        for (i, &cout) in rev.iter().enumerate() {
-            let vbi = vb.pp(format!("up_blocks.{i}"));
-            let mut res = Vec::new();
-            for j in 0..=cfg.layers_per_block {
-                res.push(Resnet::new(
-                    backend,
-                    if j == 0 { cin } else { cout },
-                    cout,
-                    g,
-                    vbi.pp(format!("resnets.{j}")),
-                )?);
-            }
-            let us = if i + 1 < rev.len() {
-                Some(conv(
-                    backend,
-                    cout,
-                    cout,
-                    3,
-                    1,
-                    1,
-                    vbi.pp("upsamplers.0.conv"),
-                )?)
-            } else {
-                None
-            };
-            up.push((res, us));
-            cin = cout;
-        }
+        let up = Stage::all(backend, &rev, cfg.layers_per_block + 1, g, "up", 1, 1, &vb)?;
         let last = *rev.last().expect("not empty");
         Ok(Decoder {
             conv_in: conv(
@@ -346,7 +335,7 @@ impl Decoder {
 impl Module for Decoder {
     fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
-        for (res, us) in &self.up {
+        for Stage { res, sampler: us } in &self.up {
             for r in res {
                 h = r.forward(&h)?;
             }
