@@ -15,6 +15,8 @@
 //! is tested). CI runs them all: the Slurm ones with OpenMPI, then all again with MPICH.
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use lmd_train::data::synthetic::{write_dataset, SyntheticSpec};
 use lmd_train::train::Metrics;
 use std::os::unix::process::CommandExt;
@@ -22,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-const CONFIG: &str = r#"
+const SETTINGS: &str = r#"
 steps = 50
 blr = 1.5e-3
 warmup_steps = 5
@@ -31,19 +33,11 @@ log_every = 1
 window = 128
 keep_checkpoints = 0
 preview_samples = 0
-[model]
-in_chans = 4
-img_size = [8, 8]
-patch_size = 2
-embed_dim = 64
-depth = 2
-num_heads = 2
-decoder_embed_dim = 32
-decoder_depth = 1
-decoder_num_heads = 2
-mlp_ratio = 4.0
-norm_pix_loss = true
 "#;
+
+fn config() -> String {
+    common::with_tiny_mae(SETTINGS)
+}
 
 struct Setup {
     _tmp: tempfile::TempDir,
@@ -65,7 +59,7 @@ fn setup(records: usize) -> Setup {
     )
     .unwrap();
     let cfg = root.join("cfg.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     Setup {
         _tmp: tmp,
         root,
@@ -640,8 +634,7 @@ eval_batch_size = 64
 
 /// Fine-tuning's settings with the pretraining config's `[model]` table.
 fn ft_config() -> String {
-    let model = &CONFIG[CONFIG.find("[model]").unwrap()..];
-    format!("{FT_SETTINGS}{model}")
+    common::with_tiny_mae(FT_SETTINGS)
 }
 
 #[test]

@@ -2,13 +2,15 @@
 //! uninterrupted run's loss sequence exactly; stale temporaries of the killed run are removed;
 //! old checkpoints are pruned. Synthetic latents, no `LMD_SHARED` needed.
 
+mod common;
+
 use lmd_train::data::synthetic::{write_dataset, SyntheticSpec};
 use lmd_train::train::Metrics;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const CONFIG: &str = r#"
+const SETTINGS: &str = r#"
 steps = 240
 batch_size = 32
 blr = 1.5e-3
@@ -18,19 +20,11 @@ log_every = 1
 window = 256
 keep_checkpoints = 2
 preview_samples = 2
-[model]
-in_chans = 4
-img_size = [8, 8]
-patch_size = 2
-embed_dim = 64
-depth = 2
-num_heads = 2
-decoder_embed_dim = 32
-decoder_depth = 1
-decoder_num_heads = 2
-mlp_ratio = 4.0
-norm_pix_loss = true
 "#;
+
+fn config() -> String {
+    common::with_tiny_mae(SETTINGS)
+}
 
 fn metrics(out: &Path) -> Vec<Metrics> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -72,7 +66,7 @@ fn sigkilled_training_resumes_to_the_uninterrupted_loss_sequence() {
     )
     .unwrap();
     let cfg = tmp.path().join("cfg.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
 
     // the uninterrupted run
     let a = tmp.path().join("a");
@@ -142,7 +136,7 @@ fn sigterm_writes_a_checkpoint_at_the_next_step_and_exits_75_and_the_rerun_conti
     let data = tmp.path().join("data");
     write_dataset(&data, &SyntheticSpec::default()).unwrap();
     let cfg = tmp.path().join("cfg.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     let run = |out: &Path, resume: bool| {
         let mut c = train(&cfg, &data, out, resume);
         c.args(["--steps", "60"]);
@@ -214,26 +208,18 @@ fn a_build_without_mpi_under_mpirun_refuses_to_start_and_creates_nothing() {
     }
 }
 
-const FT_CONFIG: &str = r#"
+const FT_SETTINGS: &str = r#"
 epochs = 4
 batch_size = 32
 blr = 5e-3
 warmup_epochs = 1.0
 log_every = 1
 window = 256
-[model]
-in_chans = 4
-img_size = [8, 8]
-patch_size = 2
-embed_dim = 64
-depth = 2
-num_heads = 2
-decoder_embed_dim = 32
-decoder_depth = 1
-decoder_num_heads = 2
-mlp_ratio = 4.0
-norm_pix_loss = true
 "#;
+
+fn ft_config() -> String {
+    common::with_tiny_mae(FT_SETTINGS)
+}
 
 fn lines(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
@@ -250,7 +236,7 @@ fn numbers(v: &[serde_json::Value], keys: &[&str]) -> Vec<Vec<serde_json::Value>
         .collect()
 }
 
-/// Fine-tuning data (384 training, 128 validation records) and [`FT_CONFIG`] in `tmp`, and a
+/// Fine-tuning data (384 training, 128 validation records) and `ft_config()` in `tmp`, and a
 /// command line over them: `ft(out, resume, extra args)`.
 fn finetune_setup(tmp: &Path) -> impl Fn(&Path, bool, &[&str]) -> Command {
     let (train, val) = (tmp.join("train"), tmp.join("val"));
@@ -269,7 +255,7 @@ fn finetune_setup(tmp: &Path) -> impl Fn(&Path, bool, &[&str]) -> Command {
     )
     .unwrap();
     let cfg = tmp.join("ft.toml");
-    std::fs::write(&cfg, FT_CONFIG).unwrap();
+    std::fs::write(&cfg, ft_config()).unwrap();
     move |out: &Path, resume: bool, extra: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_lmd-finetune"));
         c.args(["--config".as_ref(), cfg.as_os_str()])
@@ -394,7 +380,7 @@ fn init_from_an_exported_pth_starts_from_those_weights_and_an_encoder_only_file_
         },
     )
     .unwrap();
-    let short = CONFIG
+    let short = config()
         .replace("steps = 240", "steps = 3")
         .replace("checkpoint_every = 80", "checkpoint_every = 3");
     let cfg = tmp.path().join("cfg.toml");

@@ -6,6 +6,27 @@ use lmd_train::data::DType;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// `settings` (TOML) with the `[model]` table of the tiny MAE the program tests train: 4x8x8
+/// latents in patches of 2, width 64, depth 2, a 32-wide decoder of depth 1.
+pub fn with_tiny_mae(settings: &str) -> String {
+    format!(
+        "{settings}
+[model]
+in_chans = 4
+img_size = [8, 8]
+patch_size = 2
+embed_dim = 64
+depth = 2
+num_heads = 2
+decoder_embed_dim = 32
+decoder_depth = 1
+decoder_num_heads = 2
+mlp_ratio = 4.0
+norm_pix_loss = true
+"
+    )
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
