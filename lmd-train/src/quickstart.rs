@@ -171,13 +171,10 @@ pub struct QuickstartReport {
     pub train_records: usize,
     pub val_records: usize,
     pub precompute_s: f64,
-    pub pretrain_s: f64,
-    pub pretrain_first_loss: f64,
-    pub pretrain_final_loss: f64,
-    pub finetune_s: f64,
-    pub finetune: Option<EvalResult>,
-    pub linprobe_s: f64,
-    pub linprobe: Option<EvalResult>,
+    /// Pretraining, fine-tuning and the linear probe (their keys at the top level of
+    /// `quickstart.json`).
+    #[serde(flatten)]
+    pub stages: StageResults,
     pub total_s: f64,
 }
 
@@ -431,19 +428,12 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
         &serde_json::to_vec_pretty(cfg).expect("serializes"),
     )?;
     let lat = prepare_latents(cfg, log)?;
-    let r = pretrain_and_evaluate(cfg, &lat, out, log)?;
     let report = QuickstartReport {
         out: out.clone(),
         train_records: lat.train_records,
         val_records: lat.val_records,
         precompute_s: lat.seconds,
-        pretrain_s: r.pretrain_s,
-        pretrain_first_loss: r.pretrain_first_loss,
-        pretrain_final_loss: r.pretrain_final_loss,
-        finetune_s: r.finetune_s,
-        finetune: r.finetune,
-        linprobe_s: r.linprobe_s,
-        linprobe: r.linprobe,
+        stages: pretrain_and_evaluate(cfg, &lat, out, log)?,
         total_s: t0.elapsed().as_secs_f64(),
     };
     lmd_data::shard::writer::write_atomic(

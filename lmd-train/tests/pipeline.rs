@@ -89,7 +89,7 @@ fn quickstart_pretrains_finetunes_probes_and_evaluates() {
     }
 
     // fine-tuning beats chance clearly; lmd-eval agrees with it
-    let ft = r.finetune.clone().unwrap();
+    let ft = r.stages.finetune.clone().unwrap();
     assert!(ft.top1 > 0.4, "fine-tune top-1 {}", ft.top1);
     let val = out.join(if shared.is_some() {
         "latents/val"
@@ -124,6 +124,6 @@ fn quickstart_pretrains_finetunes_probes_and_evaluates() {
         }
     }
     assert!(compared > 10, "{compared}");
-    let lp = r.linprobe.unwrap();
+    let lp = r.stages.linprobe.unwrap();
     assert!(lp.top1 > 0.2, "linear probe top-1 {}", lp.top1);
 }

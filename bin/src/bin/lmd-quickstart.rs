@@ -61,10 +61,10 @@ fn run() -> anyhow::Result<()> {
         r.total_s,
         r.train_records,
         r.val_records,
-        r.pretrain_first_loss,
-        r.pretrain_final_loss,
-        pct(&r.finetune),
-        pct(&r.linprobe),
+        r.stages.pretrain_first_loss,
+        r.stages.pretrain_final_loss,
+        pct(&r.stages.finetune),
+        pct(&r.stages.linprobe),
     );
     Ok(())
 }
