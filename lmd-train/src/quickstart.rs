@@ -442,3 +442,36 @@ pub fn run(cfg: &QuickstartConfig, log: &mut dyn FnMut(&str)) -> Result<Quicksta
     )?;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_keeps_the_stage_keys_at_the_top_level_of_quickstart_json() {
+        let report = QuickstartReport {
+            out: "q".into(),
+            train_records: 3,
+            val_records: 1,
+            precompute_s: 1.0,
+            stages: StageResults {
+                schedule: "cosine".into(),
+                pretrain_s: 2.0,
+                pretrain_first_loss: 1.5,
+                pretrain_final_loss: 0.5,
+                finetune_s: 3.0,
+                finetune: None,
+                linprobe_s: 4.0,
+                linprobe: None,
+            },
+            total_s: 10.0,
+        };
+        let v = serde_json::to_value(&report).unwrap();
+        assert_eq!(v["pretrain_final_loss"], 0.5);
+        assert_eq!(v["linprobe_s"], 4.0);
+        assert_eq!(v["schedule"], "cosine");
+        assert!(v.get("stages").is_none(), "{v}");
+        let back: QuickstartReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back.stages.finetune_s, 3.0);
+    }
+}
