@@ -112,17 +112,14 @@ impl Default for FinetuneConfig {
     }
 }
 
-impl crate::run_dir::PerRankBatch for FinetuneConfig {
-    fn batch_size(&mut self) -> &mut usize {
-        &mut self.batch_size
-    }
-}
-
 impl JobSettings for FinetuneConfig {
     const PROGRAM: &'static str = "lmd-finetune";
     const RUN_ONLY_KEYS: &'static [&'static str] = &RUN_ONLY_KEYS;
     fn out(&self) -> &Path {
         &self.out
+    }
+    fn batch_size(&mut self) -> &mut usize {
+        &mut self.batch_size
     }
     fn loader_config(&self, rank_world: (usize, usize)) -> LoaderConfig {
         crate::train_data::loader_config(self.batch_size, self.run.seed, self.window, rank_world)

@@ -314,44 +314,6 @@ pub fn resume_batch(
     Ok(global / world)
 }
 
-/// A program's settings whose batch is per rank (pretraining's and fine-tuning's configs).
-pub trait PerRankBatch: Clone + Serialize {
-    fn batch_size(&mut self) -> &mut usize;
-}
-
-/// The settings a resume at `world` ranks runs with: `now` with the per-rank batch that keeps
-/// the checkpoint's global batch ([`resume_batch`], printed by rank 0 when it changes), after
-/// refusing any other difference from the checkpoint's settings `saved` (written at
-/// `saved_world` ranks; compared with the global batch in place of the per-rank one).
-pub fn resumed_settings<C: PerRankBatch>(
-    job: &crate::dist::Job,
-    program: &str,
-    checkpoint: &Path,
-    saved: &C,
-    saved_world: usize,
-    now: &C,
-    run_only: &[&str],
-) -> Result<C> {
-    let world = job.dist.world_size();
-    let (mut saved, mut asked) = (saved.clone(), now.clone());
-    let saved_batch = *saved.batch_size();
-    let mut resumed = now.clone();
-    *resumed.batch_size() = resume_batch(saved_batch, saved_world, *asked.batch_size(), world)?;
-    if *resumed.batch_size() != *asked.batch_size() && job.dist.is_root() {
-        eprintln!(
-            "{program}: resuming the global batch {} of {} at {world} ranks: {} per rank",
-            saved_batch * saved_world,
-            checkpoint.display(),
-            *resumed.batch_size()
-        );
-    }
-    *saved.batch_size() *= saved_world;
-    asked = resumed.clone();
-    *asked.batch_size() *= world;
-    check_resume_config(checkpoint, &saved, &asked, run_only)?;
-    Ok(resumed)
-}
-
 /// `step-NNNNNNNN`.
 pub fn step_name(step: u64) -> String {
     format!("step-{step:08}")

@@ -8,7 +8,7 @@
 //!   newest step checkpoint that verifies, fine-tuning `checkpoints/last`) and broadcasts its
 //!   path, so every rank reads the same state. The start then runs with the settings given now,
 //!   with the per-rank batch that keeps the checkpoint's global batch
-//!   ([`crate::run_dir::resumed_settings`]: any other difference that changes the numbers is
+//!   ([`resumed_settings`]: any other difference that changes the numbers is
 //!   refused). No checkpoint to resume: a fresh start.
 //! - Without `--resume`, a directory that holds a run is refused (rank 0 decides).
 //! - The loader, opened and checked with the settings asked for before any of this, takes the
@@ -19,14 +19,15 @@ use std::path::{Path, PathBuf};
 
 use lmd_data::loader::LoaderConfig;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::dist::Job;
-use crate::run_dir::{read_json, resumed_settings, PerRankBatch, RunDir, WorldRecord};
+use crate::run_dir::{check_resume_config, read_json, resume_batch, RunDir, WorldRecord};
 use crate::train_data::TrainData;
 use crate::Result;
 
 /// The settings of a program that trains in a run directory.
-pub trait JobSettings: PerRankBatch {
+pub trait JobSettings: Clone + Serialize {
     /// The program that says what happens (`lmd-train`).
     const PROGRAM: &'static str;
     /// The settings a resume may change: they do not change the numbers
@@ -34,6 +35,8 @@ pub trait JobSettings: PerRankBatch {
     const RUN_ONLY_KEYS: &'static [&'static str];
     /// The run directory.
     fn out(&self) -> &Path;
+    /// The batch of one rank.
+    fn batch_size(&mut self) -> &mut usize;
     /// The loader settings of rank `rank_world.0` of `rank_world.1`.
     fn loader_config(&self, rank_world: (usize, usize)) -> LoaderConfig;
 }
@@ -90,15 +93,7 @@ pub fn start<C: JobSettings, S: CheckpointState<C>>(
         Some(ck) => {
             let st: S = read_json(&ck.join("state.json"))?;
             let (saved, saved_world) = st.settings();
-            let now = resumed_settings(
-                job,
-                C::PROGRAM,
-                &ck,
-                saved,
-                saved_world,
-                cfg,
-                C::RUN_ONLY_KEYS,
-            )?;
+            let now = resumed_settings(job, &ck, saved, saved_world, cfg)?;
             (Some((ck, st)), now)
         }
         None => (None, cfg.clone()),
@@ -120,6 +115,38 @@ pub fn start<C: JobSettings, S: CheckpointState<C>>(
         loader,
         global_batch,
     })
+}
+
+/// The settings a resume at `job`'s world size runs with: `now` with the per-rank batch that
+/// keeps the checkpoint's global batch ([`resume_batch`], printed by rank 0 when it changes),
+/// after refusing any other difference from the checkpoint's settings `saved` (written at
+/// `saved_world` ranks; compared with the global batch in place of the per-rank one).
+fn resumed_settings<C: JobSettings>(
+    job: &Job,
+    checkpoint: &Path,
+    saved: &C,
+    saved_world: usize,
+    now: &C,
+) -> Result<C> {
+    let world = job.dist.world_size();
+    let (mut saved, mut asked) = (saved.clone(), now.clone());
+    let saved_batch = *saved.batch_size();
+    let mut resumed = now.clone();
+    *resumed.batch_size() = resume_batch(saved_batch, saved_world, *asked.batch_size(), world)?;
+    if *resumed.batch_size() != *asked.batch_size() && job.dist.is_root() {
+        eprintln!(
+            "{}: resuming the global batch {} of {} at {world} ranks: {} per rank",
+            C::PROGRAM,
+            saved_batch * saved_world,
+            checkpoint.display(),
+            *resumed.batch_size()
+        );
+    }
+    *saved.batch_size() *= saved_world;
+    asked = resumed.clone();
+    *asked.batch_size() *= world;
+    check_resume_config(checkpoint, &saved, &asked, C::RUN_ONLY_KEYS)?;
+    Ok(resumed)
 }
 
 /// The world size of a checkpoint that does not record one (written before data parallelism).

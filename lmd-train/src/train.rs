@@ -26,7 +26,7 @@ use crate::dist::Job;
 use crate::driver::Driver;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::report::Render;
-use crate::run_dir::{write_json, PerRankBatch};
+use crate::run_dir::write_json;
 use crate::start::{start, CheckpointState, JobSettings, Start};
 use crate::train_data::{Input, TrainData};
 use crate::{Error, Result};
@@ -123,17 +123,14 @@ impl Default for TrainConfig {
     }
 }
 
-impl PerRankBatch for TrainConfig {
-    fn batch_size(&mut self) -> &mut usize {
-        &mut self.batch_size
-    }
-}
-
 impl JobSettings for TrainConfig {
     const PROGRAM: &'static str = "lmd-train";
     const RUN_ONLY_KEYS: &'static [&'static str] = &RUN_ONLY_KEYS;
     fn out(&self) -> &Path {
         &self.out
+    }
+    fn batch_size(&mut self) -> &mut usize {
+        &mut self.batch_size
     }
     fn loader_config(&self, rank_world: (usize, usize)) -> LoaderConfig {
         crate::train_data::loader_config(self.batch_size, self.run.seed, self.window, rank_world)
