@@ -9,7 +9,9 @@
 #    (ignored by git): ../shared's TAESD weights, test vectors and a few tars, and the diffusers
 #    wheel for the SD-VAE baseline. It prints the size that will travel (the limit is 64 MiB).
 # 2. There (the device tool): run(command="bash scripts/device-check.sh run", carry=[".device"],
-#    timeout_s=540). It writes $OUT/device-check.jsonl (one JSON line per figure; a
+#    timeout_s=540). Steps are cut to fit LMD_CHECK_BUDGET_S (default 500 s from the start, 15 s
+#    kept for the summary): a step that no longer fits is skipped and named, so the summary is
+#    always written inside the call's limit. It writes $OUT/device-check.jsonl (one JSON line per figure; a
 #    {"step", "rc", "ms"} line after each step, so a failed step never hides the others) and
 #    $OUT/device-check.log (every step's stderr), and ends with a "summary" line of the ratios.
 # 3. A smoke test of the script on a CPU (small sizes, no GPU):
@@ -26,6 +28,8 @@
 # - train step samples/s, LMD's ViT-B/4 on 4x28x28 (49 tokens, decoder 512 x 8), ratios 0.15
 #   and 0.75, bf16, beside tools/torch_mae_train_step.py: eager + autocast (the lmd-bench
 #   anchor), then with SDPA, then torch.compile (target >= 1.0x eager);
+# - the AdamW step over that model's parameters, flat (the GPU's default) beside per
+#   parameter (`lmd bench optimizer`): per_param_over_flat < 1 says the default is wrong there;
 # - precompute of the shared imagenette and ILSVRC sample images repeated to >= 20k, beside the
 #   decode-only rate of all cores in the same run (target end to end >= 0.9x decode-only), and
 #   the projected ImageNet-1k time (goal <= 5 min);
@@ -69,6 +73,7 @@ run() {
   local data="${LMD_CHECK_DATA:-.device/shared}" py="${LMD_PYTHON:-python3}"
   local J="$OUT/device-check.jsonl" LOG="$OUT/device-check.log" W="${TMPDIR:-/tmp}/lmd-device-check"
   local cores; cores=$(nproc)
+  local budget="${LMD_CHECK_BUDGET_S:-500}" t_start; t_start=$(date +%s)
   rm -rf "$W" && mkdir -p "$W" "$OUT"
   : > "$J"; : > "$LOG"
   local lmd="${LMD_BIN:-}"
@@ -94,11 +99,20 @@ run() {
     chmod +x "$W/py/python3" && export PATH="$W/py:$PATH"
   export PYTHONUNBUFFERED=1
 
-  # step NAME LIMIT_S CMD...: stdout (JSON lines) into the results, stderr into the log
+  # step NAME LIMIT_S CMD...: stdout (JSON lines) into the results, stderr into the log; the
+  # limit is cut to what is left of the budget (15 s kept for the summary), and a step with
+  # under 5 s left is skipped and named
   step() {
-    local name=$1 secs=$2 t0 rc
+    local name=$1 secs=$2 t0 rc left
     shift 2
-    echo "=== $name: $*" >>"$LOG"
+    left=$(( budget - ($(date +%s) - t_start) - 15 ))
+    if [ "$left" -lt 5 ]; then
+      printf '{"step": "%s", "skipped": "out of time (LMD_CHECK_BUDGET_S=%s)"}\n' "$name" "$budget" >>"$J"
+      echo "device-check: $name skipped: out of time"
+      return 0
+    fi
+    [ "$secs" -gt "$left" ] && secs=$left
+    echo "=== $name (limit ${secs}s): $*" >>"$LOG"
     t0=$(date +%s%N)
     timeout "$secs" "$@" >>"$J" 2>>"$LOG"
     rc=$?
@@ -108,9 +122,9 @@ run() {
 
   # sizes: the real check, or a smoke test of the script on a CPU
   local bvae=64 bsd=8 vsize=224 vsec=5 preset=base_patch4 bstep=256 nstep=10 copies=36
-  local psize=224 pretrain_s=60 ft_epochs=3 prec=bf16 torch_prec=bf16 limit=0 vlimit=0 minsteps=20
+  local psize=224 pretrain_s=60 ft_epochs=3 prec=bf16 torch_prec=bf16 limit=0 vlimit=0 minsteps=20 ostep=10
   if [ "$small" = 1 ]; then
-    bvae=2 bsd=1 vsize=64 vsec=0.5 preset=tiny bstep=4 nstep=1 copies=1 psize=32 pretrain_s=5 ft_epochs=1 limit=32 vlimit=16 minsteps=6
+    bvae=2 bsd=1 vsize=64 vsec=0.5 preset=tiny bstep=4 nstep=1 copies=1 psize=32 pretrain_s=5 ft_epochs=1 limit=32 vlimit=16 minsteps=6 ostep=1
     prec=f32 torch_prec=f32
   fi
 
@@ -162,6 +176,10 @@ EOF
   fi
   step train-step-torch-sdpa 120 "$py" tools/torch_mae_train_step.py "${sizes[@]}" --sdpa
   [ "$small" = 1 ] || step train-step-torch-compile 180 "$py" tools/torch_mae_train_step.py "${sizes[@]}" --sdpa --compile
+  # the AdamW step of the same model, flat beside per parameter (bf16 in the small run too:
+  # on the CPU in f32 the trainer updates in place, which this does not time)
+  step optimizer 60 "$lmd" bench optimizer --preset "$preset" --device "$dev" --precision bf16 \
+    --steps "$ostep" --rounds 3
 
   # precompute at scale: the imagenette and ILSVRC sample images, repeated with new keys
   step make-input 120 "$py" - "$data" "$W/rep" "$copies" <<'EOF'
@@ -257,7 +275,11 @@ if d and p:
 a = get(lambda x: x.get("bench") == "allreduce" and x.get("elems") == 16777216, "buckets_vs_nccl")
 if a:
     s["nccl_buckets_vs_raw_16m"] = a
+o = get(lambda x: x.get("bench") == "optimizer" and "summary" in x, "per_param_over_flat")
+if o:
+    s["optimizer_per_param_over_flat"] = o
 s["failed_steps"] = [x["step"] for x in r if "step" in x and x.get("rc")]
+s["skipped_steps"] = [x["step"] for x in r if "step" in x and "skipped" in x]
 print(json.dumps(s))
 EOF
   ) >>"$J"

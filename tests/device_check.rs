@@ -19,20 +19,7 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
     let shared = std::env::var("LMD_SHARED").expect("needs LMD_SHARED");
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("out");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let run = Command::new("timeout")
-        .arg("900")
-        .arg("bash")
-        .arg(root.join("scripts/device-check.sh"))
-        .arg("run")
-        .env("LMD_CHECK_DEVICE", "cpu")
-        .env("LMD_CHECK_SMALL", "1")
-        .env("LMD_BIN", env!("CARGO_BIN_EXE_lmd"))
-        .env("LMD_CHECK_DATA", &shared)
-        .env("OUT", &out)
-        .env("TMPDIR", t.path())
-        .output()
-        .unwrap();
+    let run = check(&shared, 900, t.path(), &out);
     let log = std::fs::read_to_string(out.join("device-check.log")).unwrap_or_default();
     assert!(
         run.status.success(),
@@ -46,7 +33,7 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
         .is_ok_and(|s| s.success());
     // every step ran; without PyTorch only the steps that run it fail, and they say why
     let steps: Vec<&serde_json::Value> = r.iter().filter(|v| v.get("step").is_some()).collect();
-    assert_eq!(steps.len(), 15, "{steps:?}");
+    assert_eq!(steps.len(), 16, "{steps:?}");
     for s in &steps {
         let name = s["step"].as_str().unwrap();
         let needs_torch = name.contains("torch") || name == "train-step";
@@ -70,6 +57,13 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
         .filter(|v| v.get("baseline").is_none())
         .collect();
     assert_eq!(step_lines.len(), 2, "{r:?}");
+    // the AdamW step, flat beside per parameter, on the same gradients
+    let o = bench("optimizer");
+    assert_eq!(o.len(), 3, "{o:?}");
+    assert_eq!(
+        (o[0]["update"].as_str(), o[1]["update"].as_str()),
+        (Some("flat"), Some("per-param"))
+    );
     // precompute at scale: its summary beside the decode-only rate of the same images
     let made = bench("make-input");
     let p = bench("precompute");
@@ -96,4 +90,57 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
         s["precompute_vs_decode_only"].as_f64().unwrap() > 0.0,
         "{s}"
     );
+    assert!(
+        s["optimizer_per_param_over_flat"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
+    assert_eq!(s["skipped_steps"], serde_json::json!([]), "{s}");
+}
+
+/// `scripts/device-check.sh run` at its small sizes on the CPU, with `budget_s` as
+/// LMD_CHECK_BUDGET_S, results in `out`.
+fn check(data: &str, budget_s: u64, tmp: &Path, out: &Path) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    Command::new("timeout")
+        .arg("900")
+        .arg("bash")
+        .arg(root.join("scripts/device-check.sh"))
+        .arg("run")
+        .env("LMD_CHECK_DEVICE", "cpu")
+        .env("LMD_CHECK_SMALL", "1")
+        .env("LMD_CHECK_BUDGET_S", budget_s.to_string())
+        .env("LMD_BIN", env!("CARGO_BIN_EXE_lmd"))
+        .env("LMD_CHECK_DATA", data)
+        .env("OUT", out)
+        .env("TMPDIR", tmp)
+        .output()
+        .unwrap()
+}
+
+/// With no time left every step is skipped and named, and the summary is still written: a
+/// check that runs long on the GPU machine ends inside the device call's limit with what it
+/// measured, rather than being killed before its summary.
+#[test]
+#[ignore = "needs python3"]
+fn a_device_check_out_of_time_skips_its_steps_and_still_writes_the_summary() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let run = check("/nonexistent", 0, t.path(), &out);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r = lines(&out.join("device-check.jsonl"));
+    let skipped: Vec<&str> = r
+        .iter()
+        .filter(|v| v["skipped"].is_string())
+        .map(|v| v["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped.len(), 16, "{r:?}");
+    assert!(r.iter().all(|v| v.get("rc").is_none()), "a step ran: {r:?}");
+    let s = r.last().unwrap();
+    assert_eq!(s["bench"], "summary", "{r:?}");
+    assert_eq!(s["skipped_steps"], serde_json::json!(skipped));
+    assert_eq!(s["failed_steps"], serde_json::json!([]));
 }

@@ -134,8 +134,7 @@ impl Driver {
         } else {
             0.0
         };
-        let grad_norm = self.opt.clip_grad_norm(&mut grads, self.grad_clip)?;
-        self.opt.step(&grads, lr)?;
+        let grad_norm = self.opt.clip_and_step(&mut grads, self.grad_clip, lr)?;
         self.samples += samples * world;
         Ok(Stepped {
             loss: value,

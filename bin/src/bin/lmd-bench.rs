@@ -205,6 +205,28 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         precision: lmd_train::model::Precision,
     },
+    /// The AdamW step (global norm, clipping, update) over a model's parameters as the trainer
+    /// runs it off the fused CPU kernels: all parameters at once as flat vectors beside one
+    /// parameter at a time, in alternating rounds on the same gradients; a line per update
+    /// (seconds a step, best round) and per_param_over_flat. For a GPU (--device cuda:N), bf16,
+    /// or the CPU with LMD_KERNELS=candle (on the CPU in f32 the trainer updates in place).
+    Optimizer {
+        /// Model preset whose parameters are updated: tiny, small, base, large, base_patch4.
+        #[arg(long, default_value = "tiny")]
+        preset: lmd_train::model::Preset,
+        /// Timed steps per round and update.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Alternating rounds (flat, then per parameter).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// cpu or cuda:N (CUDA needs a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: lmd_train::DeviceSpec,
+        /// f32, or bf16 (lmd-train's mixed precision: f32 master weights and moments).
+        #[arg(long, default_value = "bf16")]
+        precision: lmd_train::model::Precision,
+    },
     /// VitClassifier fine-tuning steps (drop path, cross-entropy, backward, AdamW) in samples/s.
     ///
     /// Default: the ViT-Ti encoder on 4x28x28 latents (196 tokens), global pool, 10 classes,
@@ -370,6 +392,21 @@ fn run() -> anyhow::Result<()> {
                 preset,
             };
             lmd_train::bench::loader(&opts, |v| println!("{v}"))?;
+        }
+        Cmd::Optimizer {
+            preset,
+            steps,
+            rounds,
+            device,
+            precision,
+        } => {
+            let opts = lmd_train::bench::OptimizerBenchOptions {
+                preset,
+                steps,
+                rounds,
+                target: lmd_train::bench::StepTarget { device, precision },
+            };
+            lmd_train::bench::optimizer(&opts, |v| println!("{v}"))?;
         }
         Cmd::TrainStep {
             preset,

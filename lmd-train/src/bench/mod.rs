@@ -1,11 +1,12 @@
 //! `lmd-bench` figures. Each figure is one JSON object (one line on stdout), with any baseline
 //! measured in the same invocation so that ratios survive a noisy machine. One module per
 //! subcommand family: [`shards`], [`steps`] (train-step, finetune-step), [`media`] (vae,
-//! decode), [`loader`], [`python`] (python-reader), [`allreduce`] (under mpirun).
+//! decode), [`optimizer`], [`loader`], [`python`] (python-reader), [`allreduce`] (under mpirun).
 
 pub mod allreduce;
 pub mod loader;
 pub mod media;
+pub mod optimizer;
 pub mod python;
 pub mod shards;
 pub mod steps;
@@ -13,6 +14,7 @@ pub mod steps;
 pub use allreduce::{allreduce, AllreduceBenchOptions};
 pub use loader::{loader, LoaderBenchOptions};
 pub use media::{decode, vae, DecodeBenchOptions, VaeBenchOptions};
+pub use optimizer::{optimizer, OptimizerBenchOptions};
 pub use python::{python_reader, PythonReaderBenchOptions};
 pub use shards::{shards, ShardBenchOptions};
 pub use steps::{finetune_step, train_step, FinetuneStepOptions, StepTarget, TrainStepOptions};

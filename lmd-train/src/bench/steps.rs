@@ -53,7 +53,7 @@ impl StepTarget {
     }
 
     /// The device (opened once) and the backend the trainer would use on it.
-    fn open(&self) -> Result<(lmd_model::candle::Device, lmd_model::Backend)> {
+    pub(crate) fn open(&self) -> Result<(lmd_model::candle::Device, lmd_model::Backend)> {
         let run = self.settings();
         let dev = run.open_device()?;
         let backend = run.backend(&dev)?;
@@ -76,7 +76,7 @@ impl StepTarget {
     }
 
     /// The JSON fields naming this target.
-    fn fields(&self) -> serde_json::Value {
+    pub(crate) fn fields(&self) -> serde_json::Value {
         json!({"device": self.device.to_string(), "precision": self.precision.to_string()})
     }
 }
@@ -162,7 +162,7 @@ fn timed_steps(
 }
 
 /// `line` with `fields`' entries added.
-fn merged(mut line: serde_json::Value, fields: serde_json::Value) -> serde_json::Value {
+pub(super) fn merged(mut line: serde_json::Value, fields: serde_json::Value) -> serde_json::Value {
     if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), fields) {
         l.extend(f);
     }

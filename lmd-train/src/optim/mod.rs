@@ -3,6 +3,21 @@
 //!
 //! Update (PyTorch `torch.optim.AdamW`): `p -= lr·wd·p`; `m = β1·m + (1−β1)·g`;
 //! `v = β2·v + (1−β2)·g²`; `p -= lr · (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + eps)`.
+//!
+//! Three ways to run the same update, picked per step from the model's backend and an
+//! [`Update`] setting, in one place ([`AdamW::clip_and_step`]):
+//! - [`fused`]: in-place passes per parameter (the fused CPU backend, f32);
+//! - [`flat`]: every parameter at once as flat vectors, about twenty candle ops whatever the
+//!   model's size (PyTorch's `foreach` AdamW): on a GPU ([`Update::Auto`]);
+//! - per parameter with candle ops (about fourteen a parameter): on the CPU off the fused
+//!   backend (mixed precision, `LMD_KERNELS=candle`), and for a step the flat update cannot
+//!   take (a parameter without a gradient).
+//!
+//! Each parameter's moments are its own tensors; while the flat update runs they are views of
+//! the flat moments, so saving, loading and the other two paths see the same values.
+
+mod flat;
+mod fused;
 
 use crate::{Error, Result};
 use lmd_model::candle::{backprop::GradStore, DType, Tensor, Var};
@@ -31,6 +46,63 @@ impl Default for AdamWConfig {
     }
 }
 
+/// How the update runs off the fused CPU backend (which always updates in place, per
+/// parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Update {
+    /// Flat on a GPU, per parameter on the CPU: PyTorch's default for its AdamW (`foreach`
+    /// on CUDA, a loop over the parameters on the CPU). A GPU pays a launch per op; on the
+    /// CPU the flat update's extra passes over memory cost more than the ops it saves
+    /// (`lmd-bench optimizer`: per-param / flat 1.3x there, BENCHMARKS.md).
+    #[default]
+    Auto,
+    /// All parameters at once, as flat vectors ([`flat`]).
+    Flat,
+    /// One parameter at a time, with candle ops.
+    PerParam,
+}
+
+impl Update {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Update::Auto => "auto",
+            Update::Flat => "flat",
+            Update::PerParam => "per-param",
+        }
+    }
+
+    /// `Auto` made concrete for parameters on `device`.
+    pub fn resolve(self, device: &lmd_model::candle::Device) -> Update {
+        match self {
+            Update::Auto if device.is_cuda() => Update::Flat,
+            Update::Auto => Update::PerParam,
+            u => u,
+        }
+    }
+}
+
+impl std::fmt::Display for Update {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Update {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Update> {
+        match s.trim() {
+            "auto" => Ok(Update::Auto),
+            "flat" => Ok(Update::Flat),
+            "per-param" => Ok(Update::PerParam),
+            o => Err(Error::Invalid(format!(
+                "update {o:?}: expected auto, flat or per-param"
+            ))),
+        }
+    }
+}
+
 struct Param {
     name: String,
     var: Var,
@@ -49,6 +121,12 @@ pub struct AdamW {
     /// Whether the update runs as the in-place CPU passes (`fused`) or as candle ops: the
     /// model's backend decides, as for its layers.
     backend: Backend,
+    update: Update,
+    /// The flat moments while the parameters' moments are views of them (else `None`: they
+    /// are gathered at the next flat step).
+    flat: Option<flat::Moments>,
+    /// The flat update's per-element coefficients (rebuilt when the lr scales change).
+    coeffs: Option<flat::Coeffs>,
 }
 
 /// MAE's rule: no weight decay for biases, norms (1-D tensors) and the cls/mask tokens.
@@ -84,11 +162,12 @@ impl AdamW {
             params,
             step: 0,
             backend,
+            update: Update::default(),
+            flat: None,
+            coeffs: None,
         })
     }
 
-    /// Update on `backend` (the model's: [`lmd_model::LatentMae::backend`]) instead of the
-    /// one resolved from the parameters' device and dtype.
     /// The optimised variables, in the optimiser's (fixed) order.
     pub fn vars(&self) -> Vec<&Var> {
         self.params.iter().map(|p| &p.var).collect()
@@ -106,8 +185,16 @@ impl AdamW {
         Ok(h.digest())
     }
 
+    /// Update on `backend` (the model's: [`lmd_model::LatentMae::backend`]) instead of the
+    /// one resolved from the parameters' device and dtype.
     pub fn on_backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Run the candle-ops update as `update` (the default is [`Update::Auto`]).
+    pub fn with_update(mut self, update: Update) -> Self {
+        self.update = update;
         self
     }
 
@@ -133,6 +220,7 @@ impl AdamW {
         for p in &mut self.params {
             p.lr_scale = scale(&p.name);
         }
+        self.coeffs = None;
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -148,11 +236,27 @@ impl AdamW {
             .collect()
     }
 
+    /// How this step would run: the flat update when the setting and backend ask for it and
+    /// it can take these gradients.
+    fn flat_step(&self, grads: &GradStore) -> bool {
+        let device = match self.params.first() {
+            Some(p) => p.var.device(),
+            None => return false,
+        };
+        self.update.resolve(device) == Update::Flat
+            && !self.backend.fused_ops()
+            && flat::applies(
+                self.params
+                    .iter()
+                    .map(|p| (&p.var, grads.get(p.var.as_tensor()))),
+            )
+    }
+
     /// Global L2 norm of the gradients; scales them down to `max_norm` when above it
     /// (`max_norm <= 0`: no clipping). Returns the norm before clipping.
     ///
-    /// The squares are summed on the parameters' device (in f64) and read back once: one host
-    /// synchronisation per step, not one per parameter.
+    /// The squares are summed on the parameters' device (each parameter's sum in f64) and read
+    /// back once: one host synchronisation per step, not one per parameter.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
         let parts = self
             .params
@@ -165,8 +269,7 @@ impl AdamW {
             false => Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?,
         };
         let norm = sq.sqrt();
-        if max_norm > 0.0 && norm > max_norm {
-            let s = max_norm / (norm + 1e-6);
+        if let Some(s) = clip_scale(norm, max_norm) {
             for p in &self.params {
                 if let Some(g) = grads.remove(p.var.as_tensor()) {
                     grads.insert(p.var.as_tensor(), (g * s)?);
@@ -178,10 +281,86 @@ impl AdamW {
 
     /// One update with learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        match self.flat_step(grads) {
+            true => self.step_flat(grads, lr, None).map(|_| ()),
+            false => self.step_per_param(grads, lr),
+        }
+    }
+
+    /// Clip the gradients' global norm to `max_norm` (`<= 0`: no clipping), then update with
+    /// learning rate `lr`; returns the norm before clipping. The trainer's step: the flat update
+    /// takes the norm from its flat gradient and folds the clipping into its coefficients.
+    pub fn clip_and_step(&mut self, grads: &mut GradStore, max_norm: f64, lr: f64) -> Result<f64> {
+        if self.flat_step(grads) {
+            return self.step_flat(grads, lr, Some(max_norm));
+        }
+        let norm = self.clip_grad_norm(grads, max_norm)?;
+        self.step_per_param(grads, lr)?;
+        Ok(norm)
+    }
+
+    /// `1 − β^t` for both moments at the step about to be taken (counted).
+    fn next_step(&mut self) -> (f64, f64) {
         self.step += 1;
         let t = self.step as i32;
+        (1.0 - self.cfg.beta1.powi(t), 1.0 - self.cfg.beta2.powi(t))
+    }
+
+    /// The flat update ([`flat`]); with `clip`, the norm is computed (and returned) and the
+    /// gradients scaled to it.
+    fn step_flat(&mut self, grads: &GradStore, lr: f64, clip: Option<f64>) -> Result<f64> {
+        let g = flat::gather(
+            self.params
+                .iter()
+                .filter_map(|p| grads.get(p.var.as_tensor())),
+        )?;
+        let norm = match clip {
+            Some(_) => flat::squared_norm(&g)?.sqrt(),
+            None => f64::NAN,
+        };
+        let scale = clip.and_then(|max| clip_scale(norm, max)).unwrap_or(1.0);
+        let bias = self.next_step();
+        let moments = match self.flat.take() {
+            Some(m) => m,
+            None => flat::Moments::gather(self.params.iter().map(|p| (&p.m, &p.v)))?,
+        };
+        if self.coeffs.is_none() {
+            let per = self.params.iter().map(|p| {
+                let wd = if p.decay { self.cfg.weight_decay } else { 0.0 };
+                (p.var.elem_count(), p.lr_scale, wd)
+            });
+            self.coeffs = Some(flat::Coeffs::new(per, &g)?);
+        }
+        let coeffs = self.coeffs.as_ref().expect("built above");
+        let (theta, moments) = flat::update(
+            &self.cfg,
+            &moments,
+            coeffs,
+            (&g, scale),
+            lr,
+            bias,
+            &self.vars(),
+        )?;
+        // write back: each parameter its slice, each moment a view of the flat ones
+        let mut off = 0;
+        for p in &mut self.params {
+            let n = p.var.elem_count();
+            let shape = p.var.shape().clone();
+            p.var
+                .set(&theta.narrow(0, off, n)?.reshape(shape.clone())?)?;
+            p.m = moments.m.narrow(0, off, n)?.reshape(shape.clone())?;
+            p.v = moments.v.narrow(0, off, n)?.reshape(shape)?;
+            off += n;
+        }
+        self.flat = Some(moments);
+        Ok(norm)
+    }
+
+    /// The update one parameter at a time: in place on the fused CPU backend, else as candle
+    /// ops (which replace the moments: the flat ones are gathered again if needed).
+    fn step_per_param(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let (c1, c2) = self.next_step();
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
@@ -199,6 +378,7 @@ impl AdamW {
                 )?;
                 continue;
             }
+            self.flat = None;
             let mut theta = p.var.as_tensor().clone();
             if p.decay && self.cfg.weight_decay > 0.0 {
                 theta = (theta * (1.0 - lr * self.cfg.weight_decay))?;
@@ -244,6 +424,8 @@ impl AdamW {
             path: path.to_path_buf(),
             detail: format!("cannot read optimizer state: {e}"),
         })?;
+        // the loaded moments are the parameters' own: the flat ones are gathered again
+        self.flat = None;
         for p in &mut self.params {
             for (suffix, slot) in [("m", &mut p.m), ("v", &mut p.v)] {
                 let k = format!("{}.{suffix}", p.name);
@@ -267,6 +449,12 @@ impl AdamW {
         self.step = step.to_vec1::<f64>()?[0] as u64;
         Ok(())
     }
+}
+
+/// The factor that scales gradients of global norm `norm` down to `max_norm` (`None`: no
+/// clipping, `max_norm <= 0` or the norm within it).
+fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
 }
 
 /// MAE's layer-wise lr decay (`lr_decay.param_groups_lrd`): the patch embedding and tokens are
@@ -294,139 +482,6 @@ pub fn lr_at(step: u64, total: u64, warmup: u64, lr: f64, min_lr: f64) -> f64 {
     } else {
         let p = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
         min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
-    }
-}
-
-/// The update in three in-place passes for contiguous f32 CPU tensors (moments, then the
-/// parameter), instead of about twelve candle ops that each allocate a result.
-mod fused {
-    use super::AdamWConfig;
-    use lmd_model::candle::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
-
-    /// Whether the in-place passes can take these tensors as laid out (contiguous, the same
-    /// shape; the device and dtype are the backend's to decide).
-    pub(super) fn applies(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
-        [theta, m, v, g].iter().all(|t| t.is_contiguous()) && theta.shape() == g.shape()
-    }
-
-    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-            _ => lmd_model::candle::bail!("adamw: contiguous f32 expected"),
-        }
-    }
-
-    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-            _ => lmd_model::candle::bail!("adamw: contiguous f32 expected"),
-        }
-    }
-
-    /// `m = β·m + (1−β)·g` (or `g²` for the second moment), in place.
-    struct Moment {
-        beta: f32,
-        square: bool,
-    }
-
-    impl InplaceOp2 for Moment {
-        fn name(&self) -> &'static str {
-            "lmd-adamw-moment"
-        }
-
-        fn cpu_fwd(
-            &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<()> {
-            let (m, g) = (slice_mut(s1, l1)?, slice(s2, l2)?);
-            let (b, a) = (self.beta, 1.0 - self.beta);
-            if self.square {
-                m.iter_mut()
-                    .zip(g)
-                    .for_each(|(m, &g)| *m = b * *m + a * (g * g));
-            } else {
-                m.iter_mut().zip(g).for_each(|(m, &g)| *m = b * *m + a * g);
-            }
-            Ok(())
-        }
-    }
-
-    /// `θ = θ·(1 − lr·wd) − lr · (m / c1) / (sqrt(v / c2) + eps)`, in place.
-    struct Step {
-        lr: f64,
-        decay: f64,
-        c1: f64,
-        c2: f64,
-        eps: f64,
-    }
-
-    impl InplaceOp3 for Step {
-        fn name(&self) -> &'static str {
-            "lmd-adamw-step"
-        }
-
-        fn cpu_fwd(
-            &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            s3: &CpuStorage,
-            l3: &Layout,
-        ) -> Result<()> {
-            let (theta, m, v) = (slice_mut(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-            let keep = (1.0 - self.lr * self.decay) as f32;
-            let (lr, c1, c2, eps) = (
-                self.lr as f32,
-                self.c1 as f32,
-                self.c2 as f32,
-                self.eps as f32,
-            );
-            for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
-                *t = *t * keep - lr * ((m / c1) / ((v / c2).sqrt() + eps));
-            }
-            Ok(())
-        }
-    }
-
-    /// One AdamW update of `theta` (and its moments) from `g`: `(lr, weight decay, 1 − β1^t,
-    /// 1 − β2^t)`.
-    pub(super) fn update(
-        theta: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        g: &Tensor,
-        cfg: &AdamWConfig,
-        (lr, decay, c1, c2): (f64, f64, f64, f64),
-    ) -> Result<()> {
-        m.inplace_op2(
-            g,
-            &Moment {
-                beta: cfg.beta1 as f32,
-                square: false,
-            },
-        )?;
-        v.inplace_op2(
-            g,
-            &Moment {
-                beta: cfg.beta2 as f32,
-                square: true,
-            },
-        )?;
-        theta.inplace_op3(
-            m,
-            v,
-            &Step {
-                lr,
-                decay,
-                c1,
-                c2,
-                eps: cfg.eps,
-            },
-        )
     }
 }
 
@@ -535,6 +590,167 @@ mod tests {
         let m: Vec<f32> = o32.params[1].m.flatten_all().unwrap().to_vec1().unwrap();
         let v: Vec<f32> = o32.params[1].v.flatten_all().unwrap().to_vec1().unwrap();
         assert!(m.iter().zip(&v).any(|(a, b)| a != b) && v.iter().any(|&x| x > 0.0));
+    }
+
+    /// Vars with decay and without, an lr scale and a shape of each rank, on the candle backend
+    /// with `update`.
+    fn candle_opt(update: Update) -> (Vec<Var>, AdamW) {
+        let dev = Device::Cpu;
+        let vals = |n: usize, k: f32| (0..n).map(|i| ((i as f32 + k) * 0.37).sin()).collect();
+        let vars = vec![
+            Var::from_vec(vals(12, 0.0), (3, 4), &dev).unwrap(),
+            Var::from_vec(vals(3, 1.0), 3, &dev).unwrap(),
+            Var::from_vec(vals(4, 2.0), (1, 1, 4), &dev).unwrap(),
+            Var::from_vec(vals(8, 3.0), (2, 4), &dev).unwrap(),
+        ];
+        let names = ["l.weight", "l.bias", "mask_token", "head.weight"];
+        let named = names
+            .iter()
+            .map(|n| n.to_string())
+            .zip(vars.clone())
+            .collect();
+        let mut opt = AdamW::new(named, AdamWConfig::default())
+            .unwrap()
+            .on_backend(Backend::Candle)
+            .with_update(update);
+        opt.set_lr_scales(|n| if n.starts_with("head") { 0.5 } else { 1.0 });
+        (vars, opt)
+    }
+
+    fn loss_of(vars: &[Var], step: usize) -> Tensor {
+        let k = (step + 1) as f64;
+        let terms = [
+            (vars[0].as_tensor().sqr().unwrap().sum_all().unwrap() * k).unwrap(),
+            vars[1].as_tensor().sin().unwrap().sum_all().unwrap(),
+            (vars[2].as_tensor().sum_all().unwrap() * 3.0).unwrap(),
+            vars[3].as_tensor().exp().unwrap().sum_all().unwrap(),
+        ];
+        Tensor::stack(&terms, 0).unwrap().sum_all().unwrap()
+    }
+
+    fn values(vars: &[Var]) -> Vec<f32> {
+        let flat: Vec<Tensor> = vars.iter().map(|v| v.flatten_all().unwrap()).collect();
+        Tensor::cat(&flat, 0).unwrap().to_vec1().unwrap()
+    }
+
+    /// The flat update is the per-parameter one: the same parameters, norms and saved moments
+    /// over steps with clipping on and off, weight decay on some parameters and an lr scale
+    /// on one; and a step where a parameter has no gradient runs per parameter, after which
+    /// the flat update goes on from the moments that step left.
+    #[test]
+    fn flat_update_equals_the_per_parameter_update() {
+        let (fv, mut flat) = candle_opt(Update::Flat);
+        let (pv, mut per) = candle_opt(Update::PerParam);
+        for step in 0..6 {
+            let max_norm = if step % 2 == 0 { 0.5 } else { 0.0 };
+            let mut norms = vec![];
+            for (vars, opt) in [(&fv, &mut flat), (&pv, &mut per)] {
+                let mut g = loss_of(vars, step).backward().unwrap();
+                if step == 3 {
+                    // no gradient for the mask token this step
+                    g.remove(vars[2].as_tensor());
+                }
+                assert_eq!(opt.flat_step(&g), opt.update == Update::Flat && step != 3);
+                // on the CPU, Auto is per parameter
+                assert_eq!(Update::Auto.resolve(vars[0].device()), Update::PerParam);
+                norms.push(opt.clip_and_step(&mut g, max_norm, 0.05).unwrap());
+            }
+            assert!(
+                (norms[0] - norms[1]).abs() < 1e-5 * norms[1],
+                "step {step}: {norms:?}"
+            );
+            for (a, b) in values(&fv).iter().zip(values(&pv)) {
+                assert!((a - b).abs() < 1e-6, "step {step}: {a} vs {b}");
+            }
+        }
+        assert!(flat.flat.is_some() && per.flat.is_none());
+        // the saved state is the same, in the same names
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("flat.st"), dir.path().join("per.st"));
+        flat.save(&a).unwrap();
+        per.save(&b).unwrap();
+        let (a, b) = (
+            lmd_model::candle::safetensors::load(&a, &Device::Cpu).unwrap(),
+            lmd_model::candle::safetensors::load(&b, &Device::Cpu).unwrap(),
+        );
+        assert_eq!(a.len(), 9);
+        for (k, x) in &a {
+            let y = &b[k];
+            assert_eq!(x.dims(), y.dims(), "{k}");
+            let (x, y): (Vec<f64>, Vec<f64>) = (
+                x.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+                y.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            );
+            for (x, y) in x.iter().zip(&y) {
+                assert!((x - y).abs() < 1e-6, "{k}: {x} vs {y}");
+            }
+        }
+        // a loaded state replaces the flat moments: the next flat step starts from it
+        let (fv2, mut flat2) = candle_opt(Update::Flat);
+        for (a, b) in fv2.iter().zip(&fv) {
+            a.set(b.as_tensor()).unwrap();
+        }
+        flat2.load(&dir.path().join("per.st")).unwrap();
+        for (vars, opt) in [(&fv2, &mut flat2), (&pv, &mut per)] {
+            let mut g = loss_of(vars, 6).backward().unwrap();
+            opt.clip_and_step(&mut g, 0.0, 0.05).unwrap();
+        }
+        for (a, b) in values(&fv2).iter().zip(values(&pv)) {
+            assert!((a - b).abs() < 1e-6, "after load: {a} vs {b}");
+        }
+    }
+
+    /// On the fused CPU backend the moments are updated in place through the flat moments'
+    /// views: a flat step, then a fused one, then a flat one again keep one set of moments.
+    #[test]
+    fn fused_steps_write_through_the_flat_moments() {
+        let (fv, mut opt) = candle_opt(Update::Flat);
+        let (pv, mut per) = candle_opt(Update::PerParam);
+        for step in 0..3 {
+            // steps 0 and 2 flat (candle backend), step 1 in place (fused backend)
+            opt.backend = if step == 1 {
+                Backend::Fused
+            } else {
+                Backend::Candle
+            };
+            for (vars, o) in [(&fv, &mut opt), (&pv, &mut per)] {
+                let mut g = loss_of(vars, step).backward().unwrap();
+                o.clip_and_step(&mut g, 0.0, 0.05).unwrap();
+            }
+            assert!(opt.flat.is_some(), "step {step}");
+            for (a, b) in values(&fv).iter().zip(values(&pv)) {
+                assert!((a - b).abs() < 1e-5, "step {step}: {a} vs {b}");
+            }
+        }
+        let m: Vec<f32> = opt.flat.as_ref().unwrap().m.to_vec1().unwrap();
+        let views: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| p.m.flatten_all().unwrap())
+            .collect();
+        assert_eq!(m, Tensor::cat(&views, 0).unwrap().to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn update_names_round_trip() {
+        for u in [Update::Auto, Update::Flat, Update::PerParam] {
+            assert_eq!(u.as_str().parse::<Update>().unwrap(), u);
+        }
+        assert!("foreach"
+            .parse::<Update>()
+            .unwrap_err()
+            .to_string()
+            .contains("per-param"));
     }
 
     #[test]
