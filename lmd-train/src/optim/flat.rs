@@ -16,9 +16,8 @@
 //!   that sets a parameter (a checkpoint, a broadcast) can leave a stale copy here.
 //! - Each parameter's weight decay and lr scale become per-element vectors once
 //!   ([`Coeffs`]); an lr scale of 1 everywhere needs none.
-//! - The global norm is summed in f64 (an f32 sum of a hundred million squares loses whole
-//!   terms) and read back once; clipping scales the moments' gradient coefficients, not the
-//!   gradients.
+//! - The global norm is summed in rows of [`NORM_ROW`] squares, the rows in f64, and read
+//!   back once; clipping scales the moments' gradient coefficients, not the gradients.
 //! - It takes a step only when every parameter has a gradient of its own shape, and all share
 //!   one dtype and device ([`applies`]); otherwise that step runs per parameter.
 
@@ -94,9 +93,31 @@ pub(super) fn gather<'a>(ts: impl Iterator<Item = &'a Tensor>) -> Result<Tensor>
     Tensor::cat(&flat, 0)
 }
 
-/// `Σ g²` in f64, read back (the step's one host synchronisation).
+/// Values per partial sum of [`squared_norm`].
+const NORM_ROW: usize = 1024;
+
+/// `Σ g²`, read back (the step's one host synchronisation): partial sums of [`NORM_ROW`]
+/// squares in `g`'s dtype, added in f64. (A single f32 sum of a hundred million squares loses
+/// whole terms; converting the whole vector to f64 first costs more than the update on a CPU.)
 pub(super) fn squared_norm(g: &Tensor) -> Result<f64> {
-    g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+    let sq = g.sqr()?;
+    let n = sq.elem_count();
+    let rows = n / NORM_ROW;
+    let mut parts = vec![];
+    if rows > 0 {
+        let body = sq
+            .narrow(0, 0, rows * NORM_ROW)?
+            .reshape((rows, NORM_ROW))?;
+        parts.push(body.sum(1)?.to_dtype(DType::F64)?.sum_all()?);
+    }
+    if n > rows * NORM_ROW {
+        let tail = sq.narrow(0, rows * NORM_ROW, n - rows * NORM_ROW)?;
+        parts.push(tail.sum_all()?.to_dtype(DType::F64)?);
+    }
+    match parts.len() {
+        0 => Ok(0.0),
+        _ => Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>(),
+    }
 }
 
 /// One AdamW update of the parameters `vars` (gathered here) from the flat gradient `g`
@@ -124,4 +145,26 @@ pub(super) fn update(
         None => step,
     };
     Ok(((theta - step)?, Moments { m, v }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmd_model::candle::Device;
+
+    /// The norm's partial sums cover every value once: lengths below, at and past a row, and
+    /// the f64 sum of the same squares.
+    #[test]
+    fn squared_norm_sums_every_square_once() {
+        for n in [0, 1, 7, NORM_ROW, NORM_ROW + 1, 3 * NORM_ROW - 5] {
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.61).sin()).collect();
+            let want: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
+            let g = Tensor::from_vec(v, n, &Device::Cpu).unwrap();
+            let got = squared_norm(&g).unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.max(1.0),
+                "{n}: {got} vs {want}"
+            );
+        }
+    }
 }

@@ -52,9 +52,10 @@ impl Default for AdamWConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum Update {
     /// Flat on a GPU, per parameter on the CPU: PyTorch's default for its AdamW (`foreach`
-    /// on CUDA, a loop over the parameters on the CPU). A GPU pays a launch per op; on the
-    /// CPU the flat update's extra passes over memory cost more than the ops it saves
-    /// (`lmd-bench optimizer`: per-param / flat 1.3x there, BENCHMARKS.md).
+    /// on CUDA, a loop over the parameters on the CPU). A GPU pays a launch per op; a CPU
+    /// runs a parameter's fourteen ops while it is in cache, and the flat ones each stream the
+    /// whole model from memory (`lmd-bench optimizer` on 2 cores: the flat step takes 1.2-1.6x
+    /// the per-parameter one, BENCHMARKS.md).
     #[default]
     Auto,
     /// All parameters at once, as flat vectors ([`flat`]).
