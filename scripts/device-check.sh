@@ -257,6 +257,10 @@ s = {"bench": "summary",
      "finetune_top1": [e.get("top1") for e in ev]}
 ours = {x["mask_ratio"]: x["samples_per_s"] for x in r if x.get("bench") == "train-step" and "baseline" not in x}
 for x in r:
+    if x.get("bench") == "train-step" and "baseline" not in x and "host_fraction" in x:
+        # near 1: the step was bound by launching ops on the host, not by the GPU
+        s[f"train_step_host_fraction_{x['mask_ratio']}"] = x["host_fraction"]
+for x in r:
     if x.get("baseline") == "pytorch" and "mask_ratio" in x and "vae" not in x:
         tag = ("compile" if x.get("compile") else x.get("attention", "explicit"))
         if x["mask_ratio"] in ours:

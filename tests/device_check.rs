@@ -95,6 +95,9 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
         "{s}"
     );
     assert_eq!(s["skipped_steps"], serde_json::json!([]), "{s}");
+    // the host's share of the train step (on the CPU all of it)
+    let host = s["train_step_host_fraction_0.15"].as_f64().unwrap();
+    assert!(host > 0.0 && host <= 1.0, "{s}");
 }
 
 /// `scripts/device-check.sh run` at its small sizes on the CPU, with `budget_s` as

@@ -116,26 +116,30 @@ fn timed_steps(
     forward: &mut StepForward<'_>,
     baseline: Option<&mut StepForward<'_>>,
 ) -> Result<(serde_json::Value, f64)> {
-    // total seconds, seconds in forward / backward / optimizer, the best step, the last loss
-    let mut measure = |forward: &mut StepForward<'_>| -> Result<(f64, [f64; 3], f64, f32)> {
-        let mut step = |seed: u64, phases: &mut [f64; 3]| -> Result<f32> {
+    // total seconds; seconds in forward / backward / optimizer, then the host's share of each
+    // (until the call returned, before the device was waited for); the best step; the last loss
+    let mut measure = |forward: &mut StepForward<'_>| -> Result<(f64, [f64; 6], f64, f32)> {
+        let mut step = |seed: u64, phases: &mut [f64; 6]| -> Result<f32> {
             let t = Instant::now();
             let loss = forward(seed)?;
+            phases[3] += t.elapsed().as_secs_f64();
             let value = loss.to_scalar::<f32>()?;
             phases[0] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let grads = loss.backward()?;
+            phases[4] += t.elapsed().as_secs_f64();
             // a GPU queues the work: wait for it inside each phase's timing
             dev.synchronize()?;
             phases[1] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             opt.step(&grads, lr)?;
+            phases[5] += t.elapsed().as_secs_f64();
             dev.synchronize()?;
             phases[2] += t.elapsed().as_secs_f64();
             Ok(value)
         };
-        step(0, &mut [0.0; 3])?;
-        let mut phases = [0f64; 3];
+        step(0, &mut [0.0; 6])?;
+        let mut phases = [0f64; 6];
         let t0 = Instant::now();
         let (mut loss, mut best) = (0.0, f64::INFINITY);
         for s in 0..steps {
@@ -147,11 +151,17 @@ fn timed_steps(
     };
     let (secs, phases, best, loss) = measure(forward)?;
     let rate = |secs: f64| (steps * batch) as f64 / secs;
-    let per_step = |v: f64| (v / steps as f64 * 1e3).round() / 1e3;
+    let per_step = |v: f64| (v / steps as f64 * 1e5).round() / 1e5;
+    // On a GPU candle queues each op and returns: a phase whose host time is near its total
+    // was bound by launching ops (host_fraction near 1), not by the device. On the CPU every
+    // op runs when called, so it is 1 there.
     let mut fields = json!({
         "samples_per_s": rate(secs), "s_per_step": secs / steps as f64, "best_s_per_step": best,
         "forward_s": per_step(phases[0]), "backward_s": per_step(phases[1]),
-        "optimizer_s": per_step(phases[2]), "loss": loss,
+        "optimizer_s": per_step(phases[2]), "forward_host_s": per_step(phases[3]),
+        "backward_host_s": per_step(phases[4]), "optimizer_host_s": per_step(phases[5]),
+        "host_fraction": (phases[3] + phases[4] + phases[5]) / (phases[0] + phases[1] + phases[2]),
+        "loss": loss,
     });
     if let Some(base) = baseline {
         let (bsecs, _, _, _) = measure(base)?;
@@ -507,6 +517,9 @@ mod tests {
         train_step(&bf16, |v| lines.push(v)).unwrap();
         assert_eq!(lines[0]["precision"], "bf16");
         assert!(lines[0]["loss"].as_f64().unwrap().is_finite(), "{lines:?}");
+        // the host's share of the phases: all of them on the CPU, where ops run when called
+        let host = lines[0]["host_fraction"].as_f64().unwrap();
+        assert!(host > 0.0 && host <= 1.0, "{lines:?}");
         let args: Vec<String> = serde_json::from_value(lines[1]["args"].clone()).unwrap();
         assert!(
             args.windows(2).any(|w| w == ["--precision", "bf16"]),
