@@ -28,6 +28,10 @@
 # - train step samples/s, LMD's ViT-B/4 on 4x28x28 (49 tokens, decoder 512 x 8), ratios 0.15
 #   and 0.75, bf16, beside tools/torch_mae_train_step.py: eager + autocast (the lmd-bench
 #   anchor), then with SDPA, then torch.compile (target >= 1.0x eager);
+# - the same train step with the row kernels (LMD_KERNELS=rows, lmd-model/src/rowops: LayerNorm
+#   and softmax one CUDA kernel each way), after their parity on the GPU (`parity-rows`):
+#   train_step_rows_vs_candle_<ratio> > 1 (candle's ops timed in the same run) says make
+#   them the GPU's default;
 # - the AdamW step over that model's parameters, flat (the GPU's default) beside per
 #   parameter (`lmd bench optimizer`): per_param_over_flat < 1 says the default is wrong there;
 # - precompute of the shared imagenette and ILSVRC sample images repeated to >= 20k, beside the
@@ -151,6 +155,9 @@ EOF
 
   step parity-f32 120 "$lmd" bench parity --shared "$data" --device "$dev" --precision f32
   [ "$small" = 1 ] || step parity-bf16 120 "$lmd" bench parity --shared "$data" --device "$dev" --precision bf16
+  # the row kernels (LMD_KERNELS=rows: LayerNorm and softmax one CUDA kernel each way) on the GPU
+  # for the first time: the same vectors and tolerances
+  step parity-rows 90 env LMD_KERNELS=rows "$lmd" bench parity --shared "$data" --device "$dev" --precision f32
 
   local tw="$data/weights/taesd"
   # NCCL (the binary has --features nccl): the gradient buckets beside ncclAllReduce on one
@@ -169,6 +176,10 @@ EOF
 
   step train-step 150 "$lmd" bench train-step --preset "$preset" --device "$dev" --precision "$prec" \
     --ratios 0.15,0.75 --batch "$bstep" --steps "$nstep" --torch-anchor tools/torch_mae_train_step.py
+  # the same step with the row kernels, beside candle's ops in the same invocation:
+  # train_step_rows_vs_candle_<ratio> > 1 says make them the GPU's default (Backend::resolve)
+  step train-step-rows 120 env LMD_KERNELS=rows "$lmd" bench train-step --preset "$preset" --device "$dev" \
+    --precision "$prec" --ratios 0.15,0.75 --batch "$bstep" --steps "$nstep" --baseline-kernels candle
   # the same sizes for PyTorch with SDPA, then compiled (the preset's sizes, as lmd-bench passes them)
   local sizes=(--batch "$bstep" --steps "$nstep" --ratios 0.15,0.75 --device "$dev" --precision "$torch_prec")
   if [ "$preset" = base_patch4 ]; then
@@ -255,11 +266,16 @@ s = {"bench": "summary",
      "pretrain_steps": m[-1]["step"] if m else None, "pretrain_loss_first": m[0]["loss"] if m else None,
      "pretrain_loss_last": m[-1]["loss"] if m else None,
      "finetune_top1": [e.get("top1") for e in ev]}
-ours = {x["mask_ratio"]: x["samples_per_s"] for x in r if x.get("bench") == "train-step" and "baseline" not in x}
-for x in r:
-    if x.get("bench") == "train-step" and "baseline" not in x and "host_fraction" in x:
+steps = [x for x in r if x.get("bench") == "train-step" and "baseline" not in x]
+ours = {x["mask_ratio"]: x["samples_per_s"] for x in steps if not x.get("backend", "").startswith("rows")}
+for x in steps:
+    if x.get("backend", "").startswith("rows") and "vs_baseline" in x:
+        s[f"train_step_rows_vs_candle_{x['mask_ratio']}"] = x["vs_baseline"]
+for x in steps:
+    if "host_fraction" in x:
         # near 1: the step was bound by launching ops on the host, not by the GPU
-        s[f"train_step_host_fraction_{x['mask_ratio']}"] = x["host_fraction"]
+        tag = "rows_" if x.get("backend", "").startswith("rows") else ""
+        s[f"train_step_{tag}host_fraction_{x['mask_ratio']}"] = x["host_fraction"]
 for x in r:
     if x.get("baseline") == "pytorch" and "mask_ratio" in x and "vae" not in x:
         tag = ("compile" if x.get("compile") else x.get("attention", "explicit"))

@@ -33,7 +33,7 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
         .is_ok_and(|s| s.success());
     // every step ran; without PyTorch only the steps that run it fail, and they say why
     let steps: Vec<&serde_json::Value> = r.iter().filter(|v| v.get("step").is_some()).collect();
-    assert_eq!(steps.len(), 16, "{steps:?}");
+    assert_eq!(steps.len(), 18, "{steps:?}");
     for s in &steps {
         let name = s["step"].as_str().unwrap();
         let needs_torch = name.contains("torch") || name == "train-step";
@@ -46,17 +46,32 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
     }
     let bench =
         |b: &str| -> Vec<&serde_json::Value> { r.iter().filter(|v| v["bench"] == b).collect() };
-    // parity: all nine quantities within their bounds
+    // parity: all nine quantities within their bounds, on the default kernels and on the rows
     let parity = bench("parity");
-    assert_eq!(parity.len(), 9, "{parity:?}");
+    assert_eq!(parity.len(), 18, "{parity:?}");
     assert!(parity.iter().all(|p| p["pass"] == true), "{parity:?}");
+    let rows = parity.iter().filter(|p| p["kernels"] == "rows").count();
+    assert_eq!(rows, 9, "{parity:?}");
     // ours beside the baselines' lines
     assert_eq!(bench("vae").len(), 2);
     let step_lines: Vec<_> = bench("train-step")
         .into_iter()
         .filter(|v| v.get("baseline").is_none())
         .collect();
-    assert_eq!(step_lines.len(), 2, "{r:?}");
+    // the default backend's two ratios, then the row kernels' (named, and in the summary)
+    assert_eq!(step_lines.len(), 4, "{r:?}");
+    let backends: Vec<_> = step_lines.iter().map(|v| v["backend"].as_str()).collect();
+    assert_eq!(
+        backends,
+        [Some("fused"), Some("fused"), Some("rows"), Some("rows")],
+        "{r:?}"
+    );
+    assert!(
+        step_lines[2..]
+            .iter()
+            .all(|v| v["baseline_backend"] == "candle"),
+        "{r:?}"
+    );
     // the AdamW step, flat beside per parameter, on the same gradients
     let o = bench("optimizer");
     assert_eq!(o.len(), 3, "{o:?}");
@@ -98,6 +113,11 @@ fn the_device_check_script_runs_every_step_on_the_cpu() {
     // the host's share of the train step (on the CPU all of it)
     let host = s["train_step_host_fraction_0.15"].as_f64().unwrap();
     assert!(host > 0.0 && host <= 1.0, "{s}");
+    // the row kernels' step over candle's ops in the same invocation, per ratio
+    for ratio in ["0.15", "0.75"] {
+        let k = format!("train_step_rows_vs_candle_{ratio}");
+        assert!(s[&k].as_f64().unwrap() > 0.0, "{k}: {s}");
+    }
 }
 
 /// `scripts/device-check.sh run` at its small sizes on the CPU, with `budget_s` as
@@ -140,7 +160,7 @@ fn a_device_check_out_of_time_skips_its_steps_and_still_writes_the_summary() {
         .filter(|v| v["skipped"].is_string())
         .map(|v| v["step"].as_str().unwrap())
         .collect();
-    assert_eq!(skipped.len(), 16, "{r:?}");
+    assert_eq!(skipped.len(), 18, "{r:?}");
     assert!(r.iter().all(|v| v.get("rc").is_none()), "a step ran: {r:?}");
     let s = r.last().unwrap();
     assert_eq!(s["bench"], "summary", "{r:?}");

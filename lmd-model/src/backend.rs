@@ -8,7 +8,9 @@
 //! - [`Kernels::Auto`] takes `LMD_KERNELS` from the environment (`auto`, `fused`, `ops`,
 //!   `candle`; unset means `auto`), then picks `Fused` for f32 on the CPU and `Candle` for
 //!   anything else. `LMD_KERNELS=candle` runs the pure-candle graph on the CPU: that is how the
-//!   tests check the graph a GPU runs.
+//!   tests check the graph a GPU runs. `rows` is that graph with LayerNorm and softmax as one
+//!   op each way ([`crate::rowops`]: a kernel each on CUDA); `auto` does not pick it until a
+//!   GPU has measured it (the device check's `train-step-rows` step).
 //! - Asking for fused kernels where they do not exist (a GPU, f64, bf16) is an error that names
 //!   the device and dtype, never a silent fallback.
 //! - Mixed precision is a backend too ([`Backend::CandleBf16`], from [`Backend::for_training`]):
@@ -43,10 +45,18 @@ pub enum Kernels {
     Ops,
     /// candle's own ops only: the graph a GPU runs.
     Candle,
+    /// candle's ops, with LayerNorm and softmax one op each way ([`crate::rowops`]).
+    Rows,
 }
 
 impl Kernels {
-    pub const ALL: [Kernels; 4] = [Kernels::Auto, Kernels::Fused, Kernels::Ops, Kernels::Candle];
+    pub const ALL: [Kernels; 5] = [
+        Kernels::Auto,
+        Kernels::Fused,
+        Kernels::Ops,
+        Kernels::Candle,
+        Kernels::Rows,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -54,6 +64,7 @@ impl Kernels {
             Kernels::Fused => "fused",
             Kernels::Ops => "ops",
             Kernels::Candle => "candle",
+            Kernels::Rows => "rows",
         }
     }
 
@@ -77,7 +88,7 @@ impl FromStr for Kernels {
             .find(|k| k.as_str() == s.trim().to_ascii_lowercase())
             .ok_or_else(|| {
                 crate::Error::Config(format!(
-                    "unknown kernel setting {s:?} (expected auto, fused, ops or candle)"
+                    "unknown kernel setting {s:?} (expected auto, fused, ops, candle or rows)"
                 ))
             })
     }
@@ -102,6 +113,10 @@ pub enum Backend {
     /// candle's ops in mixed precision: bf16 matmuls and convolutions, f32 weights, norms,
     /// softmax and residual stream.
     CandleBf16,
+    /// candle's ops with LayerNorm and softmax as lmd's row ops ([`crate::rowops`]).
+    Rows,
+    /// [`Backend::Rows`] in mixed precision, as [`Backend::CandleBf16`].
+    RowsBf16,
 }
 
 impl Backend {
@@ -121,6 +136,11 @@ impl Backend {
             ))),
             Kernels::Fused => Ok(Backend::Fused),
             Kernels::Ops => Ok(Backend::Ops),
+            Kernels::Rows if dtype == DType::F64 => Err(crate::Error::Config(format!(
+                "the row kernels (rows) compute in f32, not {dtype:?} on {dev:?}: use auto or \
+                 candle"
+            ))),
+            Kernels::Rows => Ok(Backend::Rows),
         }
     }
 
@@ -136,6 +156,7 @@ impl Backend {
         match precision.check_trainable()? {
             Precision::Bf16 => match Backend::resolve(kernels, dev, DType::BF16)? {
                 Backend::Candle => Ok(Backend::CandleBf16),
+                Backend::Rows => Ok(Backend::RowsBf16),
                 b => unreachable!("resolve gave {b} for bf16"),
             },
             _ => Backend::resolve(kernels, dev, DType::F32),
@@ -154,13 +175,15 @@ impl Backend {
             Backend::Ops => "ops",
             Backend::Candle => "candle",
             Backend::CandleBf16 => "candle-bf16",
+            Backend::Rows => "rows",
+            Backend::RowsBf16 => "rows-bf16",
         }
     }
 
     /// The dtype the products compute in where it is not the weights' (mixed precision).
     pub fn half_dtype(self) -> Option<DType> {
         match self {
-            Backend::CandleBf16 => Some(DType::BF16),
+            Backend::CandleBf16 | Backend::RowsBf16 => Some(DType::BF16),
             _ => None,
         }
     }
@@ -191,6 +214,25 @@ impl Backend {
         matches!(self, Backend::Fused | Backend::Ops)
     }
 
+    /// Whether LayerNorm and softmax are [`crate::rowops`]' (f32 operands).
+    fn row_ops(self) -> bool {
+        matches!(self, Backend::Rows | Backend::RowsBf16)
+    }
+
+    /// `f` on `x` widened to f32 (half precision in, as a bf16 VAE's attention gives): the
+    /// result in f32 under mixed precision (it joins the f32 stream), else in `x`'s dtype.
+    fn in_f32(self, x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let y = match dtype {
+            DType::BF16 | DType::F16 => f(&x.to_dtype(DType::F32)?)?,
+            _ => f(x)?,
+        };
+        match self.half_dtype() {
+            Some(_) => Ok(y),
+            None => y.to_dtype(dtype),
+        }
+    }
+
     /// Whether a transformer block runs as one fused node ([`crate::cpu::block`]).
     pub(crate) fn fused_blocks(self) -> bool {
         self == Backend::Fused
@@ -216,6 +258,10 @@ impl Backend {
         if self.cpu_ops() {
             return crate::cpu::ops::layer_norm(x, w, b, eps);
         }
+        if self.row_ops() {
+            let (w, b) = (&w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?);
+            return self.in_f32(x, |x| crate::rowops::layer_norm(x, w, b, eps));
+        }
         // candle-nn's fused layer_norm records no backward: primitive ops only
         let x = &self.full(x)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -230,22 +276,16 @@ impl Backend {
         if self.cpu_ops() {
             return crate::cpu::ops::softmax_last_dim(x);
         }
+        if self.row_ops() {
+            return self.in_f32(x, crate::rowops::softmax_last_dim);
+        }
         // candle-nn's softmax_last_dim records no backward; the max shift is detached (it
         // cancels)
-        // (and in f32: a half-precision input, e.g. a bf16 VAE's attention, is widened for the
-        // sum and narrowed back; mixed precision keeps the f32 result)
-        let dtype = x.dtype();
-        let x = &match dtype {
-            DType::BF16 | DType::F16 => x.to_dtype(DType::F32)?,
-            _ => x.clone(),
-        };
-        let m = x.max_keepdim(D::Minus1)?.detach();
-        let e = x.broadcast_sub(&m)?.exp()?;
-        let y = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        match self.half_dtype() {
-            Some(_) => Ok(y),
-            None => y.to_dtype(dtype),
-        }
+        self.in_f32(x, |x| {
+            let m = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&m)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        })
     }
 
     /// Exact (erf) GELU.
@@ -322,7 +362,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("F64") && e.contains("CPU only"), "{e}");
-        for s in ["auto", "fused", "ops", "candle", " Candle "] {
+        // the row ops: any device in f32 (and half precision, widened), mixed for training
+        assert_eq!(
+            Backend::resolve(Kernels::Rows, &cpu, DType::F32).unwrap(),
+            Backend::Rows
+        );
+        assert_eq!(
+            Backend::for_training(Kernels::Rows, &cpu, Precision::Bf16).unwrap(),
+            Backend::RowsBf16
+        );
+        assert_eq!(Backend::RowsBf16.half_dtype(), Some(DType::BF16));
+        let e = Backend::resolve(Kernels::Rows, &cpu, DType::F64)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("F64") && e.contains("f32"), "{e}");
+        for s in ["auto", "fused", "ops", "candle", " Candle ", "rows"] {
             assert!(s.parse::<Kernels>().is_ok(), "{s}");
         }
         let e = "gpu".parse::<Kernels>().unwrap_err().to_string();

@@ -12,6 +12,7 @@ pub mod nn;
 pub mod precision;
 pub mod preset;
 mod rng;
+pub mod rowops;
 pub mod schedule;
 #[cfg(test)]
 mod test_util;

@@ -140,9 +140,13 @@ mod tests {
     /// The fused CPU ops (f32).
     const F: Backend = Backend::Fused;
 
-    /// `f` on the fused and on the candle backend, from the same f32 inputs: the forward and
+    /// lmd's row ops ([`crate::rowops`]) between candle's ops.
+    const R: Backend = Backend::Rows;
+
+    /// `f` on backend `k` and on the candle backend, from the same f32 inputs: the forward and
     /// the gradient of every input agree within `tol`.
-    fn fused_matches_candle(
+    fn matches_candle(
+        k: Backend,
         f: impl Fn(Backend, &[&Tensor]) -> Result<Tensor>,
         shapes: &[&[usize]],
         tol: f32,
@@ -153,7 +157,7 @@ mod tests {
             .map(|s| Var::from_tensor(&Tensor::randn(0f32, 1.5, *s, &dev).unwrap()).unwrap())
             .collect();
         let ins: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-        let (yf, yc) = (f(F, &ins).unwrap(), f(C, &ins).unwrap());
+        let (yf, yc) = (f(k, &ins).unwrap(), f(C, &ins).unwrap());
         assert_eq!(yf.dims(), yc.dims());
         let d = maxdiff(&yf, &yc);
         assert!(d < tol, "forward differs by {d}");
@@ -162,7 +166,7 @@ mod tests {
         for (i, v) in vars.iter().enumerate() {
             let a = gf
                 .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("fused: no gradient for input {i}"));
+                .unwrap_or_else(|| panic!("{k}: no gradient for input {i}"));
             let b = gc
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("candle: no gradient for input {i}"));
@@ -347,25 +351,104 @@ mod tests {
     #[test]
     fn fused_ops_match_candle_ops_forward_and_every_gradient_in_f32() {
         // rows: more than one parallel row group; widths: not a multiple of the SIMD lanes
-        fused_matches_candle(
+        matches_candle(
+            F,
             |k, t| k.layer_norm(t[0], t[1], t[2], 1e-6),
             &[&[3, 37, 70], &[70], &[70]],
             2e-5,
         );
-        fused_matches_candle(|k, t| k.softmax_last_dim(t[0]), &[&[2, 3, 41, 19]], 2e-6);
-        fused_matches_candle(
+        matches_candle(F, |k, t| k.softmax_last_dim(t[0]), &[&[2, 3, 41, 19]], 2e-6);
+        matches_candle(
+            F,
             |k, t| k.linear(t[0], t[1], t[2]),
             &[&[5, 33, 24], &[40, 24], &[40]],
             1e-4,
         );
-        fused_matches_candle(|k, t| k.gelu_erf(t[0]), &[&[7, 3001]], 2e-6);
+        matches_candle(F, |k, t| k.gelu_erf(t[0]), &[&[7, 3001]], 2e-6);
         // a non-contiguous input goes through too
-        fused_matches_candle(|k, t| k.softmax_last_dim(&t[0].t()?), &[&[9, 13]], 2e-6);
-        fused_matches_candle(
+        matches_candle(F, |k, t| k.softmax_last_dim(&t[0].t()?), &[&[9, 13]], 2e-6);
+        matches_candle(
+            F,
             |k, t| k.layer_norm(&t[0].t()?, t[1], t[2], 1e-5),
             &[&[6, 40], &[6], &[6]],
             2e-5,
         );
+    }
+
+    #[test]
+    fn row_ops_match_candle_ops_forward_and_every_gradient_in_f32() {
+        // rows: more than one CPU row group and not a multiple of a block's 4 warps; widths
+        // below and past a warp's 32 lanes
+        for shapes in [
+            [&[3, 37, 70][..], &[70], &[70]],
+            [&[5, 768], &[768], &[768]],
+        ] {
+            matches_candle(
+                R,
+                |k, t| k.layer_norm(t[0], t[1], t[2], 1e-6),
+                &shapes,
+                2e-5,
+            );
+        }
+        matches_candle(R, |k, t| k.softmax_last_dim(t[0]), &[&[2, 3, 41, 19]], 2e-6);
+        matches_candle(R, |k, t| k.softmax_last_dim(t[0]), &[&[4, 49, 49]], 2e-6);
+        // non-contiguous inputs go through too
+        matches_candle(R, |k, t| k.softmax_last_dim(&t[0].t()?), &[&[9, 13]], 2e-6);
+        matches_candle(
+            R,
+            |k, t| k.layer_norm(&t[0].t()?, t[1], t[2], 1e-5),
+            &[&[6, 40], &[6], &[6]],
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn row_ops_in_mixed_precision_take_half_inputs_and_give_f32() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (4, 9, 33), &dev).unwrap();
+        let (w, b) = (
+            Tensor::randn(1f32, 0.3, 33, &dev).unwrap(),
+            Tensor::randn(0f32, 0.3, 33, &dev).unwrap(),
+        );
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        // mixed: f32 weights; a bf16 model (as a bf16 VAE): bf16 weights, widened by the row op
+        let cases = [
+            (
+                Backend::RowsBf16,
+                Backend::CandleBf16,
+                w.clone(),
+                b.clone(),
+                2e-2,
+            ),
+            (R, C, bf(&w), bf(&b), 6e-2),
+        ];
+        for (rows, candle, w, b, tol) in cases {
+            let a = rows.layer_norm(&xb, &w, &b, 1e-6).unwrap();
+            let c = candle.layer_norm(&xb, &w, &b, 1e-6).unwrap();
+            let s = rows.softmax_last_dim(&xb).unwrap();
+            let sc = candle.softmax_last_dim(&xb).unwrap();
+            // mixed precision keeps the f32 result; otherwise the input's dtype comes back
+            let want = if rows.half_dtype().is_some() {
+                DType::F32
+            } else {
+                DType::BF16
+            };
+            for t in [&a, &c, &s, &sc] {
+                assert_eq!(t.dtype(), want, "{rows}");
+            }
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            assert!(
+                maxdiff(&f(&a), &f(&c)) < tol,
+                "{rows}: {}",
+                maxdiff(&f(&a), &f(&c))
+            );
+            assert!(
+                maxdiff(&f(&s), &f(&sc)) < 1e-2,
+                "{rows}: {}",
+                maxdiff(&f(&s), &f(&sc))
+            );
+        }
     }
 
     #[test]
@@ -374,12 +457,11 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (4, 7), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
-        for k in [F, C] {
+        for k in [F, C, R] {
             let ours = k.layer_norm(&x, &w, &b, 1e-6).unwrap();
             let theirs = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
             let d = maxdiff(&ours, &theirs);
             assert!(d < 1e-5, "{k}: {d}");
         }
-        let _ = DType::F32;
     }
 }

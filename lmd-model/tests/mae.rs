@@ -405,13 +405,15 @@ fn nan_loss_at_a_mask_ratio_that_masks_nothing_is_refused_naming_l() {
     assert!(ok.validate_for(196).is_ok());
 }
 
-/// The parity tests run on the backend `LMD_KERNELS` selects (CI runs them twice: fused, and
-/// `LMD_KERNELS=candle`, the graph a GPU runs): this one fails if the setting were not honoured,
-/// so the second run cannot silently test the fused kernels again.
+/// The parity tests run on the backend `LMD_KERNELS` selects (CI runs them three times: fused,
+/// `LMD_KERNELS=candle`, the graph a GPU runs, and `LMD_KERNELS=rows`, that graph with the row
+/// ops): this one fails if the setting were not honoured, so a later run cannot silently test
+/// the fused kernels again.
 #[test]
 fn parity_models_compute_on_the_backend_lmd_kernels_selects() {
     let want = match std::env::var(lmd_model::KERNELS_ENV).as_deref() {
         Ok("candle") => lmd_model::Backend::Candle,
+        Ok("rows") => lmd_model::Backend::Rows,
         Ok("ops") => lmd_model::Backend::Ops,
         _ => lmd_model::Backend::Fused,
     };

@@ -177,8 +177,12 @@ enum Cmd {
         /// torch) with the same sizes and thread count, and print ours / PyTorch.
         #[arg(long)]
         torch_anchor: Option<std::path::PathBuf>,
-        /// Also time each ratio with every transformer block as candle ops (the fused block
-        /// node off), and print ours / that as `vs_composite`.
+        /// Also time each ratio with the same model on these kernels (auto, fused, ops,
+        /// candle, rows; ours are LMD_KERNELS'), and print ours / that as `vs_baseline`.
+        #[arg(long, conflicts_with = "composite_baseline")]
+        baseline_kernels: Option<lmd_train::model::Kernels>,
+        /// Short for --baseline-kernels ops: every transformer block as single-layer ops (the
+        /// fused block node off).
         #[arg(long)]
         composite_baseline: bool,
         /// Pixel MAE (3 x S x S, patch P, fixed ratio 0.75) beside LMD on latents (4 x S/8,
@@ -247,8 +251,11 @@ enum Cmd {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
-        /// Also time the steps with every transformer block as candle ops, and print ours /
-        /// that as `vs_composite`.
+        /// Also time the steps with the same model on these kernels (as train-step's), and
+        /// print ours / that as `vs_baseline`.
+        #[arg(long, conflicts_with = "composite_baseline")]
+        baseline_kernels: Option<lmd_train::model::Kernels>,
+        /// Short for --baseline-kernels ops.
         #[arg(long)]
         composite_baseline: bool,
         /// cpu or cuda:N (CUDA needs a build with --features cuda); TF32 for f32 matmuls on a
@@ -259,6 +266,14 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         precision: lmd_train::model::Precision,
     },
+}
+
+/// `--baseline-kernels K`, or `ops` for `--composite-baseline` (clap refuses both).
+fn baseline_of(
+    kernels: Option<lmd_train::model::Kernels>,
+    composite: bool,
+) -> Option<lmd_train::model::Kernels> {
+    kernels.or(composite.then_some(lmd_train::model::Kernels::Ops))
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -291,11 +306,14 @@ fn run() -> anyhow::Result<()> {
             let dev = device.open()?;
             let lines = lmd_train::parity::check(&shared, &dev, precision)?;
             let broken = lines.iter().filter(|l| !l.pass).count();
+            // the kernel setting the models resolved (LMD_KERNELS; auto when unset)
+            let kernels = lmd_train::model::Kernels::from_env()?;
             for l in &lines {
                 let mut v = serde_json::to_value(l)?;
                 v["bench"] = "parity".into();
                 v["device"] = device.to_string().into();
                 v["precision"] = precision.to_string().into();
+                v["kernels"] = kernels.to_string().into();
                 println!("{v}");
             }
             if broken > 0 {
@@ -414,6 +432,7 @@ fn run() -> anyhow::Result<()> {
             ratios,
             steps,
             torch_anchor,
+            baseline_kernels,
             composite_baseline,
             pixels,
             image_size,
@@ -428,7 +447,7 @@ fn run() -> anyhow::Result<()> {
                 ratios,
                 steps,
                 torch_anchor,
-                composite_baseline,
+                baseline: baseline_of(baseline_kernels, composite_baseline),
                 pixels,
                 image_size,
                 pixel_patch,
@@ -443,6 +462,7 @@ fn run() -> anyhow::Result<()> {
             classes,
             drop_path,
             steps,
+            baseline_kernels,
             composite_baseline,
             device,
             precision,
@@ -453,7 +473,7 @@ fn run() -> anyhow::Result<()> {
                 classes,
                 drop_path,
                 steps,
-                composite_baseline,
+                baseline: baseline_of(baseline_kernels, composite_baseline),
                 target: lmd_train::bench::StepTarget { device, precision },
             };
             lmd_train::bench::finetune_step(&opts, |v| println!("{v}"))?;

@@ -100,7 +100,7 @@ struct LayerNormOp {
 }
 
 /// `(xhat, rstd, out)` of a LayerNorm over rows of `w.len()`.
-fn ln_rows(x: &[f32], w: &[f32], b: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub(crate) fn ln_rows(x: &[f32], w: &[f32], b: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / w.len().max(1);
     let (mut xhat, mut rstd, mut out) = (
         filled_later(x.len()),
@@ -185,12 +185,7 @@ impl CustomOp1 for SoftmaxOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "lmd-softmax", "x")?;
-        let n = width(l);
-        let mut out = x.to_vec();
-        on_pool(|| {
-            out.par_chunks_mut(n * ROW_GROUP)
-                .for_each(|rows| simd::softmax_rows(rows, n))
-        });
+        let out = softmax_rows(x, width(l));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -199,17 +194,32 @@ impl CustomOp1 for SoftmaxOp {
         let g = g.contiguous()?;
         let names = ["the output", "the gradient"];
         let dx = with_data(&[res, &g], "lmd-softmax", &names, |s| {
-            let (p, gs) = (s[0], s[1]);
-            let mut dx = gs.to_vec();
-            on_pool(|| {
-                dx.par_chunks_mut(n * ROW_GROUP)
-                    .zip(p.par_chunks(n * ROW_GROUP))
-                    .for_each(|(d, p)| simd::softmax_backward_rows(d, p, n, 1.0))
-            });
-            dx
+            softmax_backward_rows(s[0], s[1], n)
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
+}
+
+/// Softmax of each row of width `n` in `x`.
+pub(crate) fn softmax_rows(x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    on_pool(|| {
+        out.par_chunks_mut(n * ROW_GROUP)
+            .for_each(|rows| simd::softmax_rows(rows, n))
+    });
+    out
+}
+
+/// The softmax's input gradient `p (g - sum(g p))` per row of width `n`, from its output `p`
+/// and the output's gradient `g`.
+pub(crate) fn softmax_backward_rows(p: &[f32], g: &[f32], n: usize) -> Vec<f32> {
+    let mut dx = g.to_vec();
+    on_pool(|| {
+        dx.par_chunks_mut(n * ROW_GROUP)
+            .zip(p.par_chunks(n * ROW_GROUP))
+            .for_each(|(d, p)| simd::softmax_backward_rows(d, p, n, 1.0))
+    });
+    dx
 }
 
 /// Softmax over the last dimension.

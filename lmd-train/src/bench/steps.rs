@@ -1,5 +1,6 @@
 //! `lmd-bench train-step` and `finetune-step`: full training steps of the models, with the
-//! `ops` backend (`--composite-baseline`) or PyTorch (`--torch-anchor`) as the baseline.
+//! same model on other kernels (`--baseline-kernels`, e.g. `ops`: `--composite-baseline`) or
+//! PyTorch (`--torch-anchor`) as the baseline.
 
 use crate::{Error, Result};
 use serde_json::json;
@@ -19,9 +20,9 @@ pub struct TrainStepOptions {
     /// Also run this PyTorch baseline (`tools/torch_mae_train_step.py`, the `tiny` sizes) with
     /// the same batch, ratios, steps and thread count, and report ours / PyTorch per ratio.
     pub torch_anchor: Option<PathBuf>,
-    /// Also run each ratio with the fused block node switched off (every block as candle ops)
-    /// and report ours / that.
-    pub composite_baseline: bool,
+    /// Also run each ratio on these kernels (the same model over the same variables; `ops`:
+    /// the fused block node off, every block as single-layer ops) and report ours / that.
+    pub baseline: Option<lmd_model::Kernels>,
     /// Pixel MAE beside LMD on latents with the same encoder: `image_size` px in patches of
     /// `pixel_patch` (fixed 0.75) against latents of `image_size / 8` in patches of
     /// `latent_patch` (0.75 and the cosine schedule's mean); `ratios` are not used. The
@@ -60,19 +61,19 @@ impl StepTarget {
         Ok((dev, backend))
     }
 
-    /// The `--composite-baseline` compares the CPU's fused kernels with candle ops in f32.
-    fn check_composite(&self, composite: bool) -> Result<()> {
-        if composite
-            && (self.device != crate::DeviceSpec::Cpu
-                || self.precision != lmd_model::Precision::F32)
-        {
-            return Err(Error::Invalid(format!(
-                "--composite-baseline compares the CPU kernels in f32: not with --device {} \
-                 --precision {}",
+    /// The backend of a baseline on `kernels` (`--baseline-kernels`): refused where those
+    /// kernels cannot run (the fused CPU kernels: f32 on the CPU), naming the flags.
+    fn baseline_backend(
+        &self,
+        kernels: lmd_model::Kernels,
+        dev: &lmd_model::candle::Device,
+    ) -> Result<lmd_model::Backend> {
+        lmd_model::Backend::for_training(kernels, dev, self.precision).map_err(|e| {
+            Error::Invalid(format!(
+                "--baseline-kernels {kernels} with --device {} --precision {}: {e}",
                 self.device, self.precision
-            )));
-        }
-        Ok(())
+            ))
+        })
     }
 
     /// The JSON fields naming this target.
@@ -89,7 +90,7 @@ impl Default for TrainStepOptions {
             ratios: vec![0.75, 0.15],
             steps: 3,
             torch_anchor: None,
-            composite_baseline: false,
+            baseline: None,
             pixels: false,
             image_size: 224,
             pixel_patch: 16,
@@ -104,17 +105,17 @@ type StepForward<'a> = dyn FnMut(u64) -> Result<lmd_model::candle::Tensor> + 'a;
 
 /// Full training steps timed: one warm-up step (seed 0), then `steps` timed ones (seeds 1..),
 /// each `forward(seed)` (to the loss), backward, and an AdamW update at `lr`. With a
-/// `baseline` (the same model over the same variables on the `ops` backend: every block as
-/// fused single-layer ops) the same steps run again through it.
+/// `baseline` (the same model over the same variables on other kernels, named) the same steps
+/// run again through it.
 /// Returns the JSON fields (samples/s, the best step, seconds per phase, the last loss, and the
-/// baseline's samples/s with ours / that) and our samples/s.
+/// baseline's kernels and samples/s with ours / that) and our samples/s.
 fn timed_steps(
     dev: &lmd_model::candle::Device,
     (steps, batch): (usize, usize),
     opt: &mut crate::optim::AdamW,
     lr: f64,
     forward: &mut StepForward<'_>,
-    baseline: Option<&mut StepForward<'_>>,
+    baseline: Option<(lmd_model::Backend, &mut StepForward<'_>)>,
 ) -> Result<(serde_json::Value, f64)> {
     // total seconds; seconds in forward / backward / optimizer, then the host's share of each
     // (until the call returned, before the device was waited for); the best step; the last loss
@@ -163,10 +164,11 @@ fn timed_steps(
         "host_fraction": (phases[3] + phases[4] + phases[5]) / (phases[0] + phases[1] + phases[2]),
         "loss": loss,
     });
-    if let Some(base) = baseline {
+    if let Some((backend, base)) = baseline {
         let (bsecs, _, _, _) = measure(base)?;
-        fields["composite_samples_per_s"] = json!(rate(bsecs));
-        fields["vs_composite"] = json!(bsecs / secs);
+        fields["baseline_backend"] = json!(backend.as_str());
+        fields["baseline_samples_per_s"] = json!(rate(bsecs));
+        fields["vs_baseline"] = json!(bsecs / secs);
     }
     Ok((fields, rate(secs)))
 }
@@ -190,8 +192,8 @@ pub struct FinetuneStepOptions {
     pub drop_path: f64,
     /// Timed steps (after one warm-up step).
     pub steps: usize,
-    /// Also time the steps with the fused block node off, and report ours / that.
-    pub composite_baseline: bool,
+    /// Also time the steps on these kernels (as [`TrainStepOptions::baseline`]).
+    pub baseline: Option<lmd_model::Kernels>,
     pub target: StepTarget,
 }
 
@@ -203,7 +205,7 @@ impl Default for FinetuneStepOptions {
             classes: 10,
             drop_path: 0.1,
             steps: 3,
-            composite_baseline: false,
+            baseline: None,
             target: StepTarget::default(),
         }
     }
@@ -216,7 +218,6 @@ pub fn finetune_step(
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
     use lmd_model::candle::Tensor;
-    opts.target.check_composite(opts.composite_baseline)?;
     let encoder = opts.preset.config();
     let cfg = lmd_model::ClassifierConfig {
         encoder,
@@ -228,16 +229,17 @@ pub fn finetune_step(
     let (dev, backend) = opts.target.open()?;
     let vm = candle_nn::VarMap::new();
     let clf = lmd_model::VitClassifier::init_on(&cfg, backend, &vm, 0, 2e-5, &dev)?;
-    let base = if opts.composite_baseline {
-        let vb =
-            lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
-        Some(lmd_model::VitClassifier::new_on(
-            &cfg,
-            lmd_model::Backend::Ops,
-            vb,
-        )?)
-    } else {
-        None
+    let base = match opts.baseline {
+        Some(k) => {
+            let b = opts.target.baseline_backend(k, &dev)?;
+            let vb = lmd_model::candle_nn::VarBuilder::from_varmap(
+                &vm,
+                lmd_model::candle::DType::F32,
+                &dev,
+            );
+            Some((b, lmd_model::VitClassifier::new_on(&cfg, b, vb)?))
+        }
+        None => None,
     };
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
     let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?
@@ -252,19 +254,21 @@ pub fn finetune_step(
         let logits = clf.forward_t(&x, Some(seed))?;
         crate::finetune::cross_entropy(&logits, &y, 0.1)
     };
-    let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
+    let mut base_fwd = base.as_ref().map(|(k, b)| (*k, move |seed| step(b, seed)));
     let (fields, _) = timed_steps(
         &dev,
         (opts.steps, opts.batch),
         &mut opt,
         1e-4,
         &mut |seed| step(&clf, seed),
-        base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
+        base_fwd
+            .as_mut()
+            .map(|(k, f)| (*k, f as &mut StepForward<'_>)),
     )?;
     let line = json!({
         "bench": "finetune-step", "preset": opts.preset, "batch": opts.batch,
         "drop_path": opts.drop_path, "tokens": cfg.encoder.num_patches(), "steps": opts.steps,
-        "threads": lmd_model::candle::utils::get_num_threads(),
+        "threads": lmd_model::candle::utils::get_num_threads(), "backend": clf.backend().as_str(),
     });
     emit(merged(merged(line, opts.target.fields()), fields));
     Ok(())
@@ -280,20 +284,22 @@ fn model_steps(
     emit: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Vec<(f64, f64)>> {
     use lmd_model::candle::Tensor;
-    opts.target.check_composite(opts.composite_baseline)?;
     let (dev, backend) = opts.target.open()?;
     let vm = candle_nn::VarMap::new();
     let model = lmd_model::LatentMae::init_on(cfg, backend, &vm, 0, &dev)
         .map_err(lmd_model::Error::from)?;
-    let base = if opts.composite_baseline {
-        let vb =
-            lmd_model::candle_nn::VarBuilder::from_varmap(&vm, lmd_model::candle::DType::F32, &dev);
-        Some(
-            lmd_model::LatentMae::new_on(cfg, lmd_model::Backend::Ops, vb)
-                .map_err(lmd_model::Error::from)?,
-        )
-    } else {
-        None
+    let base = match opts.baseline {
+        Some(k) => {
+            let b = opts.target.baseline_backend(k, &dev)?;
+            let vb = lmd_model::candle_nn::VarBuilder::from_varmap(
+                &vm,
+                lmd_model::candle::DType::F32,
+                &dev,
+            );
+            let m = lmd_model::LatentMae::new_on(cfg, b, vb).map_err(lmd_model::Error::from)?;
+            Some((b, m))
+        }
+        None => None,
     };
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
     let mut opt = crate::optim::AdamW::over_varmap(&vm, |_| true, Default::default())?
@@ -308,16 +314,19 @@ fn model_steps(
                 .map_err(lmd_model::Error::from)?
                 .loss)
         };
-        let mut base_fwd = base.as_ref().map(|b| move |seed| step(b, seed));
+        let mut base_fwd = base.as_ref().map(|(k, b)| (*k, move |seed| step(b, seed)));
         let (fields, rate) = timed_steps(
             &dev,
             (opts.steps, opts.batch),
             &mut opt,
             1.5e-4,
             &mut |seed| step(&model, seed),
-            base_fwd.as_mut().map(|f| f as &mut StepForward<'_>),
+            base_fwd
+                .as_mut()
+                .map(|(k, f)| (*k, f as &mut StepForward<'_>)),
         )?;
         let mut l = merged(merged(line.clone(), opts.target.fields()), fields);
+        l["backend"] = json!(model.backend().as_str());
         l["mask_ratio"] = json!(ratio);
         l["tokens"] = json!(cfg.num_patches());
         l["kept_tokens"] = json!(cfg.kept_tokens(ratio));
@@ -525,12 +534,12 @@ mod tests {
             args.windows(2).any(|w| w == ["--precision", "bf16"]),
             "{args:?}"
         );
-        // the composite baseline compares CPU kernels in f32 only
+        // the fused CPU kernels (the composite baseline's) run f32 only
         bf16.torch_anchor = None;
-        bf16.composite_baseline = true;
+        bf16.baseline = Some(lmd_model::Kernels::Ops);
         let e = train_step(&bf16, |_| {}).unwrap_err().to_string();
         assert!(
-            e.contains("--composite-baseline") && e.contains("bf16"),
+            e.contains("--baseline-kernels ops") && e.contains("bf16"),
             "{e}"
         );
 
@@ -593,43 +602,48 @@ mod tests {
     }
 
     #[test]
-    fn composite_baseline_and_finetune_step_report_ours_over_the_baseline() {
-        // the composite baseline: a second figure per ratio, and their ratio
-        let opts2 = TrainStepOptions {
-            batch: 2,
-            ratios: vec![0.5],
-            steps: 1,
-            composite_baseline: true,
-            ..Default::default()
-        };
-        let mut lines = Vec::new();
-        train_step(&opts2, |v| lines.push(v)).unwrap();
-        assert_eq!(lines.len(), 1);
-        let (ours, base) = (
-            lines[0]["samples_per_s"].as_f64().unwrap(),
-            lines[0]["composite_samples_per_s"].as_f64().unwrap(),
-        );
-        let ratio = lines[0]["vs_composite"].as_f64().unwrap();
-        assert!(
-            base > 0.0 && (ratio - ours / base).abs() < 1e-6 * ratio,
-            "{lines:?}"
-        );
+    fn baseline_kernels_and_finetune_step_report_ours_over_the_baseline() {
+        // a baseline on other kernels: a second figure per ratio, named, and their ratio; the
+        // composite one (ops), and the row ops under the candle graph (the device check's pair)
+        for (k, ours_backend, base_backend) in [
+            (lmd_model::Kernels::Ops, "fused", "ops"),
+            (lmd_model::Kernels::Rows, "fused", "rows"),
+        ] {
+            let opts2 = TrainStepOptions {
+                batch: 2,
+                ratios: vec![0.5],
+                steps: 1,
+                baseline: Some(k),
+                ..Default::default()
+            };
+            let mut lines = Vec::new();
+            train_step(&opts2, |v| lines.push(v)).unwrap();
+            assert_eq!(lines.len(), 1);
+            let (ours, base) = (
+                lines[0]["samples_per_s"].as_f64().unwrap(),
+                lines[0]["baseline_samples_per_s"].as_f64().unwrap(),
+            );
+            let ratio = lines[0]["vs_baseline"].as_f64().unwrap();
+            assert!(
+                base > 0.0 && (ratio - ours / base).abs() < 1e-6 * ratio,
+                "{lines:?}"
+            );
+            assert_eq!(lines[0]["backend"], ours_backend, "{lines:?}");
+            assert_eq!(lines[0]["baseline_backend"], base_backend, "{lines:?}");
+        }
 
         let mut lines = Vec::new();
         let ft = FinetuneStepOptions {
             batch: 4,
             steps: 1,
             drop_path: 0.5,
-            composite_baseline: true,
+            baseline: Some(lmd_model::Kernels::Ops),
             ..Default::default()
         };
         finetune_step(&ft, |v| lines.push(v)).unwrap();
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["bench"], "finetune-step");
         assert!(lines[0]["loss"].as_f64().unwrap().is_finite());
-        assert!(
-            lines[0]["vs_composite"].as_f64().unwrap() > 0.0,
-            "{lines:?}"
-        );
+        assert!(lines[0]["vs_baseline"].as_f64().unwrap() > 0.0, "{lines:?}");
     }
 }

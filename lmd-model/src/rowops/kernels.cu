@@ -1,0 +1,119 @@
+// lmd's row kernels: LayerNorm and softmax over the last dimension of a contiguous f32 tensor
+// [rows, cols], forward and backward, one kernel launch each (src/rowops/mod.rs launches them).
+//
+// Rules:
+// - One warp per row, ROWS_PER_BLOCK (4) warps per block: block (32, 4), grid ceil(rows / 4).
+//   A warp whose row is past the end returns as a whole, so every shuffle runs on a full warp.
+// - Lanes stride the row by 32 (coalesced); the row's sums are warp shuffles, no shared memory
+//   and no __syncthreads.
+// - LayerNorm is PyTorch's: biased variance, eps inside the square root, computed in two passes
+//   (the mean, then the mean of squared deviations), never as E[x^2] - mean^2, which loses
+//   every digit on a near-constant row. Statistics are recomputed in the backward (cheaper
+//   than keeping them on a GPU bound by launches, and one output per op).
+// - The same file compiles as C++ on the CPU under tests/rowops_emulated.rs, with
+//   LMD_EMULATE defined and a header that runs each warp's lanes as threads: the kernels'
+//   arithmetic and indexing are checked there against the CPU ops, on every CI run.
+
+#ifndef LMD_EMULATE
+#define LMD_DEV __device__ __forceinline__
+#define LMD_SHFL_XOR(v, o) __shfl_xor_sync(0xffffffffu, (v), (o))
+#endif
+
+LMD_DEV float lmd_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += LMD_SHFL_XOR(v, o);
+    return v;
+}
+
+LMD_DEV float lmd_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, LMD_SHFL_XOR(v, o));
+    return v;
+}
+
+// The row this warp owns, or rows (past the end) for a warp with none.
+LMD_DEV unsigned lmd_row(unsigned rows) {
+    const unsigned r = blockIdx.x * blockDim.y + threadIdx.y;
+    return r < rows ? r : rows;
+}
+
+// mean and 1 / sqrt(var + eps) of row xr, in two passes; every lane gets both.
+LMD_DEV void lmd_ln_stats(const float *xr, unsigned cols, float eps, float *mean, float *rstd) {
+    const unsigned lane = threadIdx.x;
+    float s = 0.f;
+    for (unsigned c = lane; c < cols; c += 32) s += xr[c];
+    const float m = lmd_warp_sum(s) / (float)cols;
+    float q = 0.f;
+    for (unsigned c = lane; c < cols; c += 32) {
+        const float d = xr[c] - m;
+        q += d * d;
+    }
+    *mean = m;
+    *rstd = rsqrtf(lmd_warp_sum(q) / (float)cols + eps);
+}
+
+// y = (x - mean) * rstd * w + b
+extern "C" __global__ void lmd_layer_norm_f32(const float *x, const float *w, const float *b,
+                                              float *y, unsigned rows, unsigned cols,
+                                              float eps) {
+    const unsigned row = lmd_row(rows);
+    if (row == rows) return;
+    const float *xr = x + (size_t)row * cols;
+    float *yr = y + (size_t)row * cols;
+    float mean, rstd;
+    lmd_ln_stats(xr, cols, eps, &mean, &rstd);
+    for (unsigned c = threadIdx.x; c < cols; c += 32) yr[c] = (xr[c] - mean) * rstd * w[c] + b[c];
+}
+
+// out [2, rows, cols]: out[0] = dx, out[1] = g * xhat (summed over rows into the weight's
+// gradient by the caller; the bias's is the sum of g).
+//   dx = rstd * (g w - mean(g w) - xhat * mean(g w xhat))
+extern "C" __global__ void lmd_layer_norm_bwd_f32(const float *x, const float *w, const float *g,
+                                                  float *out, unsigned rows, unsigned cols,
+                                                  float eps) {
+    const unsigned row = lmd_row(rows);
+    if (row == rows) return;
+    const size_t off = (size_t)row * cols;
+    const float *xr = x + off, *gr = g + off;
+    float *dx = out + off, *gx = out + (size_t)rows * cols + off;
+    float mean, rstd;
+    lmd_ln_stats(xr, cols, eps, &mean, &rstd);
+    float sa = 0.f, sb = 0.f;
+    for (unsigned c = threadIdx.x; c < cols; c += 32) {
+        const float xh = (xr[c] - mean) * rstd, gw = gr[c] * w[c];
+        sa += gw;
+        sb += gw * xh;
+    }
+    const float a = lmd_warp_sum(sa) / (float)cols, bb = lmd_warp_sum(sb) / (float)cols;
+    for (unsigned c = threadIdx.x; c < cols; c += 32) {
+        const float xh = (xr[c] - mean) * rstd;
+        dx[c] = rstd * (gr[c] * w[c] - a - xh * bb);
+        gx[c] = gr[c] * xh;
+    }
+}
+
+// y = exp(x - max) / sum exp(x - max)
+extern "C" __global__ void lmd_softmax_f32(const float *x, float *y, unsigned rows, unsigned cols) {
+    const unsigned row = lmd_row(rows);
+    if (row == rows) return;
+    const float *xr = x + (size_t)row * cols;
+    float *yr = y + (size_t)row * cols;
+    float m = -INFINITY;
+    for (unsigned c = threadIdx.x; c < cols; c += 32) m = fmaxf(m, xr[c]);
+    m = lmd_warp_max(m);
+    float s = 0.f;
+    for (unsigned c = threadIdx.x; c < cols; c += 32) s += expf(xr[c] - m);
+    const float inv = 1.f / lmd_warp_sum(s);
+    for (unsigned c = threadIdx.x; c < cols; c += 32) yr[c] = expf(xr[c] - m) * inv;
+}
+
+// dx = y * (g - sum(g y)), from the forward's output y
+extern "C" __global__ void lmd_softmax_bwd_f32(const float *y, const float *g, float *dx,
+                                               unsigned rows, unsigned cols) {
+    const unsigned row = lmd_row(rows);
+    if (row == rows) return;
+    const size_t off = (size_t)row * cols;
+    const float *yr = y + off, *gr = g + off;
+    float s = 0.f;
+    for (unsigned c = threadIdx.x; c < cols; c += 32) s += gr[c] * yr[c];
+    const float d = lmd_warp_sum(s);
+    for (unsigned c = threadIdx.x; c < cols; c += 32) dx[off + c] = yr[c] * (gr[c] - d);
+}

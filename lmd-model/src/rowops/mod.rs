@@ -1,0 +1,316 @@
+//! LayerNorm and softmax over the last dimension as one op each way, on any device: the
+//! `rows` kernel setting ([`crate::Kernels::Rows`], `LMD_KERNELS=rows`).
+//!
+//! Why: written in candle's primitive ops, a LayerNorm is about 11 kernel launches forward and
+//! 25 backward, a softmax 5 and 6. On a GPU each launch also allocates and builds a tensor on
+//! the host, and LMD's ViT works on 13 to 49 tokens a sample: its train step is bound by
+//! launches, not by the GPU (`lmd-bench train-step`'s `host_fraction`). LayerNorm alone was
+//! about 45% of a block's ops. Here each direction is one kernel; the LayerNorm's parameter
+//! gradients are two column sums (candle's) of the backward kernel's second output.
+//!
+//! Rules:
+//! - Operands are f32 and contiguous (made so here); the backend widens half precision
+//!   before and narrows after ([`crate::Backend::layer_norm`]), as for candle's ops.
+//! - On the CPU the ops run the fused CPU path's row code ([`crate::cpu`]); on CUDA the
+//!   kernels of `kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature, one warp
+//!   per row ([`WARPS_PER_BLOCK`] rows per block, [`grid`] blocks).
+//! - The kernels' arithmetic and indexing are tested on the CPU, by compiling `kernels.cu` as
+//!   C++ with emulated warps (`tests/rowops_emulated.rs`), against these ops' CPU results. What
+//!   only a GPU shows (the PTX, the launch) is the device check's `parity-rows` and
+//!   `train-step-rows` steps.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::cpu::ops::{ln_rows, softmax_backward_rows, softmax_rows};
+use crate::cpu::{f32_slice, on_pool};
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// Rows (warps of 32 lanes) per thread block of every row kernel.
+pub const WARPS_PER_BLOCK: u32 = 4;
+
+/// Blocks of a row kernel's launch over `rows` rows.
+pub fn grid(rows: usize) -> u32 {
+    u32::try_from(rows.div_ceil(WARPS_PER_BLOCK as usize)).expect("rows within u32 x 4")
+}
+
+/// `(rows, cols)` of a tensor's layout, rows over every dim but the last.
+fn rows_cols(l: &Layout) -> (usize, usize) {
+    let cols = l.dims().last().copied().unwrap_or(1);
+    (l.shape().elem_count() / cols.max(1), cols)
+}
+
+/// The f32 weight and bias of a LayerNorm must be `[cols]` for rows of `cols`.
+fn check_affine(op: &str, x: &Layout, w: &Layout, b: &Layout) -> Result<()> {
+    let (_, cols) = rows_cols(x);
+    if w.shape().elem_count() != cols || b.shape().elem_count() != cols {
+        candle_core::bail!(
+            "{op}: x {:?} with weight {:?} and bias/gradient {:?}",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        )
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_affine(self.name(), l1, l2, l3)?;
+        let x = f32_slice(s1, l1, self.name(), "x")?;
+        let w = f32_slice(s2, l2, self.name(), "the weight")?;
+        let b = f32_slice(s3, l3, self.name(), "the bias")?;
+        let (_, _, out) = ln_rows(x, w, b, self.eps);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check_affine(self.name(), l1, l2, l3)?;
+        let (rows, cols) = rows_cols(l1);
+        let ins = [(s1, l1, "x"), (s2, l2, "the weight"), (s3, l3, "the bias")];
+        let out = cuda::launch(cuda::Kernel::LayerNorm, &ins, rows, cols, Some(self.eps))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = layer_norm_backward(x, w, g, self.eps)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The backward's one kernel: `[2, rows, cols]`, the input gradient and `g · xhat`.
+struct LayerNormBwdOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBwdOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_affine(self.name(), l1, l2, l2)?;
+        if l3.dims() != l1.dims() {
+            candle_core::bail!(
+                "{}: x {:?}, gradient {:?}",
+                self.name(),
+                l1.dims(),
+                l3.dims()
+            )
+        }
+        let x = f32_slice(s1, l1, self.name(), "x")?;
+        let w = f32_slice(s2, l2, self.name(), "the weight")?;
+        let g = f32_slice(s3, l3, self.name(), "the gradient")?;
+        let (rows, cols) = rows_cols(l1);
+        let zeros = vec![0f32; cols];
+        let (xhat, rstd, _) = ln_rows(x, w, &zeros, self.eps);
+        let mut out = vec![0f32; 2 * x.len()];
+        let (dx, gx) = out.split_at_mut(x.len());
+        let (mut dw, mut db) = (vec![0f32; cols], vec![0f32; cols]);
+        on_pool(|| crate::cpu::rows::ln_backward(g, w, &xhat, &rstd, dx, (&mut dw, &mut db)));
+        gx.iter_mut()
+            .zip(g.iter().zip(&xhat))
+            .for_each(|(o, (g, xh))| *o = g * xh);
+        Ok((CpuStorage::F32(out), Shape::from((2, rows, cols))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check_affine(self.name(), l1, l2, l2)?;
+        if l3.dims() != l1.dims() {
+            candle_core::bail!(
+                "{}: x {:?}, gradient {:?}",
+                self.name(),
+                l1.dims(),
+                l3.dims()
+            )
+        }
+        let (rows, cols) = rows_cols(l1);
+        let ins = [
+            (s1, l1, "x"),
+            (s2, l2, "the weight"),
+            (s3, l3, "the gradient"),
+        ];
+        let k = cuda::Kernel::LayerNormBwd;
+        let out = cuda::launch(k, &ins, rows, cols, Some(self.eps))?;
+        Ok((out, Shape::from((2, rows, cols))))
+    }
+}
+
+/// LayerNorm over the last dimension (PyTorch's: biased variance, `eps` inside the root), one
+/// op forward and one backward. f32 operands.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
+}
+
+/// `(dx, dw, db)` of [`layer_norm`] for the output gradient `g`: the backward kernel, then the
+/// column sums of `g · xhat` and of `g` (the affine's gradients).
+pub fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (x, g) = (x.contiguous()?, g.contiguous()?);
+    let both = x.apply_op3_no_bwd(&w.contiguous()?, &g, &LayerNormBwdOp { eps })?;
+    let dx = both.get(0)?.reshape(x.shape())?;
+    let dw = both.get(1)?.sum(0)?.reshape(w.shape())?;
+    let cols = w.elem_count();
+    let db = g
+        .reshape((x.elem_count() / cols.max(1), cols))?
+        .sum(0)?
+        .reshape(w.shape())?;
+    Ok((dx, dw, db))
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name(), "x")?;
+        let (_, cols) = rows_cols(l);
+        Ok((
+            CpuStorage::F32(softmax_rows(x, cols.max(1))),
+            l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = rows_cols(l);
+        let out = cuda::launch(cuda::Kernel::Softmax, &[(s, l, "x")], rows, cols, None)?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(softmax_backward(res, g)?))
+    }
+}
+
+/// The softmax's backward kernel: `y (g - sum(g y))` from the forward's output `y`.
+struct SoftmaxBwdOp;
+
+impl CustomOp2 for SoftmaxBwdOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "{}: y {:?}, gradient {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let y = f32_slice(s1, l1, self.name(), "the output")?;
+        let g = f32_slice(s2, l2, self.name(), "the gradient")?;
+        let (_, cols) = rows_cols(l1);
+        let dx = softmax_backward_rows(y, g, cols.max(1));
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "{}: y {:?}, gradient {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let (rows, cols) = rows_cols(l1);
+        let ins = [(s1, l1, "the output"), (s2, l2, "the gradient")];
+        let out = cuda::launch(cuda::Kernel::SoftmaxBwd, &ins, rows, cols, None)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, one op forward and one backward. f32 operand.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+/// The input gradient of [`softmax_last_dim`] from its output `y` and the output's gradient.
+pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwdOp)
+}
