@@ -55,6 +55,14 @@ fn check_affine(op: &str, x: &Layout, w: &Layout, b: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// A backward kernel's two row operands must have one shape.
+fn same_shape(op: &str, (a, la): (&str, &Layout), (b, lb): (&str, &Layout)) -> Result<()> {
+    if la.dims() != lb.dims() {
+        candle_core::bail!("{op}: {a} {:?}, {b} {:?}", la.dims(), lb.dims())
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
 
@@ -134,14 +142,7 @@ impl CustomOp3 for LayerNormBwdOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         check_affine(self.name(), l1, l2, l2)?;
-        if l3.dims() != l1.dims() {
-            candle_core::bail!(
-                "{}: x {:?}, gradient {:?}",
-                self.name(),
-                l1.dims(),
-                l3.dims()
-            )
-        }
+        same_shape(self.name(), ("x", l1), ("the gradient", l3))?;
         let x = f32_slice(s1, l1, self.name(), "x")?;
         let w = f32_slice(s2, l2, self.name(), "the weight")?;
         let g = f32_slice(s3, l3, self.name(), "the gradient")?;
@@ -169,14 +170,7 @@ impl CustomOp3 for LayerNormBwdOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         check_affine(self.name(), l1, l2, l2)?;
-        if l3.dims() != l1.dims() {
-            candle_core::bail!(
-                "{}: x {:?}, gradient {:?}",
-                self.name(),
-                l1.dims(),
-                l3.dims()
-            )
-        }
+        same_shape(self.name(), ("x", l1), ("the gradient", l3))?;
         let (rows, cols) = rows_cols(l1);
         let ins = [
             (s1, l1, "x"),
@@ -266,14 +260,7 @@ impl CustomOp2 for SoftmaxBwdOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "{}: y {:?}, gradient {:?}",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            )
-        }
+        same_shape(self.name(), ("the output", l1), ("the gradient", l2))?;
         let y = f32_slice(s1, l1, self.name(), "the output")?;
         let g = f32_slice(s2, l2, self.name(), "the gradient")?;
         let (_, cols) = rows_cols(l1);
@@ -289,14 +276,7 @@ impl CustomOp2 for SoftmaxBwdOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "{}: y {:?}, gradient {:?}",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            )
-        }
+        same_shape(self.name(), ("the output", l1), ("the gradient", l2))?;
         let (rows, cols) = rows_cols(l1);
         let ins = [(s1, l1, "the output"), (s2, l2, "the gradient")];
         let out = cuda::launch(cuda::Kernel::SoftmaxBwd, &ins, rows, cols, None)?;

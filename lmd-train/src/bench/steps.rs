@@ -61,19 +61,26 @@ impl StepTarget {
         Ok((dev, backend))
     }
 
-    /// The backend of a baseline on `kernels` (`--baseline-kernels`): refused where those
-    /// kernels cannot run (the fused CPU kernels: f32 on the CPU), naming the flags.
-    fn baseline_backend(
+    /// The backend of a baseline on `kernels` (`--baseline-kernels`), and the model's
+    /// variables `vm` (f32 master weights) to build it over: refused where those kernels
+    /// cannot run (the fused CPU kernels: f32 on the CPU), naming the flags.
+    fn baseline_vars<'a>(
         &self,
-        kernels: lmd_model::Kernels,
+        kernels: Option<lmd_model::Kernels>,
+        vm: &candle_nn::VarMap,
         dev: &lmd_model::candle::Device,
-    ) -> Result<lmd_model::Backend> {
-        lmd_model::Backend::for_training(kernels, dev, self.precision).map_err(|e| {
+    ) -> Result<Option<(lmd_model::Backend, candle_nn::VarBuilder<'a>)>> {
+        let Some(kernels) = kernels else {
+            return Ok(None);
+        };
+        let b = lmd_model::Backend::for_training(kernels, dev, self.precision).map_err(|e| {
             Error::Invalid(format!(
                 "--baseline-kernels {kernels} with --device {} --precision {}: {e}",
                 self.device, self.precision
             ))
-        })
+        })?;
+        let vb = candle_nn::VarBuilder::from_varmap(vm, lmd_model::candle::DType::F32, dev);
+        Ok(Some((b, vb)))
     }
 
     /// The JSON fields naming this target.
@@ -229,16 +236,8 @@ pub fn finetune_step(
     let (dev, backend) = opts.target.open()?;
     let vm = candle_nn::VarMap::new();
     let clf = lmd_model::VitClassifier::init_on(&cfg, backend, &vm, 0, 2e-5, &dev)?;
-    let base = match opts.baseline {
-        Some(k) => {
-            let b = opts.target.baseline_backend(k, &dev)?;
-            let vb = lmd_model::candle_nn::VarBuilder::from_varmap(
-                &vm,
-                lmd_model::candle::DType::F32,
-                &dev,
-            );
-            Some((b, lmd_model::VitClassifier::new_on(&cfg, b, vb)?))
-        }
+    let base = match opts.target.baseline_vars(opts.baseline, &vm, &dev)? {
+        Some((b, vb)) => Some((b, lmd_model::VitClassifier::new_on(&cfg, b, vb)?)),
         None => None,
     };
     // the trainer's optimizer (AdamW with per-parameter weight decay and state)
@@ -288,14 +287,8 @@ fn model_steps(
     let vm = candle_nn::VarMap::new();
     let model = lmd_model::LatentMae::init_on(cfg, backend, &vm, 0, &dev)
         .map_err(lmd_model::Error::from)?;
-    let base = match opts.baseline {
-        Some(k) => {
-            let b = opts.target.baseline_backend(k, &dev)?;
-            let vb = lmd_model::candle_nn::VarBuilder::from_varmap(
-                &vm,
-                lmd_model::candle::DType::F32,
-                &dev,
-            );
+    let base = match opts.target.baseline_vars(opts.baseline, &vm, &dev)? {
+        Some((b, vb)) => {
             let m = lmd_model::LatentMae::new_on(cfg, b, vb).map_err(lmd_model::Error::from)?;
             Some((b, m))
         }
