@@ -45,7 +45,7 @@ pub enum Kernels {
     Ops,
     /// candle's own ops only: the graph a GPU runs.
     Candle,
-    /// candle's ops, with LayerNorm and softmax one op each way ([`crate::rowops`]).
+    /// candle's ops, with LayerNorm, softmax and GELU one op each way ([`crate::rowops`]).
     Rows,
 }
 
@@ -113,7 +113,7 @@ pub enum Backend {
     /// candle's ops in mixed precision: bf16 matmuls and convolutions, f32 weights, norms,
     /// softmax and residual stream.
     CandleBf16,
-    /// candle's ops with LayerNorm and softmax as lmd's row ops ([`crate::rowops`]).
+    /// candle's ops with LayerNorm, softmax and GELU as lmd's row ops ([`crate::rowops`]).
     Rows,
     /// [`Backend::Rows`] in mixed precision, as [`Backend::CandleBf16`].
     RowsBf16,
@@ -214,7 +214,7 @@ impl Backend {
         matches!(self, Backend::Fused | Backend::Ops)
     }
 
-    /// Whether LayerNorm and softmax are [`crate::rowops`]' (f32 operands).
+    /// Whether LayerNorm, softmax and GELU are [`crate::rowops`]'.
     fn row_ops(self) -> bool {
         matches!(self, Backend::Rows | Backend::RowsBf16)
     }
@@ -292,6 +292,8 @@ impl Backend {
     pub fn gelu_erf(self, x: &Tensor) -> Result<Tensor> {
         if self.cpu_ops() {
             crate::cpu::ops::gelu_erf(x)
+        } else if self.row_ops() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+            crate::rowops::gelu_erf(x)
         } else {
             x.gelu_erf()
         }

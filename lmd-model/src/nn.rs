@@ -392,6 +392,7 @@ mod tests {
         }
         matches_candle(R, |k, t| k.softmax_last_dim(t[0]), &[&[2, 3, 41, 19]], 2e-6);
         matches_candle(R, |k, t| k.softmax_last_dim(t[0]), &[&[4, 49, 49]], 2e-6);
+        matches_candle(R, |k, t| k.gelu_erf(t[0]), &[&[7, 3001]], 2e-6);
         // non-contiguous inputs go through too
         matches_candle(R, |k, t| k.softmax_last_dim(&t[0].t()?), &[&[9, 13]], 2e-6);
         matches_candle(
@@ -428,6 +429,14 @@ mod tests {
             let c = candle.layer_norm(&xb, &w, &b, 1e-6).unwrap();
             let s = rows.softmax_last_dim(&xb).unwrap();
             let sc = candle.softmax_last_dim(&xb).unwrap();
+            // the GELU keeps its input's dtype everywhere (bf16: mixed precision's products)
+            let (ge, gc) = (rows.gelu_erf(&xb).unwrap(), candle.gelu_erf(&xb).unwrap());
+            assert_eq!((ge.dtype(), gc.dtype()), (DType::BF16, DType::BF16));
+            let gd = maxdiff(
+                &ge.to_dtype(DType::F32).unwrap(),
+                &gc.to_dtype(DType::F32).unwrap(),
+            );
+            assert!(gd < 5e-2, "{rows}: gelu {gd}");
             // mixed precision keeps the f32 result; otherwise the input's dtype comes back
             let want = if rows.half_dtype().is_some() {
                 DType::F32

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use lmd_model::candle::{Device, Tensor};
+use lmd_model::candle::{DType, Device, Tensor};
 use lmd_model::rowops;
 
 /// The emulator binary, compiled once per test run.
@@ -53,18 +53,41 @@ fn values(n: usize, seed: u64, offset: f32, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Run `kernel` in the emulator over `rows` x `cols` with the named inputs; its output.
+/// Run `kernel` in the emulator over `rows` x `cols` with the named f32 inputs; its output.
 fn emulate(kernel: &str, rows: usize, cols: usize, eps: f64, ins: &[(&str, &[f32])]) -> Vec<f32> {
+    let ins: Vec<(&str, Vec<u8>)> = ins
+        .iter()
+        .map(|(n, v)| (*n, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    emulate_bytes(kernel, rows, cols, eps, &ins)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// [`emulate`] with raw little-endian inputs (bf16 for the `_bf16` kernels); the raw output.
+fn emulate_bytes(
+    kernel: &str,
+    rows: usize,
+    cols: usize,
+    eps: f64,
+    ins: &[(&str, Vec<u8>)],
+) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
-    for (name, v) in ins {
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        std::fs::write(dir.path().join(format!("{name}.f32")), bytes).unwrap();
+    for (name, bytes) in ins {
+        std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
     }
+    // a row kernel's grid is one warp a row; an elementwise kernel's one thread an element
+    let grid = if kernel.contains("gelu") {
+        rowops::grid((rows * cols).div_ceil(32))
+    } else {
+        rowops::grid(rows)
+    };
     let mut child = Command::new(emulator())
         .arg(kernel)
         .args([rows, cols].map(|v| v.to_string()))
         .arg(eps.to_string())
-        .arg(rowops::grid(rows).to_string())
+        .arg(grid.to_string())
         .arg(rowops::WARPS_PER_BLOCK.to_string())
         .arg(dir.path())
         .spawn()
@@ -82,11 +105,7 @@ fn emulate(kernel: &str, rows: usize, cols: usize, eps: f64, ins: &[(&str, &[f32
         std::thread::sleep(Duration::from_millis(5));
     };
     assert!(status.success(), "{kernel} on {rows} x {cols}: {status}");
-    std::fs::read(dir.path().join("out.f32"))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    std::fs::read(dir.path().join("out.bin")).unwrap()
 }
 
 fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
@@ -199,5 +218,58 @@ fn softmax_kernels_equal_the_cpu_row_ops() {
         let want_dx =
             rowops::softmax_backward(&tensor(&want, &shape), &tensor(&g, &shape)).unwrap();
         assert_close(&format!("softmax dx {what}"), &dx, &flat(&want_dx), 1e-5);
+    }
+}
+
+#[test]
+fn gelu_kernels_equal_the_cpu_ops_in_f32_and_bf16() {
+    // fewer elements than a block's threads, a block and a bit, and many blocks; values out to
+    // where the GELU is the identity or zero
+    for (i, n) in [5usize, 131, 3001].into_iter().enumerate() {
+        let x = values(n, 40 + i as u64, 0.0, 7.0);
+        let g = values(n, 50 + i as u64, 0.0, 1.0);
+        let y = emulate("lmd_gelu_erf_f32", 1, n, 0.0, &[("x", &x)]);
+        let want = flat(&rowops::gelu_erf(&tensor(&x, &[n])).unwrap());
+        assert_close(&format!("gelu {n}"), &y, &want, 2e-6);
+        let dx = emulate("lmd_gelu_erf_bwd_f32", 1, n, 0.0, &[("x", &x), ("g", &g)]);
+        let want_dx = rowops::gelu_erf_backward(&tensor(&x, &[n]), &tensor(&g, &[n])).unwrap();
+        assert_close(&format!("gelu dx {n}"), &dx, &flat(&want_dx), 2e-6);
+
+        // bf16 in and out, f32 inside: equal to the CPU op's up to one bf16 rounding
+        let bf = |v: &[f32]| {
+            Tensor::new(v, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let raw = |t: &Tensor| -> Vec<u8> {
+            t.to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+        let from_raw = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        };
+        let (xb, gb) = (bf(&x), bf(&g));
+        let y = from_raw(emulate_bytes(
+            "lmd_gelu_erf_bf16",
+            1,
+            n,
+            0.0,
+            &[("x", raw(&xb))],
+        ));
+        let want = flat(&rowops::gelu_erf(&xb).unwrap().to_dtype(DType::F32).unwrap());
+        assert_close(&format!("gelu bf16 {n}"), &y, &want, 8e-3);
+        let ins = [("x", raw(&xb)), ("g", raw(&gb))];
+        let dx = from_raw(emulate_bytes("lmd_gelu_erf_bwd_bf16", 1, n, 0.0, &ins));
+        let want = rowops::gelu_erf_backward(&xb, &gb)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_close(&format!("gelu dx bf16 {n}"), &dx, &flat(&want), 8e-3);
     }
 }

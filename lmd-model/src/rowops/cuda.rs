@@ -1,10 +1,12 @@
 //! The launches of `kernels.cu` (PTX from `build.rs`), loaded once per device as the module
-//! `lmd_rowops`. Every kernel takes its f32 inputs, then its output, then `rows`, `cols` (u32)
-//! and, for LayerNorm, `eps` (f32); grid [`super::grid`], block (32, [`super::WARPS_PER_BLOCK`]).
+//! `lmd_rowops`. A row kernel takes its f32 inputs, then its output, then `rows`, `cols` (u32)
+//! and, for LayerNorm, `eps` (f32), on [`super::grid`]`(rows)` blocks; an elementwise one its
+//! inputs, its output and the element count (u32), on [`super::grid`]`(count / 32)` blocks.
+//! Blocks are (32, [`super::WARPS_PER_BLOCK`]).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Result};
 
 mod ptx {
@@ -18,6 +20,10 @@ pub(super) enum Kernel {
     LayerNormBwd,
     Softmax,
     SoftmaxBwd,
+    GeluF32,
+    GeluBwdF32,
+    GeluBf16,
+    GeluBwdBf16,
 }
 
 impl Kernel {
@@ -27,7 +33,19 @@ impl Kernel {
             Kernel::LayerNormBwd => "lmd_layer_norm_bwd_f32",
             Kernel::Softmax => "lmd_softmax_f32",
             Kernel::SoftmaxBwd => "lmd_softmax_bwd_f32",
+            Kernel::GeluF32 => "lmd_gelu_erf_f32",
+            Kernel::GeluBwdF32 => "lmd_gelu_erf_bwd_f32",
+            Kernel::GeluBf16 => "lmd_gelu_erf_bf16",
+            Kernel::GeluBwdBf16 => "lmd_gelu_erf_bwd_bf16",
         }
+    }
+
+    /// Whether the kernel is elementwise (one thread an element) rather than one warp a row.
+    fn elementwise(self) -> bool {
+        matches!(
+            self,
+            Kernel::GeluF32 | Kernel::GeluBwdF32 | Kernel::GeluBf16 | Kernel::GeluBwdBf16
+        )
     }
 
     /// Output elements per input element (the LayerNorm's backward writes two planes).
@@ -39,9 +57,9 @@ impl Kernel {
     }
 }
 
-/// Run `kernel` over `rows` x `cols` on the first input's device; `ins` are the inputs in the
-/// kernel's order, each named for errors.
-pub(super) fn launch(
+/// Run `kernel` over `rows` x `cols` values of `T` (f32, or bf16 for the bf16 GELU) on the
+/// first input's device; `ins` are the inputs in the kernel's order, each named for errors.
+pub(super) fn launch<T: CudaDType + DeviceRepr>(
     kernel: Kernel,
     ins: &[(&CudaStorage, &Layout, &str)],
     rows: usize,
@@ -54,13 +72,18 @@ pub(super) fn launch(
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("{}: {what} must be contiguous", kernel.name())
         };
-        views.push(s.as_cuda_slice::<f32>()?.slice(a..b));
+        views.push(s.as_cuda_slice::<T>()?.slice(a..b));
     }
-    // SAFETY: every element is written by the kernel below (each row by its warp).
-    let out = unsafe { dev.alloc::<f32>(kernel.planes() * rows * cols)? };
+    // SAFETY: every element is written by the kernel below (each row by its warp, each element
+    // by its thread).
+    let out = unsafe { dev.alloc::<T>(kernel.planes() * rows * cols)? };
     if rows > 0 && cols > 0 {
-        let (r, c) = (u32::try_from(rows), u32::try_from(cols));
-        let (Ok(r), Ok(c)) = (r, c) else {
+        let (r, c, n) = (
+            u32::try_from(rows),
+            u32::try_from(cols),
+            u32::try_from(rows * cols),
+        );
+        let (Ok(r), Ok(c), Ok(n)) = (r, c, n) else {
             candle_core::bail!("{}: {rows} x {cols} is past u32", kernel.name())
         };
         let e = eps.unwrap_or(0.0) as f32;
@@ -70,13 +93,19 @@ pub(super) fn launch(
             args.arg(v);
         }
         args.arg(&out);
-        args.arg(&r);
-        args.arg(&c);
+        let blocks = if kernel.elementwise() {
+            args.arg(&n);
+            super::grid((rows * cols).div_ceil(32))
+        } else {
+            args.arg(&r);
+            args.arg(&c);
+            super::grid(rows)
+        };
         if eps.is_some() {
             args.arg(&e);
         }
         let cfg = LaunchConfig {
-            grid_dim: (super::grid(rows), 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (32, super::WARPS_PER_BLOCK, 1),
             shared_mem_bytes: 0,
         };

@@ -1,5 +1,6 @@
 // lmd's row kernels: LayerNorm and softmax over the last dimension of a contiguous f32 tensor
-// [rows, cols], forward and backward, one kernel launch each (src/rowops/mod.rs launches them).
+// [rows, cols], forward and backward, one kernel launch each (src/rowops/mod.rs launches them);
+// and the exact (erf) GELU, elementwise, f32 or bf16 in and out, computed in f32.
 //
 // Rules:
 // - One warp per row, ROWS_PER_BLOCK (4) warps per block: block (32, 4), grid ceil(rows / 4).
@@ -15,6 +16,7 @@
 //   arithmetic and indexing are checked there against the CPU ops, on every CI run.
 
 #ifndef LMD_EMULATE
+#include <cuda_bf16.h>
 #define LMD_DEV __device__ __forceinline__
 #define LMD_SHFL_XOR(v, o) __shfl_xor_sync(0xffffffffu, (v), (o))
 #endif
@@ -117,3 +119,38 @@ extern "C" __global__ void lmd_softmax_bwd_f32(const float *y, const float *g, f
     const float d = lmd_warp_sum(s);
     for (unsigned c = threadIdx.x; c < cols; c += 32) dx[off + c] = yr[c] * (gr[c] - d);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise: the same (32, 4) blocks; thread t of the grid takes elements t, t + the grid's
+// threads, ... (grid: ceil(n / 128) blocks, so one element each up to 2^31 blocks).
+
+LMD_DEV size_t lmd_elem0() {
+    return ((size_t)blockIdx.x * blockDim.y + threadIdx.y) * 32 + threadIdx.x;
+}
+LMD_DEV size_t lmd_elem_stride() { return (size_t)gridDim.x * blockDim.y * 32; }
+
+LMD_DEV float lmd_ld(const float *p, size_t i) { return p[i]; }
+LMD_DEV float lmd_ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+LMD_DEV void lmd_st(float *p, size_t i, float v) { p[i] = v; }
+LMD_DEV void lmd_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)); dx = g (Phi(x) + x phi(x))
+#define LMD_GELU(NAME, T)                                                                      \
+    extern "C" __global__ void lmd_gelu_erf_##NAME(const T *x, T *y, unsigned n) {             \
+        for (size_t i = lmd_elem0(); i < n; i += lmd_elem_stride()) {                          \
+            const float v = lmd_ld(x, i);                                                      \
+            lmd_st(y, i, 0.5f * v * (1.f + erff(v * 0.70710678118654752f)));                  \
+        }                                                                                      \
+    }                                                                                          \
+    extern "C" __global__ void lmd_gelu_erf_bwd_##NAME(const T *x, const T *g, T *dx,         \
+                                                       unsigned n) {                           \
+        for (size_t i = lmd_elem0(); i < n; i += lmd_elem_stride()) {                          \
+            const float v = lmd_ld(x, i);                                                      \
+            const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));                   \
+            const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);                      \
+            lmd_st(dx, i, lmd_ld(g, i) * (cdf + v * pdf));                                     \
+        }                                                                                      \
+    }
+
+LMD_GELU(f32, float)
+LMD_GELU(bf16, __nv_bfloat16)

@@ -1,16 +1,19 @@
-//! LayerNorm and softmax over the last dimension as one op each way, on any device: the
-//! `rows` kernel setting ([`crate::Kernels::Rows`], `LMD_KERNELS=rows`).
+//! LayerNorm and softmax over the last dimension as one op each way, on any device, and the
+//! exact GELU likewise: the `rows` kernel setting ([`crate::Kernels::Rows`],
+//! `LMD_KERNELS=rows`).
 //!
 //! Why: written in candle's primitive ops, a LayerNorm is about 11 kernel launches forward and
 //! 25 backward, a softmax 5 and 6. On a GPU each launch also allocates and builds a tensor on
 //! the host, and LMD's ViT works on 13 to 49 tokens a sample: its train step is bound by
 //! launches, not by the GPU (`lmd-bench train-step`'s `host_fraction`). LayerNorm alone was
-//! about 45% of a block's ops. Here each direction is one kernel; the LayerNorm's parameter
-//! gradients are two column sums (candle's) of the backward kernel's second output.
+//! about 45% of a block's ops; candle's GELU backward is 14 more. Here each direction is one
+//! kernel; the LayerNorm's parameter gradients are two column sums (candle's) of the backward
+//! kernel's second output.
 //!
 //! Rules:
-//! - Operands are f32 and contiguous (made so here); the backend widens half precision
-//!   before and narrows after ([`crate::Backend::layer_norm`]), as for candle's ops.
+//! - Operands are contiguous (made so here). LayerNorm and softmax take f32: the backend widens
+//!   half precision before and narrows after ([`crate::Backend::layer_norm`]). GELU takes f32
+//!   or bf16 (the dtype of mixed precision's products) and computes in f32.
 //! - On the CPU the ops run the fused CPU path's row code ([`crate::cpu`]); on CUDA the
 //!   kernels of `kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature, one warp
 //!   per row ([`WARPS_PER_BLOCK`] rows per block, [`grid`] blocks).
@@ -19,9 +22,15 @@
 //!   only a GPU shows (the PTX, the launch) is the device check's `parity-rows` and
 //!   `train-step-rows` steps.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 use crate::cpu::ops::{ln_rows, softmax_backward_rows, softmax_rows};
+use crate::cpu::rows::{filled_later, gelu_backward, gelu_forward};
 use crate::cpu::{f32_slice, on_pool};
 
 #[cfg(feature = "cuda")]
@@ -105,7 +114,7 @@ impl CustomOp3 for LayerNormOp {
         check_affine(self.name(), l1, l2, l3)?;
         let (rows, cols) = rows_cols(l1);
         let ins = [(s1, l1, "x"), (s2, l2, "the weight"), (s3, l3, "the bias")];
-        let out = cuda::launch(cuda::Kernel::LayerNorm, &ins, rows, cols, Some(self.eps))?;
+        let out = cuda::launch::<f32>(cuda::Kernel::LayerNorm, &ins, rows, cols, Some(self.eps))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -178,7 +187,7 @@ impl CustomOp3 for LayerNormBwdOp {
             (s3, l3, "the gradient"),
         ];
         let k = cuda::Kernel::LayerNormBwd;
-        let out = cuda::launch(k, &ins, rows, cols, Some(self.eps))?;
+        let out = cuda::launch::<f32>(k, &ins, rows, cols, Some(self.eps))?;
         Ok((out, Shape::from((2, rows, cols))))
     }
 }
@@ -236,7 +245,7 @@ impl CustomOp1 for SoftmaxOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, cols) = rows_cols(l);
-        let out = cuda::launch(cuda::Kernel::Softmax, &[(s, l, "x")], rows, cols, None)?;
+        let out = cuda::launch::<f32>(cuda::Kernel::Softmax, &[(s, l, "x")], rows, cols, None)?;
         Ok((out, l.shape().clone()))
     }
 
@@ -279,7 +288,7 @@ impl CustomOp2 for SoftmaxBwdOp {
         same_shape(self.name(), ("the output", l1), ("the gradient", l2))?;
         let (rows, cols) = rows_cols(l1);
         let ins = [(s1, l1, "the output"), (s2, l2, "the gradient")];
-        let out = cuda::launch(cuda::Kernel::SoftmaxBwd, &ins, rows, cols, None)?;
+        let out = cuda::launch::<f32>(cuda::Kernel::SoftmaxBwd, &ins, rows, cols, None)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -293,4 +302,139 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
     y.contiguous()?
         .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwdOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// exact (erf) GELU, elementwise, f32 or bf16
+
+/// The f32 values of a contiguous f32 or bf16 CPU storage (bf16 widened).
+fn widened<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<Cow<'a, [f32]>> {
+    match s {
+        CpuStorage::BF16(v) => match l.contiguous_offsets() {
+            Some((a, b)) => Ok(Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect())),
+            None => candle_core::bail!("{op}: {what} must be contiguous"),
+        },
+        _ => Ok(Cow::Borrowed(f32_slice(s, l, op, what)?)),
+    }
+}
+
+/// `v` in `dtype` (f32, or bf16 rounded to nearest even).
+fn narrowed(v: Vec<f32>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        _ => CpuStorage::F32(v),
+    }
+}
+
+/// The GELU kernel for `dtype` (forward or backward), refused by name for any other.
+#[cfg(feature = "cuda")]
+fn gelu_kernel(op: &str, dtype: DType, backward: bool) -> Result<cuda::Kernel> {
+    use cuda::Kernel::*;
+    Ok(match (dtype, backward) {
+        (DType::F32, false) => GeluF32,
+        (DType::F32, true) => GeluBwdF32,
+        (DType::BF16, false) => GeluBf16,
+        (DType::BF16, true) => GeluBwdBf16,
+        _ => candle_core::bail!("{op}: {dtype:?} has no kernel (f32, bf16)"),
+    })
+}
+
+/// Run the GELU `kernel` over `ins` in their dtype.
+#[cfg(feature = "cuda")]
+fn gelu_launch(
+    kernel: cuda::Kernel,
+    ins: &[(&candle_core::CudaStorage, &Layout, &str)],
+) -> Result<candle_core::CudaStorage> {
+    let (rows, cols) = rows_cols(ins[0].1);
+    match ins[0].0.dtype() {
+        DType::BF16 => cuda::launch::<half::bf16>(kernel, ins, rows, cols, None),
+        _ => cuda::launch::<f32>(kernel, ins, rows, cols, None),
+    }
+}
+
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = widened(s, l, self.name(), "x")?;
+        let mut out = filled_later(x.len());
+        on_pool(|| gelu_forward(&x, &mut out));
+        Ok((narrowed(out, s.dtype()), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let k = gelu_kernel(self.name(), s.dtype(), false)?;
+        Ok((gelu_launch(k, &[(s, l, "x")])?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(gelu_erf_backward(x, g)?))
+    }
+}
+
+/// The GELU's backward kernel: `g (Phi(x) + x phi(x))`.
+struct GeluBwdOp;
+
+impl GeluBwdOp {
+    fn check(&self, (d1, l1): (DType, &Layout), (d2, l2): (DType, &Layout)) -> Result<()> {
+        same_shape(self.name(), ("x", l1), ("the gradient", l2))?;
+        if d1 != d2 {
+            candle_core::bail!("{}: x in {d1:?}, the gradient in {d2:?}", self.name())
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for GeluBwdOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check((s1.dtype(), l1), (s2.dtype(), l2))?;
+        let x = widened(s1, l1, self.name(), "x")?;
+        let mut dx = widened(s2, l2, self.name(), "the gradient")?.into_owned();
+        on_pool(|| gelu_backward(&x, &mut dx));
+        Ok((narrowed(dx, s1.dtype()), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.check((s1.dtype(), l1), (s2.dtype(), l2))?;
+        let k = gelu_kernel(self.name(), s1.dtype(), true)?;
+        let out = gelu_launch(k, &[(s1, l1, "x"), (s2, l2, "the gradient")])?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Exact (erf) GELU, one op forward and one backward; f32 or bf16, computed in f32.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluOp)
+}
+
+/// The input gradient of [`gelu_erf`] at `x` for the output gradient `g` (both one dtype).
+pub fn gelu_erf_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &GeluBwdOp)
 }

@@ -6,6 +6,8 @@
 #define LMD_EMULATE
 #include <barrier>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <math.h>
 #include <thread>
 #include <vector>
@@ -14,7 +16,25 @@ struct lmd_dim3 {
     unsigned x, y, z;
 };
 thread_local lmd_dim3 threadIdx, blockIdx;
-static lmd_dim3 blockDim;
+static lmd_dim3 blockDim, gridDim;
+
+// bf16 as cuda_bf16.h gives it: the high half of an f32, rounded to nearest even
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+static inline float __bfloat162float(__nv_bfloat16 v) {
+    const uint32_t u = (uint32_t)v.bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40)}; // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1);
+    return {(uint16_t)(u >> 16)};
+}
 
 struct lmd_warp {
     std::barrier<> bar{32};
@@ -41,6 +61,7 @@ static inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 // lanes together.
 template <class F> void lmd_launch(unsigned grid, unsigned warps, F kernel) {
     blockDim = {32, warps, 1};
+    gridDim = {grid, 1, 1};
     for (unsigned b = 0; b < grid; b++)
         for (unsigned y = 0; y < warps; y++) {
             lmd_warp w;

@@ -1,7 +1,8 @@
 // The emulated kernels' driver for tests/rowops_emulated.rs:
 //     emu KERNEL ROWS COLS EPS GRID WARPS DIR
-// reads DIR/<input>.f32 (raw little-endian f32: x, w, b, g or y as the kernel takes), launches
-// KERNEL with grid GRID and block (32, WARPS), writes DIR/out.f32.
+// reads DIR/<input>.bin (raw little-endian f32, or bf16 for the _bf16 kernels: x, w, b, g or y
+// as the kernel takes), launches KERNEL with grid GRID and block (32, WARPS), writes
+// DIR/out.bin; the GELU kernels take ROWS x COLS elements.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -11,15 +12,40 @@
 // the kernels, as the GPU build compiles them
 #include "../../src/rowops/kernels.cu"
 
-static std::vector<float> load(const std::string &dir, const char *name, size_t n) {
-    std::vector<float> v(n);
-    FILE *f = fopen((dir + "/" + name + ".f32").c_str(), "rb");
-    if (!f || fread(v.data(), sizeof(float), n, f) != n) {
-        fprintf(stderr, "emu: cannot read %zu floats from %s/%s.f32\n", n, dir.c_str(), name);
+template <class T = float>
+static std::vector<T> load(const std::string &dir, const char *name, size_t n) {
+    std::vector<T> v(n);
+    FILE *f = fopen((dir + "/" + name + ".bin").c_str(), "rb");
+    if (!f || fread(v.data(), sizeof(T), n, f) != n) {
+        fprintf(stderr, "emu: cannot read %zu values from %s/%s.bin\n", n, dir.c_str(), name);
         exit(2);
     }
     fclose(f);
     return v;
+}
+
+template <class T> static void store(const std::string &dir, const std::vector<T> &out) {
+    FILE *f = fopen((dir + "/out.bin").c_str(), "wb");
+    if (!f || fwrite(out.data(), sizeof(T), out.size(), f) != out.size()) {
+        fprintf(stderr, "emu: cannot write %s/out.bin\n", dir.c_str());
+        exit(2);
+    }
+    fclose(f);
+}
+
+// The GELU kernels over n = ROWS x COLS elements of T.
+template <class T, class F, class B>
+static void gelu(const std::string &dir, size_t n, unsigned grid, unsigned warps, F fwd, B bwd,
+                 bool backward) {
+    auto x = load<T>(dir, "x", n);
+    std::vector<T> out(n);
+    if (backward) {
+        auto g = load<T>(dir, "g", n);
+        lmd_launch(grid, warps, [&] { bwd(x.data(), g.data(), out.data(), (unsigned)n); });
+    } else {
+        lmd_launch(grid, warps, [&] { fwd(x.data(), out.data(), (unsigned)n); });
+    }
+    store(dir, out);
 }
 
 int main(int argc, char **argv) {
@@ -54,15 +80,18 @@ int main(int argc, char **argv) {
         out.assign(n, NAN);
         lmd_launch(grid, warps,
                    [&] { lmd_softmax_bwd_f32(y.data(), g.data(), out.data(), rows, cols); });
+    } else if (k == "lmd_gelu_erf_f32" || k == "lmd_gelu_erf_bwd_f32") {
+        gelu<float>(dir, n, grid, warps, lmd_gelu_erf_f32, lmd_gelu_erf_bwd_f32,
+                    k == "lmd_gelu_erf_bwd_f32");
+        return 0;
+    } else if (k == "lmd_gelu_erf_bf16" || k == "lmd_gelu_erf_bwd_bf16") {
+        gelu<__nv_bfloat16>(dir, n, grid, warps, lmd_gelu_erf_bf16, lmd_gelu_erf_bwd_bf16,
+                            k == "lmd_gelu_erf_bwd_bf16");
+        return 0;
     } else {
         fprintf(stderr, "emu: unknown kernel %s\n", k.c_str());
         return 2;
     }
-    FILE *f = fopen((dir + "/out.f32").c_str(), "wb");
-    if (!f || fwrite(out.data(), sizeof(float), out.size(), f) != out.size()) {
-        fprintf(stderr, "emu: cannot write %s/out.f32\n", dir.c_str());
-        return 2;
-    }
-    fclose(f);
+    store(dir, out);
     return 0;
 }
