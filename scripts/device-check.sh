@@ -29,7 +29,7 @@
 #   and 0.75, bf16, beside tools/torch_mae_train_step.py: eager + autocast (the lmd-bench
 #   anchor), then with SDPA, then torch.compile (target >= 1.0x eager);
 # - the same train step with the row kernels (LMD_KERNELS=rows, lmd-model/src/rowops: LayerNorm
-#   and softmax one CUDA kernel each way), after their parity on the GPU (`parity-rows`):
+#   softmax and GELU one CUDA kernel each way), after their parity on the GPU (`parity-rows`):
 #   train_step_rows_vs_candle_<ratio> > 1 (candle's ops timed in the same run) says make
 #   them the GPU's default;
 # - the AdamW step over that model's parameters, flat (the GPU's default) beside per
@@ -155,7 +155,7 @@ EOF
 
   step parity-f32 120 "$lmd" bench parity --shared "$data" --device "$dev" --precision f32
   [ "$small" = 1 ] || step parity-bf16 120 "$lmd" bench parity --shared "$data" --device "$dev" --precision bf16
-  # the row kernels (LMD_KERNELS=rows: LayerNorm and softmax one CUDA kernel each way) on the GPU
+  # the row kernels (LMD_KERNELS=rows: LayerNorm, softmax, GELU one CUDA kernel each way) on the GPU
   # for the first time: the same vectors and tolerances
   step parity-rows 90 env LMD_KERNELS=rows "$lmd" bench parity --shared "$data" --device "$dev" --precision f32
 

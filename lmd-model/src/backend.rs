@@ -8,8 +8,8 @@
 //! - [`Kernels::Auto`] takes `LMD_KERNELS` from the environment (`auto`, `fused`, `ops`,
 //!   `candle`; unset means `auto`), then picks `Fused` for f32 on the CPU and `Candle` for
 //!   anything else. `LMD_KERNELS=candle` runs the pure-candle graph on the CPU: that is how the
-//!   tests check the graph a GPU runs. `rows` is that graph with LayerNorm and softmax as one
-//!   op each way ([`crate::rowops`]: a kernel each on CUDA); `auto` does not pick it until a
+//!   tests check the graph a GPU runs. `rows` is that graph with LayerNorm, softmax and the
+//!   GELU as one op each way ([`crate::rowops`]: a kernel each on CUDA); `auto` does not pick it until a
 //!   GPU has measured it (the device check's `train-step-rows` step).
 //! - Asking for fused kernels where they do not exist (a GPU, f64, bf16) is an error that names
 //!   the device and dtype, never a silent fallback.
