@@ -28,7 +28,7 @@
 # - train step samples/s, LMD's ViT-B/4 on 4x28x28 (49 tokens, decoder 512 x 8), ratios 0.15
 #   and 0.75, bf16, beside tools/torch_mae_train_step.py: eager + autocast (the lmd-bench
 #   anchor), then with SDPA, then torch.compile (target >= 1.0x eager);
-# - the same train step with the row kernels (LMD_KERNELS=rows, lmd-model/src/rowops: LayerNorm
+# - the same train step with the row kernels (LMD_KERNELS=rows, lmd-model/src/rowops: LayerNorm,
 #   softmax and GELU one CUDA kernel each way), after their parity on the GPU (`parity-rows`):
 #   train_step_rows_vs_candle_<ratio> > 1 (candle's ops timed in the same run) says make
 #   them the GPU's default;
