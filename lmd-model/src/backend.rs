@@ -6,11 +6,12 @@
 //!   `VarBuilder` and the [`Kernels`] setting, and hands it to every layer. No layer looks at a
 //!   tensor's device or dtype to pick a path; it calls the op on its backend.
 //! - [`Kernels::Auto`] takes `LMD_KERNELS` from the environment (`auto`, `fused`, `ops`,
-//!   `candle`; unset means `auto`), then picks `Fused` for f32 on the CPU and `Candle` for
-//!   anything else. `LMD_KERNELS=candle` runs the pure-candle graph on the CPU: that is how the
-//!   tests check the graph a GPU runs. `rows` is that graph with LayerNorm, softmax and the
-//!   GELU as one op each way ([`crate::rowops`]: a kernel each on CUDA); `auto` does not pick it until a
-//!   GPU has measured it (the device check's `train-step-rows` step).
+//!   `candle`, `rows`; unset means `auto`), then picks `Fused` for f32 on the CPU, `Rows` for
+//!   bf16 on the CPU (measured faster there) and `Candle` for anything else.
+//!   `LMD_KERNELS=candle` runs the pure-candle graph on the CPU: that is how the tests check
+//!   the graph a GPU runs. `rows` is that graph with LayerNorm, softmax and the GELU as one op
+//!   each way ([`crate::rowops`]: a kernel each on CUDA); `auto` does not pick it on a GPU
+//!   until one has measured it (the device check's `train-step-rows` step).
 //! - Asking for fused kernels where they do not exist (a GPU, f64, bf16) is an error that names
 //!   the device and dtype, never a silent fallback.
 //! - Mixed precision is a backend too ([`Backend::CandleBf16`], from [`Backend::for_training`]):
@@ -35,7 +36,8 @@ pub const KERNELS_ENV: &str = "LMD_KERNELS";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
-    /// `LMD_KERNELS` if set, else fused for f32 on the CPU and candle's ops elsewhere.
+    /// `LMD_KERNELS` if set, else fused for f32 on the CPU, the row ops for bf16 on the CPU,
+    /// and candle's ops elsewhere.
     #[default]
     Auto,
     /// The fused CPU kernels: whole transformer blocks as one node (f32 on the CPU only).
@@ -129,6 +131,8 @@ impl Backend {
         let fusable = dev.is_cpu() && dtype == DType::F32;
         match kernels {
             Kernels::Auto if fusable => Ok(Backend::Fused),
+            // bf16 on the CPU: the row ops' train step is 1.14-1.21x candle's (BENCHMARKS.md)
+            Kernels::Auto if dev.is_cpu() && dtype == DType::BF16 => Ok(Backend::Rows),
             Kernels::Auto | Kernels::Candle => Ok(Backend::Candle),
             Kernels::Fused | Kernels::Ops if !fusable => Err(crate::Error::Config(format!(
                 "the fused kernels ({kernels}) run f32 on the CPU only, not {dtype:?} on {dev:?}: \
@@ -374,6 +378,29 @@ mod tests {
             Backend::RowsBf16
         );
         assert_eq!(Backend::RowsBf16.half_dtype(), Some(DType::BF16));
+        // what auto takes without LMD_KERNELS: the fused kernels for f32 on the CPU, the row
+        // ops for bf16 there (training in mixed precision), candle's ops for the rest
+        if std::env::var_os(KERNELS_ENV).is_none() {
+            let auto = |d| Backend::resolve(Kernels::Auto, &cpu, d).unwrap();
+            assert_eq!(
+                [
+                    auto(DType::F32),
+                    auto(DType::BF16),
+                    auto(DType::F16),
+                    auto(DType::F64)
+                ],
+                [
+                    Backend::Fused,
+                    Backend::Rows,
+                    Backend::Candle,
+                    Backend::Candle
+                ]
+            );
+            assert_eq!(
+                Backend::for_training(Kernels::Auto, &cpu, Precision::Bf16).unwrap(),
+                Backend::RowsBf16
+            );
+        }
         let e = Backend::resolve(Kernels::Rows, &cpu, DType::F64)
             .unwrap_err()
             .to_string();

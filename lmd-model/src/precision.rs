@@ -3,7 +3,7 @@
 //! Rules:
 //! - Training and fine-tuning keep f32 master weights and f32 optimiser state whatever the
 //!   precision; `bf16` is mixed precision in the manner of PyTorch's autocast, carried by the
-//!   model's [`Backend`](crate::Backend) (`CandleBf16`): matmuls and their activations in bf16,
+//!   model's [`Backend`](crate::Backend) (`CandleBf16`, `RowsBf16`): matmuls and their activations in bf16,
 //!   LayerNorm, softmax, the residual stream and the loss in f32. `f16` is refused for
 //!   training (it needs loss scaling, which lmd does not do).
 //! - The VAEs run inference only, so they load their weights in the precision itself
