@@ -24,7 +24,7 @@
 
 use std::str::FromStr;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 
 use crate::Precision;
 use serde::{Deserialize, Serialize};
@@ -301,6 +301,29 @@ impl Backend {
         } else {
             x.gelu_erf()
         }
+    }
+
+    /// Multi-head attention `softmax(scale q k^T) v` on timm's packed `qkv [B, N, 3C]` (q, k,
+    /// v, each `heads` heads), into the merged heads `[B, N, C]`. The row ops take it as one op
+    /// each way ([`crate::rowops::attention`], which scales by `1 / sqrt(C / heads)`, the
+    /// only `scale` a ViT passes); the others as the split, the products and the softmax.
+    pub fn attention(self, qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+        let (b, n, c3) = qkv.dims3()?;
+        let (c, hd) = (c3 / 3, c3 / 3 / heads.max(1));
+        if self.row_ops() && (scale - 1.0 / (hd as f64).sqrt()).abs() < 1e-12 {
+            return self.in_f32(qkv, |qkv| crate::rowops::attention(qkv, heads));
+        }
+        // [B, N, 3C] -> [3, B, H, N, hd]
+        let qkv = qkv
+            .reshape((b, n, 3, heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.i(0)?.contiguous()? * scale)?;
+        let key = qkv.i(1)?.contiguous()?;
+        let v = qkv.i(2)?.contiguous()?;
+        let attn = self.softmax_last_dim(&self.batched_matmul(&q, &key.t()?)?)?; // [B, H, N, N]
+        self.batched_matmul(&attn, &v)?
+            .transpose(1, 2)?
+            .reshape((b, n, c)) // [B, N, C]
     }
 
     /// `[.., m, k] @ [.., k, n]` with equal batch dims (attention's products).

@@ -393,8 +393,39 @@ mod tests {
         matches_candle(R, |k, t| k.softmax_last_dim(t[0]), &[&[2, 3, 41, 19]], 2e-6);
         matches_candle(R, |k, t| k.softmax_last_dim(t[0]), &[&[4, 49, 49]], 2e-6);
         matches_candle(R, |k, t| k.gelu_erf(t[0]), &[&[7, 3001]], 2e-6);
+        // attention, one op each way against the split, products and softmax: LMD's 49 + 1
+        // tokens of ViT-B's 64-wide heads; heads narrower than the CPU's SIMD lanes, one token
+        for (b, n, heads, hd) in [(2, 50, 3, 64), (3, 7, 4, 5), (2, 1, 2, 8)] {
+            let scale = 1.0 / (hd as f64).sqrt();
+            matches_candle(
+                R,
+                |k, t| k.attention(t[0], heads, scale),
+                &[&[b, n, 3 * heads * hd]],
+                2e-5,
+            );
+        }
         // non-contiguous inputs go through too
         matches_candle(R, |k, t| k.softmax_last_dim(&t[0].t()?), &[&[9, 13]], 2e-6);
+        matches_candle(
+            R,
+            |k, t| k.attention(&t[0].transpose(0, 1)?, 2, 1.0 / 24f64.sqrt()),
+            &[&[5, 3, 48]],
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn row_attention_is_the_one_op_at_a_vits_scale_and_the_split_at_any_other() {
+        let qkv = Tensor::randn(0f32, 1.5, (2, 9, 3 * 2 * 16), &Device::Cpu).unwrap();
+        let one_op = crate::rowops::attention(&qkv, 2).unwrap();
+        let at = |k: Backend, scale: f64| k.attention(&qkv, 2, scale).unwrap();
+        // bit for bit the op at 1 / sqrt(16), and not what the split gives (it rounds
+        // differently), so the comparison above is with the op
+        assert_eq!(maxdiff(&at(R, 0.25), &one_op), 0.0);
+        assert!(maxdiff(&at(C, 0.25), &one_op) > 0.0);
+        // another scale takes the split, on the row ops' softmax
+        assert!(maxdiff(&at(R, 0.3), &at(C, 0.3)) < 2e-5);
+        assert!(maxdiff(&at(R, 0.3), &one_op) > 1e-3);
         matches_candle(
             R,
             |k, t| k.layer_norm(&t[0].t()?, t[1], t[2], 1e-5),

@@ -128,23 +128,9 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let hd = c / self.heads;
-        let k = self.backend;
-        // [B, N, 3C] -> [3, B, H, N, hd]
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.i(0)?.contiguous()? * self.scale)?;
-        let key = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let attn = k.softmax_last_dim(&k.batched_matmul(&q, &key.t()?)?)?; // [B, H, N, N]
-        let out = k
-            .batched_matmul(&attn, &v)?
-            .transpose(1, 2)?
-            .reshape((b, n, c))?; // [B, N, C]
+        let out = self
+            .backend
+            .attention(&self.qkv.forward(x)?, self.heads, self.scale)?; // [B, N, C]
         self.proj.forward(&out)
     }
 }

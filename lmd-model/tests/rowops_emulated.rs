@@ -73,20 +73,46 @@ fn emulate_bytes(
     eps: f64,
     ins: &[(&str, Vec<u8>)],
 ) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, bytes) in ins {
-        std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
-    }
     // a row kernel's grid is one warp a row; an elementwise kernel's one thread an element
     let grid = if kernel.contains("gelu") {
         rowops::grid((rows * cols).div_ceil(32))
     } else {
         rowops::grid(rows)
     };
+    let what = format!("{kernel} on {rows} x {cols}");
+    let args = [rows.to_string(), cols.to_string(), eps.to_string()];
+    run(kernel, &args, grid, ins, &what)
+}
+
+/// The attention `kernel` (forward, or both of the backward's) on qkv `[b, n, 3c]` (and dout
+/// `[b, n, c]`) split into `heads`, one warp a (sample, head, token) row; its f32 output.
+fn emulate_attention(
+    kernel: &str,
+    [b, n, c, heads]: [usize; 4],
+    ins: &[(&str, &[f32])],
+) -> Vec<f32> {
+    let ins: Vec<(&str, Vec<u8>)> = ins
+        .iter()
+        .map(|(n, v)| (*n, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let args = [b, n, c, heads].map(|v| v.to_string());
+    let what = format!("{kernel} on [{b}, {n}, 3 x {c}] in {heads} heads");
+    run(kernel, &args, rowops::grid(b * heads * n), &ins, &what)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// The emulator on `kernel` with its size arguments `args`, then the grid and block, in a
+/// temp dir holding the inputs; the raw output. Fails after 60 s, naming `what`.
+fn run(kernel: &str, args: &[String], grid: u32, ins: &[(&str, Vec<u8>)], what: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in ins {
+        std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
+    }
     let mut child = Command::new(emulator())
         .arg(kernel)
-        .args([rows, cols].map(|v| v.to_string()))
-        .arg(eps.to_string())
+        .args(args)
         .arg(grid.to_string())
         .arg(rowops::WARPS_PER_BLOCK.to_string())
         .arg(dir.path())
@@ -100,11 +126,11 @@ fn emulate_bytes(
         }
         if Instant::now() > deadline {
             child.kill().ok();
-            panic!("{kernel} on {rows} x {cols} hung in the emulator (a partial-warp shuffle?)");
+            panic!("{what} hung in the emulator (a partial-warp shuffle?)");
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    assert!(status.success(), "{kernel} on {rows} x {cols}: {status}");
+    assert!(status.success(), "{what}: {status}");
     std::fs::read(dir.path().join("out.bin")).unwrap()
 }
 
@@ -271,5 +297,33 @@ fn gelu_kernels_equal_the_cpu_ops_in_f32_and_bf16() {
             .to_dtype(DType::F32)
             .unwrap();
         assert_close(&format!("gelu dx bf16 {n}"), &dx, &flat(&want), 8e-3);
+    }
+}
+
+#[test]
+fn attention_kernels_equal_the_cpu_op() {
+    // [b, n, c, heads]: LMD's 49 + 1 tokens in ViT-B's 64-wide heads; heads narrower than a
+    // warp and tokens fewer; one token; tokens past one and two warps' worth
+    let cases = [
+        [2, 50, 192, 3],
+        [3, 7, 20, 4],
+        [1, 1, 16, 2],
+        [2, 37, 64, 1],
+        [1, 70, 24, 3],
+    ];
+    for (i, dims @ [b, n, c, heads]) in cases.into_iter().enumerate() {
+        let qkv = values(b * n * 3 * c, 60 + i as u64, 0.0, 2.0);
+        let dout = values(b * n * c, 70 + i as u64, 0.0, 1.0);
+        let (qt, gt) = (tensor(&qkv, &[b, n, 3 * c]), tensor(&dout, &[b, n, c]));
+        let what = format!("[{b}, {n}, 3 x {c}] in {heads} heads");
+
+        let out = emulate_attention("lmd_attention_f32", dims, &[("qkv", &qkv)]);
+        let want = rowops::attention(&qt, heads).unwrap();
+        assert_close(&format!("attention {what}"), &out, &flat(&want), 2e-5);
+
+        let ins = [("qkv", &qkv[..]), ("dout", &dout[..])];
+        let dqkv = emulate_attention("lmd_attention_bwd_f32", dims, &ins);
+        let want = rowops::attention_backward(&qt, &gt, heads).unwrap();
+        assert_close(&format!("attention dqkv {what}"), &dqkv, &flat(&want), 2e-5);
     }
 }

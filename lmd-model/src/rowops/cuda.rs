@@ -5,9 +5,12 @@
 //! Blocks are (32, [`super::WARPS_PER_BLOCK`]).
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Result};
+
+use crate::cpu::attention::Heads;
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/rowops_ptx.rs"));
@@ -113,4 +116,91 @@ pub(super) fn launch<T: CudaDType + DeviceRepr>(
         unsafe { args.launch(cfg) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The contiguous f32 view of an operand, named for errors.
+fn f32_view<'a>(
+    op: &str,
+    (s, l): (&'a CudaStorage, &Layout),
+    what: &str,
+) -> Result<cudarc::driver::CudaView<'a, f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: {what} must be contiguous")
+    };
+    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+}
+
+/// Multi-head attention on the packed `qkv` (`kernels.cu`'s `lmd_attention_*`): the merged
+/// heads `[b, n, c]` without `dout`; with it (the merged heads' gradient), `dqkv [b, n, 3c]`,
+/// from the backward's two kernels. One warp per (sample, head, token) row.
+pub(super) fn attention(
+    d: &Heads,
+    scale: f32,
+    qkv: (&CudaStorage, &Layout),
+    dout: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
+    let name = if dout.is_some() {
+        "lmd_attention_bwd_f32"
+    } else {
+        "lmd_attention_f32"
+    };
+    let dev = qkv.0.device().clone();
+    let qkv_v = f32_view(name, qkv, "qkv")?;
+    let rows = d.b * d.heads * d.n;
+    let dims = [d.b, d.n, d.c, d.heads].map(u32::try_from);
+    let (Ok(b), Ok(n), Ok(c), Ok(heads), Ok(_), Ok(_)) = (
+        dims[0],
+        dims[1],
+        dims[2],
+        dims[3],
+        u32::try_from(rows),
+        u32::try_from(rows * d.n * 2),
+    ) else {
+        candle_core::bail!("{name}: {} x {} x {} is past u32", d.b, d.n, d.c)
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (super::grid(rows), 1, 1),
+        block_dim: (32, super::WARPS_PER_BLOCK, 1),
+        shared_mem_bytes: 0,
+    };
+    let load = |f: &str| dev.get_or_load_custom_func(f, "lmd_rowops", ptx::KERNELS);
+    match dout {
+        None => {
+            // SAFETY: every element of out is written (each row's head block by its warp);
+            // p is scratch, each row written before it is read.
+            let out = unsafe { dev.alloc::<f32>(d.b * d.n * d.c)? };
+            let p = unsafe { dev.alloc::<f32>(rows * d.n)? };
+            if rows > 0 {
+                let func = load("lmd_attention_f32")?;
+                let mut args = func.builder();
+                args.arg(&qkv_v).arg(&out).arg(&p);
+                args.arg(&b).arg(&n).arg(&c).arg(&heads).arg(&scale);
+                // SAFETY: the argument list matches lmd_attention_f32's signature.
+                unsafe { args.launch(cfg) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        Some(g) => {
+            let g_v = f32_view(name, g, "the gradient")?;
+            // SAFETY: the first kernel writes dqkv's q columns and both planes of ps, the
+            // second (after it, on the same stream) dqkv's k and v columns.
+            let dqkv = unsafe { dev.alloc::<f32>(d.b * d.n * 3 * d.c)? };
+            let ps = unsafe { dev.alloc::<f32>(2 * rows * d.n)? };
+            if rows > 0 {
+                let func = load("lmd_attention_bwd_q_f32")?;
+                let mut args = func.builder();
+                args.arg(&qkv_v).arg(&g_v).arg(&dqkv).arg(&ps);
+                args.arg(&b).arg(&n).arg(&c).arg(&heads).arg(&scale);
+                // SAFETY: the argument list matches lmd_attention_bwd_q_f32's signature.
+                unsafe { args.launch(cfg) }.w()?;
+                let func = load("lmd_attention_bwd_kv_f32")?;
+                let mut args = func.builder();
+                args.arg(&qkv_v).arg(&g_v).arg(&ps).arg(&dqkv);
+                args.arg(&b).arg(&n).arg(&c).arg(&heads);
+                // SAFETY: the argument list matches lmd_attention_bwd_kv_f32's signature.
+                unsafe { args.launch(cfg) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(dqkv, dev))
+        }
+    }
 }

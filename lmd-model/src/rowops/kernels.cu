@@ -1,6 +1,7 @@
 // lmd's row kernels: LayerNorm and softmax over the last dimension of a contiguous f32 tensor
 // [rows, cols], forward and backward, one kernel launch each (src/rowops/mod.rs launches them);
-// and the exact (erf) GELU, elementwise, f32 or bf16 in and out, computed in f32.
+// the exact (erf) GELU, elementwise, f32 or bf16 in and out, computed in f32; and multi-head
+// attention on the packed qkv, forward and backward (the end of the file).
 //
 // Rules:
 // - One warp per row, ROWS_PER_BLOCK (4) warps per block: block (32, 4), grid ceil(rows / 4).
@@ -154,3 +155,134 @@ LMD_DEV void lmd_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat
 
 LMD_GELU(f32, float)
 LMD_GELU(bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------
+// Multi-head attention on the packed qkv [b, n, 3c] (timm's layout: q, k, v, each `heads`
+// heads of hd = c / heads), into the merged heads [b, n, c]: softmax(scale q k^T) v per
+// (sample, head). One warp per query row (forward, backward's dq) or key row (backward's dk,
+// dv); rows ordered (sample, head, token), so a block's warps share one head's k and v.
+// The probabilities (and, backward, scale dS) go to a scratch [b, heads, n, n] in global
+// memory: a lane writes the entries j = lane, lane + 32, ... of its warp's row, and after a
+// __syncwarp every lane reads the whole row. The backward recomputes P (no state kept
+// between the two ops).
+
+#ifndef LMD_EMULATE
+#define LMD_SYNCWARP() __syncwarp()
+#endif
+
+struct lmd_heads {
+    unsigned n, c, heads, hd;
+    size_t c3;
+};
+
+LMD_DEV lmd_heads lmd_heads_of(unsigned n, unsigned c, unsigned heads) {
+    return {n, c, heads, c / heads, 3 * (size_t)c};
+}
+
+// the first value of (sample bi, token i, head h) in a [b, n, width] tensor
+LMD_DEV size_t lmd_at(const lmd_heads &d, unsigned bh, unsigned i, size_t width) {
+    return ((size_t)(bh / d.heads) * d.n + i) * width + (size_t)(bh % d.heads) * d.hd;
+}
+
+// pr[j] = softmax_j(scale q_i . k_j) for query row i of head bh; every lane reads the row after
+LMD_DEV void lmd_attention_probs(const lmd_heads &d, const float *qkv, unsigned bh, unsigned i,
+                                 float scale, float *pr) {
+    const unsigned lane = threadIdx.x;
+    const float *q = qkv + lmd_at(d, bh, i, d.c3);
+    const float *k0 = qkv + lmd_at(d, bh, 0, d.c3) + d.c;
+    float m = -INFINITY;
+    for (unsigned j = lane; j < d.n; j += 32) {
+        const float *kj = k0 + j * d.c3;
+        float s = 0.f;
+        for (unsigned e = 0; e < d.hd; e++) s += q[e] * kj[e];
+        s *= scale;
+        pr[j] = s;
+        m = fmaxf(m, s);
+    }
+    m = lmd_warp_max(m);
+    float sum = 0.f;
+    for (unsigned j = lane; j < d.n; j += 32) {
+        const float e = expf(pr[j] - m);
+        pr[j] = e;
+        sum += e;
+    }
+    const float inv = 1.f / lmd_warp_sum(sum);
+    for (unsigned j = lane; j < d.n; j += 32) pr[j] *= inv;
+    LMD_SYNCWARP();
+}
+
+// out[bi, i, h*hd + e] = sum_j P_ij v_j[e]; p: scratch [b, heads, n, n]
+extern "C" __global__ void lmd_attention_f32(const float *qkv, float *out, float *p, unsigned b,
+                                             unsigned n, unsigned c, unsigned heads,
+                                             float scale) {
+    const lmd_heads d = lmd_heads_of(n, c, heads);
+    const unsigned rows = b * heads * n, row = lmd_row(rows);
+    if (row == rows) return;
+    const unsigned bh = row / n, i = row % n;
+    float *pr = p + (size_t)row * n;
+    lmd_attention_probs(d, qkv, bh, i, scale, pr);
+    const float *v0 = qkv + lmd_at(d, bh, 0, d.c3) + 2 * (size_t)c;
+    float *o = out + lmd_at(d, bh, i, c);
+    for (unsigned e = threadIdx.x; e < d.hd; e += 32) {
+        float acc = 0.f;
+        for (unsigned j = 0; j < n; j++) acc += pr[j] * v0[j * d.c3 + e];
+        o[e] = acc;
+    }
+}
+
+// Backward, first kernel (query rows): P into ps[0], scale dS = scale P (dP - rowsum(dP P))
+// with dP = dO v^T into ps[1], and dq = scale dS k into dqkv's q columns.
+// ps: scratch [2, b, heads, n, n]; dout: [b, n, c]
+extern "C" __global__ void lmd_attention_bwd_q_f32(const float *qkv, const float *dout,
+                                                   float *dqkv, float *ps, unsigned b,
+                                                   unsigned n, unsigned c, unsigned heads,
+                                                   float scale) {
+    const lmd_heads d = lmd_heads_of(n, c, heads);
+    const unsigned rows = b * heads * n, row = lmd_row(rows);
+    if (row == rows) return;
+    const unsigned bh = row / n, i = row % n, lane = threadIdx.x;
+    float *pr = ps + (size_t)row * n, *dsr = ps + ((size_t)rows + row) * n;
+    lmd_attention_probs(d, qkv, bh, i, scale, pr);
+    const float *go = dout + lmd_at(d, bh, i, c);
+    const float *k0 = qkv + lmd_at(d, bh, 0, d.c3) + c, *v0 = k0 + c;
+    float acc = 0.f;
+    for (unsigned j = lane; j < n; j += 32) {
+        const float *vj = v0 + j * d.c3;
+        float dp = 0.f;
+        for (unsigned e = 0; e < d.hd; e++) dp += go[e] * vj[e];
+        dsr[j] = dp;
+        acc += pr[j] * dp;
+    }
+    const float rowdot = lmd_warp_sum(acc);
+    for (unsigned j = lane; j < n; j += 32) dsr[j] = pr[j] * (dsr[j] - rowdot) * scale;
+    LMD_SYNCWARP();
+    float *dq = dqkv + lmd_at(d, bh, i, d.c3);
+    for (unsigned e = lane; e < d.hd; e += 32) {
+        float s = 0.f;
+        for (unsigned j = 0; j < n; j++) s += dsr[j] * k0[j * d.c3 + e];
+        dq[e] = s;
+    }
+}
+
+// Backward, second kernel (key rows j): dk_j = sum_i (scale dS)_ij q_i and dv_j = sum_i P_ij
+// dO_i into dqkv's k and v columns, from the first kernel's ps.
+extern "C" __global__ void lmd_attention_bwd_kv_f32(const float *qkv, const float *dout,
+                                                    const float *ps, float *dqkv, unsigned b,
+                                                    unsigned n, unsigned c, unsigned heads) {
+    const lmd_heads d = lmd_heads_of(n, c, heads);
+    const unsigned rows = b * heads * n, row = lmd_row(rows);
+    if (row == rows) return;
+    const unsigned bh = row / n, j = row % n;
+    const float *pc = ps + (size_t)bh * n * n + j, *dsc = pc + (size_t)rows * n;
+    const float *q0 = qkv + lmd_at(d, bh, 0, d.c3), *go0 = dout + lmd_at(d, bh, 0, c);
+    float *dk = dqkv + lmd_at(d, bh, j, d.c3) + c, *dv = dk + c;
+    for (unsigned e = threadIdx.x; e < d.hd; e += 32) {
+        float ak = 0.f, av = 0.f;
+        for (unsigned i = 0; i < n; i++) {
+            ak += dsc[(size_t)i * n] * q0[i * d.c3 + e];
+            av += pc[(size_t)i * n] * go0[(size_t)i * c + e];
+        }
+        dk[e] = ak;
+        dv[e] = av;
+    }
+}

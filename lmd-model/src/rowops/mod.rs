@@ -1,6 +1,6 @@
-//! LayerNorm and softmax over the last dimension as one op each way, on any device, and the
-//! exact GELU likewise: the `rows` kernel setting ([`crate::Kernels::Rows`],
-//! `LMD_KERNELS=rows`).
+//! LayerNorm and softmax over the last dimension as one op each way, on any device, the exact
+//! GELU likewise, and a ViT's multi-head attention on its packed qkv: the `rows` kernel
+//! setting ([`crate::Kernels::Rows`], `LMD_KERNELS=rows`).
 //!
 //! Why: written in candle's primitive ops, a LayerNorm is about 11 kernel launches forward and
 //! 25 backward, a softmax 5 and 6. On a GPU each launch also allocates and builds a tensor on
@@ -8,15 +8,20 @@
 //! launches, not by the GPU (`lmd-bench train-step`'s `host_fraction`). LayerNorm alone was
 //! about 45% of a block's ops; candle's GELU backward is 14 more. Here each direction is one
 //! kernel; the LayerNorm's parameter gradients are two column sums (candle's) of the backward
-//! kernel's second output.
+//! kernel's second output. Attention in candle's ops is the split into q, k and v (three
+//! copies forward; backward, three zero-padded concatenations and two sums over the whole
+//! qkv), the scale, two batched products, the softmax and the merge of the heads, each way:
+//! here one kernel forward and two backward, which recompute the probabilities.
 //!
 //! Rules:
 //! - Operands are contiguous (made so here). LayerNorm and softmax take f32: the backend widens
 //!   half precision before and narrows after ([`crate::Backend::layer_norm`]). GELU takes f32
-//!   or bf16 (the dtype of mixed precision's products) and computes in f32.
+//!   or bf16 (the dtype of mixed precision's products) and computes in f32. Attention takes
+//!   f32 (widened likewise) and computes in f32, products included.
 //! - On the CPU the ops run the fused CPU path's row code ([`crate::cpu`]); on CUDA the
 //!   kernels of `kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature, one warp
-//!   per row ([`WARPS_PER_BLOCK`] rows per block, [`grid`] blocks).
+//!   per row ([`WARPS_PER_BLOCK`] rows per block, [`grid`] blocks). Attention on the CPU is the
+//!   fused path's ([`crate::cpu::attention`]); on CUDA a row is one (sample, head, token).
 //! - The kernels' arithmetic and indexing are tested on the CPU, by compiling `kernels.cu` as
 //!   C++ with emulated warps (`tests/rowops_emulated.rs`), against these ops' CPU results. What
 //!   only a GPU shows (the PTX, the launch) is the device check's `parity-rows` and
@@ -29,6 +34,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
+use crate::cpu::attention::{attention_backward as attention_bwd, attention_forward, Heads};
 use crate::cpu::ops::{ln_rows, softmax_backward_rows, softmax_rows};
 use crate::cpu::rows::{filled_later, gelu_backward, gelu_forward};
 use crate::cpu::{f32_slice, on_pool};
@@ -437,4 +443,144 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 pub fn gelu_erf_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&g.contiguous()?, &GeluBwdOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// multi-head attention on the packed qkv, f32
+
+/// The sizes of an attention call on a qkv `[b, n, 3c]` split into `heads`, checked.
+fn heads_of(op: &str, l: &Layout, heads: usize) -> Result<Heads> {
+    let Ok((b, n, c3)) = l.shape().dims3() else {
+        candle_core::bail!(
+            "{op}: qkv must be [batch, tokens, 3 x width], not {:?}",
+            l.dims()
+        )
+    };
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        candle_core::bail!(
+            "{op}: qkv {:?} does not split into 3 x {heads} heads",
+            l.dims()
+        )
+    }
+    Ok(Heads {
+        b,
+        n,
+        c: c3 / 3,
+        heads,
+    })
+}
+
+/// The scale of the scores, `1 / sqrt(head dim)`, as the CPU path and the kernels use it.
+#[cfg(feature = "cuda")]
+fn score_scale(d: &Heads) -> f32 {
+    1.0 / ((d.c / d.heads) as f32).sqrt()
+}
+
+struct AttentionOp {
+    heads: usize,
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = heads_of(self.name(), l, self.heads)?;
+        let qkv = f32_slice(s, l, self.name(), "qkv")?;
+        let mut p = filled_later(d.b * d.heads * d.n * d.n);
+        let mut att = filled_later(d.b * d.n * d.c);
+        on_pool(|| attention_forward(&d, qkv, &mut p, &mut att));
+        Ok((CpuStorage::F32(att), Shape::from((d.b, d.n, d.c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = heads_of(self.name(), l, self.heads)?;
+        let out = cuda::attention(&d, score_scale(&d), (s, l), None)?;
+        Ok((out, Shape::from((d.b, d.n, d.c))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(attention_backward(qkv, g, self.heads)?))
+    }
+}
+
+/// The attention's backward: `dqkv [b, n, 3c]` from qkv and the merged heads' gradient.
+struct AttentionBwdOp {
+    heads: usize,
+}
+
+impl AttentionBwdOp {
+    fn check(&self, lq: &Layout, lg: &Layout) -> Result<Heads> {
+        let d = heads_of(self.name(), lq, self.heads)?;
+        if lg.dims() != [d.b, d.n, d.c] {
+            candle_core::bail!(
+                "{}: qkv {:?}, the gradient {:?}",
+                self.name(),
+                lq.dims(),
+                lg.dims()
+            )
+        }
+        Ok(d)
+    }
+}
+
+impl CustomOp2 for AttentionBwdOp {
+    fn name(&self) -> &'static str {
+        "lmd-rows-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.check(l1, l2)?;
+        let qkv = f32_slice(s1, l1, self.name(), "qkv")?;
+        let g = f32_slice(s2, l2, self.name(), "the gradient")?;
+        // the probabilities again (the forward keeps no state), then the backward
+        let mut p = filled_later(d.b * d.heads * d.n * d.n);
+        let mut att = filled_later(d.b * d.n * d.c);
+        let mut dqkv = filled_later(qkv.len());
+        on_pool(|| {
+            attention_forward(&d, qkv, &mut p, &mut att);
+            attention_bwd(&d, qkv, &p, g, &mut dqkv);
+        });
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.check(l1, l2)?;
+        let out = cuda::attention(&d, score_scale(&d), (s1, l1), Some((s2, l2)))?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Multi-head attention `softmax(q k^T / sqrt(hd)) v` on timm's packed `qkv [b, n, 3c]` (q, k,
+/// v, each `heads` heads), into the merged heads `[b, n, c]`: one op forward (one kernel on
+/// CUDA) and one backward (two kernels), in place of the split, the scale, two batched
+/// products, the softmax and the merge, and their backward (the split's alone is three
+/// zero-padded concatenations and two full-size sums in candle). f32 operand.
+pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(AttentionOp { heads })
+}
+
+/// The gradient of [`attention`]'s qkv for the merged heads' gradient `g`.
+pub fn attention_backward(qkv: &Tensor, g: &Tensor, heads: usize) -> Result<Tensor> {
+    qkv.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &AttentionBwdOp { heads })
 }

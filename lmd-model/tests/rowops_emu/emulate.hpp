@@ -56,6 +56,8 @@ static inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 #define __global__
 #define LMD_DEV static inline
 #define LMD_SHFL_XOR(v, o) lmd_emu_shfl_xor((v), (o))
+// __syncwarp: every lane's earlier writes seen by every lane after it
+#define LMD_SYNCWARP() lmd_this_warp->bar.arrive_and_wait()
 
 // kernel<<<grid, (32, warps)>>>(): the warps of every block one after another, each warp's
 // lanes together.

@@ -2,7 +2,10 @@
 //     emu KERNEL ROWS COLS EPS GRID WARPS DIR
 // reads DIR/<input>.bin (raw little-endian f32, or bf16 for the _bf16 kernels: x, w, b, g or y
 // as the kernel takes), launches KERNEL with grid GRID and block (32, WARPS), writes
-// DIR/out.bin; the GELU kernels take ROWS x COLS elements.
+// DIR/out.bin; the GELU kernels take ROWS x COLS elements. The attention kernels:
+//     emu lmd_attention_f32|lmd_attention_bwd_f32 B N C HEADS GRID WARPS DIR
+// read qkv (and dout), and write out.bin: the merged heads [B, N, C], or for the backward
+// (both of its kernels, one after the other, as the CUDA launch runs them) dqkv [B, N, 3C].
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -48,7 +51,43 @@ static void gelu(const std::string &dir, size_t n, unsigned grid, unsigned warps
     store(dir, out);
 }
 
+// The attention kernels (argv as in the header); scale 1 / sqrt(C / HEADS), as the launch.
+static int attention(char **argv) {
+    const std::string k = argv[1], dir = argv[8];
+    const unsigned b = atoi(argv[2]), n = atoi(argv[3]), c = atoi(argv[4]),
+                   heads = atoi(argv[5]), grid = atoi(argv[6]), warps = atoi(argv[7]);
+    const float scale = 1.f / std::sqrt((float)(c / heads));
+    const size_t r = (size_t)b * n, pn = (size_t)b * heads * n * n;
+    auto qkv = load(dir, "qkv", r * 3 * c);
+    std::vector<float> out;
+    if (k == "lmd_attention_f32") {
+        std::vector<float> p(pn, NAN);
+        out.assign(r * c, NAN);
+        lmd_launch(grid, warps, [&] {
+            lmd_attention_f32(qkv.data(), out.data(), p.data(), b, n, c, heads, scale);
+        });
+    } else if (k == "lmd_attention_bwd_f32") {
+        auto dout = load(dir, "dout", r * c);
+        std::vector<float> ps(2 * pn, NAN);
+        out.assign(r * 3 * c, NAN);
+        lmd_launch(grid, warps, [&] {
+            lmd_attention_bwd_q_f32(qkv.data(), dout.data(), out.data(), ps.data(), b, n, c,
+                                    heads, scale);
+        });
+        lmd_launch(grid, warps, [&] {
+            lmd_attention_bwd_kv_f32(qkv.data(), dout.data(), ps.data(), out.data(), b, n, c,
+                                     heads);
+        });
+    } else {
+        fprintf(stderr, "emu: unknown kernel %s\n", k.c_str());
+        return 2;
+    }
+    store(dir, out);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 9 && std::string(argv[1]).rfind("lmd_attention", 0) == 0) return attention(argv);
     if (argc != 8) {
         fprintf(stderr, "usage: emu KERNEL ROWS COLS EPS GRID WARPS DIR\n");
         return 2;
