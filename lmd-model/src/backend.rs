@@ -115,7 +115,7 @@ pub enum Backend {
     /// candle's ops in mixed precision: bf16 matmuls and convolutions, f32 weights, norms,
     /// softmax and residual stream.
     CandleBf16,
-    /// candle's ops with LayerNorm, softmax and GELU as lmd's row ops ([`crate::rowops`]).
+    /// candle's ops with LayerNorm, softmax, GELU and attention as lmd's row ops ([`crate::rowops`]).
     Rows,
     /// [`Backend::Rows`] in mixed precision, as [`Backend::CandleBf16`].
     RowsBf16,
