@@ -72,10 +72,7 @@ pub(super) fn launch<T: CudaDType + DeviceRepr>(
     let dev = ins[0].0.device().clone();
     let mut views = Vec::with_capacity(ins.len());
     for (s, l, what) in ins {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("{}: {what} must be contiguous", kernel.name())
-        };
-        views.push(s.as_cuda_slice::<T>()?.slice(a..b));
+        views.push(view::<T>(kernel.name(), (*s, *l), what)?);
     }
     // SAFETY: every element is written by the kernel below (each row by its warp, each element
     // by its thread).
@@ -118,16 +115,16 @@ pub(super) fn launch<T: CudaDType + DeviceRepr>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// The contiguous f32 view of an operand, named for errors.
-fn f32_view<'a>(
+/// The contiguous view of an operand of `T`, named for errors.
+fn view<'a, T: CudaDType>(
     op: &str,
     (s, l): (&'a CudaStorage, &Layout),
     what: &str,
-) -> Result<cudarc::driver::CudaView<'a, f32>> {
+) -> Result<cudarc::driver::CudaView<'a, T>> {
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: {what} must be contiguous")
     };
-    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
 /// Multi-head attention on the packed `qkv` (`kernels.cu`'s `lmd_attention_*`): the merged
@@ -145,7 +142,7 @@ pub(super) fn attention(
         "lmd_attention_f32"
     };
     let dev = qkv.0.device().clone();
-    let qkv_v = f32_view(name, qkv, "qkv")?;
+    let qkv_v = view::<f32>(name, qkv, "qkv")?;
     let rows = d.b * d.heads * d.n;
     let dims = [d.b, d.n, d.c, d.heads].map(u32::try_from);
     let (Ok(b), Ok(n), Ok(c), Ok(heads), Ok(_), Ok(_)) = (
@@ -181,7 +178,7 @@ pub(super) fn attention(
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
         Some(g) => {
-            let g_v = f32_view(name, g, "the gradient")?;
+            let g_v = view::<f32>(name, g, "the gradient")?;
             // SAFETY: the first kernel writes dqkv's q columns and both planes of ps, the
             // second (after it, on the same stream) dqkv's k and v columns.
             let dqkv = unsafe { dev.alloc::<f32>(d.b * d.n * 3 * d.c)? };
